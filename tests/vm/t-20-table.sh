@@ -223,3 +223,18 @@ test_message_unknown_rejected() {
 	must_fail dms message "${DM_PREFIX}dev" 0 flush now
 	must_fail dms message "${DM_PREFIX}dev" 0 ""
 }
+
+# The example tables in dmsetup-tables/ load (with this VM's devices put in).
+test_example_tables() {
+	ensure_module
+	local f n=0
+	for f in "$REPO_ROOT_DIR"/dmsetup-tables/"$TARGET"-*.table; do
+		[ -f "$f" ] || continue
+		sed "s#/dev/pmem0#$PMEM_DEV#; s#/dev/vdb#$BACKING_DEV#; s/ 8388608 / $(sectors "$BACKING_DEV") /" "$f" >"$T_TMP/table"
+		wipe_cache
+		dms create "${DM_PREFIX}ex" "$T_TMP/table" || fail "$(basename "$f") does not load"
+		dms remove "${DM_PREFIX}ex"
+		n=$((n + 1))
+	done
+	[ "$n" -gt 0 ] || fail "no dmsetup-tables/$TARGET-*.table files"
+}

@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Turn one bench/run boot's fio JSON files into the comparison table and chart.
+
+    bench/report.py <raw run dir> <results dir>
+
+Reads <raw>/<round>-<config>-<job>.json (fio --output-format=json, unified_rw_reporting=mixed),
+<raw>/settings.env, <raw>/guest.txt and <raw>/unavailable.txt. Writes to <results dir>:
+  runs.csv     every run: round, config, job, IOPS, mean and p99 latency
+  results.csv  per configuration and job: medians of the rounds, their spread, and each figure's
+               ratio to the C pcache on the same job
+  results.md   the same as Markdown, with the settings and a compact IOPS-ratio table
+  iops.png     IOPS per configuration and job (medians, min-max bars), and the ratio to C pcache
+The chart needs matplotlib; without it the tables are still written.
+"""
+
+import csv
+import json
+import os
+import re
+import statistics
+import sys
+
+# Display order; anything else measured is appended.
+CONFIG_ORDER = ["pmem", "backing", "pcache_rs", "pcache", "pcache_rs_crc", "pcache_crc",
+                "writecache", "bcache"]
+CONFIG_LABEL = {
+    "pmem": "raw pmem",
+    "backing": "backing (brd+delay)",
+    "pcache_rs": "pcache_rs",
+    "pcache": "pcache (C)",
+    "pcache_rs_crc": "pcache_rs crc",
+    "pcache_crc": "pcache (C) crc",
+    "writecache": "writecache",
+    "bcache": "bcache",
+}
+WORKLOADS = ["randread", "randrw", "randwrite", "seqwrite"]
+VARIANTS = ["nj1-qd1", "nj2-qd1", "nj1-qd16"]
+WORKLOAD_LABEL = {"randread": "4k randread", "randrw": "4k randrw 70/30",
+                  "randwrite": "4k randwrite", "seqwrite": "128k seqwrite"}
+VARIANT_LABEL = {"nj1-qd1": "1 job psync", "nj2-qd1": "2 jobs psync", "nj1-qd16": "qd16 io_uring"}
+BASELINE = "pcache"
+NAME_RE = re.compile(r"^(\d+)-(.+)-(" + "|".join(WORKLOADS) + r")-(" + "|".join(VARIANTS) + r")\.json$")
+
+
+def job_label(job):
+    w, v = job.split("-", 1)
+    return f"{WORKLOAD_LABEL.get(w, w)}, {VARIANT_LABEL.get(v, v)}"
+
+
+def read_kv(path):
+    kv = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if "=" in line:
+                    k, v = line.rstrip("\n").split("=", 1)
+                    kv[k] = v.strip("'\"")
+    return kv
+
+
+def load_runs(raw):
+    runs = []
+    for name in sorted(os.listdir(raw)):
+        m = NAME_RE.match(name)
+        if not m:
+            continue
+        rnd, config, w, v = m.groups()
+        try:
+            with open(os.path.join(raw, name)) as f:
+                job = json.load(f)["jobs"][0]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            print(f"report: skipping {name}: {e}", file=sys.stderr)
+            continue
+        if job.get("error"):
+            continue
+        mixed = job["mixed"]
+        lat = mixed["lat_ns"]
+        runs.append({
+            "round": int(rnd), "config": config, "job": f"{w}-{v}",
+            "iops": mixed["iops"],
+            "mean_us": lat["mean"] / 1000.0,
+            "p99_us": lat.get("percentile", {}).get("99.000000", 0) / 1000.0,
+        })
+    return runs
+
+
+def summarise(runs):
+    """Medians over the rounds per (config, job), with min/max IOPS and ratios to the baseline."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["config"], r["job"]), []).append(r)
+    rows = {}
+    for (config, job), rs in groups.items():
+        iops = [r["iops"] for r in rs]
+        rows[(config, job)] = {
+            "config": config, "job": job, "rounds": len(rs),
+            "iops": statistics.median(iops), "iops_min": min(iops), "iops_max": max(iops),
+            "mean_us": statistics.median(r["mean_us"] for r in rs),
+            "p99_us": statistics.median(r["p99_us"] for r in rs),
+        }
+    for (config, job), row in rows.items():
+        base = rows.get((BASELINE, job))
+        for k in ("iops", "mean_us", "p99_us"):
+            row[k + "_ratio"] = (row[k] / base[k]) if base and base[k] else None
+    return rows
+
+
+def config_key(c):
+    return (CONFIG_ORDER.index(c) if c in CONFIG_ORDER else 99, c)
+
+
+def ordered(rows):
+    configs = sorted({c for c, _ in rows}, key=config_key)
+    jobs = [f"{w}-{v}" for w in WORKLOADS for v in VARIANTS if any(j == f"{w}-{v}" for _, j in rows)]
+    return configs, jobs
+
+
+def fmt_num(x):
+    if x is None:
+        return ""
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.1f}"
+
+
+def fmt_ratio(x):
+    return "" if x is None else f"{x:.2f}x"
+
+
+def write_csv(path, fields, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def settings_text(settings, guest, unavailable):
+    lines = [
+        f"- One boot, {guest.get('cpus', '?')} vCPUs, kernel `{guest.get('kernel', '?')}`"
+        f" ({settings.get('ACCEL', 'TCG')}), {guest.get('fio', 'fio')}.",
+        f"- Cache device: emulated NVDIMM `/dev/pmem0` (fsdax), {guest.get('pmem_mib', '?')} MiB.",
+        f"- Backing device: brd RAM disk, {guest.get('backing_mib', '?')} MiB, behind `dm-delay` with "
+        f"{settings.get('DELAY_MS', '?')} ms on reads, writes and flushes.",
+        f"- Working set {settings.get('WSS_MIB', '?')} MiB (written sequentially before each configuration's"
+        f" jobs); each run {settings.get('RAMP', '?')} s ramp + {settings.get('RUNTIME', '?')} s measured,"
+        f" O_DIRECT; {settings.get('ROUNDS', '?')} rounds, configurations interleaved (order rotated each"
+        " round); figures are medians of the rounds.",
+        "- Latency: fio total latency (submission to completion); p99 from fio's percentiles.",
+        "- Ratios are to the C `pcache` on the same job (IOPS: higher is better; latency: lower is"
+        " better).",
+        f"- pcache_rs built from {settings.get('RS_SOURCE', '?')}.",
+    ]
+    if settings.get("ACCEL", "TCG") == "TCG":
+        lines.append("- **The VM runs under TCG (no KVM): absolute figures are emulation speeds. Only"
+                     " ratios between configurations measured in the same boot mean anything.**")
+    for config, reason in unavailable:
+        lines.append(f"- **{CONFIG_LABEL.get(config, config)}: not available** ({reason}).")
+    return "\n".join(lines)
+
+
+def write_markdown(path, rows, settings, guest, unavailable, elapsed):
+    configs, jobs = ordered(rows)
+    # Configurations that could not be measured still get their column, marked n/a.
+    configs = sorted(set(configs) | {c for c, _ in unavailable}, key=config_key)
+    out = ["# dm-pcache-rs benchmark: pcache_rs against C dm-pcache, dm-writecache, bcache and raw pmem",
+           "", f"Generated by `bench/run` on {settings.get('STAMP', '?')}"
+           + (f" (took {elapsed})" if elapsed else "") + ".", "",
+           settings_text(settings, guest, unavailable), ""]
+
+    out += ["## IOPS relative to C pcache (median of rounds)", ""]
+    out.append("| job | " + " | ".join(CONFIG_LABEL.get(c, c) for c in configs) + " |")
+    out.append("|---|" + "---:|" * len(configs))
+    for job in jobs:
+        cells = []
+        for c in configs:
+            r = rows.get((c, job))
+            if r is None:
+                cells.append("n/a")
+            elif c == BASELINE:
+                cells.append(f"{fmt_num(r['iops'])} IOPS")
+            else:
+                cells.append(fmt_ratio(r["iops_ratio"]) or fmt_num(r["iops"]))
+        out.append(f"| {job_label(job)} | " + " | ".join(cells) + " |")
+    out.append("")
+
+    out += ["## All figures", "",
+            "| job | configuration | IOPS | vs pcache | IOPS min-max | mean lat us | vs pcache"
+            " | p99 lat us | vs pcache |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for job in jobs:
+        for c in configs:
+            r = rows.get((c, job))
+            if r is None:
+                continue
+            out.append(
+                f"| {job_label(job)} | {CONFIG_LABEL.get(c, c)} | {fmt_num(r['iops'])} | "
+                f"{fmt_ratio(r['iops_ratio'])} | {fmt_num(r['iops_min'])}-{fmt_num(r['iops_max'])} | "
+                f"{fmt_num(r['mean_us'])} | {fmt_ratio(r['mean_us_ratio'])} | {fmt_num(r['p99_us'])} | "
+                f"{fmt_ratio(r['p99_us_ratio'])} |")
+    out.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
+def write_chart(path, rows, settings, unavailable):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib not available, no chart", file=sys.stderr)
+        return False
+    configs, jobs = ordered(rows)
+    if not configs or not jobs:
+        return False
+    colours = {"pmem": "#7f7f7f", "backing": "#c7c7c7", "pcache_rs": "#d62728", "pcache": "#1f77b4",
+               "pcache_rs_crc": "#ff9896", "pcache_crc": "#aec7e8", "writecache": "#2ca02c",
+               "bcache": "#ff7f0e"}
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(16, 10), height_ratios=[3, 2], sharex=True)
+    width = 0.8 / len(configs)
+    xs = range(len(jobs))
+    for i, c in enumerate(configs):
+        pos = [x - 0.4 + width * (i + 0.5) for x in xs]
+        med = [rows[(c, j)]["iops"] if (c, j) in rows else 0 for j in jobs]
+        lo = [m - rows[(c, j)]["iops_min"] if (c, j) in rows else 0 for m, j in zip(med, jobs)]
+        hi = [rows[(c, j)]["iops_max"] - m if (c, j) in rows else 0 for m, j in zip(med, jobs)]
+        ax.bar(pos, med, width, yerr=[lo, hi], capsize=2, label=CONFIG_LABEL.get(c, c),
+               color=colours.get(c), edgecolor="black", linewidth=0.3, error_kw={"linewidth": 0.7})
+        if c not in ("pmem", "backing"):
+            ratios = [rows[(c, j)]["iops_ratio"] if (c, j) in rows and rows[(c, j)]["iops_ratio"]
+                      else 0 for j in jobs]
+            axr.bar(pos, ratios, width, color=colours.get(c), edgecolor="black", linewidth=0.3)
+    ax.set_yscale("log")
+    ax.set_ylabel("IOPS (median of rounds, bars: min-max)")
+    missing = [CONFIG_LABEL.get(c, c) for c, _ in unavailable]
+    accel = settings.get("ACCEL", "TCG")
+    title = (f"fio IOPS per configuration, one boot ({accel}; backing = brd + dm-delay "
+             f"{settings.get('DELAY_MS', '?')} ms)")
+    if accel == "TCG":
+        title += "\nTCG emulation: only ratios within this boot are meaningful"
+    if missing:
+        title += "\nnot available: " + ", ".join(missing)
+    fig.suptitle(title)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=len(configs), fontsize=9, loc="upper center",
+               bbox_to_anchor=(0.5, 0.915 if "\n" in title else 0.95))
+    ax.grid(axis="y", which="both", alpha=0.3)
+    axr.axhline(1.0, color="black", linewidth=0.8)
+    axr.set_ylabel("IOPS / C pcache")
+    axr.grid(axis="y", alpha=0.3)
+    axr.set_xticks(list(xs))
+    axr.set_xticklabels([job_label(j).replace(", ", "\n") for j in jobs], fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9 if "\n" in title else 0.93))
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    raw, results = sys.argv[1], sys.argv[2]
+    os.makedirs(results, exist_ok=True)
+    settings = read_kv(os.path.join(raw, "settings.env"))
+    guest = read_kv(os.path.join(raw, "guest.txt"))
+    unavailable = []
+    up = os.path.join(raw, "unavailable.txt")
+    if os.path.exists(up):
+        with open(up) as f:
+            seen = set()
+            for line in f:
+                config, _, reason = line.rstrip("\n").partition("\t")
+                if config and config not in seen:
+                    seen.add(config)
+                    unavailable.append((config, reason))
+    elapsed = ""
+    ep = os.path.join(raw, "elapsed")
+    if os.path.exists(ep):
+        s = int(open(ep).read().strip() or 0)
+        elapsed = f"{s // 60} min {s % 60} s"
+
+    runs = load_runs(raw)
+    if not runs:
+        print("report: no fio results found in " + raw, file=sys.stderr)
+        return 1
+    rows = summarise(runs)
+    configs, jobs = ordered(rows)
+
+    write_csv(os.path.join(results, "runs.csv"), ["round", "config", "job", "iops", "mean_us", "p99_us"],
+              sorted(runs, key=lambda r: (r["round"], r["config"], r["job"])))
+    fields = ["config", "job", "rounds", "iops", "iops_ratio", "iops_min", "iops_max", "mean_us",
+              "mean_us_ratio", "p99_us", "p99_us_ratio"]
+    write_csv(os.path.join(results, "results.csv"), fields,
+              [rows[(c, j)] for j in jobs for c in configs if (c, j) in rows])
+    write_markdown(os.path.join(results, "results.md"), rows, settings, guest, unavailable, elapsed)
+    chart = write_chart(os.path.join(results, "iops.png"), rows, settings, unavailable)
+    print(f"report: {len(runs)} runs, {len(configs)} configurations, {len(jobs)} jobs -> {results}/"
+          f"{{runs.csv,results.csv,results.md{',iops.png' if chart else ''}}}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+//! The environment the engine runs in: the only way it touches hardware.
+//!
+//! The engine is a state machine over two devices. The kernel glue implements
+//! these traits over a DAX mapping (`copy_mc_to_kernel`, `memcpy_flushcache`/
+//! `arch_wb_cache_pmem`, `pmem_wmb`) and a backing `dm_dev` (`submit_bio_wait` from
+//! the cache's workqueue); the host test crate implements them with the crash
+//! simulator, whose pmem only makes a store durable once it is flushed *and*
+//! fenced.
+//!
+//! Locking, per-CPU selection and work scheduling stay outside: every engine entry
+//! point takes `&mut self`, so the glue serialises calls (one mutex around the
+//! engine, or one per engine instance) and runs `writeback_step`/`gc_step`/
+//! `flush_idle` from delayed work. The `cpu` argument of `write` picks the data
+//! head, so the per-CPU data layout is already the upstream one.
+
+/// A device error (media poison on pmem, a failed bio on the backing device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoError;
+
+/// The persistent-memory cache device, addressed by byte offset.
+pub trait Pmem {
+    /// Size of the mapped device in bytes.
+    fn size(&self) -> u64;
+    /// Copy bytes out (machine-check safe in the kernel); `Err` on poison.
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    /// Store bytes. Not durable until [`Pmem::flush`] of the range and a [`Pmem::fence`].
+    fn write(&mut self, off: u64, data: &[u8]);
+    /// Write back the CPU cache lines covering `off..off+len`.
+    fn flush(&mut self, off: u64, len: u64);
+    /// Wait for preceding flushes to reach the persistence domain (`pmem_wmb`).
+    fn fence(&mut self);
+}
+
+/// The backing block device, addressed by byte offset (sector aligned by callers).
+pub trait Backing {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    /// Write; may sit in the device's volatile cache until [`Backing::flush`].
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError>;
+    /// REQ_PREFLUSH: make every completed write durable.
+    fn flush(&mut self) -> Result<(), IoError>;
+}
+
+impl<T: Pmem + ?Sized> Pmem for &mut T {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        (**self).read(off, buf)
+    }
+    fn write(&mut self, off: u64, data: &[u8]) {
+        (**self).write(off, data)
+    }
+    fn flush(&mut self, off: u64, len: u64) {
+        (**self).flush(off, len)
+    }
+    fn fence(&mut self) {
+        (**self).fence()
+    }
+}
+
+impl<T: Backing + ?Sized> Backing for &mut T {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        (**self).read(off, buf)
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        (**self).write(off, data)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        (**self).flush()
+    }
+}
+
+/// Store `data` at `off`, flush it and fence: `memcpy_flushcache` + `pmem_wmb`.
+pub(crate) fn persist<P: Pmem>(pmem: &mut P, off: u64, data: &[u8]) {
+    pmem.write(off, data);
+    pmem.flush(off, data.len() as u64);
+    pmem.fence();
+}

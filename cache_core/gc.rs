@@ -1,0 +1,83 @@
+//! Reclaiming segments from the key tail (upstream `cache_gc.c`).
+//!
+//! GC runs when the used segments reach `gc_percent` of the cache. It only ever
+//! consumes ksets behind the dirty tail (already written back): each key drops
+//! its segment reference — the last reference bumps the segment's generation and
+//! frees it — and then the key tail advances past the kset. A LAST kset frees the
+//! key-log segment it ends once the dirty tail has left that segment.
+
+use super::env::{Backing, Pmem};
+use super::error::CacheError;
+use super::key::Pos;
+use super::writeback::Step;
+use super::Cache;
+use crate::meta::cache_info::CtrlPos;
+use crate::meta::kset::KsetRead;
+
+impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+    fn need_gc(&self) -> bool {
+        if self.key_tail.pos == self.dirty_tail.pos {
+            return false;
+        }
+        let threshold = self.n_segs as u64 * self.info.gc_percent() as u64 / 100;
+        self.used_segs as u64 >= threshold
+    }
+
+    /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration).
+    pub fn gc_step(&mut self) -> Result<Step, CacheError> {
+        if self.stats.gc_errors > 0 {
+            return Err(CacheError::Io("gc stopped after an error"));
+        }
+        let r = self.gc_one();
+        if r.is_err() {
+            self.stats.gc_errors += 1;
+        }
+        self.clean();
+        r
+    }
+
+    fn gc_one(&mut self) -> Result<Step, CacheError> {
+        if !self.need_gc() {
+            return Ok(Step::Idle);
+        }
+        let tail = self.key_tail.pos;
+        match self.read_kset(tail)? {
+            KsetRead::End => Ok(Step::Idle),
+            KsetRead::Last { next_cache_seg_id } => {
+                if self.dirty_tail.pos.seg == tail.seg {
+                    return Ok(Step::Idle);
+                }
+                self.key_tail.pos = Pos {
+                    seg: next_cache_seg_id,
+                    off: 0,
+                };
+                self.encode_tail(CtrlPos::KeyTail);
+                self.set_used(tail.seg, false);
+                Ok(Step::Progress)
+            }
+            KsetRead::Keys { key_num, size } => {
+                // Decode every key first: a bad key must not leave a half-done kset.
+                for i in 0..key_num as usize {
+                    self.scratch_key(i)?;
+                }
+                for i in 0..key_num as usize {
+                    let key = self.scratch_key(i)?;
+                    // Only keys replay or the write path counted hold a reference.
+                    if key.gen >= self.seg(key.pos.seg).gen {
+                        self.seg_put(key.pos.seg);
+                    }
+                }
+                self.key_tail.pos.off += size;
+                self.encode_tail(CtrlPos::KeyTail);
+                self.stats.ksets_gced += 1;
+                Ok(Step::Progress)
+            }
+        }
+    }
+
+    /// Run GC until it has nothing to do.
+    pub fn gc_all(&mut self) -> Result<(), CacheError> {
+        while self.gc_step()? == Step::Progress {}
+        Ok(())
+    }
+}

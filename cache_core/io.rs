@@ -1,0 +1,252 @@
+//! The request path: writes into the cache, reads from cache and backing device,
+//! and data-head allocation (upstream `cache_req.c`).
+
+use super::env::{Backing, Pmem};
+use super::error::CacheError;
+use super::key::{Key, Pos};
+use super::Cache;
+use crate::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
+use crate::meta::kset::KEY_FLAGS_CLEAN;
+use crate::meta::layout::SUBTREE_SIZE;
+
+/// What a read found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadResult {
+    pub hit_bytes: u64,
+    pub miss_bytes: u64,
+}
+
+/// Segments a data head keeps free for the key log, so closing a kset can always
+/// find a segment even when data filled the cache.
+const LOG_RESERVE_SEGS: u32 = 1;
+
+impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+    fn check_range(&self, off: u64, len: usize) -> Result<(), CacheError> {
+        let end = off
+            .checked_add(len as u64)
+            .ok_or(CacheError::Invalid("range overflows"))?;
+        if end > self.dev_bytes {
+            return Err(CacheError::Invalid("request beyond the backing device"));
+        }
+        Ok(())
+    }
+
+    /// `cache_data_alloc`: room for up to `len` bytes from data head `cpu`; may be
+    /// shorter when the head's segment runs out. Takes a segment reference.
+    fn data_alloc(&mut self, cpu: usize, len: u32) -> Result<(Pos, u64, u32), CacheError> {
+        let h = cpu % self.heads.len().max(1);
+        let data_size = self.geo.seg_data_size();
+        loop {
+            let cur = self.heads.get(h).and_then(|d| d.pos);
+            match cur {
+                Some(pos) => {
+                    let remain = data_size - pos.off;
+                    let gen = self.seg(pos.seg).gen;
+                    self.seg_get(pos.seg);
+                    if remain > len {
+                        if let Some(d) = self.heads.get_mut(h) {
+                            d.pos = Some(Pos {
+                                seg: pos.seg,
+                                off: pos.off + len,
+                            });
+                        }
+                        return Ok((pos, gen, len));
+                    }
+                    // Take the rest of the segment; the head lets go of it.
+                    if let Some(d) = self.heads.get_mut(h) {
+                        d.pos = None;
+                    }
+                    self.seg_put(pos.seg);
+                    return Ok((pos, gen, remain));
+                }
+                None => {
+                    if self.free_segs() <= LOG_RESERVE_SEGS {
+                        return Err(CacheError::Busy("cache full"));
+                    }
+                    let seg = self
+                        .get_cache_segment()
+                        .ok_or(CacheError::Busy("cache full"))?;
+                    self.seg_get(seg);
+                    if let Some(d) = self.heads.get_mut(h) {
+                        d.pos = Some(Pos { seg, off: 0 });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copy `data` into the cache as one or more keys and log them. With `fua` the
+    /// keys' ksets are persisted before returning. On `Err` some leading part of
+    /// the request may already be cached (as upstream).
+    pub fn write(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        fua: bool,
+        cpu: usize,
+    ) -> Result<(), CacheError> {
+        self.check_range(off, data.len())?;
+        self.insert_data(off, data, 0, fua, cpu)
+    }
+
+    fn insert_data(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        flags: u32,
+        fua: bool,
+        cpu: usize,
+    ) -> Result<(), CacheError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let koff = off + done as u64;
+            let to_stripe = SUBTREE_SIZE - (koff & (SUBTREE_SIZE - 1));
+            let want = ((data.len() - done) as u64).min(to_stripe) as u32;
+            if self.index.free_nodes() < 2 {
+                return Err(CacheError::Busy("key pool exhausted"));
+            }
+            self.kset_room(koff)?;
+            let (pos, gen, len) = self.data_alloc(cpu, want)?;
+            let chunk = data
+                .get(done..done + len as usize)
+                .ok_or(CacheError::Invalid("chunk"))?;
+            let addr = self.pos_addr(pos);
+            self.pmem.write(addr, chunk);
+            self.pmem.flush(addr, len as u64);
+            self.pmem.fence();
+            let crc = if self.data_crc() {
+                crc32c(PCACHE_CRC_SEED, chunk)
+            } else {
+                0
+            };
+            let key = Key {
+                off: koff,
+                len,
+                flags,
+                pos,
+                gen,
+                crc,
+                crc_back: 0,
+                crc_len: len,
+            };
+            if self.index.insert(key, |_| {}).is_err() {
+                self.seg_put(pos.seg);
+                return Err(CacheError::Busy("key pool exhausted"));
+            }
+            done += len as usize;
+            let last = done == data.len();
+            self.key_append(&key, fua && last)?;
+            if fua && !last {
+                // FUA covers every key of the request.
+                let id = self.kset_id(koff);
+                self.kset_close(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `off`: hits from pmem, misses from the backing
+    /// device. With `cache_misses`, data read from the backing device is inserted
+    /// as clean keys (best effort). A hit whose data fails its CRC is an IO error.
+    pub fn read(
+        &mut self,
+        off: u64,
+        buf: &mut [u8],
+        cache_misses: bool,
+        cpu: usize,
+    ) -> Result<ReadResult, CacheError> {
+        self.check_range(off, buf.len())?;
+        let end = off + buf.len() as u64;
+        let mut res = ReadResult::default();
+        let mut cur = off;
+        while cur < end {
+            let sub = self
+                .index
+                .subtree_of(cur)
+                .ok_or(CacheError::Invalid("offset"))?;
+            let stripe_end = ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1)
+                << crate::meta::layout::SUBTREE_SHIFT;
+            let to = end.min(stripe_end);
+            let found = self.index.first_overlap(sub, cur, to);
+            let (hit, seg_end) = match found {
+                Some(k) if k.off <= cur => (Some(k), to.min(k.end())),
+                Some(k) => (None, k.off),
+                None => (None, to),
+            };
+            let b0 = (cur - off) as usize;
+            let b1 = (seg_end - off) as usize;
+            let out = buf.get_mut(b0..b1).ok_or(CacheError::Invalid("buffer"))?;
+            match hit {
+                Some(k) if self.key_stale(&k) => {
+                    // The segment was reclaimed: drop the key and look again.
+                    self.index.remove(sub, k.off);
+                    continue;
+                }
+                Some(k) => {
+                    self.read_hit(&k, cur, out)?;
+                    res.hit_bytes += out.len() as u64;
+                }
+                None => {
+                    self.backing
+                        .read(cur, out)
+                        .map_err(|_| CacheError::Io("backing device read failed"))?;
+                    res.miss_bytes += out.len() as u64;
+                    if cache_misses {
+                        // Best effort: a full cache simply does not cache this read.
+                        let _ = self.insert_data(cur, out, KEY_FLAGS_CLEAN, false, cpu);
+                    }
+                }
+            }
+            cur = seg_end;
+        }
+        if res.hit_bytes > 0 {
+            self.stats.read_hits += 1;
+        }
+        if res.miss_bytes > 0 {
+            self.stats.read_misses += 1;
+        }
+        Ok(res)
+    }
+
+    pub(crate) fn key_stale(&self, k: &Key) -> bool {
+        !k.empty() && k.gen < self.seg(k.pos.seg).gen
+    }
+
+    fn read_hit(&mut self, k: &Key, cur: u64, out: &mut [u8]) -> Result<(), CacheError> {
+        if self.data_crc() {
+            let start = Pos {
+                seg: k.pos.seg,
+                off: k
+                    .pos
+                    .off
+                    .checked_sub(k.crc_back)
+                    .ok_or(CacheError::Io("key crc range"))?,
+            };
+            let crc = self.data_crc_at(start, k.crc_len)?;
+            if crc != k.crc {
+                self.stats.crc_errors += 1;
+                return Err(CacheError::Io("cached data failed its crc check"));
+            }
+        }
+        let addr = self.pos_addr(k.pos) + (cur - k.off);
+        self.pmem
+            .read(addr, out)
+            .map_err(|_| CacheError::Io("pmem media error"))
+    }
+
+    /// Drop keys whose segment was reclaimed (upstream `clean_fn`).
+    pub fn clean(&mut self) -> usize {
+        if !self.need_clean {
+            return 0;
+        }
+        self.need_clean = false;
+        let Cache { index, segs, .. } = self;
+        index.retain(|k| {
+            !k.empty()
+                && segs
+                    .get(k.pos.seg as usize)
+                    .map(|s| k.gen < s.gen)
+                    .unwrap_or(true)
+        })
+    }
+}

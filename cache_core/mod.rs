@@ -1,0 +1,191 @@
+//! The dm-pcache cache engine: a persistent-memory write-back cache as a pure
+//! state machine over the [`env`] traits.
+//!
+//! Data is appended to cache segments through data heads; each write becomes a
+//! [`key::Key`] inserted into the striped [`index`] and appended to an open kset.
+//! A kset is made durable in order — data, then the kset with its CRC, then (for
+//! segment changes) the head position — by [`Cache::flush`] (REQ_PREFLUSH), by a
+//! FUA write, when it fills, or by [`Cache::flush_idle`]. [`Cache::start`] formats a
+//! new device or validates and replays an existing one ([`replay`]).
+//! [`Cache::writeback_step`] writes one kset's dirty keys back in log order and
+//! advances the dirty tail only after a backing flush ([`writeback`]);
+//! [`Cache::gc_step`] reclaims from the key tail ([`gc`]).
+//!
+//! Memory: everything is handed in at construction ([`CacheMem`]); the IO path
+//! never allocates. `core` only, no `unsafe`, no panicking paths on media input.
+
+pub mod env;
+pub mod error;
+pub mod gc;
+pub mod index;
+pub mod io;
+pub mod key;
+pub mod kset;
+pub mod options;
+pub mod replay;
+pub mod segment;
+pub mod start;
+pub mod writeback;
+
+use crate::meta::cache_info::CacheInfo;
+use crate::meta::header::SlotIndex;
+use crate::meta::kset::KSET_ONMEDIA_SIZE_MAX;
+use crate::meta::layout::Geometry;
+
+pub use env::{Backing, IoError, Pmem};
+pub use error::CacheError;
+pub use index::{Index, Node};
+pub use key::{Key, Pos};
+pub use kset::KsetBuf;
+pub use options::{CacheOptions, Message};
+pub use segment::SegState;
+
+/// A data head: where the next data of one CPU is appended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DataHead {
+    pub pos: Option<Pos>,
+}
+
+/// The memory the engine works in, reserved by the caller at construction.
+pub struct CacheMem<'a> {
+    /// One per cache segment (at least the superblock's `seg_num`).
+    pub segs: &'a mut [SegState],
+    /// The key slab: the most keys the index can hold.
+    pub nodes: &'a mut [Node],
+    /// One subtree root per 4 MiB of backing device.
+    pub roots: &'a mut [u32],
+    /// Open ksets (upstream: one per CPU); keys go to `(off >> 22) % len`.
+    pub ksets: &'a mut [KsetBuf],
+    /// Data heads (upstream: per CPU).
+    pub heads: &'a mut [DataHead],
+    /// At least `KSET_ONMEDIA_SIZE_MAX` bytes for reading ksets back.
+    pub scratch: &'a mut [u8],
+    /// Bounce buffer for writeback and CRC checks (4 KiB or more).
+    pub bounce: &'a mut [u8],
+}
+
+/// How much [`CacheMem`] a device needs.
+pub fn roots_needed(backing_bytes: u64) -> usize {
+    backing_bytes.div_ceil(crate::meta::layout::SUBTREE_SIZE) as usize
+}
+
+pub const SCRATCH_BYTES: usize = KSET_ONMEDIA_SIZE_MAX;
+
+/// Counters for `dmsetup status` and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub writeback_errors: u32,
+    pub gc_errors: u32,
+    pub crc_errors: u64,
+    pub ref_underflows: u64,
+    pub ksets_written: u64,
+    pub ksets_written_back: u64,
+    pub ksets_gced: u64,
+    pub read_hits: u64,
+    pub read_misses: u64,
+}
+
+/// A snapshot for `dmsetup status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub n_segs: u32,
+    pub used_segs: u32,
+    pub gc_percent: u8,
+    pub cache_flags: u32,
+    pub key_head: Pos,
+    pub dirty_tail: Pos,
+    pub key_tail: Pos,
+    pub keys: usize,
+    pub key_capacity: usize,
+    pub stats: Stats,
+}
+
+/// A persisted position and the slot its next write goes to.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Tail {
+    pub pos: Pos,
+    pub seq: u8,
+    pub index: SlotIndex,
+}
+
+/// The cache engine over pmem `P` and backing device `B`.
+pub struct Cache<'a, P: Pmem, B: Backing> {
+    pub(crate) pmem: P,
+    pub(crate) backing: B,
+    pub(crate) geo: Geometry,
+    pub(crate) dev_bytes: u64,
+    pub(crate) info: CacheInfo,
+    pub(crate) info_index: SlotIndex,
+    pub(crate) n_segs: u32,
+    pub(crate) used_segs: u32,
+    pub(crate) last_seg: u32,
+    pub(crate) segs: &'a mut [SegState],
+    pub(crate) seg_sink: SegState,
+    pub(crate) index: Index<'a>,
+    pub(crate) ksets: &'a mut [KsetBuf],
+    pub(crate) heads: &'a mut [DataHead],
+    pub(crate) scratch: &'a mut [u8],
+    pub(crate) bounce: &'a mut [u8],
+    pub(crate) key_head: Pos,
+    pub(crate) key_tail: Tail,
+    pub(crate) dirty_tail: Tail,
+    pub(crate) need_clean: bool,
+    pub(crate) stats: Stats,
+}
+
+impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+    pub fn status(&self) -> Status {
+        Status {
+            n_segs: self.n_segs,
+            used_segs: self.used_segs,
+            gc_percent: self.info.gc_percent(),
+            cache_flags: self.info.flags,
+            key_head: self.key_head,
+            dirty_tail: self.dirty_tail.pos,
+            key_tail: self.key_tail.pos,
+            keys: self.index.len(),
+            key_capacity: self.index.capacity(),
+            stats: self.stats,
+        }
+    }
+
+    pub fn pmem(&self) -> &P {
+        &self.pmem
+    }
+
+    pub fn pmem_mut(&mut self) -> &mut P {
+        &mut self.pmem
+    }
+
+    pub fn backing(&self) -> &B {
+        &self.backing
+    }
+
+    pub fn backing_mut(&mut self) -> &mut B {
+        &mut self.backing
+    }
+
+    pub fn data_crc(&self) -> bool {
+        self.info.data_crc()
+    }
+
+    /// Visit every key of the index (tests, debugging).
+    pub fn for_each_key(&self, f: impl FnMut(&Key)) {
+        self.index.for_each(f)
+    }
+
+    /// Data-area size of one segment.
+    pub fn seg_data_size(&self) -> u32 {
+        self.geo.seg_data_size()
+    }
+
+    /// Device offset of a cache position.
+    pub(crate) fn pos_addr(&self, pos: Pos) -> u64 {
+        self.geo.seg_data_off(self.seg(pos.seg).phys) + pos.off as u64
+    }
+
+    /// Give the devices back (tests take the pmem image after a run).
+    pub fn into_env(self) -> (P, B) {
+        (self.pmem, self.backing)
+    }
+}

@@ -1,0 +1,151 @@
+//! Rebuilding the index from the key log (upstream `cache_replay`).
+//!
+//! The walk starts at the persisted key tail and follows ksets, hopping through
+//! LAST ksets to the next segment, until a position holds no valid kset: that is
+//! the key head. Keys whose generation is older than their segment's were
+//! reclaimed by GC and are skipped. The walk is bounded: every kset advances the
+//! position within a segment, and more segment hops than segments is a cycle.
+
+use super::env::{Backing, Pmem};
+use super::error::CacheError;
+use super::key::{Key, Pos};
+use super::Cache;
+use crate::meta::kset::{kset_key, kset_read, KsetRead, KSET_ONMEDIA_SIZE_MAX};
+use crate::meta::{MetaError, MetaErrorKind};
+
+impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+    /// Read the kset at `pos` into the scratch buffer and classify it.
+    pub(crate) fn read_kset(&mut self, pos: Pos) -> Result<KsetRead, CacheError> {
+        let remain = self.geo.seg_data_size().saturating_sub(pos.off) as usize;
+        let n = remain.min(KSET_ONMEDIA_SIZE_MAX);
+        let addr = self.pos_addr(pos);
+        let buf = self
+            .scratch
+            .get_mut(..n)
+            .ok_or(CacheError::NoMem("scratch"))?;
+        self.pmem
+            .read(addr, buf)
+            .map_err(|_| CacheError::Io("pmem media error reading kset"))?;
+        Ok(kset_read(buf, self.n_segs)?)
+    }
+
+    /// Key `i` of the kset in the scratch buffer, validated and converted.
+    pub(crate) fn scratch_key(&self, i: usize) -> Result<Key, CacheError> {
+        let om = kset_key(self.scratch, i)?;
+        om.validate(self.dev_bytes, self.n_segs, self.geo.seg_data_size())?;
+        Ok(Key {
+            off: om.off,
+            len: om.len,
+            flags: om.flags,
+            pos: Pos {
+                seg: om.cache_seg_id,
+                off: om.cache_seg_off,
+            },
+            gen: om.seg_gen,
+            crc: om.data_crc,
+            crc_back: 0,
+            crc_len: om.len,
+        })
+    }
+
+    pub(crate) fn replay(&mut self) -> Result<(), CacheError> {
+        let mut pos = self.key_tail.pos;
+        self.set_used(pos.seg, true);
+        let mut hops = 0u32;
+        let mut dirty_tail_seen = false;
+        loop {
+            if pos == self.dirty_tail.pos {
+                dirty_tail_seen = true;
+            }
+            match self.read_kset(pos)? {
+                KsetRead::End => break,
+                KsetRead::Last { next_cache_seg_id } => {
+                    hops += 1;
+                    if hops > self.n_segs {
+                        return Err(MetaError::new(
+                            "pcache_cache_kset_onmedia",
+                            "next_cache_seg_id",
+                            MetaErrorKind::Cycle,
+                        )
+                        .into());
+                    }
+                    pos = Pos {
+                        seg: next_cache_seg_id,
+                        off: 0,
+                    };
+                    self.set_used(pos.seg, true);
+                }
+                KsetRead::Keys { key_num, size } => {
+                    for i in 0..key_num as usize {
+                        let key = self.scratch_key(i)?;
+                        // A key into the key log itself or past the key head would
+                        // be corrupt, but only its range is checkable here.
+                        if key.gen < self.seg(key.pos.seg).gen {
+                            continue;
+                        }
+                        if key.key_stale_check_subtree(self) {
+                            return Err(MetaError::new(
+                                "pcache_cache_key_onmedia",
+                                "off/len",
+                                MetaErrorKind::OutOfRange,
+                            )
+                            .into());
+                        }
+                        self.set_used(key.pos.seg, true);
+                        self.seg_get(key.pos.seg);
+                        self.index.insert(key, |_| {}).map_err(|_| {
+                            CacheError::NoMem("key pool too small to replay the log")
+                        })?;
+                    }
+                    pos.off += size;
+                }
+            }
+        }
+        if !dirty_tail_seen {
+            // Writeback would walk a chain that is not the log.
+            return Err(MetaError::new(
+                "pcache_cache_ctrl",
+                "dirty_tail_pos",
+                MetaErrorKind::OutOfRange,
+            )
+            .into());
+        }
+        self.key_head = pos;
+        Ok(())
+    }
+
+    /// `cache_verify_dirty_tail`: the dirty tail's chain must terminate.
+    pub(crate) fn verify_dirty_tail(&mut self) -> Result<(), CacheError> {
+        let mut pos = self.dirty_tail.pos;
+        let mut hops = 0u32;
+        loop {
+            match self.read_kset(pos)? {
+                KsetRead::End => return Ok(()),
+                KsetRead::Last { next_cache_seg_id } => {
+                    hops += 1;
+                    if hops > self.n_segs {
+                        return Err(MetaError::new(
+                            "pcache_cache_kset_onmedia",
+                            "next_cache_seg_id",
+                            MetaErrorKind::Cycle,
+                        )
+                        .into());
+                    }
+                    pos = Pos {
+                        seg: next_cache_seg_id,
+                        off: 0,
+                    };
+                }
+                KsetRead::Keys { size, .. } => pos.off += size,
+            }
+        }
+    }
+}
+
+impl Key {
+    /// A logged key must not cross a 4 MiB stripe (writes are split there), or
+    /// the index could not hold it.
+    fn key_stale_check_subtree<P: Pmem, B: Backing>(&self, c: &Cache<'_, P, B>) -> bool {
+        c.index.subtree_of(self.off) != c.index.subtree_of(self.end() - 1)
+    }
+}

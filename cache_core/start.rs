@@ -1,0 +1,384 @@
+//! Attaching a cache device: format a blank one or load and validate an existing
+//! one, then replay (upstream `cache_dev_start` + `pcache_cache_start`).
+
+use super::env::{persist, Backing, Pmem};
+use super::error::CacheError;
+use super::index::Index;
+use super::key::Pos;
+use super::options::CacheOptions;
+use super::{roots_needed, Cache, CacheMem, Stats, Tail, SCRATCH_BYTES};
+use crate::meta::cache_info::{
+    CacheInfo, CachePosOnmedia, CtrlPos, CACHE_FLAGS_DATA_CRC, CACHE_FLAGS_INIT_DONE,
+    CACHE_INFO_STRUCT_SIZE, CACHE_POS_STRUCT_SIZE, GC_PERCENT_DEFAULT, GC_PERCENT_MAX,
+};
+use crate::meta::header::{pick_latest, MetaHeader, SlotIndex, Slotted};
+use crate::meta::kset::KSET_HEADER_SIZE;
+use crate::meta::layout::{
+    Geometry, CACHE_CTRL_SIZE, CACHE_INFO_OFF, CACHE_INFO_SIZE, META_INDEX_MAX, SB_OFF,
+    SEG_DATA_OFF,
+};
+use crate::meta::segment::{SegGen, SegmentInfo, SEGMENT_TYPE_CACHE_DATA};
+use crate::meta::superblock::{Superblock, SB_STRUCT_SIZE};
+use crate::meta::{MetaError, MetaErrorKind};
+
+const ZERO_4K: [u8; 4096] = [0u8; 4096];
+
+fn zero_range<P: Pmem>(pmem: &mut P, off: u64, len: u64) {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(4096);
+        pmem.write(off + done, ZERO_4K.get(..n as usize).unwrap_or(&[]));
+        done += n;
+    }
+    pmem.flush(off, len);
+    pmem.fence();
+}
+
+fn read_slot<P: Pmem, const N: usize>(pmem: &P, off: u64) -> Result<[u8; N], CacheError> {
+    let mut b = [0u8; N];
+    pmem.read(off, &mut b)
+        .map_err(|_| CacheError::Io("media error reading metadata"))?;
+    Ok(b)
+}
+
+impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+    /// Attach: format the device if its superblock is blank, otherwise validate the
+    /// metadata and replay the key log. `geo` is [`Geometry::UPSTREAM`] in the
+    /// kernel.
+    pub fn start(
+        mut pmem: P,
+        backing: B,
+        geo: Geometry,
+        mem: CacheMem<'a>,
+        opts: &CacheOptions,
+    ) -> Result<Self, CacheError> {
+        let dev_size = pmem.size();
+        if dev_size < geo.min_dev_size {
+            return Err(CacheError::Invalid("cache device is too small"));
+        }
+        if opts.cache_mode != crate::meta::cache_info::CACHE_MODE_WRITEBACK {
+            return Err(CacheError::Invalid(
+                "only cache_mode writeback is supported",
+            ));
+        }
+        let sb_bytes: [u8; SB_STRUCT_SIZE] = read_slot(&pmem, SB_OFF)?;
+        let raw = Superblock::decode_raw(&sb_bytes)?;
+        let mut format_sb = None;
+        if raw.magic == 0 {
+            let sb = Superblock::format(&geo, dev_size)?;
+            zero_range(
+                &mut pmem,
+                CACHE_INFO_OFF,
+                CACHE_INFO_SIZE * META_INDEX_MAX as u64 + CACHE_CTRL_SIZE,
+            );
+            format_sb = Some(sb);
+        }
+        let sb = match format_sb {
+            Some(sb) => sb,
+            None => Superblock::parse(&sb_bytes, &geo, dev_size)?,
+        };
+        if let Some(sb) = format_sb {
+            let mut b = [0u8; SB_STRUCT_SIZE];
+            sb.encode(&mut b);
+            persist(&mut pmem, SB_OFF, &b);
+        }
+
+        let dev_bytes = backing.size();
+        if dev_bytes == 0 {
+            return Err(CacheError::Invalid("backing device is empty"));
+        }
+        if mem.segs.len() < sb.seg_num as usize {
+            return Err(CacheError::NoMem("segment table smaller than seg_num"));
+        }
+        if mem.roots.len() < roots_needed(dev_bytes) {
+            return Err(CacheError::NoMem("fewer subtree roots than 4 MiB stripes"));
+        }
+        if mem.ksets.is_empty() || mem.heads.is_empty() {
+            return Err(CacheError::NoMem(
+                "need at least one kset and one data head",
+            ));
+        }
+        if mem.scratch.len() < SCRATCH_BYTES || mem.bounce.len() < 4096 {
+            return Err(CacheError::NoMem("scratch or bounce buffer too small"));
+        }
+        let n_roots = roots_needed(dev_bytes);
+        let roots = mem.roots;
+        let roots = match roots.get_mut(..n_roots) {
+            Some(r) => r,
+            None => return Err(CacheError::NoMem("roots")),
+        };
+        for s in mem.segs.iter_mut() {
+            *s = Default::default();
+        }
+        for k in mem.ksets.iter_mut() {
+            k.reset();
+        }
+        for h in mem.heads.iter_mut() {
+            h.pos = None;
+        }
+
+        let mut cache = Cache {
+            pmem,
+            backing,
+            geo,
+            dev_bytes,
+            info: CacheInfo::default(),
+            info_index: SlotIndex::FIRST,
+            n_segs: 0,
+            used_segs: 0,
+            last_seg: 0,
+            segs: mem.segs,
+            seg_sink: Default::default(),
+            index: Index::new(mem.nodes, roots),
+            ksets: mem.ksets,
+            heads: mem.heads,
+            scratch: mem.scratch,
+            bounce: mem.bounce,
+            key_head: Pos::default(),
+            key_tail: Tail::default(),
+            dirty_tail: Tail::default(),
+            need_clean: false,
+            stats: Stats::default(),
+        };
+
+        cache.cache_info_init(opts, sb.seg_num)?;
+        let new_cache = !cache.info.init_done();
+        cache.segs_init(new_cache, sb.seg_num)?;
+        cache.tail_init(new_cache)?;
+        cache.replay()?;
+        cache.info.flags |= CACHE_FLAGS_INIT_DONE;
+        cache.cache_info_write();
+        Ok(cache)
+    }
+
+    fn cache_info_init(&mut self, opts: &CacheOptions, seg_num: u32) -> Result<(), CacheError> {
+        let s0: [u8; CACHE_INFO_STRUCT_SIZE] = read_slot(&self.pmem, CacheInfo::slot_off(0))?;
+        let s1: [u8; CACHE_INFO_STRUCT_SIZE] = read_slot(&self.pmem, CacheInfo::slot_off(1))?;
+        match pick_latest::<CacheInfo>(&s0, &s1)? {
+            Some((idx, info)) => {
+                if info.data_crc() != opts.data_crc {
+                    return Err(CacheError::Invalid(
+                        "data_crc option differs from the one the cache was created with",
+                    ));
+                }
+                self.info = info;
+                self.info_index = idx;
+                const CI: &str = "pcache_cache_info";
+                if info.n_segs == 0 || info.n_segs > seg_num {
+                    return Err(MetaError::new(CI, "n_segs", MetaErrorKind::OutOfRange).into());
+                }
+                if info.gc_percent() > GC_PERCENT_MAX {
+                    return Err(
+                        MetaError::new(CI, "flags.gc_percent", MetaErrorKind::OutOfRange).into(),
+                    );
+                }
+                if info.cache_mode() != crate::meta::cache_info::CACHE_MODE_WRITEBACK {
+                    return Err(
+                        MetaError::new(CI, "flags.cache_mode", MetaErrorKind::Unsupported).into(),
+                    );
+                }
+                if info.init_done() && info.seg_id >= seg_num {
+                    return Err(MetaError::new(CI, "seg_id", MetaErrorKind::OutOfRange).into());
+                }
+            }
+            None => {
+                let mut info = CacheInfo {
+                    n_segs: seg_num,
+                    ..CacheInfo::default()
+                };
+                info.set_gc_percent(GC_PERCENT_DEFAULT);
+                info.set_cache_mode(opts.cache_mode);
+                if opts.data_crc {
+                    info.flags |= CACHE_FLAGS_DATA_CRC;
+                }
+                self.info = info;
+                // Upstream starts at slot 0 and writes the next one first.
+                self.info_index = SlotIndex::FIRST;
+            }
+        }
+        self.n_segs = self.info.n_segs;
+        Ok(())
+    }
+
+    /// `cache_info_write`: seq+1, next slot, persist.
+    pub(crate) fn cache_info_write(&mut self) {
+        self.info.header.seq = self.info.header.seq.wrapping_add(1);
+        self.info_index = self.info_index.other();
+        let mut b = [0u8; CACHE_INFO_STRUCT_SIZE];
+        self.info.encode_with_crc(&mut b);
+        let off = CacheInfo::slot_off(self.info_index.get());
+        persist(&mut self.pmem, off, &b);
+    }
+
+    /// `pcache_cache_set_gc_percent` (message `gc_percent N`).
+    pub fn set_gc_percent(&mut self, percent: u8) -> Result<(), CacheError> {
+        if percent > GC_PERCENT_MAX {
+            return Err(CacheError::Invalid("gc_percent must be between 0 and 90"));
+        }
+        self.info.set_gc_percent(percent);
+        self.cache_info_write();
+        Ok(())
+    }
+
+    fn segs_init(&mut self, new_cache: bool, seg_num: u32) -> Result<(), CacheError> {
+        const SI: &str = "pcache_segment_info";
+        let geo = self.geo;
+        for i in 0..self.n_segs {
+            let phys = if new_cache {
+                // A blank device hands out physical segments in order.
+                let phys = i;
+                if i == 0 {
+                    self.info.seg_id = phys;
+                } else {
+                    let prev = self.seg_mut(i - 1);
+                    prev.info.flags |= crate::meta::segment::SEG_INFO_FLAGS_HAS_NEXT;
+                    prev.info.next_seg = phys;
+                    self.seg_info_write(i - 1);
+                }
+                phys
+            } else {
+                let phys = if i == 0 {
+                    self.info.seg_id
+                } else {
+                    let prev = self.seg(i - 1).info;
+                    if !prev.has_next() {
+                        return Err(MetaError::new(
+                            SI,
+                            "flags.has_next",
+                            MetaErrorKind::OutOfRange,
+                        )
+                        .into());
+                    }
+                    prev.next_seg
+                };
+                if phys >= seg_num {
+                    return Err(MetaError::new(SI, "next_seg", MetaErrorKind::OutOfRange).into());
+                }
+                phys
+            };
+            // Two cache segments on one physical segment would overwrite each other.
+            if self.seg(phys).claimed {
+                return Err(MetaError::new(SI, "next_seg", MetaErrorKind::Cycle).into());
+            }
+            self.seg_mut(phys).claimed = true;
+            self.seg_mut(i).phys = phys;
+
+            if new_cache {
+                zero_range(&mut self.pmem, geo.seg_off(phys), SEG_DATA_OFF);
+                let s = self.seg_mut(i);
+                s.gen = 0;
+                s.gen_seq = 0;
+                s.gen_index = SlotIndex::FIRST;
+                self.seg_gen_write(i);
+                let s = self.seg_mut(i);
+                s.info = SegmentInfo::default();
+                s.info.set_type(SEGMENT_TYPE_CACHE_DATA);
+                s.info_index = SlotIndex::FIRST;
+                self.seg_info_write(i);
+                // Clear any stale kset at the start of the data area.
+                persist(
+                    &mut self.pmem,
+                    geo.seg_data_off(phys),
+                    &[0u8; KSET_HEADER_SIZE],
+                );
+            } else {
+                let a: [u8; 16] = read_slot(&self.pmem, SegmentInfo::slot_off(&geo, phys, 0))?;
+                let b: [u8; 16] = read_slot(&self.pmem, SegmentInfo::slot_off(&geo, phys, 1))?;
+                let (idx, info) = pick_latest::<SegmentInfo>(&a, &b)?.ok_or(MetaError::new(
+                    SI,
+                    "header.crc",
+                    MetaErrorKind::NoValidSlot,
+                ))?;
+                let a: [u8; 16] = read_slot(&self.pmem, SegGen::slot_off(&geo, phys, 0))?;
+                let b: [u8; 16] = read_slot(&self.pmem, SegGen::slot_off(&geo, phys, 1))?;
+                let gen = pick_latest::<SegGen>(&a, &b)?;
+                let s = self.seg_mut(i);
+                s.info = info;
+                s.info_index = idx;
+                match gen {
+                    Some((gidx, g)) => {
+                        s.gen = g.gen;
+                        s.gen_seq = g.header.seq;
+                        s.gen_index = gidx;
+                    }
+                    None => {
+                        s.gen = 0;
+                        s.gen_seq = 0;
+                        s.gen_index = SlotIndex::FIRST;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn tail_init(&mut self, new_cache: bool) -> Result<(), CacheError> {
+        if new_cache {
+            self.set_used(0, true);
+            self.key_head = Pos { seg: 0, off: 0 };
+            self.key_tail = Tail {
+                pos: self.key_head,
+                seq: 0,
+                // Upstream writes the position at the current index, then flips.
+                index: SlotIndex::SECOND,
+            };
+            self.dirty_tail = self.key_tail;
+            self.encode_tail(CtrlPos::DirtyTail);
+            self.encode_tail(CtrlPos::KeyTail);
+        } else {
+            self.key_tail = self.decode_tail(CtrlPos::KeyTail)?;
+            self.dirty_tail = self.decode_tail(CtrlPos::DirtyTail)?;
+            self.verify_dirty_tail()?;
+        }
+        Ok(())
+    }
+
+    /// `cache_pos_encode`: persist a tail position in its next slot.
+    pub(crate) fn encode_tail(&mut self, which: CtrlPos) {
+        let t = match which {
+            CtrlPos::KeyTail => &mut self.key_tail,
+            CtrlPos::DirtyTail => &mut self.dirty_tail,
+        };
+        t.seq = t.seq.wrapping_add(1);
+        t.index = t.index.other();
+        let p = CachePosOnmedia {
+            header: MetaHeader {
+                seq: t.seq,
+                ..MetaHeader::default()
+            },
+            cache_seg_id: t.pos.seg,
+            seg_off: t.pos.off,
+        };
+        let off = which.slot_off(t.index.get());
+        let mut b = [0u8; CACHE_POS_STRUCT_SIZE];
+        p.encode_with_crc(&mut b);
+        persist(&mut self.pmem, off, &b);
+    }
+
+    fn decode_tail(&self, which: CtrlPos) -> Result<Tail, CacheError> {
+        let a: [u8; CACHE_POS_STRUCT_SIZE] = read_slot(&self.pmem, which.slot_off(0))?;
+        let b: [u8; CACHE_POS_STRUCT_SIZE] = read_slot(&self.pmem, which.slot_off(1))?;
+        let (idx, p) = pick_latest::<CachePosOnmedia>(&a, &b)?.ok_or(MetaError::new(
+            which.name(),
+            "header.crc",
+            MetaErrorKind::NoValidSlot,
+        ))?;
+        if p.cache_seg_id >= self.n_segs {
+            return Err(
+                MetaError::new(which.name(), "cache_seg_id", MetaErrorKind::OutOfRange).into(),
+            );
+        }
+        if p.seg_off >= self.geo.seg_data_size() {
+            return Err(MetaError::new(which.name(), "seg_off", MetaErrorKind::OutOfRange).into());
+        }
+        Ok(Tail {
+            pos: Pos {
+                seg: p.cache_seg_id,
+                off: p.seg_off,
+            },
+            seq: p.header.seq,
+            // The next write goes to the other slot, keeping the newest copy intact.
+            index: idx,
+        })
+    }
+}

@@ -1,0 +1,10 @@
+//! Compile check: the engine as a `#![no_std]` crate root, like the kernel module.
+#![no_std]
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+#[path = "../../../meta/mod.rs"]
+pub mod meta;
+
+#[path = "../../../cache_core/mod.rs"]
+pub mod cache_core;

@@ -1,0 +1,153 @@
+//! Unit properties of the on-media format and the index.
+
+use pcache_engine::cache_core::index::{Index, Node};
+use pcache_engine::cache_core::key::{Key, Pos};
+use pcache_engine::cache_core::options::{parse_message, parse_table_options, Message};
+use pcache_engine::meta::crc32c::{crc32c, pcache_crc};
+use pcache_engine::meta::header::{find_latest, seq_after, SlotIndex};
+use pcache_engine::meta::kset::{kset_read, KsetRead, KSET_ONMEDIA_SIZE_MAX};
+use pcache_engine::meta::layout::Geometry;
+use pcache_engine::meta::superblock::Superblock;
+
+#[test]
+fn crc32c_matches_known_vectors() {
+    // Standard CRC-32C check value, in the kernel's raw (no inversion) form.
+    assert_eq!(!crc32c(!0, b"123456789"), 0xE306_9283);
+    // RFC 3720 B.4: 32 bytes of zeros -> 0x8A9136AA.
+    assert_eq!(!crc32c(!0, &[0u8; 32]), 0x8A91_36AA);
+    assert_eq!(!crc32c(!0, &[0xFFu8; 32]), 0x62A8_AB43);
+    let inc: Vec<u8> = (0u8..32).collect();
+    assert_eq!(!crc32c(!0, &inc), 0x46DD_794E);
+    // Chaining equals one pass.
+    assert_eq!(
+        crc32c(crc32c(7, b"1234"), b"56789"),
+        crc32c(7, b"123456789")
+    );
+    assert_eq!(pcache_crc(b""), 0x3B15A);
+}
+
+#[test]
+fn seq_after_wraps_around() {
+    assert!(seq_after(1, 0));
+    assert!(seq_after(0, 255));
+    assert!(!seq_after(255, 0));
+    assert!(!seq_after(5, 5));
+    assert!(seq_after(127, 0));
+    assert!(!seq_after(128, 0));
+}
+
+#[test]
+fn find_latest_picks_newest_valid_slot() {
+    assert_eq!(find_latest([None, None]), None);
+    assert_eq!(find_latest([Some(3), None]), Some(SlotIndex::FIRST));
+    assert_eq!(find_latest([None, Some(3)]), Some(SlotIndex::SECOND));
+    assert_eq!(find_latest([Some(3), Some(4)]), Some(SlotIndex::SECOND));
+    assert_eq!(find_latest([Some(255), Some(0)]), Some(SlotIndex::SECOND));
+    assert_eq!(find_latest([Some(0), Some(255)]), Some(SlotIndex::FIRST));
+}
+
+#[test]
+fn superblock_round_trips_and_rejects_bad_fields() {
+    let geo = Geometry::UPSTREAM;
+    let dev = 1u64 << 30;
+    let sb = Superblock::format(&geo, dev).unwrap();
+    assert_eq!(sb.seg_num, ((dev - 0x5000) / (16 << 20)) as u32);
+    let mut b = [0u8; 24];
+    sb.encode(&mut b);
+    assert_eq!(Superblock::parse(&b, &geo, dev).unwrap(), sb);
+    // Every single-bit flip is rejected with an error, never a panic.
+    for bit in 0..24 * 8 {
+        let mut c = b;
+        c[bit / 8] ^= 1 << (bit % 8);
+        assert!(Superblock::parse(&c, &geo, dev).is_err(), "bit {bit}");
+    }
+    assert!(Superblock::parse(&b[..10], &geo, dev).is_err());
+}
+
+#[test]
+fn kset_parser_never_panics_on_garbage() {
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut buf = vec![0u8; KSET_ONMEDIA_SIZE_MAX + 64];
+    for round in 0..20000 {
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        if round % 2 == 0 {
+            buf[8..16].copy_from_slice(&pcache_engine::meta::kset::KSET_MAGIC.to_le_bytes());
+        }
+        let len = (x as usize) % buf.len();
+        let _ = kset_read(&buf[..len], 1 + (x >> 40) as u32 % 64);
+    }
+    assert_eq!(kset_read(&[], 4).unwrap(), KsetRead::End);
+}
+
+#[test]
+fn options_and_messages_parse() {
+    let o = parse_table_options(&["4", "cache_mode", "writeback", "data_crc", "true"]).unwrap();
+    assert!(o.data_crc);
+    assert!(!parse_table_options(&[]).unwrap().data_crc);
+    assert!(parse_table_options(&["2", "cache_mode", "writethrough"]).is_err());
+    assert!(parse_table_options(&["3", "data_crc", "true"]).is_err());
+    assert!(parse_table_options(&["1", "data_crc"]).is_err());
+    assert!(parse_table_options(&["99999999999999999999"]).is_err());
+    assert_eq!(
+        parse_message(&["gc_percent", "90"]),
+        Ok(Message::GcPercent(90))
+    );
+    assert!(parse_message(&["gc_percent", "91"]).is_err());
+    assert!(parse_message(&["gc_percent"]).is_err());
+}
+
+fn key(off: u64, len: u32, tag: u32) -> Key {
+    Key {
+        off,
+        len,
+        flags: 0,
+        pos: Pos { seg: tag, off: 0 },
+        gen: 0,
+        crc: 0,
+        crc_back: 0,
+        crc_len: len,
+    }
+}
+
+/// Index inserts keep keys disjoint and every byte maps to the newest key that
+/// covered it (checked against a byte-map model).
+#[test]
+fn index_overlap_resolution_matches_model() {
+    let mut nodes = vec![Node::default(); 4096];
+    let mut roots = vec![0u32; 2];
+    let mut idx = Index::new(&mut nodes, &mut roots);
+    const SPAN: usize = 8192;
+    let mut model = vec![u32::MAX; SPAN];
+    let mut x = 42u64;
+    for tag in 0..3000u32 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 33) as usize % (SPAN - 1);
+        let len = 1 + ((x >> 17) as usize % 300).min(SPAN - off - 1);
+        if idx.free_nodes() < 2 {
+            break;
+        }
+        idx.insert(key(off as u64, len as u32, tag), |_| {})
+            .unwrap();
+        for m in &mut model[off..off + len] {
+            *m = tag;
+        }
+    }
+    let mut seen = vec![u32::MAX; SPAN];
+    let mut prev_end = 0u64;
+    idx.for_each(|k| {
+        assert!(k.off >= prev_end, "keys overlap at {}", k.off);
+        prev_end = k.end();
+        // pos.off tracks how much was cut from the front of the original key
+        for i in k.off..k.end() {
+            seen[i as usize] = k.pos.seg;
+        }
+    });
+    assert_eq!(seen, model);
+}

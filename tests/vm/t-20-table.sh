@@ -71,12 +71,14 @@ test_malformed_option_count_negative() {
 	malformed "Invalid optional argument count" "Invalid number of cache option arguments" \
 		"$PMEM_DEV $BACKING_DEV -2 cache_mode writeback"
 }
+# An odd count always leaves an option without its value: rejected as a bad count, before any
+# option is looked at (upstream finds the missing value instead).
 test_malformed_cache_mode_missing_value() {
-	malformed "Missing value for option" "Missing value for cache_mode" \
+	malformed "Invalid optional argument count" "Missing value for cache_mode" \
 		"$PMEM_DEV $BACKING_DEV 1 cache_mode"
 }
 test_malformed_data_crc_missing_value() {
-	malformed "Missing value for option" "Missing value for data_crc" \
+	malformed "Invalid optional argument count" "Missing value for data_crc" \
 		"$PMEM_DEV $BACKING_DEV 3 cache_mode writeback data_crc"
 }
 test_malformed_cache_mode_bad_value() {
@@ -91,6 +93,14 @@ test_malformed_unknown_option() {
 	malformed "Unknown option" "Unrecognised cache option requested" \
 		"$PMEM_DEV $BACKING_DEV 2 writeback_delay 10"
 }
+test_malformed_option_given_twice() {
+	malformed "Option given twice" - \
+		"$PMEM_DEV $BACKING_DEV 4 cache_mode writeback cache_mode writeback"
+}
+test_malformed_too_many_arguments() {
+	malformed "Invalid argument count" - \
+		"$PMEM_DEV $BACKING_DEV 2 cache_mode writeback $(printf 'x%.0s ' $(seq 40))"
+}
 test_malformed_trailing_argument() {
 	malformed "Invalid argument count" - \
 		"$PMEM_DEV $BACKING_DEV 2 cache_mode writeback extra"
@@ -102,6 +112,18 @@ test_malformed_cache_dev_missing() {
 test_malformed_backing_dev_missing() {
 	malformed "Backing device lookup failed" "Error opening backing device" \
 		"$PMEM_DEV /dev/pcache-no-such-device"
+}
+test_malformed_length_beyond_backing() {
+	# Upstream leaves this to device-mapper core, which reports it in its own words.
+	[ "$TARGET" = pcache_rs ] || skip "upstream has no such check in its constructor"
+	local before log
+	ensure_module
+	before=$(kernel_log_lines)
+	must_fail dms create "${DM_PREFIX}bad" --table \
+		"0 $(($(sectors "$BACKING_DEV") + 8)) $TARGET $PMEM_DEV $BACKING_DEV"
+	log=$(kernel_log_since "$before")
+	grep -q "device-mapper: table: .*: $TARGET: Target length exceeds backing device" <<<"$log" ||
+		fail "no 'Target length exceeds backing device' in: $(grep 'device-mapper' <<<"$log" | tail -n1)"
 }
 test_malformed_same_device_twice() {
 	malformed "Cache and backing device are the same" - "$PMEM_DEV $PMEM_DEV"

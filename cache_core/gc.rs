@@ -12,7 +12,7 @@ use super::key::Pos;
 use super::writeback::Step;
 use super::Cache;
 use crate::meta::cache_info::CtrlPos;
-use crate::meta::kset::KsetRead;
+use crate::meta::kset::{KsetRead, KSET_KEYS_MAX};
 
 impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     fn need_gc(&self) -> bool {
@@ -60,15 +60,28 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 for i in 0..key_num as usize {
                     self.scratch_key(i)?;
                 }
+                // Drop the references first, but invalidate (bump the generation
+                // of) emptied segments only after the key tail has moved past this
+                // kset. Otherwise a crash in between would replay this kset with a
+                // later key dropped as stale while an earlier key it overwrote, in
+                // a still-valid segment, comes back with old data.
+                let mut emptied = [0u32; KSET_KEYS_MAX];
+                let mut n_emptied = 0usize;
                 for i in 0..key_num as usize {
                     let key = self.scratch_key(i)?;
                     // Only keys replay or the write path counted hold a reference.
-                    if key.gen >= self.seg(key.pos.seg).gen {
-                        self.seg_put(key.pos.seg);
+                    if key.gen >= self.seg(key.pos.seg).gen && self.seg_unref(key.pos.seg) {
+                        if let Some(slot) = emptied.get_mut(n_emptied) {
+                            *slot = key.pos.seg;
+                            n_emptied += 1;
+                        }
                     }
                 }
                 self.key_tail.pos.off += size;
                 self.encode_tail(CtrlPos::KeyTail);
+                for &seg in emptied.iter().take(n_emptied) {
+                    self.seg_invalidate(seg);
+                }
                 self.stats.ksets_gced += 1;
                 Ok(Step::Progress)
             }

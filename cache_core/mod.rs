@@ -149,6 +149,11 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         }
     }
 
+    /// State of cache segment `id` (a default value when out of range).
+    pub fn segment(&self, id: u32) -> SegState {
+        self.seg(id)
+    }
+
     pub fn pmem(&self) -> &P {
         &self.pmem
     }

@@ -111,18 +111,33 @@ impl<'a, P: Pmem, B: super::env::Backing> Cache<'a, P, B> {
 
     /// `cache_seg_put`: the last reference invalidates and frees the segment.
     pub(crate) fn seg_put(&mut self, id: u32) {
+        if self.seg_unref(id) {
+            self.seg_invalidate(id);
+        }
+    }
+
+    /// Drop one reference; true when it was the last.
+    pub(crate) fn seg_unref(&mut self, id: u32) -> bool {
         let s = self.seg_mut(id);
         if s.refs == 0 {
             // An unbalanced put is a bug; never underflow into a freed segment.
             self.stats.ref_underflows += 1;
-            return;
+            return false;
         }
         s.refs -= 1;
-        if s.refs == 0 {
-            s.gen = s.gen.wrapping_add(1);
-            self.seg_gen_write(id);
-            self.set_used(id, false);
-            self.need_clean = true;
+        s.refs == 0
+    }
+
+    /// Bump and persist the generation (stale-ing every key into the segment), then
+    /// free the segment.
+    pub(crate) fn seg_invalidate(&mut self, id: u32) {
+        let s = self.seg_mut(id);
+        if s.refs != 0 {
+            return;
         }
+        s.gen = s.gen.wrapping_add(1);
+        self.seg_gen_write(id);
+        self.set_used(id, false);
+        self.need_clean = true;
     }
 }

@@ -1,1 +1,861 @@
-fn main() {}
+//! The crash simulator: seeded random workloads against the engine, with power cut
+//! between device operations, replay, and the issue's four properties checked
+//! against a model of the device (sector -> data). Run with `cargo test --release`.
+//!
+//! - `PCACHE_SOAK=<seconds>`: keep running new seeds for that long.
+//! - `PCACHE_SEED=<n>`: replay one seed (printed by every failure).
+//! - `PCACHE_THREADS=<n>`: worker threads (default 2).
+
+use pcache_engine::cache_core::{Cache, CacheError, CacheOptions};
+use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
+use pcache_engine::sim::{
+    BackingModel, CrashImage, OwnedMem, Rng, Sector, SimBacking, SimPmem, World, SECTOR,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SEG_SIZE: u64 = 64 * 1024;
+const N_SEGS: u64 = 24;
+const BACKING: u64 = 12 << 20;
+const NODES: usize = 16384;
+
+fn geo() -> Geometry {
+    Geometry::small(SEG_SIZE).expect("geometry")
+}
+
+fn pmem_size() -> usize {
+    (SEGMENTS_OFF + N_SEGS * SEG_SIZE) as usize
+}
+
+/// Sector contents that name the write and the sector they belong to.
+fn fill(id: u64, sector: u64, out: &mut [u8]) {
+    if id == 0 {
+        out.fill(0);
+        return;
+    }
+    out[..8].copy_from_slice(&id.to_le_bytes());
+    out[8..16].copy_from_slice(&sector.to_le_bytes());
+    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sector;
+    for c in out[16..].chunks_mut(8) {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+}
+
+/// Which write a sector's bytes came from; `None` for bytes no write produced.
+fn identify(sector: u64, data: &[u8]) -> Option<u64> {
+    let id = u64::from_le_bytes(data[..8].try_into().ok()?);
+    let mut want = [0u8; SECTOR];
+    fill(id, sector, &mut want);
+    if want[..] == data[..SECTOR] {
+        Some(id)
+    } else {
+        None
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct WriteRec {
+    issue_op: u64,
+    ack_op: Option<u64>,
+    fua: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FlushRec {
+    issue_op: u64,
+    complete_op: Option<u64>,
+}
+
+/// What the application did in one life of the cache (between two attaches).
+#[derive(Default)]
+struct Model {
+    writes: HashMap<u64, WriteRec>,
+    flushes: Vec<FlushRec>,
+    /// Per sector, the writes to it in issue order; entry 0 is the base version.
+    hist: HashMap<u64, Vec<u64>>,
+}
+
+impl Model {
+    fn base(values: &HashMap<u64, u64>) -> Model {
+        let mut m = Model::default();
+        for (&s, &id) in values {
+            m.hist.insert(s, vec![id]);
+            m.writes.insert(
+                id,
+                WriteRec {
+                    issue_op: 0,
+                    ack_op: Some(0),
+                    fua: true,
+                },
+            );
+        }
+        m
+    }
+
+    fn versions(&self, s: u64) -> &[u64] {
+        self.hist.get(&s).map(|v| v.as_slice()).unwrap_or(&[0])
+    }
+
+    /// Index of the newest version of `s` that must be visible at `at_op` after a
+    /// crash (durable): acked before a completed flush was issued, or FUA-acked.
+    fn durable_floor(&self, s: u64, at_op: u64) -> usize {
+        let flush_issue = self
+            .flushes
+            .iter()
+            .rev()
+            .find(|f| f.complete_op.is_some_and(|c| c < at_op))
+            .map(|f| f.issue_op);
+        let v = self.versions(s);
+        let mut floor = 0;
+        for (j, id) in v.iter().enumerate() {
+            let Some(w) = self.writes.get(id) else {
+                continue;
+            };
+            let Some(ack) = w.ack_op else { continue };
+            if w.issue_op == 0 && ack == 0 {
+                floor = j;
+                continue;
+            }
+            if ack >= at_op {
+                continue;
+            }
+            if w.fua || flush_issue.is_some_and(|fi| ack <= fi) {
+                floor = j;
+            }
+        }
+        floor
+    }
+
+    /// Index of the newest acked version (what a read must at least return now).
+    fn acked_floor(&self, s: u64) -> usize {
+        let v = self.versions(s);
+        let mut floor = 0;
+        for (j, id) in v.iter().enumerate() {
+            if self.writes.get(id).is_some_and(|w| w.ack_op.is_some()) {
+                floor = j;
+            }
+        }
+        floor
+    }
+
+    /// Ordinal (1-based) of the latest flush completed at or before `op`.
+    fn issue_epoch(&self, op: u64) -> usize {
+        self.flushes
+            .iter()
+            .rposition(|f| f.complete_op.is_some_and(|c| c <= op))
+            .map(|p| p + 1)
+            .unwrap_or(0)
+    }
+
+    /// Ordinal of the first flush issued after the write was acked.
+    fn durable_epoch(&self, id: u64) -> usize {
+        let Some(w) = self.writes.get(&id) else {
+            return 0;
+        };
+        if w.issue_op == 0 && w.ack_op == Some(0) {
+            return 0;
+        }
+        match w.ack_op {
+            None => usize::MAX,
+            Some(a) => self
+                .flushes
+                .iter()
+                .position(|f| f.issue_op >= a)
+                .map(|p| p + 1)
+                .unwrap_or(usize::MAX),
+        }
+    }
+}
+
+struct Cfg {
+    opts: CacheOptions,
+    n_ksets: usize,
+    n_heads: usize,
+}
+
+fn mem(cfg: &Cfg) -> OwnedMem {
+    OwnedMem::new(N_SEGS as usize, NODES, BACKING, cfg.n_ksets, cfg.n_heads)
+}
+
+type Sim<'a> = Cache<'a, SimPmem, SimBacking>;
+
+fn read_sectors(
+    cache: &mut Sim<'_>,
+    s0: u64,
+    n: u64,
+    cache_misses: bool,
+) -> Result<Vec<u8>, CacheError> {
+    let mut buf = vec![0u8; (n as usize) * SECTOR];
+    cache.read(s0 * SECTOR as u64, &mut buf, cache_misses, 0)?;
+    Ok(buf)
+}
+
+/// Sorted runs of touched sectors, so verification reads are large.
+fn runs(model: &Model) -> Vec<(u64, u64)> {
+    let mut secs: Vec<u64> = model.hist.keys().copied().collect();
+    secs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for s in secs {
+        match out.last_mut() {
+            Some((a, n)) if *a + *n == s && *n < 256 => *n += 1,
+            _ => out.push((s, 1)),
+        }
+    }
+    out
+}
+
+/// Properties 1 and 2 for one crash image; returns each sector's value after replay.
+fn check_crash(img: &CrashImage, model: &Model, cfg: &Cfg) -> Result<HashMap<u64, u64>, String> {
+    // Property 2: the backing device holds a log prefix (flush order respected).
+    let mut on_backing: HashMap<u64, usize> = HashMap::new();
+    let mut k_epoch = 0usize;
+    for (&s, v) in &model.hist {
+        let data: [u8; SECTOR] = img.backing.get(&s).map(|d| **d).unwrap_or([0u8; SECTOR]);
+        let id = identify(s, &data)
+            .ok_or_else(|| format!("backing sector {s} holds bytes no write produced"))?;
+        let j = v
+            .iter()
+            .rposition(|&x| x == id)
+            .ok_or_else(|| format!("backing sector {s} holds write {id}, never written there"))?;
+        on_backing.insert(s, j);
+        if let Some(w) = model.writes.get(&id) {
+            if w.issue_op != 0 {
+                k_epoch = k_epoch.max(model.issue_epoch(w.issue_op));
+            }
+        }
+    }
+    for (&s, v) in &model.hist {
+        let need = v
+            .iter()
+            .rposition(|&id| model.durable_epoch(id) <= k_epoch)
+            .unwrap_or(0);
+        if on_backing[&s] < need {
+            return Err(format!(
+                "flush order violated on backing: sector {s} holds version {} but a write \
+                 issued after flush #{k_epoch} reached the backing device, which needs version {need}",
+                on_backing[&s]
+            ));
+        }
+    }
+
+    // Property 1: replay succeeds and every sector reads a permitted version.
+    let world = World::new(
+        img.pmem.clone(),
+        BackingModel::new(BACKING, img.backing.clone()),
+        1,
+    );
+    let mut m = mem(cfg);
+    let mut cache = Cache::start(
+        SimPmem(world.clone()),
+        SimBacking(world.clone()),
+        geo(),
+        m.borrow(),
+        &cfg.opts,
+    )
+    .map_err(|e| format!("replay after crash at op {} failed: {e}", img.at_op))?;
+    let mut values = HashMap::new();
+    for (s0, n) in runs(model) {
+        let buf = read_sectors(&mut cache, s0, n, false)
+            .map_err(|e| format!("read after replay failed: {e}"))?;
+        for i in 0..n {
+            let s = s0 + i;
+            let data = &buf[i as usize * SECTOR..(i as usize + 1) * SECTOR];
+            let id = identify(s, data)
+                .ok_or_else(|| format!("sector {s} reads bytes no write produced"))?;
+            let v = model.versions(s);
+            let j = v
+                .iter()
+                .rposition(|&x| x == id)
+                .ok_or_else(|| format!("sector {s} reads write {id}, never written there"))?;
+            let floor = model.durable_floor(s, img.at_op);
+            if j < floor {
+                let mut ks = String::new();
+                cache.for_each_key(|k| {
+                    if k.off <= s * 512 && k.end() > s * 512 {
+                        ks += &format!("{k:?}");
+                    }
+                });
+                let bs = img.backing.get(&s).map(|d| identify(s, &d[..]));
+                eprintln!("keys covering: {ks}; backing id {bs:?}");
+                dump_log(&img.pmem, s * 512);
+                for i in 0..4 {
+                    eprintln!("seg {i}: {:?}", cache.segment(i));
+                }
+                return Err(format!(
+                    "sector {s} lost a durable write: reads version {j} (write {id}), \
+                     durable version is {floor} (write {} {:?}), crash at op {}; status {:?}; flushes {:?}",
+                    v[floor], model.writes.get(&v[floor]), img.at_op, cache.status(), model.flushes
+                ));
+            }
+            values.insert(s, id);
+        }
+    }
+    Ok(values)
+}
+
+fn dump_log(pmem: &[u8], byte: u64) {
+    use pcache_engine::meta::kset::{kset_key, kset_read, KsetRead};
+    let data_off = |seg: u64| (SEGMENTS_OFF + seg * SEG_SIZE + 0x3000) as usize;
+    let (mut seg, mut off) = (0u64, 0usize);
+    for _ in 0..10000 {
+        let a = data_off(seg) + off;
+        let end = data_off(seg) + (SEG_SIZE as usize - 0x3000);
+        let buf = &pmem[a..end.min(a + 5144)];
+        match kset_read(buf, N_SEGS as u32) {
+            Ok(KsetRead::Keys { key_num, size }) => {
+                for i in 0..key_num as usize {
+                    let k = kset_key(buf, i).unwrap();
+                    if k.off <= byte && k.off + k.len as u64 > byte {
+                        eprintln!("  log {seg}:{off} key#{i} {k:?}");
+                    }
+                }
+                off += size as usize;
+            }
+            Ok(KsetRead::Last { next_cache_seg_id }) => {
+                eprintln!("  log {seg}:{off} LAST -> {next_cache_seg_id}");
+                seg = next_cache_seg_id as u64;
+                off = 0;
+            }
+            other => {
+                eprintln!("  log {seg}:{off} end {other:?}");
+                return;
+            }
+        }
+    }
+}
+
+/// Bring the cache back after a crash and reset the model to what it holds.
+fn settle(
+    cache: &mut Sim<'_>,
+    world: &std::rc::Rc<std::cell::RefCell<World>>,
+    values: &HashMap<u64, u64>,
+) -> Result<(), String> {
+    cache.flush().map_err(|e| format!("flush: {e}"))?;
+    cache
+        .writeback_all()
+        .map_err(|e| format!("writeback after replay: {e}"))?;
+    let w = world.borrow();
+    for (&s, &id) in values {
+        let d = w.backing.read_sector(s);
+        if identify(s, &d) != Some(id) {
+            return Err(format!(
+                "after full writeback sector {s} differs from the cache"
+            ));
+        }
+    }
+    Ok(())
+}
+
+struct Outcome {
+    crash_points: u64,
+}
+
+fn pick_range(rng: &mut Rng) -> (u64, u64) {
+    // Two hot regions, one straddling the 4 MiB stripe boundary.
+    let stripe = (4 << 20) / SECTOR as u64;
+    let base = if rng.chance(1, 2) { 64 } else { stripe - 256 };
+    let s = base + rng.below(512);
+    let n = match rng.below(10) {
+        0 => 1 + rng.below(256),
+        1..=3 => 1 + rng.below(64),
+        _ => 1 + rng.below(16),
+    };
+    (s, n)
+}
+
+fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, String> {
+    let mut rng = Rng(seed);
+    let cfg = Cfg {
+        opts: CacheOptions {
+            data_crc: rng.chance(1, 2),
+            ..Default::default()
+        },
+        n_ksets: 1 + rng.below(3) as usize,
+        n_heads: 1 + rng.below(2) as usize,
+    };
+    let mut pmem_img = vec![0u8; pmem_size()];
+    let mut backing_img: HashMap<u64, Sector> = HashMap::new();
+    let mut values: HashMap<u64, u64> = HashMap::new();
+    let mut next_id = seed.wrapping_mul(1_000_003) | 1;
+    let mut crash_points = 0u64;
+    for life in 0..lives {
+        let world = World::new(
+            pmem_img.clone(),
+            BackingModel::new(BACKING, backing_img.clone()),
+            rng.next(),
+        );
+        let mut m = mem(&cfg);
+        let mut cache = Cache::start(
+            SimPmem(world.clone()),
+            SimBacking(world.clone()),
+            geo(),
+            m.borrow(),
+            &cfg.opts,
+        )
+        .map_err(|e| format!("life {life}: start failed: {e}"))?;
+        if life > 0 {
+            settle(&mut cache, &world, &values)?;
+        }
+        if rng.chance(1, 2) {
+            let p = rng.below(91) as u8;
+            cache.set_gc_percent(p).map_err(|e| e.to_string())?;
+        }
+        let mut model = Model::base(&values);
+        world.borrow_mut().crash_ppm = 60_000 + rng.below(100_000);
+        let mut last_crash: Option<(CrashImage, HashMap<u64, u64>)> = None;
+        let final_life = life + 1 == lives;
+        for _ in 0..ops_per_life {
+            let op = rng.below(100);
+            let now = || world.borrow().ops;
+            match op {
+                0..=59 => {
+                    let (s, n) = pick_range(&mut rng);
+                    let fua = rng.chance(1, 8);
+                    let id = next_id;
+                    next_id += 1;
+                    let mut data = vec![0u8; n as usize * SECTOR];
+                    for i in 0..n {
+                        fill(
+                            id,
+                            s + i,
+                            &mut data[i as usize * SECTOR..(i as usize + 1) * SECTOR],
+                        );
+                        model.hist.entry(s + i).or_insert_with(|| vec![0]).push(id);
+                    }
+                    model.writes.insert(
+                        id,
+                        WriteRec {
+                            issue_op: now(),
+                            ack_op: None,
+                            fua,
+                        },
+                    );
+                    let r = cache.write(s * SECTOR as u64, &data, fua, rng.below(2) as usize);
+                    match r {
+                        Ok(()) => model.writes.get_mut(&id).unwrap().ack_op = Some(now()),
+                        Err(CacheError::Busy(_)) => {
+                            // Not acknowledged; make room the way the target's deferred work would.
+                            let _ = cache.flush();
+                            cache
+                                .writeback_all()
+                                .map_err(|e| format!("writeback: {e}"))?;
+                            cache.gc_all().map_err(|e| format!("gc: {e}"))?;
+                        }
+                        Err(e) => return Err(format!("write failed: {e}")),
+                    }
+                }
+                60..=79 => {
+                    let (s, n) = pick_range(&mut rng);
+                    let buf = read_sectors(&mut cache, s, n, rng.chance(1, 2))
+                        .map_err(|e| format!("read: {e}"))?;
+                    for i in 0..n {
+                        let sec = s + i;
+                        let d = &buf[i as usize * SECTOR..(i as usize + 1) * SECTOR];
+                        let id = identify(sec, d)
+                            .ok_or_else(|| format!("live read of sector {sec}: garbage"))?;
+                        let v = model.versions(sec);
+                        let j = v.iter().rposition(|&x| x == id).ok_or_else(|| {
+                            format!("live read of sector {sec}: write {id} never written there")
+                        })?;
+                        if j < model.acked_floor(sec) {
+                            return Err(format!(
+                                "live read of sector {sec} returned a superseded version"
+                            ));
+                        }
+                    }
+                }
+                80..=86 => {
+                    model.flushes.push(FlushRec {
+                        issue_op: now(),
+                        complete_op: None,
+                    });
+                    let mut r = cache.flush();
+                    if let Err(CacheError::Busy(_)) = r {
+                        cache
+                            .writeback_all()
+                            .map_err(|e| format!("writeback: {e}"))?;
+                        cache.gc_all().map_err(|e| format!("gc: {e}"))?;
+                        r = cache.flush();
+                    }
+                    match r {
+                        Ok(()) => model.flushes.last_mut().unwrap().complete_op = Some(now()),
+                        Err(CacheError::Busy(_)) => {}
+                        Err(e) => return Err(format!("flush: {e}")),
+                    }
+                }
+                87..=92 => {
+                    for _ in 0..1 + rng.below(4) {
+                        cache
+                            .writeback_step()
+                            .map_err(|e| format!("writeback: {e}"))?;
+                    }
+                }
+                93..=98 => {
+                    for _ in 0..1 + rng.below(8) {
+                        cache.gc_step().map_err(|e| format!("gc: {e}"))?;
+                    }
+                }
+                _ => {
+                    let p = rng.below(91) as u8;
+                    cache.set_gc_percent(p).map_err(|e| e.to_string())?;
+                }
+            }
+            let crashes: Vec<CrashImage> = std::mem::take(&mut world.borrow_mut().crashes);
+            for img in crashes {
+                let vals =
+                    check_crash(&img, &model, &cfg).map_err(|e| format!("life {life}: {e}"))?;
+                crash_points += 1;
+                last_crash = Some((img, vals));
+            }
+        }
+        world.borrow_mut().crash_ppm = 0;
+        if final_life || last_crash.is_none() {
+            // No crash: a full writeback leaves the backing device equal to the model.
+            cache.flush().map_err(|e| format!("final flush: {e}"))?;
+            cache
+                .writeback_all()
+                .map_err(|e| format!("final writeback: {e}"))?;
+            let mut vals = HashMap::new();
+            for (s0, n) in runs(&model) {
+                let buf = read_sectors(&mut cache, s0, n, false)
+                    .map_err(|e| format!("final read: {e}"))?;
+                let w = world.borrow();
+                for i in 0..n {
+                    let s = s0 + i;
+                    let d = &buf[i as usize * SECTOR..(i as usize + 1) * SECTOR];
+                    let b = w.backing.read_sector(s);
+                    let id = identify(s, d).ok_or("final read: garbage")?;
+                    if identify(s, &b) != Some(id) {
+                        return Err(format!(
+                            "after full writeback backing sector {s} differs from the cache"
+                        ));
+                    }
+                    let v = model.versions(s);
+                    let j = v
+                        .iter()
+                        .rposition(|&x| x == id)
+                        .ok_or("final: unknown write")?;
+                    if j < model.acked_floor(s) {
+                        return Err(format!(
+                            "final read of sector {s} lost an acknowledged write"
+                        ));
+                    }
+                    vals.insert(s, id);
+                }
+            }
+            drop(cache);
+            let w = world.borrow();
+            pmem_img = w.pmem.volatile.clone();
+            backing_img = w.backing.durable.clone();
+            for (s, d) in &w.backing.cached {
+                backing_img.insert(*s, d.clone());
+            }
+            values = vals;
+        } else if let Some((img, vals)) = last_crash {
+            drop(cache);
+            pmem_img = img.pmem;
+            backing_img = img.backing;
+            values = vals;
+        }
+    }
+    Ok(Outcome { crash_points })
+}
+
+/// Property 4: with data CRC on, corrupted cached data is an IO error, never data.
+fn check_data_crc(seed: u64) -> Result<(), String> {
+    let mut rng = Rng(seed);
+    let cfg = Cfg {
+        opts: CacheOptions {
+            data_crc: true,
+            ..Default::default()
+        },
+        n_ksets: 1,
+        n_heads: 1,
+    };
+    let world = World::new(
+        vec![0u8; pmem_size()],
+        BackingModel::new(BACKING, HashMap::new()),
+        seed,
+    );
+    let mut m = mem(&cfg);
+    let mut cache = Cache::start(
+        SimPmem(world.clone()),
+        SimBacking(world.clone()),
+        geo(),
+        m.borrow(),
+        &cfg.opts,
+    )
+    .map_err(|e| e.to_string())?;
+    let n = 1 + rng.below(32);
+    let s = rng.below(1000);
+    let mut data = vec![0u8; n as usize * SECTOR];
+    for i in 0..n {
+        fill(
+            7,
+            s + i,
+            &mut data[i as usize * SECTOR..(i as usize + 1) * SECTOR],
+        );
+    }
+    cache
+        .write(s * SECTOR as u64, &data, true, 0)
+        .map_err(|e| e.to_string())?;
+    let mut key = None;
+    cache.for_each_key(|k| key = Some(*k));
+    let k = key.ok_or("no key")?;
+    let at = rng.below(k.len as u64);
+    let addr = SEGMENTS_OFF + k.pos.seg as u64 * SEG_SIZE + 0x3000 + k.pos.off as u64 + at;
+    world.borrow_mut().pmem.volatile[addr as usize] ^= 1 << rng.below(8);
+    let mut buf = vec![0u8; n as usize * SECTOR];
+    match cache.read(s * SECTOR as u64, &mut buf, false, 0) {
+        Err(CacheError::Io(_)) => {}
+        other => return Err(format!("corrupted cached data was not reported: {other:?}")),
+    }
+    cache.flush().map_err(|e| e.to_string())?;
+    match cache.writeback_step() {
+        Err(CacheError::Io(_)) => {}
+        other => return Err(format!("corrupted dirty data was written back: {other:?}")),
+    }
+    if world
+        .borrow()
+        .backing
+        .cached
+        .contains_key(&(s + at / SECTOR as u64))
+    {
+        return Err("corrupted data reached the backing device".into());
+    }
+    Ok(())
+}
+
+/// Property 3: corrupted metadata makes attach recover or fail with an error.
+fn check_corruption(seed: u64) -> Result<u64, String> {
+    let mut rng = Rng(seed);
+    let cfg = Cfg {
+        opts: CacheOptions::default(),
+        n_ksets: 2,
+        n_heads: 1,
+    };
+    let world = World::new(
+        vec![0u8; pmem_size()],
+        BackingModel::new(BACKING, HashMap::new()),
+        seed,
+    );
+    {
+        let mut m = mem(&cfg);
+        let mut cache = Cache::start(
+            SimPmem(world.clone()),
+            SimBacking(world.clone()),
+            geo(),
+            m.borrow(),
+            &cfg.opts,
+        )
+        .map_err(|e| e.to_string())?;
+        for i in 0..200 + rng.below(400) {
+            let (s, n) = pick_range(&mut rng);
+            let mut data = vec![0u8; n as usize * SECTOR];
+            for j in 0..n {
+                fill(
+                    i + 1,
+                    s + j,
+                    &mut data[j as usize * SECTOR..(j as usize + 1) * SECTOR],
+                );
+            }
+            if cache
+                .write(s * SECTOR as u64, &data, rng.chance(1, 4), 0)
+                .is_err()
+            {
+                let _ = cache.flush();
+                let _ = cache.writeback_all();
+                let _ = cache.gc_all();
+            }
+            if rng.chance(1, 20) {
+                let _ = cache.writeback_step();
+                let _ = cache.gc_step();
+            }
+        }
+        let _ = cache.flush();
+    }
+    let clean = world.borrow().pmem.volatile.clone();
+    let meta_len = SEGMENTS_OFF as usize;
+    let mut cases = 0;
+    for _ in 0..64 {
+        let mut img = clean.clone();
+        match rng.below(6) {
+            0 => {
+                // bit flips in the device metadata
+                for _ in 0..1 + rng.below(4) {
+                    let at = 0x1000 + rng.below(meta_len as u64 - 0x1000) as usize;
+                    img[at] ^= 1 << rng.below(8);
+                }
+            }
+            1 => {
+                // bit flips in segment headers and the key log
+                for _ in 0..1 + rng.below(8) {
+                    let seg = rng.below(N_SEGS);
+                    let base = (SEGMENTS_OFF + seg * SEG_SIZE) as usize;
+                    let at = base
+                        + if rng.chance(1, 2) {
+                            rng.below(0x3000 + 0x2000) as usize
+                        } else {
+                            rng.below(SEG_SIZE) as usize
+                        };
+                    img[at] ^= 1 << rng.below(8);
+                }
+            }
+            2 => {
+                // a zeroed slot
+                let slots = [0x2000usize, 0x3000, 0x4000, 0x4010, 0x4020, 0x4030];
+                let at = slots[rng.below(slots.len() as u64) as usize];
+                img[at..at + 16].fill(0);
+            }
+            3 => {
+                // a stale slot: an older copy of a different structure's bytes
+                let at = 0x4000 + 16 * rng.below(4) as usize;
+                let from = 0x4000 + 16 * rng.below(4) as usize;
+                let tmp: Vec<u8> = clean[from..from + 16].to_vec();
+                img[at..at + 16].copy_from_slice(&tmp);
+            }
+            4 => {
+                // truncate or loop the key log: rewrite a kset header as a LAST kset
+                let seg = rng.below(N_SEGS);
+                let at =
+                    (SEGMENTS_OFF + seg * SEG_SIZE + 0x3000) as usize + 8 * rng.below(64) as usize;
+                let mut last = [0u8; 24];
+                pcache_engine::meta::kset::encode_last_kset(
+                    rng.below(N_SEGS + 2) as u32,
+                    &mut last,
+                );
+                img[at..at + 24].copy_from_slice(&last);
+            }
+            _ => {
+                // random garbage over a whole region
+                let at = rng.below(img.len() as u64 - 4096) as usize;
+                for b in &mut img[at..at + 1 + rng.below(4096) as usize] {
+                    *b = rng.next() as u8;
+                }
+            }
+        }
+        let w2 = World::new(img, BackingModel::new(BACKING, HashMap::new()), 0);
+        let mut m = mem(&cfg);
+        let started = Instant::now();
+        if let Ok(mut c) = Cache::start(
+            SimPmem(w2.clone()),
+            SimBacking(w2.clone()),
+            geo(),
+            m.borrow(),
+            &cfg.opts,
+        ) {
+            // Whatever replay accepted must be usable without panics.
+            let mut buf = vec![0u8; 64 * SECTOR];
+            let _ = c.read(64 * SECTOR as u64, &mut buf, true, 0);
+            let _ = c.writeback_all();
+            let _ = c.gc_all();
+            let _ = c.write(0, &buf, true, 0);
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            return Err("attach of a corrupted image took over 5 s (hang?)".into());
+        }
+        cases += 1;
+    }
+    Ok(cases)
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn main() {
+    // Respect libtest's `--list`/filters loosely: this harness runs everything.
+    if std::env::args().any(|a| a == "--list") {
+        println!("crash_sim: test");
+        return;
+    }
+    let soak = env_u64("PCACHE_SOAK");
+    let threads = env_u64("PCACHE_THREADS").unwrap_or(2).max(1);
+    let start = Instant::now();
+
+    if let Some(seed) = env_u64("PCACHE_SEED") {
+        match run_seed(seed, 4, 300) {
+            Ok(o) => println!("seed {seed}: ok, {} crash points", o.crash_points),
+            Err(e) => {
+                println!("seed {seed}: FAILED: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+
+    let target_points: u64 = 100_000;
+    let deadline = soak.map(|s| start + Duration::from_secs(s));
+    let next_seed = Arc::new(AtomicU64::new(1));
+    let points = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let (next_seed, points, failed) = (next_seed.clone(), points.clone(), failed.clone());
+        handles.push(std::thread::spawn(move || -> Result<(), String> {
+            loop {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let done = match deadline {
+                    Some(d) => Instant::now() >= d,
+                    None => points.load(Ordering::Relaxed) >= target_points,
+                };
+                if done {
+                    return Ok(());
+                }
+                let seed = next_seed.fetch_add(1, Ordering::Relaxed);
+                let r = std::panic::catch_unwind(|| {
+                    check_data_crc(seed)?;
+                    if seed % 8 == 0 {
+                        check_corruption(seed)?;
+                    }
+                    run_seed(seed, 4, 300)
+                });
+                match r {
+                    Ok(Ok(o)) => {
+                        points.fetch_add(o.crash_points, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(format!(
+                            "seed {seed} FAILED (rerun: PCACHE_SEED={seed}): {e}"
+                        ));
+                    }
+                    Err(_) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(format!("seed {seed} PANICKED (rerun: PCACHE_SEED={seed})"));
+                    }
+                }
+            }
+        }));
+    }
+    let mut errors = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("worker thread panicked".into()),
+        }
+    }
+    let n = points.load(Ordering::Relaxed);
+    let seeds = next_seed.load(Ordering::Relaxed) - 1;
+    println!(
+        "{n} crash points ({seeds} seeds, {:.1} s)",
+        start.elapsed().as_secs_f64()
+    );
+    if errors.is_empty() {
+        println!("test result: ok. 1 passed; 0 failed");
+    } else {
+        for e in &errors {
+            println!("{e}");
+        }
+        println!("test result: FAILED. 0 passed; 1 failed");
+        std::process::exit(1);
+    }
+}

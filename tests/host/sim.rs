@@ -1,1 +1,348 @@
-//! sim
+//! The crash simulator's devices.
+//!
+//! [`World`] holds a pmem model and a backing-device model behind one operation
+//! counter, so a crash can be taken between any two device operations the engine
+//! performs. Pmem keeps two images: stores land in `volatile`; a word becomes
+//! durable only when flushed and then fenced. A crash image is the durable image
+//! plus a random subset of the not-yet-durable 8-byte words (torn and reordered
+//! stores, as pmreorder models them). The backing device has a volatile write
+//! cache: a crash keeps a random subset of the writes since the last flush.
+
+use pcache_engine_env::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+mod pcache_engine_env {
+    pub use crate::cache_core::env::{Backing, IoError, Pmem};
+}
+
+pub const SECTOR: usize = 512;
+
+/// SplitMix64: the simulator's only source of randomness, so a seed replays a run.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+}
+
+const W_CLEAN: u8 = 0;
+const W_DIRTY: u8 = 1;
+const W_FLUSHED: u8 = 2;
+
+/// Persistent memory with a volatile and a durable image.
+pub struct PmemModel {
+    pub volatile: Vec<u8>,
+    pub durable: Vec<u8>,
+    state: Vec<u8>,
+    pending: Vec<u32>,
+    flushed: Vec<u32>,
+}
+
+impl PmemModel {
+    pub fn new(image: Vec<u8>) -> Self {
+        let words = image.len() / 8;
+        PmemModel {
+            volatile: image.clone(),
+            durable: image,
+            state: vec![W_CLEAN; words],
+            pending: Vec::new(),
+            flushed: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) {
+        let off = off as usize;
+        self.volatile[off..off + data.len()].copy_from_slice(data);
+        if data.is_empty() {
+            return;
+        }
+        for w in off / 8..=(off + data.len() - 1) / 8 {
+            match self.state[w] {
+                W_CLEAN => {
+                    self.state[w] = W_DIRTY;
+                    self.pending.push(w as u32);
+                }
+                _ => self.state[w] = W_DIRTY,
+            }
+        }
+    }
+
+    fn flush(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        // Cache-line granularity, like clwb.
+        let start = (off as usize / 64) * 8;
+        let end = (((off + len) as usize).div_ceil(64) * 8).min(self.state.len());
+        for w in start..end {
+            if self.state[w] == W_DIRTY {
+                self.state[w] = W_FLUSHED;
+                self.flushed.push(w as u32);
+            }
+        }
+    }
+
+    fn fence(&mut self) {
+        for &w in &self.flushed {
+            let w = w as usize;
+            if self.state[w] == W_FLUSHED {
+                self.durable[w * 8..w * 8 + 8].copy_from_slice(&self.volatile[w * 8..w * 8 + 8]);
+                self.state[w] = W_CLEAN;
+            }
+        }
+        self.flushed.clear();
+        if self.pending.len() > 4096 {
+            let state = &self.state;
+            self.pending.retain(|&w| state[w as usize] != W_CLEAN);
+        }
+    }
+
+    /// The image after a power cut now: durable plus some of the pending words.
+    pub fn crash_image(&self, rng: &mut Rng) -> Vec<u8> {
+        let mut img = self.durable.clone();
+        let mode = rng.below(4);
+        for &w in &self.pending {
+            let w = w as usize;
+            if self.state[w] == W_CLEAN {
+                continue;
+            }
+            let keep = match mode {
+                0 => false,
+                1 => true,
+                _ => rng.chance(1, 2),
+            };
+            if keep {
+                img[w * 8..w * 8 + 8].copy_from_slice(&self.volatile[w * 8..w * 8 + 8]);
+            }
+        }
+        img
+    }
+}
+
+pub type Sector = Box<[u8; SECTOR]>;
+
+/// A block device with a volatile write cache, stored sparsely by sector.
+#[derive(Clone)]
+pub struct BackingModel {
+    pub size: u64,
+    pub durable: HashMap<u64, Sector>,
+    pub cache: Vec<(u64, Sector)>,
+    pub cached: HashMap<u64, Sector>,
+}
+
+impl BackingModel {
+    pub fn new(size: u64, durable: HashMap<u64, Sector>) -> Self {
+        BackingModel {
+            size,
+            durable,
+            cache: Vec::new(),
+            cached: HashMap::new(),
+        }
+    }
+
+    pub fn read_sector(&self, s: u64) -> [u8; SECTOR] {
+        if let Some(d) = self.cached.get(&s) {
+            return **d;
+        }
+        match self.durable.get(&s) {
+            Some(d) => **d,
+            None => [0u8; SECTOR],
+        }
+    }
+
+    pub fn flush(&mut self) {
+        for (s, d) in self.cache.drain(..) {
+            self.durable.insert(s, d);
+        }
+        self.cached.clear();
+    }
+
+    pub fn crash_image(&self, rng: &mut Rng) -> HashMap<u64, Sector> {
+        let mut img = self.durable.clone();
+        for (s, d) in &self.cache {
+            if rng.chance(1, 2) {
+                img.insert(*s, d.clone());
+            }
+        }
+        img
+    }
+}
+
+/// A crash taken between two device operations.
+pub struct CrashImage {
+    pub at_op: u64,
+    pub pmem: Vec<u8>,
+    pub backing: HashMap<u64, Sector>,
+}
+
+/// Both devices behind one operation counter.
+pub struct World {
+    pub pmem: PmemModel,
+    pub backing: BackingModel,
+    pub ops: u64,
+    /// Take a crash image with this probability (per million) at each operation.
+    pub crash_ppm: u64,
+    pub rng: Rng,
+    pub crashes: Vec<CrashImage>,
+    /// When set, every backing-device IO fails (error-path testing).
+    pub backing_fails: bool,
+}
+
+impl World {
+    pub fn new(pmem: Vec<u8>, backing: BackingModel, seed: u64) -> Rc<RefCell<World>> {
+        Rc::new(RefCell::new(World {
+            pmem: PmemModel::new(pmem),
+            backing,
+            ops: 0,
+            crash_ppm: 0,
+            rng: Rng(seed),
+            crashes: Vec::new(),
+            backing_fails: false,
+        }))
+    }
+
+    fn tick(&mut self) {
+        self.ops += 1;
+        if self.crash_ppm > 0 && self.rng.below(1_000_000) < self.crash_ppm {
+            self.take_crash();
+        }
+    }
+
+    pub fn take_crash(&mut self) {
+        let mut r = Rng(self.rng.next());
+        let img = CrashImage {
+            at_op: self.ops,
+            pmem: self.pmem.crash_image(&mut r),
+            backing: self.backing.crash_image(&mut r),
+        };
+        self.crashes.push(img);
+    }
+}
+
+/// The engine's view of the pmem.
+pub struct SimPmem(pub Rc<RefCell<World>>);
+/// The engine's view of the backing device.
+pub struct SimBacking(pub Rc<RefCell<World>>);
+
+impl Pmem for SimPmem {
+    fn size(&self) -> u64 {
+        self.0.borrow().pmem.volatile.len() as u64
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let w = self.0.borrow();
+        let off = off as usize;
+        match w.pmem.volatile.get(off..off + buf.len()) {
+            Some(s) => {
+                buf.copy_from_slice(s);
+                Ok(())
+            }
+            None => Err(IoError),
+        }
+    }
+    fn write(&mut self, off: u64, data: &[u8]) {
+        let mut w = self.0.borrow_mut();
+        w.tick();
+        w.pmem.write(off, data);
+    }
+    fn flush(&mut self, off: u64, len: u64) {
+        let mut w = self.0.borrow_mut();
+        w.pmem.flush(off, len);
+    }
+    fn fence(&mut self) {
+        let mut w = self.0.borrow_mut();
+        w.tick();
+        w.pmem.fence();
+    }
+}
+
+impl Backing for SimBacking {
+    fn size(&self) -> u64 {
+        self.0.borrow().backing.size
+    }
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let w = self.0.borrow();
+        if w.backing_fails || off % SECTOR as u64 != 0 || buf.len() % SECTOR != 0 {
+            return Err(IoError);
+        }
+        for (i, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+            chunk.copy_from_slice(&w.backing.read_sector(off / SECTOR as u64 + i as u64));
+        }
+        Ok(())
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        let mut w = self.0.borrow_mut();
+        if w.backing_fails || off % SECTOR as u64 != 0 || data.len() % SECTOR != 0 {
+            return Err(IoError);
+        }
+        w.tick();
+        for (i, chunk) in data.chunks(SECTOR).enumerate() {
+            let s = off / SECTOR as u64 + i as u64;
+            let mut b: Sector = Box::new([0u8; SECTOR]);
+            b.copy_from_slice(chunk);
+            w.backing.cached.insert(s, b.clone());
+            w.backing.cache.push((s, b));
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        let mut w = self.0.borrow_mut();
+        if w.backing_fails {
+            return Err(IoError);
+        }
+        w.tick();
+        w.backing.flush();
+        Ok(())
+    }
+}
+
+/// Owned memory for one engine instance.
+pub struct OwnedMem {
+    pub segs: Vec<crate::cache_core::SegState>,
+    pub nodes: Vec<crate::cache_core::Node>,
+    pub roots: Vec<u32>,
+    pub ksets: Vec<crate::cache_core::KsetBuf>,
+    pub heads: Vec<crate::cache_core::DataHead>,
+    pub scratch: Vec<u8>,
+    pub bounce: Vec<u8>,
+}
+
+impl OwnedMem {
+    pub fn new(segs: usize, nodes: usize, backing_bytes: u64, ksets: usize, heads: usize) -> Self {
+        OwnedMem {
+            segs: vec![Default::default(); segs],
+            nodes: vec![Default::default(); nodes],
+            roots: vec![0; crate::cache_core::roots_needed(backing_bytes)],
+            ksets: vec![Default::default(); ksets],
+            heads: vec![Default::default(); heads],
+            scratch: vec![0; crate::cache_core::SCRATCH_BYTES],
+            bounce: vec![0; 4096],
+        }
+    }
+
+    pub fn borrow(&mut self) -> crate::cache_core::CacheMem<'_> {
+        crate::cache_core::CacheMem {
+            segs: &mut self.segs,
+            nodes: &mut self.nodes,
+            roots: &mut self.roots,
+            ksets: &mut self.ksets,
+            heads: &mut self.heads,
+            scratch: &mut self.scratch,
+            bounce: &mut self.bounce,
+        }
+    }
+}

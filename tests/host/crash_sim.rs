@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 const SEG_SIZE: u64 = 64 * 1024;
 const N_SEGS: u64 = 24;
 const BACKING: u64 = 12 << 20;
-const NODES: usize = 16384;
+const NODES: usize = 4096;
 
 fn geo() -> Geometry {
     Geometry::small(SEG_SIZE).expect("geometry")
@@ -29,24 +29,26 @@ fn pmem_size() -> usize {
     (SEGMENTS_OFF + N_SEGS * SEG_SIZE) as usize
 }
 
-/// Sector contents that name the write and the sector they belong to.
+/// Sector contents that name the write and the sector they belong to: word 0 is
+/// the write id, word 1 the sector, every other word a mix of both and its index.
 fn fill(id: u64, sector: u64, out: &mut [u8]) {
     if id == 0 {
         out.fill(0);
         return;
     }
-    out[..8].copy_from_slice(&id.to_le_bytes());
-    out[8..16].copy_from_slice(&sector.to_le_bytes());
-    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sector;
-    for c in out[16..].chunks_mut(8) {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    let base = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sector.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    for (i, c) in out.chunks_mut(8).enumerate() {
+        let w = match i {
+            0 => id,
+            1 => sector,
+            _ => base ^ (i as u64).wrapping_mul(0x1656_67B1_9E37_79F9),
+        };
+        c.copy_from_slice(&w.to_le_bytes()[..c.len()]);
     }
 }
 
-/// Which write a sector's bytes came from; `None` for bytes no write produced.
+/// Which write a sector's bytes came from; `None` for bytes no write produced
+/// (torn, stale or foreign data).
 fn identify(sector: u64, data: &[u8]) -> Option<u64> {
     let id = u64::from_le_bytes(data[..8].try_into().ok()?);
     let mut want = [0u8; SECTOR];
@@ -103,13 +105,15 @@ impl Model {
 
     /// Index of the newest version of `s` that must be visible at `at_op` after a
     /// crash (durable): acked before a completed flush was issued, or FUA-acked.
-    fn durable_floor(&self, s: u64, at_op: u64) -> usize {
-        let flush_issue = self
-            .flushes
+    fn last_flush_issue(&self, at_op: u64) -> Option<u64> {
+        self.flushes
             .iter()
             .rev()
             .find(|f| f.complete_op.is_some_and(|c| c < at_op))
-            .map(|f| f.issue_op);
+            .map(|f| f.issue_op)
+    }
+
+    fn durable_floor(&self, s: u64, at_op: u64, flush_issue: Option<u64>) -> usize {
         let v = self.versions(s);
         let mut floor = 0;
         for (j, id) in v.iter().enumerate() {
@@ -162,12 +166,14 @@ impl Model {
         }
         match w.ack_op {
             None => usize::MAX,
-            Some(a) => self
-                .flushes
-                .iter()
-                .position(|f| f.issue_op >= a)
-                .map(|p| p + 1)
-                .unwrap_or(usize::MAX),
+            Some(a) => {
+                let p = self.flushes.partition_point(|f| f.issue_op < a);
+                if p < self.flushes.len() {
+                    p + 1
+                } else {
+                    usize::MAX
+                }
+            }
         }
     }
 }
@@ -209,8 +215,15 @@ fn runs(model: &Model) -> Vec<(u64, u64)> {
     out
 }
 
-/// Properties 1 and 2 for one crash image; returns each sector's value after replay.
-fn check_crash(img: &CrashImage, model: &Model, cfg: &Cfg) -> Result<HashMap<u64, u64>, String> {
+/// After a checked crash: the images as replay left them and each sector's value.
+struct Replayed {
+    pmem: Vec<u8>,
+    backing: HashMap<u64, Sector>,
+    values: HashMap<u64, u64>,
+}
+
+/// Properties 1 and 2 for one crash image.
+fn check_crash(img: CrashImage, model: &Model, cfg: &Cfg) -> Result<Replayed, String> {
     // Property 2: the backing device holds a log prefix (flush order respected).
     let mut on_backing: HashMap<u64, usize> = HashMap::new();
     let mut k_epoch = 0usize;
@@ -234,6 +247,7 @@ fn check_crash(img: &CrashImage, model: &Model, cfg: &Cfg) -> Result<HashMap<u64
             .iter()
             .rposition(|&id| model.durable_epoch(id) <= k_epoch)
             .unwrap_or(0);
+        let _ = &s;
         if on_backing[&s] < need {
             return Err(format!(
                 "flush order violated on backing: sector {s} holds version {} but a write \
@@ -244,11 +258,8 @@ fn check_crash(img: &CrashImage, model: &Model, cfg: &Cfg) -> Result<HashMap<u64
     }
 
     // Property 1: replay succeeds and every sector reads a permitted version.
-    let world = World::new(
-        img.pmem.clone(),
-        BackingModel::new(BACKING, img.backing.clone()),
-        1,
-    );
+    let at_op = img.at_op;
+    let world = World::untracked(img.pmem, BackingModel::new(BACKING, img.backing));
     let mut m = mem(cfg);
     let mut cache = Cache::start(
         SimPmem(world.clone()),
@@ -257,8 +268,9 @@ fn check_crash(img: &CrashImage, model: &Model, cfg: &Cfg) -> Result<HashMap<u64
         m.borrow(),
         &cfg.opts,
     )
-    .map_err(|e| format!("replay after crash at op {} failed: {e}", img.at_op))?;
+    .map_err(|e| format!("replay after crash at op {at_op} failed: {e}"))?;
     let mut values = HashMap::new();
+    let flush_issue = model.last_flush_issue(at_op);
     for (s0, n) in runs(model) {
         let buf = read_sectors(&mut cache, s0, n, false)
             .map_err(|e| format!("read after replay failed: {e}"))?;
@@ -272,7 +284,7 @@ fn check_crash(img: &CrashImage, model: &Model, cfg: &Cfg) -> Result<HashMap<u64
                 .iter()
                 .rposition(|&x| x == id)
                 .ok_or_else(|| format!("sector {s} reads write {id}, never written there"))?;
-            let floor = model.durable_floor(s, img.at_op);
+            let floor = model.durable_floor(s, at_op, flush_issue);
             if j < floor {
                 let mut ks = String::new();
                 cache.for_each_key(|k| {
@@ -280,22 +292,36 @@ fn check_crash(img: &CrashImage, model: &Model, cfg: &Cfg) -> Result<HashMap<u64
                         ks += &format!("{k:?}");
                     }
                 });
-                let bs = img.backing.get(&s).map(|d| identify(s, &d[..]));
-                eprintln!("keys covering: {ks}; backing id {bs:?}");
-                dump_log(&img.pmem, s * 512);
+                eprintln!("keys covering: {ks}");
+                dump_log(&world.borrow().pmem.volatile, s * 512);
                 for i in 0..4 {
                     eprintln!("seg {i}: {:?}", cache.segment(i));
                 }
                 return Err(format!(
                     "sector {s} lost a durable write: reads version {j} (write {id}), \
                      durable version is {floor} (write {} {:?}), crash at op {}; status {:?}; flushes {:?}",
-                    v[floor], model.writes.get(&v[floor]), img.at_op, cache.status(), model.flushes
+                    v[floor], model.writes.get(&v[floor]), at_op, cache.status(), model.flushes
                 ));
             }
             values.insert(s, id);
         }
     }
-    Ok(values)
+    drop(cache);
+    let w = std::mem::replace(
+        &mut *world.borrow_mut(),
+        std::rc::Rc::try_unwrap(World::untracked(
+            Vec::new(),
+            BackingModel::new(0, HashMap::new()),
+        ))
+        .ok()
+        .expect("fresh world")
+        .into_inner(),
+    );
+    Ok(Replayed {
+        pmem: w.pmem.volatile,
+        backing: w.backing.durable,
+        values,
+    })
 }
 
 fn dump_log(pmem: &[u8], byte: u64) {
@@ -406,8 +432,12 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             cache.set_gc_percent(p).map_err(|e| e.to_string())?;
         }
         let mut model = Model::base(&values);
-        world.borrow_mut().crash_ppm = 60_000 + rng.below(100_000);
-        let mut last_crash: Option<(CrashImage, HashMap<u64, u64>)> = None;
+        world.borrow_mut().crash_ppm = if std::env::var("NOCRASH").is_ok() {
+            0
+        } else {
+            60_000 + rng.below(100_000)
+        };
+        let mut last_crash: Option<Replayed> = None;
         let final_life = life + 1 == lives;
         for _ in 0..ops_per_life {
             let op = rng.below(100);
@@ -507,10 +537,9 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             }
             let crashes: Vec<CrashImage> = std::mem::take(&mut world.borrow_mut().crashes);
             for img in crashes {
-                let vals =
-                    check_crash(&img, &model, &cfg).map_err(|e| format!("life {life}: {e}"))?;
+                let r = check_crash(img, &model, &cfg).map_err(|e| format!("life {life}: {e}"))?;
                 crash_points += 1;
-                last_crash = Some((img, vals));
+                last_crash = Some(r);
             }
         }
         world.borrow_mut().crash_ppm = 0;
@@ -556,11 +585,11 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                 backing_img.insert(*s, d.clone());
             }
             values = vals;
-        } else if let Some((img, vals)) = last_crash {
+        } else if let Some(r) = last_crash {
             drop(cache);
-            pmem_img = img.pmem;
-            backing_img = img.backing;
-            values = vals;
+            pmem_img = r.pmem;
+            backing_img = r.backing;
+            values = r.values;
         }
     }
     Ok(Outcome { crash_points })

@@ -7,4 +7,5 @@ pub mod meta;
 #[path = "../../cache_core/mod.rs"]
 pub mod cache_core;
 
+pub mod fuzz_bodies;
 pub mod sim;

@@ -57,9 +57,20 @@ impl PmemModel {
     pub fn new(image: Vec<u8>) -> Self {
         let words = image.len() / 8;
         PmemModel {
-            volatile: image.clone(),
-            durable: image,
+            durable: image.clone(),
+            volatile: image,
             state: vec![W_CLEAN; words],
+            pending: Vec::new(),
+            flushed: Vec::new(),
+        }
+    }
+
+    /// A pmem that never crashes again (replay checks): stores are not tracked.
+    pub fn untracked(image: Vec<u8>) -> Self {
+        PmemModel {
+            volatile: image,
+            durable: Vec::new(),
+            state: Vec::new(),
             pending: Vec::new(),
             flushed: Vec::new(),
         }
@@ -68,7 +79,7 @@ impl PmemModel {
     fn write(&mut self, off: u64, data: &[u8]) {
         let off = off as usize;
         self.volatile[off..off + data.len()].copy_from_slice(data);
-        if data.is_empty() {
+        if data.is_empty() || self.state.is_empty() {
             return;
         }
         for w in off / 8..=(off + data.len() - 1) / 8 {
@@ -83,7 +94,7 @@ impl PmemModel {
     }
 
     fn flush(&mut self, off: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || self.state.is_empty() {
             return;
         }
         // Cache-line granularity, like clwb.
@@ -134,7 +145,8 @@ impl PmemModel {
     }
 }
 
-pub type Sector = Box<[u8; SECTOR]>;
+/// Sectors are shared between images (crash images clone the map, not the data).
+pub type Sector = Rc<[u8; SECTOR]>;
 
 /// A block device with a volatile write cache, stored sparsely by sector.
 #[derive(Clone)]
@@ -223,6 +235,19 @@ impl World {
         }
     }
 
+    /// A world for checking a crash image: no further crashes, no store tracking.
+    pub fn untracked(pmem: Vec<u8>, backing: BackingModel) -> Rc<RefCell<World>> {
+        Rc::new(RefCell::new(World {
+            pmem: PmemModel::untracked(pmem),
+            backing,
+            ops: 0,
+            crash_ppm: 0,
+            rng: Rng(0),
+            crashes: Vec::new(),
+            backing_fails: false,
+        }))
+    }
+
     pub fn take_crash(&mut self) {
         let mut r = Rng(self.rng.next());
         let img = CrashImage {
@@ -292,8 +317,9 @@ impl Backing for SimBacking {
         w.tick();
         for (i, chunk) in data.chunks(SECTOR).enumerate() {
             let s = off / SECTOR as u64 + i as u64;
-            let mut b: Sector = Box::new([0u8; SECTOR]);
-            b.copy_from_slice(chunk);
+            let mut raw = [0u8; SECTOR];
+            raw.copy_from_slice(chunk);
+            let b: Sector = Rc::new(raw);
             w.backing.cached.insert(s, b.clone());
             w.backing.cache.push((s, b));
         }

@@ -151,3 +151,36 @@ fn index_overlap_resolution_matches_model() {
     });
     assert_eq!(seen, model);
 }
+
+/// The fuzz target bodies over a few thousand random inputs (libFuzzer not needed).
+#[test]
+fn fuzz_bodies_survive_random_inputs() {
+    let mut x = 0xDEADBEEFu64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..300 {
+        let len = (next() % 2048) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        pcache_engine::fuzz_bodies::parsers(&data);
+        pcache_engine::fuzz_bodies::kset(&data);
+        // Aim patches at the metadata and segment headers most of the time.
+        if data.len() >= 4 {
+            let off = (next() % 0x5000 + 0x1000) as u32;
+            data[..4].copy_from_slice(&off.to_le_bytes());
+        }
+        pcache_engine::fuzz_bodies::replay(&data);
+    }
+    for s in [
+        "4 cache_mode writeback data_crc false",
+        "gc_percent 5",
+        "2 data_crc maybe",
+        "0",
+        "",
+    ] {
+        pcache_engine::fuzz_bodies::parsers(s.as_bytes());
+    }
+}

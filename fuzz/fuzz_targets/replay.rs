@@ -1,0 +1,7 @@
+#![no_main]
+//! `cargo +nightly fuzz run replay`: see tests/host/fuzz_bodies.rs.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    pcache_engine::fuzz_bodies::replay(data);
+});

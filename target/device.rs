@@ -1,0 +1,102 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A device that a target holds open: `dm_get_device` on creation, `dm_put_device` on drop.
+
+use super::bindings;
+use core::ptr::NonNull;
+use kernel::prelude::*;
+
+/// A block device opened through device-mapper for one target instance.
+///
+/// # Invariants
+///
+/// `dev` was returned by a successful `dm_get_device(ti, ...)` and has not been put; `ti` is the
+/// target it was opened for, which device-mapper keeps alive until after the target's `dtr` has
+/// dropped every `TargetDevice` it owns (or, on a failed `ctr`, until `ctr` returns).
+pub(crate) struct TargetDevice {
+    ti: NonNull<bindings::dm_target>,
+    dev: NonNull<bindings::dm_dev>,
+}
+
+// SAFETY: `dm_put_device` may be called from any process context, and the accessors only read
+// fields that device-mapper does not change while the device is held.
+unsafe impl Send for TargetDevice {}
+// SAFETY: all methods take `&self` and only read immutable fields of the `dm_dev`.
+unsafe impl Sync for TargetDevice {}
+
+impl TargetDevice {
+    /// Opens `path` (a device path or `major:minor`) for reading and writing on behalf of `ti`.
+    ///
+    /// # Safety
+    ///
+    /// `ti` must be the target being constructed, and the returned device must be dropped before
+    /// that target's `dtr` returns (or before a failing `ctr` returns).
+    pub(crate) unsafe fn open(ti: NonNull<bindings::dm_target>, path: &CStr) -> Result<Self> {
+        let mut dev: *mut bindings::dm_dev = core::ptr::null_mut();
+        // SAFETY: `ti` is valid (caller's guarantee), `path` is NUL-terminated, and `dev` is a
+        // valid place for the result.
+        let ret = unsafe {
+            bindings::dm_get_device(
+                ti.as_ptr(),
+                path.as_char_ptr(),
+                bindings::PCACHE_RS_BLK_OPEN_RW,
+                &mut dev,
+            )
+        };
+        kernel::error::to_result(ret)?;
+        let dev = NonNull::new(dev).ok_or(EINVAL)?;
+        // INVARIANT: `dev` came from a successful `dm_get_device` for `ti`.
+        Ok(Self { ti, dev })
+    }
+
+    fn raw(&self) -> &bindings::dm_dev {
+        // SAFETY: the device is held (type invariant), so the `dm_dev` is valid.
+        unsafe { self.dev.as_ref() }
+    }
+
+    /// The block device, for remapping bios to it.
+    pub(crate) fn bdev(&self) -> *mut kernel::bindings::block_device {
+        self.raw().bdev
+    }
+
+    /// Device-mapper's name for the device: `major:minor`, which a table line accepts back.
+    pub(crate) fn name(&self) -> &str {
+        let name = &self.raw().name;
+        let len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        // The name is formatted by device-mapper as `%u:%u`, so it is ASCII.
+        let bytes = name.get(..len).unwrap_or(&[]);
+        // SAFETY: `c_char` and `u8` have the same layout; `bytes` is a sub-slice of the name.
+        let bytes = unsafe { core::slice::from_raw_parts(bytes.as_ptr().cast::<u8>(), len) };
+        core::str::from_utf8(bytes).unwrap_or("?")
+    }
+
+    /// Size of the device in bytes.
+    pub(crate) fn size_bytes(&self) -> u64 {
+        // SAFETY: the block device is open while the device is held (type invariant).
+        unsafe { bindings::pcache_rs_bdev_nr_bytes(self.bdev()) }
+    }
+
+    /// Whether `self` and `other` are the same block device (opened twice under two names).
+    pub(crate) fn is_same(&self, other: &TargetDevice) -> bool {
+        // SAFETY: both block devices are open while the devices are held.
+        unsafe { bindings::pcache_rs_bdev_is_same(self.bdev(), other.bdev()) }
+    }
+
+    /// The DAX device behind this block device, if it has one.
+    pub(crate) fn dax_dev(&self) -> Option<NonNull<bindings::dax_device>> {
+        NonNull::new(self.raw().dax_dev)
+    }
+
+    /// Raw pointers for `iterate_devices`.
+    pub(crate) fn as_raw(&self) -> *mut bindings::dm_dev {
+        self.dev.as_ptr()
+    }
+}
+
+impl Drop for TargetDevice {
+    fn drop(&mut self) {
+        // SAFETY: `dev` was obtained by `dm_get_device` for `ti`, is put exactly once here, and
+        // `ti` is still alive (type invariant).
+        unsafe { bindings::dm_put_device(self.ti.as_ptr(), self.dev.as_ptr()) };
+    }
+}

@@ -1,0 +1,28 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Out-of-line wrappers for the static inline functions and macros that dm-pcache-rs needs and
+ * bindgen cannot see. Each is a one-line forward to the kernel's own definition.
+ */
+#ifndef _DM_PCACHE_RS_HELPERS_H
+#define _DM_PCACHE_RS_HELPERS_H
+
+#include <linux/bio.h>
+#include <linux/blkdev.h>
+#include <linux/dax.h>
+
+void pcache_rs_bio_set_dev(struct bio *bio, struct block_device *bdev);
+u64 pcache_rs_bdev_nr_bytes(struct block_device *bdev);
+bool pcache_rs_bdev_is_same(struct block_device *a, struct block_device *b);
+void *pcache_rs_vmalloc_array(size_t n, size_t size);
+bool pcache_rs_pfn_valid(unsigned long pfn);
+struct page *pcache_rs_pfn_to_page(unsigned long pfn);
+void *pcache_rs_vmap(struct page **pages, unsigned int count);
+void pcache_rs_memcpy_flushcache(void *dst, const void *src, size_t cnt);
+unsigned long pcache_rs_copy_mc_to_kernel(void *dst, const void *src, unsigned int cnt);
+void pcache_rs_pmem_wmb(void);
+void pcache_rs_cond_resched(void);
+unsigned int pcache_rs_bio_op(const struct bio *bio);
+bool pcache_rs_op_is_write(unsigned int op);
+unsigned int pcache_rs_bio_max_sectors(struct block_device *bdev);
+
+#endif

@@ -1,0 +1,50 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Device-mapper, bio and DAX glue: the only part of dm-pcache-rs with `unsafe` and calls into C.
+//!
+//! The rest of the module sees safe types, in the shape of the kernel's own Rust drivers:
+//! - [`target_type`]: the `#[vtable]` [`target_type::TargetOperations`] trait and its
+//!   registration with device-mapper, withdrawn on drop;
+//! - [`device`]: [`device::TargetDevice`], a `dm_get_device` reference that is put on drop;
+//! - [`bio`]: [`bio::Bio`], the view of a bio that `map` and `end_io` get;
+//! - [`dax`]: [`dax::DaxMapping`], the whole cache device mapped through DAX;
+//! - [`args`] and [`status`]: the argument vectors and result buffers of `ctr`, `message` and
+//!   `status`;
+//! - [`table`]: the table-line and message grammar (pure, `core` only, fuzzed on the host).
+
+// Parts of this API serve the cache data path, which the pass-through target does not use yet.
+#[allow(dead_code)]
+pub(crate) mod args;
+#[allow(
+    dead_code,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    improper_ctypes,
+    unused_imports,
+    unreachable_pub,
+    clippy::all,
+    clippy::as_underscore,
+    clippy::cast_lossless,
+    clippy::ptr_as_ptr,
+    clippy::ref_as_ptr,
+    clippy::undocumented_unsafe_blocks,
+    unsafe_op_in_unsafe_fn,
+    missing_docs,
+    rustdoc::all
+)]
+pub(crate) mod bindings;
+// Parts of this API serve the cache data path, which the pass-through target does not use yet.
+#[allow(dead_code)]
+pub(crate) mod bio;
+// Parts of this API serve the cache data path, which the pass-through target does not use yet.
+#[allow(dead_code)]
+pub(crate) mod dax;
+pub(crate) mod device;
+pub(crate) mod status;
+// `pub` so that the host crate can fuzz it; inside the module nothing outside the crate sees it.
+#[allow(unreachable_pub)]
+pub(crate) mod table;
+// Parts of this API serve the cache data path, which the pass-through target does not use yet.
+#[allow(dead_code)]
+pub(crate) mod target_type;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SEG_SIZE: u64 = 64 * 1024;
-const N_SEGS: u64 = 24;
+const N_SEGS: u64 = 16;
 const BACKING: u64 = 12 << 20;
 const NODES: usize = 4096;
 
@@ -385,7 +385,7 @@ fn pick_range(rng: &mut Rng) -> (u64, u64) {
     // Two hot regions, one straddling the 4 MiB stripe boundary.
     let stripe = (4 << 20) / SECTOR as u64;
     let base = if rng.chance(1, 2) { 64 } else { stripe - 256 };
-    let s = base + rng.below(512);
+    let s = base + rng.below(256);
     let n = match rng.below(10) {
         0 => 1 + rng.below(256),
         1..=3 => 1 + rng.below(64),

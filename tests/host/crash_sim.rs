@@ -413,7 +413,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         let world = World::new(
             pmem_img.clone(),
             BackingModel::new(BACKING, backing_img.clone()),
-            rng.next(),
+            rng.next_u64(),
         );
         let mut m = mem(&cfg);
         let mut cache = Cache::start(
@@ -764,7 +764,7 @@ fn check_corruption(seed: u64) -> Result<u64, String> {
                 // random garbage over a whole region
                 let at = rng.below(img.len() as u64 - 4096) as usize;
                 for b in &mut img[at..at + 1 + rng.below(4096) as usize] {
-                    *b = rng.next() as u8;
+                    *b = rng.next_u64() as u8;
                 }
             }
         }

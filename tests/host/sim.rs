@@ -24,7 +24,7 @@ pub const SECTOR: usize = 512;
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -33,7 +33,7 @@ impl Rng {
     }
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn chance(&mut self, num: u64, den: u64) -> bool {
         self.below(den) < num
@@ -249,7 +249,7 @@ impl World {
     }
 
     pub fn take_crash(&mut self) {
-        let mut r = Rng(self.rng.next());
+        let mut r = Rng(self.rng.next_u64());
         let img = CrashImage {
             at_op: self.ops,
             pmem: self.pmem.crash_image(&mut r),
@@ -301,7 +301,10 @@ impl Backing for SimBacking {
     }
     fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let w = self.0.borrow();
-        if w.backing_fails || off % SECTOR as u64 != 0 || buf.len() % SECTOR != 0 {
+        if w.backing_fails
+            || !off.is_multiple_of(SECTOR as u64)
+            || !buf.len().is_multiple_of(SECTOR)
+        {
             return Err(IoError);
         }
         for (i, chunk) in buf.chunks_mut(SECTOR).enumerate() {
@@ -311,7 +314,10 @@ impl Backing for SimBacking {
     }
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
         let mut w = self.0.borrow_mut();
-        if w.backing_fails || off % SECTOR as u64 != 0 || data.len() % SECTOR != 0 {
+        if w.backing_fails
+            || !off.is_multiple_of(SECTOR as u64)
+            || !data.len().is_multiple_of(SECTOR)
+        {
             return Err(IoError);
         }
         w.tick();

@@ -184,3 +184,82 @@ fn fuzz_bodies_survive_random_inputs() {
         pcache_engine::fuzz_bodies::parsers(s.as_bytes());
     }
 }
+
+/// Formatting a 512 MiB device with the upstream geometry lays the metadata out
+/// where the C module expects it, and the result attaches again with its data.
+#[test]
+fn upstream_geometry_format_and_reattach() {
+    use pcache_engine::cache_core::{Cache, CacheOptions};
+    use pcache_engine::meta::crc32c::pcache_crc;
+    use pcache_engine::sim::{BackingModel, OwnedMem, SimBacking, SimPmem, World};
+    use std::collections::HashMap;
+    let size = 512usize << 20;
+    let backing = 64u64 << 20;
+    let world = World::untracked(vec![0u8; size], BackingModel::new(backing, HashMap::new()));
+    let opts = CacheOptions {
+        data_crc: true,
+        ..Default::default()
+    };
+    let mut mem = OwnedMem::new(32, 1024, backing, 2, 2);
+    {
+        let mut c = Cache::start(
+            SimPmem(world.clone()),
+            SimBacking(world.clone()),
+            Geometry::UPSTREAM,
+            mem.borrow(),
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(c.status().n_segs, 31);
+        c.write(4 << 20, &[0xA5u8; 8192], true, 0).unwrap();
+    }
+    {
+        let w = world.borrow();
+        let img = &w.pmem.volatile;
+        // superblock at 4 KiB: crc, flags, magic, seg_num
+        assert_eq!(
+            u64::from_le_bytes(img[0x1008..0x1010].try_into().unwrap()),
+            0x65B0_5EFA_96C5_96EF
+        );
+        assert_eq!(
+            u32::from_le_bytes(img[0x1010..0x1014].try_into().unwrap()),
+            31
+        );
+        assert_eq!(
+            u32::from_le_bytes(img[0x1000..0x1004].try_into().unwrap()),
+            pcache_crc(&img[0x1004..0x1018])
+        );
+        // cache_info: written once at the end of a new cache's start, into slot 1
+        // with seq 1 (upstream cache_info_write flips the index before writing).
+        assert_eq!(&img[0x2000..0x2018], &[0u8; 24]);
+        assert_eq!(img[0x3000 + 4], 1);
+        let flags = u32::from_le_bytes(img[0x3010..0x3014].try_into().unwrap());
+        assert_eq!(flags & 0b11, 0b11, "DATA_CRC and INIT_DONE");
+        assert_eq!((flags >> 6) & 0x7F, 70, "default gc_percent");
+        // key tail / dirty tail slot 0 at 16 KiB and 16 KiB + 32
+        assert_eq!(img[0x4000 + 4], 1);
+        assert_eq!(img[0x4020 + 4], 1);
+        // segment 1 (at 20 KiB + 16 MiB): segment info slot 1, gen slot 1 at +8 KiB +16
+        let seg1 = 0x5000 + (16 << 20);
+        assert_eq!(img[seg1 + 0x1000 + 4], 1, "seg info seq");
+        assert_eq!(img[seg1 + 0x2010 + 4], 1, "seg gen seq");
+        // first kset at the start of segment 0's data area (20 KiB + 12 KiB)
+        assert_eq!(
+            u64::from_le_bytes(img[0x8000 + 8..0x8000 + 16].try_into().unwrap()),
+            0x6768_94a6_4e16_4f1a
+        );
+    }
+    let mut mem = OwnedMem::new(32, 1024, backing, 2, 2);
+    let mut c = Cache::start(
+        SimPmem(world.clone()),
+        SimBacking(world.clone()),
+        Geometry::UPSTREAM,
+        mem.borrow(),
+        &opts,
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let r = c.read(4 << 20, &mut buf, false, 0).unwrap();
+    assert_eq!(r.hit_bytes, 8192);
+    assert!(buf.iter().all(|&b| b == 0xA5));
+}

@@ -1,27 +1,43 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! dm-pcache-rs: a device-mapper target (`pcache_rs`) that caches a block device in persistent
-//! memory mapped through DAX.
+//! memory mapped through DAX, with the on-media format of upstream dm-pcache.
 //!
-//! At this stage the target opens both devices, maps the whole cache device through DAX, checks
-//! the table line exactly as upstream dm-pcache does (and more strictly), and passes every bio
-//! through to the backing device; the cache engine in `cache_core/` and `meta/` is wired in by a
-//! later change. `target/` holds the only `unsafe` code: the bindings and their safe wrappers.
+//! `map` takes every bio and queues it for the target's request worker, which runs the cache
+//! engine (`cache_core/`, over the format in `meta/`) under one mutex: writes are copied into
+//! pmem and logged, reads are served from pmem and the backing device, flushes persist the key
+//! log. A periodic background tick writes dirty data back, collects free segments and persists
+//! idle ksets. `target/` holds all `unsafe` code: the bindings and their safe wrappers.
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use kernel::prelude::*;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use kernel::{
+    new_mutex, new_spinlock,
+    prelude::*,
+    sync::{Arc, Mutex, SpinLock},
+};
 
+// The engine and the on-media format are shared with the host test crate, where they are
+// public; here nothing outside the crate sees them, and some items serve only the host tests.
+#[allow(unreachable_pub, dead_code, unused_imports)]
+mod cache_core;
+#[allow(unreachable_pub, dead_code)]
+mod meta;
 mod target;
 
+use cache_core::{writeback::Step, CacheError, CacheOptions};
 use target::{
     args::Args,
-    bio::Bio,
+    bio::{BioOp, BioQueue, HeldBio},
     dax::{DaxError, DaxMapping},
     device::TargetDevice,
+    engine::{BackingIo, DaxPmem, Engine, Sizing, StartError},
     status::{StatusType, StatusWriter},
     table::{self, TableError, TableOptions, MAX_ARGS},
-    target_type::{CtrError, DeviceVisitor, MapResult, Registration, Target, TargetOperations},
+    target_type::{
+        CtrError, DeviceVisitor, MapResult, QueueLimits, Registration, Target, TargetOperations,
+    },
+    work::{Ticker, WorkQueue, Worker},
 };
 
 module! {
@@ -32,32 +48,235 @@ module! {
     license: "GPL",
 }
 
-/// Upstream dm-pcache's on-media geometry, needed here for the size check and status line
-/// until the engine (which owns the format in `meta/`) is wired in.
-mod geometry {
-    /// The smallest cache device upstream accepts.
-    pub(crate) const CACHE_DEV_SIZE_MIN: u64 = 512 << 20;
-    /// Start of the first segment: superblock at 4 KiB, two cache_info slots, one cache ctrl.
-    pub(crate) const SEGMENTS_OFF: u64 = 4096 + 4096 + 2 * 4096 + 4096;
-    /// Size of one segment.
-    pub(crate) const SEG_SIZE: u64 = 16 << 20;
-    /// `cache_info.flags` bits.
-    pub(crate) const FLAGS_DATA_CRC: u32 = 1 << 0;
-    pub(crate) const FLAGS_INIT_DONE: u32 = 1 << 1;
-    pub(crate) const FLAGS_GC_PERCENT_SHIFT: u32 = 6;
+/// Largest bio the worker handles at once; device-mapper splits larger ones. It sizes the
+/// request bounce buffer.
+const MAX_IO_SECTORS: u64 = 2048;
+/// Period of the background tick (writeback, GC, idle kset flush).
+const TICK_MS: u32 = 200;
+/// Most writeback or GC steps per tick, so that requests are not starved of the engine lock.
+const STEPS_PER_TICK: u32 = 64;
+/// How long a request waits for space before it fails (only if writeback cannot progress,
+/// i.e. the backing device keeps failing).
+const BUSY_TIMEOUT_MS: u32 = 30_000;
+
+/// Cache devices with a live instance, so two instances never drive one pmem device. A slot
+/// holds `devt << 1 | quiesced`; a suspended (quiesced) instance lets a reloaded table attach.
+static ACTIVE: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+
+/// A claim on a slot of [`ACTIVE`], released on drop.
+struct ActiveClaim(usize);
+
+impl ActiveClaim {
+    fn claim(devt: u32) -> Result<Self, CtrError> {
+        let key = u64::from(devt) << 1;
+        if ACTIVE.iter().any(|s| s.load(Ordering::Acquire) == key) {
+            return Err(CtrError::new(
+                c"Cache device is in use by another pcache_rs device",
+                EBUSY,
+            ));
+        }
+        for (i, slot) in ACTIVE.iter().enumerate() {
+            if slot
+                .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(Self(i));
+            }
+        }
+        Err(CtrError::new(c"Too many pcache_rs devices", ENOSPC))
+    }
+
+    fn set_quiesced(&self, quiesced: bool) {
+        if let Some(slot) = ACTIVE.get(self.0) {
+            let v = slot.load(Ordering::Acquire);
+            slot.store((v & !1) | u64::from(quiesced), Ordering::Release);
+        }
+    }
+}
+
+impl Drop for ActiveClaim {
+    fn drop(&mut self) {
+        if let Some(slot) = ACTIVE.get(self.0) {
+            slot.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Prints an engine error with the engine's own wording.
+struct Shown<'a>(&'a CacheError);
+
+impl kernel::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut kernel::fmt::Formatter<'_>) -> kernel::fmt::Result {
+        core::fmt::Display::fmt(self.0, f)
+    }
+}
+
+/// What the request worker and the background tick share.
+struct State {
+    engine: Engine,
+    /// Request data is staged here (bios are scattered pages; the engine takes slices).
+    bounce: KVVec<u8>,
+}
+
+#[pin_data]
+struct Inner {
+    #[pin]
+    state: Mutex<State>,
+    #[pin]
+    pending: SpinLock<BioQueue>,
+    /// Set once the instance is quiesced (suspended) or being destroyed: the tick stops writing.
+    quiesced: AtomicBool,
+    /// First sector of the target in the mapped device.
+    begin: u64,
+    writeback_errors: AtomicU32,
+    gc_errors: AtomicU32,
+}
+
+impl Inner {
+    /// The request worker: drains the queue of held bios.
+    fn run_requests(&self) {
+        while let Some(mut bio) = self.pending.lock().pop() {
+            let result = self.handle(&mut bio);
+            bio.end(result);
+        }
+    }
+
+    fn handle(&self, bio: &mut HeldBio) -> Result {
+        let off = (bio.sector().saturating_sub(self.begin)) << 9;
+        let len = bio.size() as usize;
+        let op = bio.op();
+        let preflush = bio.is_preflush();
+        let fua = bio.is_fua();
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if preflush || op == BioOp::Flush {
+            Self::retry_busy(st, |e| e.flush())?;
+        }
+        match op {
+            BioOp::Flush => Ok(()),
+            BioOp::Write => {
+                let buf = st.bounce.get_mut(..len).ok_or(EINVAL)?;
+                bio.copy_to(buf)?;
+                let State { engine, bounce } = st;
+                let data = bounce.get(..len).ok_or(EINVAL)?;
+                Self::retry_busy_with(engine, |e| e.write(off, data, fua))
+            }
+            BioOp::Read => {
+                let State { engine, bounce } = st;
+                let buf = bounce.get_mut(..len).ok_or(EINVAL)?;
+                Self::retry_busy_with(engine, |e| e.read(off, buf).map(|_| ()))?;
+                bio.copy_from(buf)
+            }
+            BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => Err(EOPNOTSUPP),
+        }
+    }
+
+    fn retry_busy(st: &mut State, op: impl FnMut(&mut Engine) -> Result<(), CacheError>) -> Result {
+        Self::retry_busy_with(&mut st.engine, op)
+    }
+
+    /// Runs `op`; while the cache is full, makes room by writeback and GC and tries again, so
+    /// the submitter never sees `EBUSY`.
+    fn retry_busy_with(
+        engine: &mut Engine,
+        mut op: impl FnMut(&mut Engine) -> Result<(), CacheError>,
+    ) -> Result {
+        let mut waited_ms = 0;
+        loop {
+            match op(engine) {
+                Ok(()) => return Ok(()),
+                Err(CacheError::Busy(_)) => {}
+                Err(e) => {
+                    pr_err!("pcache_rs: request failed: {}\n", Shown(&e));
+                    return Err(EIO);
+                }
+            }
+            let wb = engine.writeback_step();
+            let gc = engine.gc_step();
+            if !matches!(wb, Ok(Step::Progress)) && !matches!(gc, Ok(Step::Progress)) {
+                if waited_ms >= BUSY_TIMEOUT_MS {
+                    pr_err!("pcache_rs: cache full and writeback cannot make progress\n");
+                    return Err(EIO);
+                }
+                target::work::sleep_ms(10);
+                waited_ms += 10;
+            }
+        }
+    }
+
+    /// The background tick: idle kset flush, writeback, GC.
+    fn tick(&self) {
+        if self.quiesced.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = self.state.lock();
+        if st.engine.flush_idle().is_err() {
+            self.writeback_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        for _ in 0..STEPS_PER_TICK {
+            match st.engine.writeback_step() {
+                Ok(Step::Progress) => {}
+                Ok(Step::Idle) => break,
+                Err(e) => {
+                    // Counted and retried on the next tick: nothing is dropped.
+                    self.writeback_errors.fetch_add(1, Ordering::Relaxed);
+                    pr_warn!("pcache_rs: writeback: {}\n", Shown(&e));
+                    break;
+                }
+            }
+        }
+        for _ in 0..STEPS_PER_TICK {
+            match st.engine.gc_step() {
+                Ok(Step::Progress) => {}
+                Ok(Step::Idle) => break,
+                Err(e) => {
+                    self.gc_errors.fetch_add(1, Ordering::Relaxed);
+                    pr_warn!("pcache_rs: gc: {}\n", Shown(&e));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Persists everything acknowledged, so a later instance (reload) or a power cut finds it.
+    fn quiesce(&self) {
+        self.quiesced.store(true, Ordering::Release);
+        let mut st = self.state.lock();
+        if let Err(e) = st.engine.flush() {
+            pr_err!("pcache_rs: flushing the key log failed: {}\n", Shown(&e));
+        }
+    }
 }
 
 /// One `pcache_rs` target instance.
+///
+/// Fields drop in order: the tick and the worker are cancelled before the workqueue goes, and
+/// all of them before the engine and the devices in `inner`.
 struct Pcache {
-    cache: DaxMapping,
-    backing: TargetDevice,
+    ticker: Ticker<Inner>,
+    worker: Worker<Inner>,
+    wq: WorkQueue,
+    inner: Arc<Inner>,
+    cache_dev: Arc<DaxMapping>,
+    backing: Arc<TargetDevice>,
     options: TableOptions,
-    data_crc: AtomicBool,
-    gc_percent: AtomicU8,
+    seg_num: u64,
+    claim: ActiveClaim,
+}
+
+fn cache_error(e: &CacheError) -> CtrError {
+    match e {
+        CacheError::Meta(_) => CtrError::new(c"Cache device metadata is invalid", EINVAL),
+        CacheError::Io(_) => CtrError::new(c"Cache device IO error", EIO),
+        CacheError::Invalid(_) => CtrError::new(c"Cache device does not match the table", EINVAL),
+        CacheError::NoMem(_) | CacheError::Busy(_) => {
+            CtrError::new(c"Cannot allocate cache memory", ENOMEM)
+        }
+    }
 }
 
 impl Pcache {
-    fn open_devices(target: &mut Target<'_>, args: &Args<'_>) -> Result<Self, CtrError> {
+    fn new(target: &mut Target<'_>, args: &Args<'_>) -> Result<Self, CtrError> {
         let mut words = [&[][..]; MAX_ARGS];
         let line = args
             .to_bytes(&mut words)
@@ -114,99 +333,187 @@ impl Pcache {
             ));
         }
 
-        let cache_name_len = cache.size_bytes();
-        let cache = DaxMapping::new(cache, geometry::CACHE_DEV_SIZE_MIN).map_err(|e| match e {
-            DaxError::NotDax => {
+        let cache_bytes = cache.size_bytes();
+        let cache =
+            DaxMapping::new(cache, meta::layout::CACHE_DEV_SIZE_MIN).map_err(|e| match e {
+                DaxError::NotDax => {
+                    pr_err!(
+                        "pcache_rs: cache device {:?} does not support DAX\n",
+                        cache_path
+                    );
+                    CtrError::new(c"Cache device does not support DAX", EOPNOTSUPP)
+                }
+                DaxError::TooSmall => {
+                    pr_err!(
+                        "pcache_rs: cache device has {} bytes, at least {} needed\n",
+                        cache_bytes,
+                        meta::layout::CACHE_DEV_SIZE_MIN
+                    );
+                    CtrError::new(c"Cache device too small", ENOSPC)
+                }
+                DaxError::Map(e) => {
+                    pr_err!("pcache_rs: cannot map cache device through DAX: {:?}\n", e);
+                    CtrError::new(c"Cache device DAX mapping failed", e)
+                }
+            })?;
+        let claim = ActiveClaim::claim(cache.device().devt()).inspect_err(|_| {
+            pr_err!(
+                "pcache_rs: cache device {} is already in use\n",
+                cache.device().name()
+            );
+        })?;
+        let cache = Arc::new(cache, GFP_KERNEL)
+            .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
+        let backing = Arc::new(backing, GFP_KERNEL)
+            .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
+
+        let geo = meta::layout::Geometry::UPSTREAM;
+        let seg_num = geo.max_segs(cache.len());
+        // One key per 512 bytes of cached data at most, as the engine's documentation asks.
+        let keys = (seg_num * u64::from(geo.seg_data_size()) / 512).min(1 << 24) as usize;
+        let sizing = Sizing {
+            keys,
+            ksets: 4,
+            heads: 1,
+            bounce: 256 << 10,
+        };
+        let opts = CacheOptions {
+            data_crc: line.options.data_crc,
+            ..CacheOptions::default()
+        };
+        let engine = Engine::start(
+            DaxPmem(cache.clone()),
+            BackingIo(backing.clone()),
+            &sizing,
+            &opts,
+        )
+        .map_err(|e| match e {
+            StartError::NoMem => CtrError::new(c"Cannot allocate cache memory", ENOMEM),
+            StartError::Cache(e) => {
                 pr_err!(
-                    "pcache_rs: cache device {:?} does not support DAX\n",
-                    cache_path
+                    "pcache_rs: cannot attach cache device {}: {}\n",
+                    cache.device().name(),
+                    Shown(&e)
                 );
-                CtrError::new(c"Cache device does not support DAX", EOPNOTSUPP)
-            }
-            DaxError::TooSmall => {
-                pr_err!(
-                    "pcache_rs: cache device has {} bytes, at least {} needed\n",
-                    cache_name_len,
-                    geometry::CACHE_DEV_SIZE_MIN
-                );
-                CtrError::new(c"Cache device too small", ENOSPC)
-            }
-            DaxError::Map(e) => {
-                pr_err!("pcache_rs: cannot map cache device through DAX: {:?}\n", e);
-                CtrError::new(c"Cache device DAX mapping failed", e)
+                cache_error(&e)
             }
         })?;
+        let bounce = KVVec::from_elem(0u8, (MAX_IO_SECTORS << 9) as usize, GFP_KERNEL)
+            .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
+
+        let begin = target.begin();
+        let inner = Arc::pin_init(
+            pin_init!(Inner {
+                state <- new_mutex!(State { engine, bounce }),
+                pending <- new_spinlock!(BioQueue::new()),
+                quiesced: AtomicBool::new(false),
+                begin,
+                writeback_errors: AtomicU32::new(0),
+                gc_errors: AtomicU32::new(0),
+            }),
+            GFP_KERNEL,
+        )
+        .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
+        let wq =
+            WorkQueue::new(c"wq").map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
+        let worker = Worker::new(&wq, inner.clone(), Inner::run_requests)
+            .map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
+        let ticker = Ticker::new(&wq, inner.clone(), Inner::tick, TICK_MS)
+            .map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
+        target
+            .set_max_io_len(MAX_IO_SECTORS)
+            .map_err(|e| CtrError::new(c"Cannot set the maximum IO size", e))?;
+        ticker.start();
 
         Ok(Self {
-            cache,
+            ticker,
+            worker,
+            wq,
+            inner,
+            cache_dev: cache,
             backing,
             options: line.options,
-            data_crc: AtomicBool::new(line.options.data_crc),
-            gc_percent: AtomicU8::new(table::GC_PERCENT_DEFAULT),
+            seg_num,
+            claim,
         })
     }
+}
 
-    fn seg_num(&self) -> u64 {
-        self.cache.len().saturating_sub(geometry::SEGMENTS_OFF) / geometry::SEG_SIZE
-    }
-
-    fn cache_info_flags(&self) -> u32 {
-        let mut flags = geometry::FLAGS_INIT_DONE
-            | (u32::from(self.gc_percent.load(Ordering::Relaxed))
-                << geometry::FLAGS_GC_PERCENT_SHIFT);
-        if self.data_crc.load(Ordering::Relaxed) {
-            flags |= geometry::FLAGS_DATA_CRC;
+impl Drop for Pcache {
+    fn drop(&mut self) {
+        // Device-mapper ends all IO before `dtr`; stop the tick, let queued work finish, and
+        // persist what was acknowledged. A suspended instance already did (and a reloaded
+        // table may own the device now), so it must not touch pmem again.
+        self.ticker.stop();
+        self.wq.drain();
+        if !self.inner.quiesced.load(Ordering::Acquire) {
+            self.inner.quiesce();
         }
-        flags
     }
 }
 
 #[vtable]
 impl TargetOperations for Pcache {
     fn ctr(target: &mut Target<'_>, args: Args<'_>) -> Result<Pin<KBox<Self>>, CtrError> {
-        let this = Self::open_devices(target, &args)?;
+        let this = Self::new(target, &args)?;
         target.set_num_flush_bios(1);
         target.set_flush_supported(true);
-        target.set_num_discard_bios(1);
         KBox::pin(this, GFP_KERNEL).map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))
     }
 
-    fn map(&self, target: &Target<'_>, bio: &mut Bio<'_>) -> MapResult {
-        // Pass-through: the same sector of the backing device.
-        let sector = bio.sector().saturating_sub(target.begin());
-        bio.remap(&self.backing, sector);
-        MapResult::Remapped
+    fn map(&self, _target: &Target<'_>, bio: &mut target::bio::Bio<'_>) -> MapResult {
+        let (held, taken) = bio.take();
+        self.inner.pending.lock().push(held);
+        self.worker.queue();
+        MapResult::Submitted(taken)
+    }
+
+    fn postsuspend(&self) {
+        self.ticker.stop();
+        self.wq.drain();
+        self.inner.quiesce();
+        self.claim.set_quiesced(true);
+    }
+
+    fn resume(&self) {
+        self.claim.set_quiesced(false);
+        if self.inner.quiesced.swap(false, Ordering::AcqRel) {
+            self.ticker.start();
+        }
     }
 
     fn status(&self, kind: StatusType, out: &mut StatusWriter<'_>) {
         // A full buffer cuts the line; device-mapper then asks again with a larger one.
         let _ = match kind {
-            // Upstream's fields: sb flags, segments on the device, segments of the cache, used
-            // segments, gc_percent, cache_info flags, key head, dirty tail, key tail.
-            StatusType::Info => write!(
-                out,
-                "{:x} {} {} {} {} {:x} {}:{} {}:{} {}:{}",
-                0,
-                self.seg_num(),
-                self.seg_num(),
-                0,
-                self.gc_percent.load(Ordering::Relaxed),
-                self.cache_info_flags(),
-                0,
-                0,
-                0,
-                0,
-                0,
-                0
-            ),
+            StatusType::Info => {
+                let s = self.inner.state.lock().engine.status();
+                // Upstream's fields: sb flags, segments on the device, segments of the cache,
+                // used segments, gc_percent, cache_info flags, key head, dirty tail, key tail.
+                write!(
+                    out,
+                    "{:x} {} {} {} {} {:x} {}:{} {}:{} {}:{}",
+                    0,
+                    self.seg_num,
+                    s.n_segs,
+                    s.used_segs,
+                    s.gc_percent,
+                    s.cache_flags,
+                    s.key_head.seg,
+                    s.key_head.off,
+                    s.dirty_tail.seg,
+                    s.dirty_tail.off,
+                    s.key_tail.seg,
+                    s.key_tail.off
+                )
+            }
             StatusType::Table => {
                 let options = TableOptions {
-                    data_crc: self.data_crc.load(Ordering::Relaxed),
+                    data_crc: self.inner.state.lock().engine.data_crc(),
                     ..self.options
                 };
                 table::write_table(
                     out,
-                    self.cache.device().name(),
+                    self.cache_dev.device().name(),
                     self.backing.name(),
                     &options,
                 )
@@ -222,20 +529,42 @@ impl TargetOperations for Pcache {
             .ok_or(table::MessageError::ArgCount)
             .and_then(table::parse_message);
         match parsed {
-            Ok(table::Message::GcPercent(p)) => self.gc_percent.store(p, Ordering::Relaxed),
-            Ok(table::Message::DataCrc(on)) => self.data_crc.store(on, Ordering::Relaxed),
+            Ok(table::Message::GcPercent(p)) => self
+                .inner
+                .state
+                .lock()
+                .engine
+                .set_gc_percent(p)
+                .map_err(|e| {
+                    pr_err!("pcache_rs: gc_percent: {}\n", Shown(&e));
+                    EIO
+                }),
+            Ok(table::Message::DataCrc(on)) => {
+                if self.inner.state.lock().engine.data_crc() == on {
+                    Ok(())
+                } else {
+                    pr_err!("pcache_rs: switching data_crc on a live cache is not supported yet\n");
+                    Err(EOPNOTSUPP)
+                }
+            }
             Err(e) => {
                 pr_err!("pcache_rs: message rejected: {}\n", e.as_str());
-                return Err(EINVAL);
+                Err(EINVAL)
             }
         }
-        Ok(())
     }
 
     fn iterate_devices(&self, target: &Target<'_>, visitor: &mut DeviceVisitor<'_>) -> c_int {
         // Only the backing device bounds the mapped device's limits: the cache device is
         // addressed by byte copies, never by bios of the upper layer.
         visitor.visit(&self.backing, 0, target.len())
+    }
+
+    fn io_hints(&self, limits: &mut QueueLimits<'_>) {
+        // Writes smaller than a page are read-modify-written by nobody, but a 4 KiB minimum
+        // keeps filesystems from issuing them in the first place.
+        let lbs = limits.logical_block_size();
+        limits.raise_io_min(lbs.max(4096));
     }
 }
 
@@ -250,7 +579,7 @@ impl kernel::InPlaceModule for PcacheModule {
         try_pin_init!(Self {
             target <- Registration::new(
                 c"pcache_rs",
-                [0, 1, 0],
+                [0, 2, 0],
                 u64::from(target::bindings::DM_TARGET_SINGLETON),
                 module
             ),

@@ -19,8 +19,8 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         if self.key_tail.pos == self.dirty_tail.pos {
             return false;
         }
-        let threshold = self.n_segs as u64 * self.info.gc_percent() as u64 / 100;
-        self.used_segs as u64 >= threshold
+        let threshold = u64::from(self.n_segs) * u64::from(self.info.gc_percent()) / 100;
+        u64::from(self.used_segs) >= threshold
     }
 
     /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration).

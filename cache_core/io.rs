@@ -112,7 +112,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 .ok_or(CacheError::Invalid("chunk"))?;
             let addr = self.pos_addr(pos);
             self.pmem.write(addr, chunk);
-            self.pmem.flush(addr, len as u64);
+            self.pmem.flush(addr, u64::from(len));
             self.pmem.fence();
             let crc = if self.data_crc() {
                 crc32c(PCACHE_CRC_SEED, chunk)

@@ -28,7 +28,7 @@ pub struct Key {
 
 impl Key {
     pub fn end(&self) -> u64 {
-        self.off + self.len as u64
+        self.off + u64::from(self.len)
     }
     pub fn clean(&self) -> bool {
         self.flags & KEY_FLAGS_CLEAN != 0
@@ -38,7 +38,7 @@ impl Key {
     }
     /// `cache_key_cutfront`: drop the first `n` bytes.
     pub fn cut_front(&mut self, n: u32) {
-        self.off += n as u64;
+        self.off += u64::from(n);
         self.len -= n;
         self.pos.off += n;
         self.crc_back += n;

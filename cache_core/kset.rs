@@ -110,7 +110,11 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         let head = self.pos_addr(self.key_head);
         // Clear the header after the new kset first (see the module docs).
         if self.key_head.off + size + KSET_HEADER_SIZE as u32 <= data_size {
-            persist(&mut self.pmem, head + size as u64, &[0u8; KSET_HEADER_SIZE]);
+            persist(
+                &mut self.pmem,
+                head + u64::from(size),
+                &[0u8; KSET_HEADER_SIZE],
+            );
         }
         let Cache { ksets, pmem, .. } = self;
         let k = match ksets.get_mut(id) {
@@ -179,7 +183,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 .get_mut(..n as usize)
                 .ok_or(CacheError::NoMem("bounce"))?;
             self.pmem
-                .read(addr + done as u64, chunk)
+                .read(addr + u64::from(done), chunk)
                 .map_err(|_| CacheError::Io("pmem media error"))?;
             crc_state = crate::meta::crc32c::crc32c(crc_state, chunk);
             done += n;

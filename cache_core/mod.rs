@@ -186,7 +186,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
 
     /// Device offset of a cache position.
     pub(crate) fn pos_addr(&self, pos: Pos) -> u64 {
-        self.geo.seg_data_off(self.seg(pos.seg).phys) + pos.off as u64
+        self.geo.seg_data_off(self.seg(pos.seg).phys) + u64::from(pos.off)
     }
 
     /// Give the devices back (tests take the pmem image after a run).

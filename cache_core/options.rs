@@ -40,7 +40,7 @@ fn parse_u32(s: &str) -> Option<u32> {
         if !b.is_ascii_digit() {
             return None;
         }
-        v = v * 10 + (b - b'0') as u64;
+        v = v * 10 + u64::from(b - b'0');
     }
     u32::try_from(v).ok()
 }
@@ -91,7 +91,7 @@ pub fn parse_message(args: &[&str]) -> Result<Message, &'static str> {
     match args {
         ["gc_percent", v] => {
             let p = parse_u32(v).ok_or("Invalid gc_percent value")?;
-            if p > GC_PERCENT_MAX as u32 {
+            if p > u32::from(GC_PERCENT_MAX) {
                 return Err("gc_percent must be between 0 and 90");
             }
             Ok(Message::GcPercent(p as u8))

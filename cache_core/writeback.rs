@@ -93,10 +93,10 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 .get_mut(..n as usize)
                 .ok_or(CacheError::NoMem("bounce"))?;
             self.pmem
-                .read(addr + done as u64, chunk)
+                .read(addr + u64::from(done), chunk)
                 .map_err(|_| CacheError::Io("pmem media error"))?;
             self.backing
-                .write(key.off + done as u64, chunk)
+                .write(key.off + u64::from(done), chunk)
                 .map_err(|_| CacheError::Io("backing device write failed"))?;
             done += n;
         }

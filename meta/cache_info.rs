@@ -46,7 +46,7 @@ impl CacheInfo {
     }
     pub fn set_gc_percent(&mut self, p: u8) {
         self.flags &= !CACHE_FLAGS_GC_PERCENT_MASK;
-        self.flags |= ((p as u32) << CACHE_FLAGS_GC_PERCENT_SHIFT) & CACHE_FLAGS_GC_PERCENT_MASK;
+        self.flags |= (u32::from(p) << CACHE_FLAGS_GC_PERCENT_SHIFT) & CACHE_FLAGS_GC_PERCENT_MASK;
     }
     pub fn cache_mode(&self) -> u32 {
         (self.flags & CACHE_FLAGS_CACHE_MODE_MASK) >> CACHE_FLAGS_CACHE_MODE_SHIFT

@@ -99,14 +99,14 @@ impl KeyOnmedia {
         seg_data_size: u32,
     ) -> Result<(), MetaError> {
         const K: &str = "pcache_cache_key_onmedia";
-        let len = self.len as u64;
+        let len = u64::from(self.len);
         if len == 0 || len > dev_bytes || self.off > dev_bytes - len {
             return Err(MetaError::new(K, "off/len", MetaErrorKind::OutOfRange));
         }
         if self.cache_seg_id >= n_segs {
             return Err(MetaError::new(K, "cache_seg_id", MetaErrorKind::OutOfRange));
         }
-        if self.cache_seg_off as u64 + len > seg_data_size as u64 {
+        if u64::from(self.cache_seg_off) + len > u64::from(seg_data_size) {
             return Err(MetaError::new(
                 K,
                 "cache_seg_off",

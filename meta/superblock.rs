@@ -33,7 +33,7 @@ impl Superblock {
         if dev_size < geo.min_dev_size {
             return Err(MetaError::new(S, "dev_size", MetaErrorKind::OutOfRange));
         }
-        let segs = geo.max_segs(dev_size).min(CACHE_SEGS_MAX as u64) as u32;
+        let segs = geo.max_segs(dev_size).min(u64::from(CACHE_SEGS_MAX)) as u32;
         let mut sb = Superblock {
             crc: 0,
             flags: 0,
@@ -86,7 +86,7 @@ impl Superblock {
             return Err(MetaError::new(S, "flags", MetaErrorKind::Unsupported));
         }
         let max = geo.max_segs(dev_size);
-        if sb.seg_num == 0 || sb.seg_num as u64 > max || sb.seg_num > CACHE_SEGS_MAX {
+        if sb.seg_num == 0 || u64::from(sb.seg_num) > max || sb.seg_num > CACHE_SEGS_MAX {
             return Err(MetaError::new(S, "seg_num", MetaErrorKind::OutOfRange));
         }
         Ok(sb)

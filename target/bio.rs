@@ -4,6 +4,7 @@
 
 use super::{bindings, device::TargetDevice};
 use core::{marker::PhantomData, ptr::NonNull};
+use kernel::prelude::*;
 
 /// What a bio asks for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -96,5 +97,163 @@ impl Bio<'_> {
         // block device for as long as the target that owns it lives, which outlives its bios.
         unsafe { bindings::pcache_rs_bio_set_dev(self.ptr.as_ptr(), dev.bdev()) };
         self.raw_mut().bi_iter.bi_sector = sector;
+    }
+}
+
+/// Proof that `map` took its bio (see [`Bio::take`]); the only way to return
+/// [`super::target_type::MapResult::Submitted`].
+pub(crate) struct Taken(());
+
+impl Bio<'_> {
+    /// Takes the bio from device-mapper: the target now must end it, which [`HeldBio`] does
+    /// exactly once (with `EIO` if dropped unended).
+    pub(crate) fn take(&mut self) -> (HeldBio, Taken) {
+        // INVARIANT: `map` returns `Submitted` (it needs the `Taken` for that), so device-mapper
+        // leaves the bio to us until we end it.
+        (HeldBio { ptr: self.ptr }, Taken(()))
+    }
+}
+
+/// A bio the target took in `map` and ends later from its worker.
+///
+/// # Invariants
+///
+/// `ptr` is a live bio owned by the target: nobody else ends it, and it is ended exactly once,
+/// by [`HeldBio::end`] or by drop.
+pub(crate) struct HeldBio {
+    ptr: NonNull<bindings::bio>,
+}
+
+// SAFETY: a bio may be completed from any context, and we own this one exclusively.
+unsafe impl Send for HeldBio {}
+
+impl HeldBio {
+    fn raw(&self) -> &bindings::bio {
+        // SAFETY: the bio is live and ours (type invariant).
+        unsafe { self.ptr.as_ref() }
+    }
+
+    fn view(&mut self) -> Bio<'_> {
+        // SAFETY: the bio is live and exclusively ours for the borrow of `self`.
+        unsafe { Bio::from_raw(self.ptr) }
+    }
+
+    /// First sector, relative to the mapped device.
+    pub(crate) fn sector(&self) -> u64 {
+        self.raw().bi_iter.bi_sector
+    }
+
+    /// Bytes of data.
+    pub(crate) fn size(&self) -> u32 {
+        self.raw().bi_iter.bi_size
+    }
+
+    /// The operation (see [`Bio::op`]).
+    pub(crate) fn op(&mut self) -> BioOp {
+        self.view().op()
+    }
+
+    /// Whether the bio asks for a preflush.
+    pub(crate) fn is_preflush(&mut self) -> bool {
+        self.view().is_preflush()
+    }
+
+    /// Whether the bio asks for FUA.
+    pub(crate) fn is_fua(&mut self) -> bool {
+        self.view().is_fua()
+    }
+
+    /// Copies the bio's data into `buf`, which must be exactly [`HeldBio::size`] bytes.
+    pub(crate) fn copy_to(&self, buf: &mut [u8]) -> Result {
+        if buf.len() != self.size() as usize {
+            return Err(EINVAL);
+        }
+        // SAFETY: the bio is ours; `buf` holds exactly the bio's `bi_size` bytes.
+        unsafe { bindings::pcache_rs_bio_copy_to_buf(self.ptr.as_ptr(), buf.as_mut_ptr().cast()) };
+        Ok(())
+    }
+
+    /// Fills the bio's pages from `buf`, which must be exactly [`HeldBio::size`] bytes.
+    pub(crate) fn copy_from(&mut self, buf: &[u8]) -> Result {
+        if buf.len() != self.size() as usize {
+            return Err(EINVAL);
+        }
+        // SAFETY: the bio is ours; `buf` holds exactly the bio's `bi_size` bytes.
+        unsafe { bindings::pcache_rs_bio_copy_from_buf(self.ptr.as_ptr(), buf.as_ptr().cast()) };
+        Ok(())
+    }
+
+    /// Completes the bio with `result`.
+    pub(crate) fn end(self, result: Result) {
+        let err = match result {
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        };
+        let ptr = self.ptr;
+        core::mem::forget(self);
+        // SAFETY: the bio is ours and ended exactly once: `self` is forgotten, so drop does not
+        // end it again.
+        unsafe { bindings::pcache_rs_bio_endio(ptr.as_ptr(), err) };
+    }
+}
+
+impl Drop for HeldBio {
+    fn drop(&mut self) {
+        // A held bio must never be lost: one that nobody ended fails.
+        // SAFETY: the bio is ours and has not been ended (`end` forgets `self`).
+        unsafe { bindings::pcache_rs_bio_endio(self.ptr.as_ptr(), EIO.to_errno()) };
+    }
+}
+
+/// A FIFO of held bios, linked through the bios themselves (`bio_list`), so queueing in `map`
+/// never allocates. Protect it with a spinlock.
+///
+/// # Invariants
+///
+/// Every bio on the list is a [`HeldBio`] whose ownership moved into the list.
+pub(crate) struct BioQueue {
+    list: bindings::bio_list,
+}
+
+// SAFETY: the list owns its bios (type invariant), which may be completed from any context.
+unsafe impl Send for BioQueue {}
+
+impl BioQueue {
+    /// An empty queue.
+    pub(crate) fn new() -> Self {
+        Self {
+            list: bindings::bio_list {
+                head: core::ptr::null_mut(),
+                tail: core::ptr::null_mut(),
+            },
+        }
+    }
+
+    /// Appends `bio`.
+    pub(crate) fn push(&mut self, bio: HeldBio) {
+        let ptr = bio.ptr;
+        core::mem::forget(bio);
+        // SAFETY: the list is valid; ownership of the bio moves into it (type invariant).
+        unsafe { bindings::pcache_rs_bio_list_add(&mut self.list, ptr.as_ptr()) };
+    }
+
+    /// Removes the oldest bio.
+    pub(crate) fn pop(&mut self) -> Option<HeldBio> {
+        // SAFETY: the list is valid.
+        let ptr = NonNull::new(unsafe { bindings::pcache_rs_bio_list_pop(&mut self.list) })?;
+        // INVARIANT: the bio was a `HeldBio` whose ownership moved into the list.
+        Some(HeldBio { ptr })
+    }
+
+    /// Whether the queue is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.list.head.is_null()
+    }
+}
+
+impl Drop for BioQueue {
+    fn drop(&mut self) {
+        // Fail whatever is left rather than lose it.
+        while self.pop().is_some() {}
     }
 }

@@ -82,6 +82,12 @@ impl TargetDevice {
         unsafe { bindings::pcache_rs_bdev_is_same(self.bdev(), other.bdev()) }
     }
 
+    /// The device number, which identifies the device whatever path named it.
+    pub(crate) fn devt(&self) -> u32 {
+        // SAFETY: the block device is open while the device is held (type invariant).
+        unsafe { (*self.bdev()).bd_dev }
+    }
+
     /// The DAX device behind this block device, if it has one.
     pub(crate) fn dax_dev(&self) -> Option<NonNull<bindings::dax_device>> {
         NonNull::new(self.raw().dax_dev)
@@ -98,5 +104,61 @@ impl Drop for TargetDevice {
         // SAFETY: `dev` was obtained by `dm_get_device` for `ti`, is put exactly once here, and
         // `ti` is still alive (type invariant).
         unsafe { bindings::dm_put_device(self.ti.as_ptr(), self.dev.as_ptr()) };
+    }
+}
+
+impl TargetDevice {
+    fn sync_io(
+        &self,
+        write: bool,
+        flags: (bool, bool),
+        off: u64,
+        buf: *mut u8,
+        len: usize,
+    ) -> Result {
+        if off % 512 != 0 || len % 512 != 0 {
+            return Err(EINVAL);
+        }
+        let end = off.checked_add(len as u64).ok_or(EINVAL)?;
+        if end > self.size_bytes() {
+            return Err(EINVAL);
+        }
+        // SAFETY: the block device is open (type invariant); `buf` is valid for `len` bytes
+        // for the duration of the call, which waits for the IO to finish.
+        let ret = unsafe {
+            bindings::pcache_rs_sync_io(
+                self.bdev(),
+                write,
+                flags.0,
+                flags.1,
+                off >> 9,
+                buf.cast(),
+                len,
+            )
+        };
+        kernel::error::to_result(ret)
+    }
+
+    /// Reads `buf.len()` bytes at byte offset `off` (both sector aligned); sleeps.
+    pub(crate) fn read_at(&self, off: u64, buf: &mut [u8]) -> Result {
+        self.sync_io(false, (false, false), off, buf.as_mut_ptr(), buf.len())
+    }
+
+    /// Writes `buf` at byte offset `off` (both sector aligned); sleeps. The data may sit in the
+    /// device's volatile cache until [`TargetDevice::flush`].
+    pub(crate) fn write_at(&self, off: u64, buf: &[u8]) -> Result {
+        // The C side only reads the buffer of a write.
+        self.sync_io(
+            true,
+            (false, false),
+            off,
+            buf.as_ptr().cast_mut(),
+            buf.len(),
+        )
+    }
+
+    /// Makes every completed write durable (an empty `REQ_PREFLUSH` write); sleeps.
+    pub(crate) fn flush(&self) -> Result {
+        self.sync_io(true, (true, false), 0, core::ptr::null_mut(), 0)
     }
 }

@@ -82,3 +82,126 @@ unsigned int pcache_rs_bio_max_sectors(struct block_device *bdev)
 {
 	return queue_max_sectors(bdev_get_queue(bdev));
 }
+
+struct workqueue_struct *pcache_rs_alloc_workqueue(const char *name)
+{
+	return alloc_workqueue("pcache_rs-%s", WQ_UNBOUND | WQ_MEM_RECLAIM, 0, name);
+}
+
+void pcache_rs_init_work(struct work_struct *work, work_func_t fn)
+{
+	INIT_WORK(work, fn);
+}
+
+void pcache_rs_init_delayed_work(struct delayed_work *dwork, work_func_t fn)
+{
+	INIT_DELAYED_WORK(dwork, fn);
+}
+
+bool pcache_rs_queue_work(struct workqueue_struct *wq, struct work_struct *work)
+{
+	return queue_work(wq, work);
+}
+
+bool pcache_rs_queue_delayed_work(struct workqueue_struct *wq, struct delayed_work *dwork,
+				  unsigned int msecs)
+{
+	return queue_delayed_work(wq, dwork, msecs_to_jiffies(msecs));
+}
+
+void pcache_rs_bio_list_init(struct bio_list *bl)
+{
+	bio_list_init(bl);
+}
+
+void pcache_rs_bio_list_add(struct bio_list *bl, struct bio *bio)
+{
+	bio_list_add(bl, bio);
+}
+
+struct bio *pcache_rs_bio_list_pop(struct bio_list *bl)
+{
+	return bio_list_pop(bl);
+}
+
+/* Copies the data of @bio (bi_iter.bi_size bytes) to @buf. */
+void pcache_rs_bio_copy_to_buf(struct bio *bio, void *buf)
+{
+	struct bio_vec bv;
+	struct bvec_iter iter;
+
+	bio_for_each_segment(bv, bio, iter) {
+		memcpy_from_bvec(buf, &bv);
+		buf += bv.bv_len;
+	}
+}
+
+/* Copies bi_iter.bi_size bytes from @buf into the pages of @bio. */
+void pcache_rs_bio_copy_from_buf(struct bio *bio, const void *buf)
+{
+	struct bio_vec bv;
+	struct bvec_iter iter;
+
+	bio_for_each_segment(bv, bio, iter) {
+		memcpy_to_bvec(&bv, buf);
+		buf += bv.bv_len;
+	}
+}
+
+void pcache_rs_bio_endio(struct bio *bio, int err)
+{
+	bio->bi_status = errno_to_blk_status(err);
+	bio_endio(bio);
+}
+
+static struct page *pcache_rs_buf_page(void *addr)
+{
+	return is_vmalloc_addr(addr) ? vmalloc_to_page(addr) : virt_to_page(addr);
+}
+
+/*
+ * Synchronous IO of @len bytes of @buf (kmalloc or vmalloc memory) at @sector of @bdev, or an
+ * empty flush if @len is 0. Called from the target's workqueue, never from map.
+ */
+int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool fua,
+		      sector_t sector, void *buf, size_t len)
+{
+	blk_opf_t opf = write ? REQ_OP_WRITE : REQ_OP_READ;
+	unsigned int nr_vecs;
+	struct bio *bio;
+	int ret;
+
+	if (preflush)
+		opf |= REQ_PREFLUSH;
+	if (fua)
+		opf |= REQ_FUA;
+	opf |= REQ_SYNC;
+
+	while (true) {
+		nr_vecs = min_t(size_t, DIV_ROUND_UP(offset_in_page(buf) + len, PAGE_SIZE),
+				BIO_MAX_VECS);
+		bio = bio_alloc(bdev, nr_vecs, opf, GFP_NOIO);
+		bio->bi_iter.bi_sector = sector;
+		while (len) {
+			unsigned int off = offset_in_page(buf);
+			unsigned int n = min_t(size_t, PAGE_SIZE - off, len);
+
+			if (bio_add_page(bio, pcache_rs_buf_page(buf), n, off) != n)
+				break;
+			buf += n;
+			len -= n;
+			sector += n >> SECTOR_SHIFT;
+		}
+		ret = submit_bio_wait(bio);
+		bio_put(bio);
+		if (ret || !len)
+			return ret;
+		/* Only the first bio of a split request carries the flush. */
+		opf &= ~REQ_PREFLUSH;
+	}
+}
+
+unsigned int pcache_rs_cpu_id(void)
+{
+	return raw_smp_processor_id();
+}

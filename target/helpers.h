@@ -9,6 +9,7 @@
 #include <linux/bio.h>
 #include <linux/blkdev.h>
 #include <linux/dax.h>
+#include <linux/workqueue.h>
 
 void pcache_rs_bio_set_dev(struct bio *bio, struct block_device *bdev);
 u64 pcache_rs_bdev_nr_bytes(struct block_device *bdev);
@@ -26,3 +27,22 @@ bool pcache_rs_op_is_write(unsigned int op);
 unsigned int pcache_rs_bio_max_sectors(struct block_device *bdev);
 
 #endif
+
+/* Work items on the target's own workqueue. */
+struct workqueue_struct *pcache_rs_alloc_workqueue(const char *name);
+void pcache_rs_init_work(struct work_struct *work, work_func_t fn);
+void pcache_rs_init_delayed_work(struct delayed_work *dwork, work_func_t fn);
+bool pcache_rs_queue_work(struct workqueue_struct *wq, struct work_struct *work);
+bool pcache_rs_queue_delayed_work(struct workqueue_struct *wq, struct delayed_work *dwork,
+				  unsigned int msecs);
+
+/* Bios the target holds between map and completion. */
+void pcache_rs_bio_list_init(struct bio_list *bl);
+void pcache_rs_bio_list_add(struct bio_list *bl, struct bio *bio);
+struct bio *pcache_rs_bio_list_pop(struct bio_list *bl);
+void pcache_rs_bio_copy_to_buf(struct bio *bio, void *buf);
+void pcache_rs_bio_copy_from_buf(struct bio *bio, const void *buf);
+void pcache_rs_bio_endio(struct bio *bio, int err);
+int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool fua,
+		      sector_t sector, void *buf, size_t len);
+unsigned int pcache_rs_cpu_id(void);

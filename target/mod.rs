@@ -41,6 +41,7 @@ pub(crate) mod bio;
 #[allow(dead_code)]
 pub(crate) mod dax;
 pub(crate) mod device;
+pub(crate) mod engine;
 pub(crate) mod status;
 // `pub` so that the host crate can fuzz it; inside the module nothing outside the crate sees it.
 #[allow(unreachable_pub)]
@@ -48,3 +49,4 @@ pub(crate) mod table;
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]
 pub(crate) mod target_type;
+pub(crate) mod work;

@@ -17,8 +17,6 @@ use core::fmt;
 pub const MAX_ARGS: usize = 7;
 /// Most optional arguments a table line may carry.
 pub const MAX_OPT_ARGS: usize = 4;
-/// Default percentage of used segments at which GC starts.
-pub const GC_PERCENT_DEFAULT: u8 = 70;
 /// Highest accepted `gc_percent`.
 pub const GC_PERCENT_MAX: u8 = 90;
 

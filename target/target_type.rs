@@ -34,12 +34,11 @@ impl CtrError {
 }
 
 /// What `map` did with a bio.
-#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MapResult {
     /// The bio was pointed at another device; device-mapper submits it.
     Remapped,
-    /// The target took the bio and will end it itself.
-    Submitted,
+    /// The target took the bio ([`super::bio::Bio::take`]) and will end it itself.
+    Submitted(super::bio::Taken),
     /// Fail the bio with an IO error.
     Kill,
     /// Give the bio back to device-mapper to be sent again later.
@@ -47,10 +46,10 @@ pub(crate) enum MapResult {
 }
 
 impl MapResult {
-    fn to_raw(self) -> c_int {
+    fn into_raw(self) -> c_int {
         (match self {
             Self::Remapped => bindings::DM_MAPIO_REMAPPED,
-            Self::Submitted => bindings::DM_MAPIO_SUBMITTED,
+            Self::Submitted(_) => bindings::DM_MAPIO_SUBMITTED,
             Self::Kill => bindings::DM_MAPIO_KILL,
             Self::Requeue => bindings::DM_MAPIO_REQUEUE,
         }) as c_int
@@ -296,7 +295,7 @@ impl<T: TargetOperations> Callbacks<T> {
     /// Only device-mapper calls it, with the arguments `device-mapper.h` documents for it.
     unsafe extern "C" fn map(ti: *mut bindings::dm_target, bio: *mut bindings::bio) -> c_int {
         let (Some(tip), Some(biop)) = (NonNull::new(ti), NonNull::new(bio)) else {
-            return MapResult::Kill.to_raw();
+            return MapResult::Kill.into_raw();
         };
         // SAFETY: `map` runs between `ctr` and `dtr`.
         let this = unsafe { instance::<T>(ti) };
@@ -304,7 +303,7 @@ impl<T: TargetOperations> Callbacks<T> {
         let target = unsafe { Target::from_raw(tip) };
         // SAFETY: the bio belongs to this call until we return.
         let mut bio = unsafe { Bio::from_raw(biop) };
-        this.map(&target, &mut bio).to_raw()
+        this.map(&target, &mut bio).into_raw()
     }
 
     /// `end_io` callback of `struct target_type`.

@@ -67,8 +67,8 @@ fn main() {
     for _ in 0..50_000 {
         let len = 4096 * (1 + rng.next() % 16) as u32;
         let off = (rng.next() % (span / 4096)) * 4096;
-        let off = off.min(span - len as u64);
-        if (off >> 22) != ((off + len as u64 - 1) >> 22) {
+        let off = off.min(span - u64::from(len));
+        if (off >> 22) != ((off + u64::from(len) - 1) >> 22) {
             continue;
         }
         let _ = idx.insert(key(off, len), |_| {});
@@ -76,8 +76,8 @@ fn main() {
     println!("index holds {} keys", idx.len());
     bench("index insert (overlapping, 4-64 KiB)", 20_000, 15, |_| {
         let len = 4096 * (1 + rng.next() % 16) as u32;
-        let off = ((rng.next() % (span / 4096)) * 4096).min(span - len as u64);
-        let off = if (off >> 22) != ((off + len as u64 - 1) >> 22) {
+        let off = ((rng.next() % (span / 4096)) * 4096).min(span - u64::from(len));
+        let off = if (off >> 22) != ((off + u64::from(len) - 1) >> 22) {
             off & !((4 << 20) - 1)
         } else {
             off

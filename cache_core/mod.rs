@@ -37,7 +37,7 @@ pub use error::CacheError;
 pub use index::{Index, Node};
 pub use key::{Key, Pos};
 pub use kset::KsetBuf;
-pub use options::{CacheOptions, Message};
+pub use options::CacheOptions;
 pub use segment::SegState;
 
 /// A data head: where the next data of one CPU is appended.

@@ -336,7 +336,7 @@ fn dump_log(pmem: &[u8], byte: u64) {
             Ok(KsetRead::Keys { key_num, size }) => {
                 for i in 0..key_num as usize {
                     let k = kset_key(buf, i).unwrap();
-                    if k.off <= byte && k.off + k.len as u64 > byte {
+                    if k.off <= byte && k.off + u64::from(k.len) > byte {
                         eprintln!("  log {seg}:{off} key#{i} {k:?}");
                     }
                 }
@@ -344,7 +344,7 @@ fn dump_log(pmem: &[u8], byte: u64) {
             }
             Ok(KsetRead::Last { next_cache_seg_id }) => {
                 eprintln!("  log {seg}:{off} LAST -> {next_cache_seg_id}");
-                seg = next_cache_seg_id as u64;
+                seg = u64::from(next_cache_seg_id);
                 off = 0;
             }
             other => {
@@ -636,8 +636,8 @@ fn check_data_crc(seed: u64) -> Result<(), String> {
     let mut key = None;
     cache.for_each_key(|k| key = Some(*k));
     let k = key.ok_or("no key")?;
-    let at = rng.below(k.len as u64);
-    let addr = SEGMENTS_OFF + k.pos.seg as u64 * SEG_SIZE + 0x3000 + k.pos.off as u64 + at;
+    let at = rng.below(u64::from(k.len));
+    let addr = SEGMENTS_OFF + u64::from(k.pos.seg) * SEG_SIZE + 0x3000 + u64::from(k.pos.off) + at;
     world.borrow_mut().pmem.volatile[addr as usize] ^= 1 << rng.below(8);
     let mut buf = vec![0u8; n as usize * SECTOR];
     match cache.read(s * SECTOR as u64, &mut buf, false, 0) {

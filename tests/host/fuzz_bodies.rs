@@ -1,28 +1,50 @@
 //! Bodies of the `cargo fuzz` targets (see `fuzz/`), kept here so the host tests
 //! also run them over random inputs without libFuzzer.
 
-use crate::cache_core::options::{parse_message, parse_table_options};
 use crate::cache_core::{Cache, CacheOptions};
 use crate::meta::kset::kset_read;
 use crate::meta::layout::{Geometry, SEGMENTS_OFF};
 use crate::sim::{BackingModel, OwnedMem, SimBacking, SimPmem, World};
+use crate::table::{parse_message, parse_table, write_table, MAX_ARGS};
 use std::collections::HashMap;
 
 const SEG: u64 = 64 * 1024;
 const SEGS: u64 = 8;
 const BACKING: u64 = 8 << 20;
 
-/// The table/message parsers over arbitrary words: never panic.
+/// `target/table.rs` over arbitrary words: never panics, and a table line it
+/// accepts is written back by `write_table` as a line that parses to the same
+/// devices and options (so `dmsetup table` output loads back unchanged).
 pub fn parsers(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let _ = parse_table_options(&words);
+    let words: Vec<&[u8]> = data
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
     let _ = parse_message(&words);
+    // The target hands at most MAX_ARGS words to the parser (more are an error there).
+    let Some(args) = words.get(..words.len().min(MAX_ARGS)) else {
+        return;
+    };
+    let Ok(line) = parse_table(args) else {
+        return;
+    };
+    let (Ok(cache_dev), Ok(backing_dev)) = (
+        std::str::from_utf8(line.cache_dev),
+        std::str::from_utf8(line.backing_dev),
+    ) else {
+        return;
+    };
+    let mut out = String::new();
+    write_table(&mut out, cache_dev, backing_dev, &line.options).expect("write_table");
+    let words2: Vec<&[u8]> = out.split_ascii_whitespace().map(str::as_bytes).collect();
+    let back = parse_table(&words2)
+        .unwrap_or_else(|e| panic!("write_table output {out:?} does not parse: {e:?}"));
+    assert_eq!(back, line, "write_table output {out:?} parses differently");
 }
 
 /// The kset parser over arbitrary bytes.
 pub fn kset(data: &[u8]) {
-    let n = data.first().copied().unwrap_or(0) as u32;
+    let n = u32::from(data.first().copied().unwrap_or(0));
     let _ = kset_read(data.get(1..).unwrap_or(&[]), n);
 }
 

@@ -8,3 +8,7 @@ pub mod meta;
 
 #[path = "../../../cache_core/mod.rs"]
 pub mod cache_core;
+
+#[allow(clippy::manual_is_multiple_of)]
+#[path = "../../../target/table.rs"]
+pub mod table;

@@ -1,11 +1,15 @@
 //! Micro-benchmarks of the hot path: ns per index insert (with overlap), per
-//! lookup, and per kset encode/decode. `cargo bench` (criterion-style output
-//! without the dependency: median of several timed batches).
+//! lookup, per kset encode/decode, and per 4 KiB `Cache::write` / `Cache::read`
+//! over RAM-backed devices (upstream 16 MiB segments), with the number of pmem
+//! fences per request. `cargo bench` (criterion-style output without the
+//! dependency: median of several timed batches).
 
 use pcache_engine::cache_core::index::{Index, Node};
 use pcache_engine::cache_core::key::{Key, Pos};
-use pcache_engine::cache_core::KsetBuf;
+use pcache_engine::cache_core::{Backing, Cache, CacheError, CacheOptions, IoError, KsetBuf, Pmem};
 use pcache_engine::meta::kset::{kset_key, kset_read, KeyOnmedia, KSET_KEYS_MAX};
+use pcache_engine::meta::layout::Geometry;
+use pcache_engine::sim::OwnedMem;
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -53,10 +57,137 @@ fn key(off: u64, len: u32) -> Key {
     }
 }
 
+/// Pmem in RAM: `write` is the copy (`memcpy_flushcache` in the kernel, so
+/// `flush` is free) and `fence` a real store fence (`pmem_wmb`).
+struct RamPmem {
+    mem: Vec<u8>,
+    fences: u64,
+}
+
+impl Pmem for RamPmem {
+    fn size(&self) -> u64 {
+        self.mem.len() as u64
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let off = off as usize;
+        buf.copy_from_slice(self.mem.get(off..off + buf.len()).ok_or(IoError)?);
+        Ok(())
+    }
+    fn write(&mut self, off: u64, data: &[u8]) {
+        let off = off as usize;
+        self.mem[off..off + data.len()].copy_from_slice(data);
+    }
+    fn flush(&mut self, _off: u64, _len: u64) {}
+    fn fence(&mut self) {
+        self.fences += 1;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A backing device in RAM.
+struct RamBacking(Vec<u8>);
+
+impl Backing for RamBacking {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let off = off as usize;
+        buf.copy_from_slice(self.0.get(off..off + buf.len()).ok_or(IoError)?);
+        Ok(())
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        let off = off as usize;
+        self.0
+            .get_mut(off..off + data.len())
+            .ok_or(IoError)?
+            .copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        Ok(())
+    }
+}
+
+/// 4 KiB requests through the whole engine: random writes over a 64 MiB working
+/// set into a 512 MiB cache, then reads of the same set (hits).
+fn bench_requests(data_crc: bool) {
+    const PMEM: usize = 512 << 20;
+    const BACKING: usize = 256 << 20;
+    const SPAN: u64 = 64 << 20;
+    let geo = Geometry::UPSTREAM;
+    let segs = geo.max_segs(PMEM as u64) as usize;
+    let mut mem = OwnedMem::new(segs, 1 << 18, BACKING as u64, 4, 1);
+    mem.bounce = vec![0u8; 256 << 10];
+    // Touch every page up front: first-touch faults are not the engine's cost.
+    let mut ram = vec![0u8; PMEM];
+    ram.iter_mut().step_by(4096).for_each(|b| *b = black_box(0));
+    let pmem = RamPmem {
+        mem: ram,
+        fences: 0,
+    };
+    let opts = CacheOptions {
+        data_crc,
+        ..Default::default()
+    };
+    let mut c = Cache::start(
+        pmem,
+        RamBacking(vec![0u8; BACKING]),
+        geo,
+        mem.borrow(),
+        &opts,
+    )
+    .expect("start");
+    let crc = if data_crc { "crc" } else { "no crc" };
+    let mut rng = Lcg(7);
+    let buf = vec![0xA5u8; 4096];
+    let mut out = vec![0u8; 4096];
+    let fences0 = c.pmem().fences;
+    let mut writes = 0u64;
+    // 9 batches of 10,000 writes fit the cache: no writeback or GC is timed.
+    bench(&format!("cache write 4 KiB ({crc})"), 10_000, 9, |_| {
+        let off = (rng.next() % (SPAN / 4096)) * 4096;
+        loop {
+            match c.write(off, &buf, false, 0) {
+                Ok(()) => break,
+                Err(CacheError::Busy(_)) => {
+                    let _ = c.flush();
+                    c.writeback_all().expect("writeback");
+                    c.gc_all().expect("gc");
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        writes += 1;
+    });
+    println!(
+        "  {:.2} pmem fences per write",
+        (c.pmem().fences - fences0) as f64 / writes as f64
+    );
+    c.flush().expect("flush");
+    // Make every offset of the span a hit.
+    for off in (0..SPAN).step_by(4096) {
+        c.write(off, &buf, false, 0)
+            .or_else(|_| {
+                c.flush()?;
+                c.writeback_all()?;
+                c.gc_all()?;
+                c.write(off, &buf, false, 0)
+            })
+            .expect("fill");
+    }
+    bench(&format!("cache read 4 KiB hit ({crc})"), 20_000, 15, |_| {
+        let off = (rng.next() % (SPAN / 4096)) * 4096;
+        black_box(c.read(off, &mut out, true, 0).expect("read"));
+    });
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    bench_requests(false);
+    bench_requests(true);
     // 64 MiB of logical space (16 subtrees), 4 KiB-aligned keys of 4-64 KiB.
     let span: u64 = 64 << 20;
     let mut nodes = vec![Node::default(); 1 << 16];

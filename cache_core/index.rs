@@ -203,19 +203,16 @@ impl<'a> Index<'a> {
         t
     }
 
-    /// Node with the greatest start <= `x`.
-    fn floor(&self, mut t: u32, x: u64) -> u32 {
-        let mut best = NIL;
+    /// Node starting exactly at `x`.
+    fn find(&self, mut t: u32, x: u64) -> u32 {
         while t != NIL {
             let n = self.n(t);
-            if n.key.off <= x {
-                best = t;
-                t = n.right;
-            } else {
-                t = n.left;
+            if n.key.off == x {
+                return t;
             }
+            t = if n.key.off < x { n.right } else { n.left };
         }
-        best
+        NIL
     }
 
     /// Node with the smallest start >= `x`.
@@ -245,6 +242,15 @@ impl<'a> Index<'a> {
         }
         let (s, e) = (key.off, key.end());
         let root = self.root(sub);
+        // Rewriting exactly the range of one cached key (the common case of
+        // block-sized overwrites): replace it in place, no split or merge.
+        let same = self.find(root, s);
+        if same != NIL && self.n(same).key.end() == e {
+            let old = self.n(same).key;
+            on_drop(&old);
+            self.nm(same).key = key;
+            return Ok(());
+        }
         let (a, b) = self.split(root, s);
         let (m, mut c) = self.split(b, e);
 
@@ -303,15 +309,33 @@ impl<'a> Index<'a> {
     }
 
     /// The first key in `sub` that overlaps `[from, to)`, in logical order.
+    ///
+    /// One descent finds both the floor of `from` (the last key starting at or
+    /// before it, which overlaps if it reaches past `from`) and its successor
+    /// (which overlaps if it starts before `to`): the two searches take the
+    /// same path.
     pub fn first_overlap(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
-        let root = self.root(sub);
-        let f = self.floor(root, from);
-        if f != NIL && self.n(f).key.end() > from {
-            return Some(self.n(f).key);
+        let mut t = self.root(sub);
+        let (mut floor, mut succ) = (NIL, NIL);
+        while t != NIL {
+            let n = self.n(t);
+            if n.key.off <= from {
+                if n.key.off == from {
+                    // Keys are never empty, so it covers `from`.
+                    return Some(n.key);
+                }
+                floor = t;
+                t = n.right;
+            } else {
+                succ = t;
+                t = n.left;
+            }
         }
-        let c = self.ceil(root, from);
-        if c != NIL && self.n(c).key.off < to {
-            return Some(self.n(c).key);
+        if floor != NIL && self.n(floor).key.end() > from {
+            return Some(self.n(floor).key);
+        }
+        if succ != NIL && self.n(succ).key.off < to {
+            return Some(self.n(succ).key);
         }
         None
     }

@@ -5,8 +5,8 @@ use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos};
 use super::Cache;
-use crate::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
-use crate::meta::kset::KEY_FLAGS_CLEAN;
+use crate::meta::crc32c::PCACHE_CRC_SEED;
+use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC};
 use crate::meta::layout::SUBTREE_SIZE;
 
 /// What a read found.
@@ -111,13 +111,17 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 .get(done..done + len as usize)
                 .ok_or(CacheError::Invalid("chunk"))?;
             let addr = self.pos_addr(pos);
+            // No fence here: only a kset makes the data reachable, and closing
+            // one fences before the kset is stored (see `kset_close`).
             self.pmem.write(addr, chunk);
             self.pmem.flush(addr, u64::from(len));
-            self.pmem.fence();
-            let crc = if self.data_crc() {
-                crc32c(PCACHE_CRC_SEED, chunk)
+            let (crc, flags) = if self.data_crc {
+                (
+                    self.pmem.crc32c(PCACHE_CRC_SEED, chunk),
+                    flags | KEY_FLAGS_DATA_CRC,
+                )
             } else {
-                0
+                (0, flags)
             };
             let key = Key {
                 off: koff,
@@ -213,7 +217,25 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     }
 
     fn read_hit(&mut self, k: &Key, cur: u64, out: &mut [u8]) -> Result<(), CacheError> {
-        if self.data_crc() {
+        let addr = self.pos_addr(k.pos) + (cur - k.off);
+        if k.has_crc()
+            && k.crc_back == 0
+            && cur == k.off
+            && out.len() as u64 == u64::from(k.crc_len)
+        {
+            // The read is exactly the extent the CRC covers (a block read of a
+            // block write): copy once and check the copy.
+            self.pmem
+                .read(addr, out)
+                .map_err(|_| CacheError::Io("pmem media error"))?;
+            if self.pmem.crc32c(PCACHE_CRC_SEED, out) != k.crc {
+                out.fill(0);
+                self.stats.crc_errors += 1;
+                return Err(CacheError::Io("cached data failed its crc check"));
+            }
+            return Ok(());
+        }
+        if k.has_crc() {
             let start = Pos {
                 seg: k.pos.seg,
                 off: k
@@ -228,7 +250,6 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 return Err(CacheError::Io("cached data failed its crc check"));
             }
         }
-        let addr = self.pos_addr(k.pos) + (cur - k.off);
         self.pmem
             .read(addr, out)
             .map_err(|_| CacheError::Io("pmem media error"))

@@ -1,7 +1,7 @@
 //! The in-memory cache key: a logical range of the backing device mapped to a
 //! position in a cache segment, with the generation it was written under.
 
-use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_EMPTY};
+use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 
 /// A position in the cache: cache segment id and byte offset in its data area.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +35,10 @@ impl Key {
     }
     pub fn empty(&self) -> bool {
         self.flags & KEY_FLAGS_EMPTY != 0
+    }
+    /// `crc` is valid (written with data CRC on, or replayed under the cache-wide flag).
+    pub fn has_crc(&self) -> bool {
+        self.flags & KEY_FLAGS_DATA_CRC != 0
     }
     /// `cache_key_cutfront`: drop the first `n` bytes.
     pub fn cut_front(&mut self, n: u32) {

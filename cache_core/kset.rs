@@ -1,9 +1,11 @@
 //! Open ksets and the key log head (upstream `cache_key_append` /
 //! `cache_kset_close`).
 //!
-//! Closing a kset persists, in this order: an empty header after the kset's place
-//! (so replay stops there), then the kset with its CRC. Each step is flushed and
-//! fenced before the next, so a crash can never leave a valid kset followed by a
+//! Closing a kset persists, in this order: the data of its keys (stored and
+//! flushed by the write path, fenced here) together with an empty header after
+//! the kset's place (so replay stops there), then the kset with its CRC. Each
+//! step is flushed and fenced before the next, so one close costs two fences
+//! however many keys it logs, so a crash can never leave a valid kset followed by a
 //! stale one from an earlier pass over the segment. When the segment is too full
 //! for the kset plus a LAST kset, the log moves to a fresh segment: the new
 //! segment's first header is cleared, then the LAST kset pointing at it is written.
@@ -12,16 +14,17 @@ use super::env::{persist, Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos};
 use super::Cache;
-use crate::meta::crc32c::pcache_crc;
 use crate::meta::kset::{
-    encode_last_kset, kset_size, seal_kset, KeyOnmedia, KEY_ONMEDIA_SIZE, KSET_HEADER_SIZE,
-    KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX,
+    encode_last_kset, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_DATA_CRC, KEY_ONMEDIA_SIZE,
+    KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX,
 };
 
 /// An open kset: keys encoded in place, ready to be sealed and copied to pmem.
 #[derive(Clone)]
 pub struct KsetBuf {
     key_num: usize,
+    /// Some key in it has no data CRC (see [`Cache::set_data_crc`]).
+    nocrc: bool,
     buf: [u8; KSET_ONMEDIA_SIZE_MAX],
 }
 
@@ -29,6 +32,7 @@ impl Default for KsetBuf {
     fn default() -> Self {
         KsetBuf {
             key_num: 0,
+            nocrc: false,
             buf: [0u8; KSET_ONMEDIA_SIZE_MAX],
         }
     }
@@ -37,9 +41,14 @@ impl Default for KsetBuf {
 impl KsetBuf {
     pub fn reset(&mut self) {
         self.key_num = 0;
+        self.nocrc = false;
     }
     pub fn key_num(&self) -> usize {
         self.key_num
+    }
+    /// Holds a key without a data CRC.
+    pub fn has_nocrc(&self) -> bool {
+        self.nocrc
     }
     pub fn is_full(&self) -> bool {
         self.key_num >= KSET_KEYS_MAX
@@ -54,6 +63,7 @@ impl KsetBuf {
             Some(s) => key.encode(s),
             None => return false,
         }
+        self.nocrc |= key.flags & KEY_FLAGS_DATA_CRC == 0;
         self.key_num += 1;
         true
     }
@@ -78,7 +88,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             cache_seg_id: key.pos.seg,
             cache_seg_off: key.pos.off,
             seg_gen: key.gen,
-            data_crc: if self.data_crc() { key.crc } else { 0 },
+            data_crc: if key.has_crc() { key.crc } else { 0 },
             reserved: 0,
         }
     }
@@ -108,13 +118,18 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             self.key_head = Pos { seg: next, off: 0 };
         }
         let head = self.pos_addr(self.key_head);
-        // Clear the header after the new kset first (see the module docs).
+        // Clear the header after the new kset first (see the module docs). Its
+        // fence also makes the data of the kset's keys durable — the write path
+        // stores and flushes data without a fence of its own — before the kset
+        // that points at it is stored.
         if self.key_head.off + size + KSET_HEADER_SIZE as u32 <= data_size {
             persist(
                 &mut self.pmem,
                 head + u64::from(size),
                 &[0u8; KSET_HEADER_SIZE],
             );
+        } else {
+            self.pmem.fence();
         }
         let Cache { ksets, pmem, .. } = self;
         let k = match ksets.get_mut(id) {
@@ -123,8 +138,13 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         };
         let bytes = k.seal()?;
         persist(pmem, head, bytes);
+        let nocrc = k.nocrc;
         k.reset();
         self.key_head.off += size;
+        if nocrc {
+            self.nocrc_until = self.log_seq_head + 1;
+        }
+        self.log_seq_head += 1;
         self.stats.ksets_written += 1;
         Ok(())
     }
@@ -185,10 +205,9 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             self.pmem
                 .read(addr + u64::from(done), chunk)
                 .map_err(|_| CacheError::Io("pmem media error"))?;
-            crc_state = crate::meta::crc32c::crc32c(crc_state, chunk);
+            crc_state = self.pmem.crc32c(crc_state, chunk);
             done += n;
         }
-        let _ = pcache_crc;
         Ok(crc_state)
     }
 }

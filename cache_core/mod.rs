@@ -95,6 +95,9 @@ pub struct Status {
     pub key_head: Pos,
     pub dirty_tail: Pos,
     pub key_tail: Pos,
+    /// Whether data written from now on gets a CRC (`cache_flags` holds the
+    /// on-media `DATA_CRC` flag, which may lag behind; see [`Cache::set_data_crc`]).
+    pub data_crc: bool,
     pub keys: usize,
     pub key_capacity: usize,
     pub stats: Stats,
@@ -131,6 +134,17 @@ pub struct Cache<'a, P: Pmem, B: Backing> {
     pub(crate) dirty_tail: Tail,
     pub(crate) need_clean: bool,
     pub(crate) stats: Stats,
+    /// Data written from now on gets a CRC.
+    pub(crate) data_crc: bool,
+    /// Ordinals of the key-carrying ksets in the log since attach: the one at the
+    /// key tail, and the one the next close writes. Replay numbers the ksets it
+    /// finds from 0; GC consumes them in the same order.
+    pub(crate) log_seq_tail: u64,
+    pub(crate) log_seq_head: u64,
+    /// One past the ordinal of the newest logged kset holding a key without a
+    /// CRC (0: none). The on-media `DATA_CRC` flag may only be set once the key
+    /// tail has passed it.
+    pub(crate) nocrc_until: u64,
 }
 
 impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
@@ -143,6 +157,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             key_head: self.key_head,
             dirty_tail: self.dirty_tail.pos,
             key_tail: self.key_tail.pos,
+            data_crc: self.data_crc,
             keys: self.index.len(),
             key_capacity: self.index.capacity(),
             stats: self.stats,
@@ -170,8 +185,9 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         &mut self.backing
     }
 
+    /// Whether data written from now on gets a CRC (the table's `data_crc`).
     pub fn data_crc(&self) -> bool {
-        self.info.data_crc()
+        self.data_crc
     }
 
     /// Visit every key of the index (tests, debugging).

@@ -10,7 +10,7 @@ use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos};
 use super::Cache;
-use crate::meta::kset::{kset_key, kset_read, KsetRead, KSET_ONMEDIA_SIZE_MAX};
+use crate::meta::kset::{kset_key, kset_read, KsetRead, KEY_FLAGS_DATA_CRC, KSET_ONMEDIA_SIZE_MAX};
 use crate::meta::{MetaError, MetaErrorKind};
 
 impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
@@ -30,13 +30,20 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     }
 
     /// Key `i` of the kset in the scratch buffer, validated and converted.
+    /// Under the on-media `DATA_CRC` flag every logged key has a CRC (upstream's
+    /// rule); otherwise only keys with `KEY_FLAGS_DATA_CRC` do.
     pub(crate) fn scratch_key(&self, i: usize) -> Result<Key, CacheError> {
         let om = kset_key(self.scratch, i)?;
         om.validate(self.dev_bytes, self.n_segs, self.geo.seg_data_size())?;
+        let flags = if self.info.data_crc() {
+            om.flags | KEY_FLAGS_DATA_CRC
+        } else {
+            om.flags
+        };
         Ok(Key {
             off: om.off,
             len: om.len,
-            flags: om.flags,
+            flags,
             pos: Pos {
                 seg: om.cache_seg_id,
                 off: om.cache_seg_off,
@@ -78,6 +85,11 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 KsetRead::Keys { key_num, size } => {
                     for i in 0..key_num as usize {
                         let key = self.scratch_key(i)?;
+                        // Counted before the staleness check: the C module
+                        // checks the CRC of every key it decodes.
+                        if !key.has_crc() {
+                            self.nocrc_until = self.log_seq_head + 1;
+                        }
                         // A key into the key log itself or past the key head would
                         // be corrupt, but only its range is checkable here.
                         if key.gen < self.seg(key.pos.seg).gen {
@@ -98,6 +110,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                         })?;
                     }
                     pos.off += size;
+                    self.log_seq_head += 1;
                 }
             }
         }

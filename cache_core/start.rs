@@ -44,7 +44,9 @@ fn read_slot<P: Pmem, const N: usize>(pmem: &P, off: u64) -> Result<[u8; N], Cac
 impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     /// Attach: format the device if its superblock is blank, otherwise validate the
     /// metadata and replay the key log. `geo` is [`Geometry::UPSTREAM`] in the
-    /// kernel.
+    /// kernel. `opts.data_crc` need not match what the cache was created with:
+    /// data written from now on follows it (a table reload can switch it, and the
+    /// line `dmsetup table` prints loads back), as [`Self::set_data_crc`] would.
     pub fn start(
         mut pmem: P,
         backing: B,
@@ -139,6 +141,10 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             dirty_tail: Tail::default(),
             need_clean: false,
             stats: Stats::default(),
+            data_crc: opts.data_crc,
+            log_seq_tail: 0,
+            log_seq_head: 0,
+            nocrc_until: 0,
         };
 
         cache.cache_info_init(opts, sb.seg_num)?;
@@ -146,6 +152,12 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         cache.segs_init(new_cache, sb.seg_num)?;
         cache.tail_init(new_cache)?;
         cache.replay()?;
+        // The table's data_crc applies from now on; the media flag follows it as
+        // far as the keys already in the log allow (see `set_data_crc`).
+        cache.info.flags &= !CACHE_FLAGS_DATA_CRC;
+        if cache.media_crc_allowed() {
+            cache.info.flags |= CACHE_FLAGS_DATA_CRC;
+        }
         cache.info.flags |= CACHE_FLAGS_INIT_DONE;
         cache.cache_info_write();
         Ok(cache)
@@ -156,11 +168,8 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         let s1: [u8; CACHE_INFO_STRUCT_SIZE] = read_slot(&self.pmem, CacheInfo::slot_off(1))?;
         match pick_latest::<CacheInfo>(&s0, &s1)? {
             Some((idx, info)) => {
-                if info.data_crc() != opts.data_crc {
-                    return Err(CacheError::Invalid(
-                        "data_crc option differs from the one the cache was created with",
-                    ));
-                }
+                // A data_crc differing from the media is not an error (unlike
+                // upstream): `start` switches to the table's value after replay.
                 self.info = info;
                 self.info_index = idx;
                 const CI: &str = "pcache_cache_info";
@@ -218,6 +227,39 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         self.info.set_gc_percent(percent);
         self.cache_info_write();
         Ok(())
+    }
+
+    /// `dmsetup message <dev> 0 data_crc true|false`: data written from now on
+    /// carries a CRC (checked on read and before writeback) or not; keys record
+    /// which (`KEY_FLAGS_DATA_CRC`), so data already cached keeps its own setting.
+    ///
+    /// The on-media `cache_info` flag `DATA_CRC` keeps upstream's meaning — every
+    /// key in the log has a valid CRC, which the C module checks when it decodes
+    /// a key — so a device stays attachable by the C module: switching off clears
+    /// the flag (persisted before any key without a CRC can be), switching on sets
+    /// it only once the key tail has passed every key without a CRC (now, or later
+    /// from GC). Until then the C module attaches with `data_crc false`.
+    pub fn set_data_crc(&mut self, on: bool) -> Result<(), CacheError> {
+        self.data_crc = on;
+        self.sync_crc_flag();
+        Ok(())
+    }
+
+    /// The on-media `DATA_CRC` flag may be set: data CRC is on, no open kset
+    /// holds a key without a CRC, and the key tail has passed every logged one.
+    pub(crate) fn media_crc_allowed(&self) -> bool {
+        self.data_crc
+            && self.log_seq_tail >= self.nocrc_until
+            && self.ksets.iter().all(|k| !k.has_nocrc())
+    }
+
+    /// Set or clear the on-media `DATA_CRC` flag as [`Self::media_crc_allowed`] says.
+    pub(crate) fn sync_crc_flag(&mut self) {
+        let want = self.media_crc_allowed();
+        if want != self.info.data_crc() {
+            self.info.flags ^= CACHE_FLAGS_DATA_CRC;
+            self.cache_info_write();
+        }
     }
 
     fn segs_init(&mut self, new_cache: bool, seg_num: u32) -> Result<(), CacheError> {

@@ -75,7 +75,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     }
 
     fn key_writeback(&mut self, key: &Key) -> Result<(), CacheError> {
-        if self.data_crc() {
+        if key.has_crc() {
             let crc = self.data_crc_at(key.pos, key.len)?;
             if crc != key.crc {
                 self.stats.crc_errors += 1;

@@ -15,6 +15,13 @@ pub const KSET_FLAGS_LAST: u64 = 1 << 0;
 
 pub const KEY_FLAGS_EMPTY: u32 = 1 << 0;
 pub const KEY_FLAGS_CLEAN: u32 = 1 << 1;
+/// dm-pcache-rs extension: this key's `data_crc` is valid. Upstream defines only
+/// EMPTY and CLEAN; its `cache_key_decode` copies the flags and tests only those
+/// two bits, so the C module carries this one along and ignores it. Upstream's
+/// own rule is cache-wide instead: while `cache_info` has `DATA_CRC`, every key
+/// in the log carries a valid CRC (the C module checks each key it decodes).
+/// A key has a CRC when this bit is set, or when that flag is set.
+pub const KEY_FLAGS_DATA_CRC: u32 = 1 << 31;
 
 /// `struct pcache_cache_key_onmedia`.
 #[repr(C)]

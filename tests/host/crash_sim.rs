@@ -6,8 +6,12 @@
 //! - `PCACHE_SEED=<n>`: replay one seed (printed by every failure).
 //! - `PCACHE_THREADS=<n>`: worker threads (default 2).
 
-use pcache_engine::cache_core::{Cache, CacheError, CacheOptions};
-use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
+use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos};
+use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
+use pcache_engine::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
+use pcache_engine::meta::header::pick_latest;
+use pcache_engine::meta::kset::{kset_key, kset_read, KsetRead, KEY_FLAGS_DATA_CRC};
+use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF, SEG_DATA_OFF};
 use pcache_engine::sim::{
     BackingModel, CrashImage, OwnedMem, Rng, Sector, SimBacking, SimPmem, World, SECTOR,
 };
@@ -222,6 +226,68 @@ struct Replayed {
     values: HashMap<u64, u64>,
 }
 
+/// The on-media `cache_info` DATA_CRC flag of a pmem image.
+fn media_crc_flag(pmem: &[u8]) -> bool {
+    let slot = |i: usize| {
+        let at = CacheInfo::slot_off(i) as usize;
+        &pmem[at..at + CACHE_INFO_STRUCT_SIZE]
+    };
+    matches!(pick_latest::<CacheInfo>(slot(0), slot(1)), Ok(Some((_, i))) if i.flags & CACHE_FLAGS_DATA_CRC != 0)
+}
+
+/// Upstream compatibility of data CRCs: the C module checks the CRC of every key
+/// it decodes (replay, writeback, GC) while `cache_info` has DATA_CRC, so with
+/// `flag_on` every key from the key tail to the key head must carry a valid CRC;
+/// and a key marked KEY_FLAGS_DATA_CRC must in any case. Returns the keys checked.
+fn check_log_crcs(cache: &Sim<'_>, pmem: &[u8], flag_on: bool) -> Result<u64, String> {
+    let st = cache.status();
+    let seg_data = (SEG_SIZE - SEG_DATA_OFF) as usize;
+    let data_off = |seg: u32| -> usize {
+        (SEGMENTS_OFF + u64::from(cache.segment(seg).phys) * SEG_SIZE + SEG_DATA_OFF) as usize
+    };
+    let mut pos = st.key_tail;
+    let mut checked = 0;
+    for _ in 0..100_000 {
+        if pos == st.key_head {
+            return Ok(checked);
+        }
+        let a = data_off(pos.seg) + pos.off as usize;
+        let buf = &pmem[a..data_off(pos.seg) + seg_data];
+        match kset_read(buf, st.n_segs) {
+            Ok(KsetRead::Keys { key_num, size }) => {
+                for i in 0..key_num as usize {
+                    let k = kset_key(buf, i).map_err(|e| e.to_string())?;
+                    if flag_on || k.flags & KEY_FLAGS_DATA_CRC != 0 {
+                        let d = data_off(k.cache_seg_id) + k.cache_seg_off as usize;
+                        let crc = crc32c(PCACHE_CRC_SEED, &pmem[d..d + k.len as usize]);
+                        if crc != k.data_crc {
+                            return Err(format!(
+                                "key {k:?} in the log at {pos:?} has a bad data CRC \
+                                 (cache_info DATA_CRC {flag_on}): the C module would refuse it"
+                            ));
+                        }
+                        checked += 1;
+                    }
+                }
+                pos.off += size;
+            }
+            Ok(KsetRead::Last { next_cache_seg_id }) => {
+                pos = Pos {
+                    seg: next_cache_seg_id,
+                    off: 0,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "log walk ends at {pos:?} before the key head {:?}: {other:?}",
+                    st.key_head
+                ))
+            }
+        }
+    }
+    Err("log walk does not terminate".into())
+}
+
 /// Properties 1 and 2 for one crash image.
 fn check_crash(img: CrashImage, model: &Model, cfg: &Cfg) -> Result<Replayed, String> {
     // Property 2: the backing device holds a log prefix (flush order respected).
@@ -259,16 +325,29 @@ fn check_crash(img: CrashImage, model: &Model, cfg: &Cfg) -> Result<Replayed, St
 
     // Property 1: replay succeeds and every sector reads a permitted version.
     let at_op = img.at_op;
+    let flag_before = media_crc_flag(&img.pmem);
     let world = World::untracked(img.pmem, BackingModel::new(BACKING, img.backing));
     let mut m = mem(cfg);
+    // The table given after the crash may switch data_crc either way.
+    let opts = CacheOptions {
+        data_crc: at_op.is_multiple_of(2),
+        ..cfg.opts
+    };
     let mut cache = Cache::start(
         SimPmem(world.clone()),
         SimBacking(world.clone()),
         geo(),
         m.borrow(),
-        &cfg.opts,
+        &opts,
     )
     .map_err(|e| format!("replay after crash at op {at_op} failed: {e}"))?;
+    let flag_after = cache.status().cache_flags & CACHE_FLAGS_DATA_CRC != 0;
+    check_log_crcs(
+        &cache,
+        &world.borrow().pmem.volatile,
+        flag_before || flag_after,
+    )
+    .map_err(|e| format!("crash at op {at_op}: {e}"))?;
     let mut values = HashMap::new();
     let flush_issue = model.last_flush_issue(at_op);
     for (s0, n) in runs(model) {
@@ -396,7 +475,7 @@ fn pick_range(rng: &mut Rng) -> (u64, u64) {
 
 fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, String> {
     let mut rng = Rng(seed);
-    let cfg = Cfg {
+    let mut cfg = Cfg {
         opts: CacheOptions {
             data_crc: rng.chance(1, 2),
             ..Default::default()
@@ -410,6 +489,8 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
     let mut next_id = seed.wrapping_mul(1_000_003) | 1;
     let mut crash_points = 0u64;
     for life in 0..lives {
+        // Each life's table may switch data_crc.
+        cfg.opts.data_crc = rng.chance(1, 2);
         let world = World::new(
             pmem_img.clone(),
             BackingModel::new(BACKING, backing_img.clone()),
@@ -525,10 +606,16 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                             .map_err(|e| format!("writeback: {e}"))?;
                     }
                 }
-                93..=98 => {
+                93..=97 => {
                     for _ in 0..1 + rng.below(8) {
                         cache.gc_step().map_err(|e| format!("gc: {e}"))?;
                     }
+                }
+                98 => {
+                    // `dmsetup message <dev> 0 data_crc true|false`
+                    cache
+                        .set_data_crc(rng.chance(1, 2))
+                        .map_err(|e| format!("set_data_crc: {e}"))?;
                 }
                 _ => {
                     let p = rng.below(91) as u8;
@@ -595,15 +682,17 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
     Ok(Outcome { crash_points })
 }
 
-/// Property 4: with data CRC on, corrupted cached data is an IO error, never data.
+/// Property 4: data written with CRC on and then corrupted is an IO error on
+/// read and is never written back, whatever data_crc was switched to since (by
+/// message or by the table of a later attach); keys record their own setting.
 fn check_data_crc(seed: u64) -> Result<(), String> {
     let mut rng = Rng(seed);
-    let cfg = Cfg {
+    let mut cfg = Cfg {
         opts: CacheOptions {
-            data_crc: true,
+            data_crc: rng.chance(1, 2),
             ..Default::default()
         },
-        n_ksets: 1,
+        n_ksets: 1 + rng.below(2) as usize,
         n_heads: 1,
     };
     let world = World::new(
@@ -620,42 +709,78 @@ fn check_data_crc(seed: u64) -> Result<(), String> {
         &cfg.opts,
     )
     .map_err(|e| e.to_string())?;
-    let n = 1 + rng.below(32);
-    let s = rng.below(1000);
-    let mut data = vec![0u8; n as usize * SECTOR];
-    for i in 0..n {
-        fill(
-            7,
-            s + i,
-            &mut data[i as usize * SECTOR..(i as usize + 1) * SECTOR],
-        );
-    }
-    cache
-        .write(s * SECTOR as u64, &data, true, 0)
-        .map_err(|e| e.to_string())?;
-    let mut key = None;
-    cache.for_each_key(|k| key = Some(*k));
-    let k = key.ok_or("no key")?;
-    let at = rng.below(u64::from(k.len));
-    let addr = SEGMENTS_OFF + u64::from(k.pos.seg) * SEG_SIZE + 0x3000 + u64::from(k.pos.off) + at;
-    world.borrow_mut().pmem.volatile[addr as usize] ^= 1 << rng.below(8);
-    let mut buf = vec![0u8; n as usize * SECTOR];
-    match cache.read(s * SECTOR as u64, &mut buf, false, 0) {
-        Err(CacheError::Io(_)) => {}
-        other => return Err(format!("corrupted cached data was not reported: {other:?}")),
+    // Writes to disjoint ranges, data_crc switched at random before each.
+    let mut writes = Vec::new();
+    for i in 0..2 + rng.below(8) {
+        if rng.chance(1, 2) {
+            cache
+                .set_data_crc(rng.chance(1, 2))
+                .map_err(|e| e.to_string())?;
+        }
+        let n = 1 + rng.below(32);
+        let s = i * 64 + rng.below(32);
+        let mut data = vec![0u8; n as usize * SECTOR];
+        for j in 0..n {
+            fill(
+                7 + i,
+                s + j,
+                &mut data[j as usize * SECTOR..(j as usize + 1) * SECTOR],
+            );
+        }
+        cache
+            .write(s * SECTOR as u64, &data, rng.chance(1, 4), 0)
+            .map_err(|e| e.to_string())?;
+        writes.push((s, n, cache.data_crc()));
     }
     cache.flush().map_err(|e| e.to_string())?;
-    match cache.writeback_step() {
-        Err(CacheError::Io(_)) => {}
-        other => return Err(format!("corrupted dirty data was written back: {other:?}")),
+    if rng.chance(1, 2) {
+        // Attach again with a table that may say otherwise.
+        drop(cache);
+        cfg.opts.data_crc = rng.chance(1, 2);
+        cache = Cache::start(
+            SimPmem(world.clone()),
+            SimBacking(world.clone()),
+            geo(),
+            m.borrow(),
+            &cfg.opts,
+        )
+        .map_err(|e| e.to_string())?;
     }
-    if world
-        .borrow()
-        .backing
-        .cached
-        .contains_key(&(s + at / SECTOR as u64))
-    {
-        return Err("corrupted data reached the backing device".into());
+    let (s, n, with_crc) = writes[rng.below(writes.len() as u64) as usize];
+    let mut key = None;
+    cache.for_each_key(|k| {
+        if k.off == s * SECTOR as u64 {
+            key = Some(*k);
+        }
+    });
+    let k = key.ok_or("no key for the write")?;
+    if k.has_crc() != with_crc {
+        return Err(format!(
+            "key {k:?} was written with data_crc {with_crc} but says otherwise"
+        ));
+    }
+    let at = rng.below(u64::from(k.len));
+    let phys = u64::from(cache.segment(k.pos.seg).phys);
+    let addr = SEGMENTS_OFF + phys * SEG_SIZE + SEG_DATA_OFF + u64::from(k.pos.off) + at;
+    world.borrow_mut().pmem.volatile[addr as usize] ^= 1 << rng.below(8);
+    let mut buf = vec![0u8; n as usize * SECTOR];
+    let r = cache.read(s * SECTOR as u64, &mut buf, false, 0);
+    match (with_crc, r) {
+        (true, Err(CacheError::Io(_))) | (false, Ok(_)) => {}
+        (true, other) => return Err(format!("corrupted cached data was not reported: {other:?}")),
+        (false, other) => return Err(format!("read of data without CRC failed: {other:?}")),
+    }
+    let r = cache.writeback_all();
+    let sector = (k.off + at) / SECTOR as u64;
+    if with_crc {
+        if !matches!(r, Err(CacheError::Io(_))) {
+            return Err(format!("corrupted dirty data was written back: {r:?}"));
+        }
+        if world.borrow().backing.cached.contains_key(&sector) {
+            return Err("corrupted data reached the backing device".into());
+        }
+    } else {
+        r.map_err(|e| format!("writeback of data without CRC: {e}"))?;
     }
     Ok(())
 }
@@ -808,7 +933,16 @@ fn main() {
     let start = Instant::now();
 
     if let Some(seed) = env_u64("PCACHE_SEED") {
-        match run_seed(seed, 4, 300) {
+        let r = check_data_crc(seed)
+            .and_then(|()| {
+                if seed % 8 == 0 {
+                    check_corruption(seed).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| run_seed(seed, 4, 300));
+        match r {
             Ok(o) => println!("seed {seed}: ok, {} crash points", o.crash_points),
             Err(e) => {
                 println!("seed {seed}: FAILED: {e}");

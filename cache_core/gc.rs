@@ -85,7 +85,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 // The key tail (persisted above) may have passed the last key
                 // without a CRC: the DATA_CRC flag can follow the table now.
                 self.log_seq_tail += 1;
-                if self.data_crc && !self.info.data_crc() {
+                if self.crc_flag_pending || (self.data_crc && !self.info.data_crc()) {
                     self.sync_crc_flag();
                 }
                 self.stats.ksets_gced += 1;

@@ -97,6 +97,9 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         fua: bool,
         cpu: usize,
     ) -> Result<(), CacheError> {
+        if self.crc_flag_pending {
+            self.sync_crc_flag();
+        }
         let mut done = 0usize;
         while done < data.len() {
             let koff = off + done as u64;

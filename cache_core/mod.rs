@@ -145,6 +145,8 @@ pub struct Cache<'a, P: Pmem, B: Backing> {
     /// CRC (0: none). The on-media `DATA_CRC` flag may only be set once the key
     /// tail has passed it.
     pub(crate) nocrc_until: u64,
+    /// The table's data_crc differs from the media flag: sync before the next key.
+    pub(crate) crc_flag_pending: bool,
 }
 
 impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {

@@ -145,6 +145,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             log_seq_tail: 0,
             log_seq_head: 0,
             nocrc_until: 0,
+            crc_flag_pending: false,
         };
 
         cache.cache_info_init(opts, sb.seg_num)?;
@@ -153,11 +154,11 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         cache.tail_init(new_cache)?;
         cache.replay()?;
         // The table's data_crc applies from now on; the media flag follows it as
-        // far as the keys already in the log allow (see `set_data_crc`).
-        cache.info.flags &= !CACHE_FLAGS_DATA_CRC;
-        if cache.media_crc_allowed() {
-            cache.info.flags |= CACHE_FLAGS_DATA_CRC;
-        }
+        // far as the keys already in the log allow (see `set_data_crc`), but only
+        // from the first write (or GC step) on: a constructor that never serves
+        // IO — a table load that is cleared again while the old instance stays
+        // — must not change the flag under the instance that owns the device.
+        cache.crc_flag_pending = cache.media_crc_allowed() != cache.info.data_crc();
         cache.info.flags |= CACHE_FLAGS_INIT_DONE;
         cache.cache_info_write();
         Ok(cache)
@@ -255,6 +256,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
 
     /// Set or clear the on-media `DATA_CRC` flag as [`Self::media_crc_allowed`] says.
     pub(crate) fn sync_crc_flag(&mut self) {
+        self.crc_flag_pending = false;
         let want = self.media_crc_allowed();
         if want != self.info.data_crc() {
             self.info.flags ^= CACHE_FLAGS_DATA_CRC;

@@ -25,12 +25,12 @@ pub enum Step {
 }
 
 impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
-    /// Write back the kset at the dirty tail (`cache_writeback_fn`). After an error
-    /// writeback stops (and is counted) until the cache is restarted.
+    /// Write back the kset at the dirty tail (`cache_writeback_fn`). An error is
+    /// counted and leaves the dirty tail where it was, so the next step retries
+    /// the same kset (its writes are idempotent): a backing device that recovers
+    /// gets every dirty byte. Data that failed its CRC fails again each time and
+    /// is never written back.
     pub fn writeback_step(&mut self) -> Result<Step, CacheError> {
-        if self.stats.writeback_errors > 0 {
-            return Err(CacheError::Io("writeback stopped after an error"));
-        }
         let r = self.writeback_one();
         if r.is_err() {
             self.stats.writeback_errors += 1;

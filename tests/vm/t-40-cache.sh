@@ -1,0 +1,354 @@
+# The cache itself: data written through the cache comes back byte for byte under every setting
+# (data_crc on/off, gc_percent 0/70/90) with a working set larger than the cache, across remove and
+# create, suspend and resume and a table reload; writeback drains to the backing device; and every
+# kind of bad input is refused with its own error and no kernel splat.
+# shellcheck shell=bash
+#
+# The cache is a 512 MiB dm-linear slice of the pmem (DAX passes through dm-linear): upstream's
+# minimum size, so that writing more than the cache holds stays quick under TCG. Data is written by
+# fio with verify=crc32c (every block carries its offset and a checksum) and checked later by the
+# same job with --verify_only, on whichever device must hold it.
+
+C_CACHE_MIB=512
+
+# c_slice <name> <MiB> [<offset MiB>]: a dm-linear slice of the pmem; prints its path.
+c_slice() {
+	dms create "$DM_PREFIX$1" --table "0 $(($2 * 2048)) linear $PMEM_DEV $((${3:-0} * 2048))"
+	echo "/dev/mapper/$DM_PREFIX$1"
+}
+
+# c_table <cache dev> [opt args...]: our target over <cache dev> and the backing device.
+c_table() {
+	local cache=$1
+	shift
+	echo "0 $(sectors "$BACKING_DEV") $TARGET $cache $BACKING_DEV $*"
+}
+
+# c_new <name> [opt args...]: a fresh cache (zeroed slice) named pct_<name>; prints its path.
+c_new() {
+	local name=$1 cache
+	shift
+	ensure_module
+	wipe_cache
+	cache=$(c_slice "${name}_pm" "$C_CACHE_MIB")
+	create "$name" "$(c_table "$cache" "$@")"
+	echo "/dev/mapper/$DM_PREFIX$name"
+}
+
+# c_status <name> <field>: one field of the upstream status line
+#   sb_flags seg_num n_segs used_segs gc_percent cache_flags key_head dirty_tail key_tail
+c_status() {
+	local f
+	case "$2" in
+	sb_flags) f=4 ;; seg_num) f=5 ;; n_segs) f=6 ;; used_segs) f=7 ;; gc_percent) f=8 ;;
+	cache_flags) f=9 ;; key_head) f=10 ;; dirty_tail) f=11 ;; key_tail) f=12 ;;
+	*) fail "c_status: unknown field $2" ;;
+	esac
+	dmsetup status "$DM_PREFIX$1" | awk -v f="$f" '{ print $f }'
+}
+
+# c_wait_drained <name> <seconds>: wait until writeback has caught up (dirty tail == key head).
+c_wait_drained() {
+	local i
+	for ((i = 0; i < $2; i++)); do
+		[ "$(c_status "$1" dirty_tail)" = "$(c_status "$1" key_head)" ] && return 0
+		sleep 1
+	done
+	fail "writeback did not drain in $2 s: status $(dmsetup status "$DM_PREFIX$1")"
+}
+
+# c_fio <write|verify> <dev> <rw> <offset> <size> <seed> [extra fio args]: the data job. "write"
+# writes (and verifies) the region; "verify" only reads it back and checks it against what the same
+# job wrote. numjobs=2: each job owns one half of the region.
+c_fio() {
+	local mode=$1 dev=$2 rw=$3 off=$4 size=$5 seed=$6 half
+	shift 6
+	half=$(($(c_bytes "$size") / 2))
+	local args=(--name="c-$rw-$seed" --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8
+		--rw="$rw" --bsrange=4k-1m --blockalign=4k --numjobs=2
+		--offset="$off" --size="$half" --offset_increment="$half"
+		--randseed="$seed" --verify=crc32c --verify_fatal=1 --verify_backlog=0
+		--group_reporting --output-format=terse --terse-version=3)
+	if [ "$mode" = write ]; then args+=(--do_verify=1); else args+=(--verify_only=1); fi
+	fio "${args[@]}" "$@" >"$T_TMP/fio.terse" 2>"$T_TMP/fio.err" ||
+		fail "fio $mode $rw at $off+$size on $dev failed: $(tail -n 3 "$T_TMP/fio.err") $(tail -c 300 "$T_TMP/fio.terse")"
+	# terse v3: field 5 is the error code; 6 read KiB; 7 read KiB/s; 47 write KiB; 48 write KiB/s.
+	expect_eq "fio $mode $rw error code" 0 "$(cut -d';' -f5 "$T_TMP/fio.terse" | head -n1)"
+	echo "fio $mode $rw $off+$size: read $(cut -d';' -f7 "$T_TMP/fio.terse") KiB/s," \
+		"write $(cut -d';' -f48 "$T_TMP/fio.terse") KiB/s"
+}
+
+# Bytes of a size written as <n>M or <n>G.
+c_bytes() {
+	case "$1" in
+	*M) echo $((${1%M} << 20)) ;;
+	*G) echo $((${1%G} << 30)) ;;
+	*) echo "$1" ;;
+	esac
+}
+
+# c_fio_matrix <data_crc true|false>: the fio verify matrix over one device. For each gc_percent
+# (0, 70, 90) a sequential and a random job, each on its own region, so the regions together are
+# 1.5x the cache: GC and writeback must run for the writes to fit. At the end every region is
+# verified again (most of it now comes from the backing device).
+c_fio_matrix() {
+	local crc=$1 dev name=fio_$1 gc i=0 tail0 regions=()
+	dev=$(c_new "$name" 2 data_crc "$crc")
+	dmsetup status "${DM_PREFIX}$name"
+	tail0=$(c_status "$name" key_tail)
+	for gc in 0 70 90; do
+		dms message "${DM_PREFIX}$name" 0 gc_percent "$gc"
+		expect_eq "gc_percent in status" "$gc" "$(c_status "$name" gc_percent)"
+		for rw in write randwrite; do
+			c_fio write "$dev" "$rw" "$((i * 128))M" 128M "$((1000 + i))"
+			regions+=("$rw $((i * 128))M 128M $((1000 + i))")
+			i=$((i + 1))
+			echo "after $rw at gc_percent $gc: $(dmsetup status "${DM_PREFIX}$name")"
+		done
+	done
+	[ "$(c_status "$name" key_tail)" != "$tail0" ] ||
+		fail "key tail never moved ($tail0) after writing 1.5x the cache: GC did not run"
+	local r
+	for r in "${regions[@]}"; do
+		# shellcheck disable=SC2086 # r is "<rw> <offset> <size> <seed>"
+		c_fio verify "$dev" $r
+	done
+	expect_eq "table data_crc" "$crc" "$(dmsetup table "${DM_PREFIX}$name" | sed -n 's/.*data_crc \([a-z]*\).*/\1/p')"
+}
+
+test_cache_fio_verify_data_crc_off() {
+	c_fio_matrix false
+}
+
+test_cache_fio_verify_data_crc_on() {
+	c_fio_matrix true
+}
+
+# data_crc can be switched at run time; data written under either setting reads back.
+test_cache_data_crc_message() {
+	local dev
+	dev=$(c_new crcmsg)
+	c_fio write "$dev" write 0 16M 11
+	dms message "${DM_PREFIX}crcmsg" 0 data_crc true ||
+		fail "data_crc true rejected on a live cache: $(dmesg | grep pcache_rs | tail -n 1)"
+	expect_match "table after data_crc true" "data_crc true" "$(dmsetup table "${DM_PREFIX}crcmsg")"
+	c_fio write "$dev" write 16M 16M 12
+	dms message "${DM_PREFIX}crcmsg" 0 data_crc false
+	expect_match "table after data_crc false" "data_crc false" "$(dmsetup table "${DM_PREFIX}crcmsg")"
+	c_fio write "$dev" write 32M 16M 13
+	c_fio verify "$dev" write 0 16M 11
+	c_fio verify "$dev" write 16M 16M 12
+	c_fio verify "$dev" write 32M 16M 13
+	# Across a re-attach too: each key remembers whether it carries a CRC.
+	dms remove "${DM_PREFIX}crcmsg"
+	create crcmsg "$(c_table "/dev/mapper/${DM_PREFIX}crcmsg_pm")"
+	c_fio verify "$dev" write 0 16M 11
+	c_fio verify "$dev" write 16M 16M 12
+	c_fio verify "$dev" write 32M 16M 13
+}
+
+# Remove (no writeback wait) and create again with the same table: every dirty byte is there.
+test_cache_remove_create_dirty() {
+	local dev tbl
+	dev=$(c_new rc)
+	tbl=$(dmsetup table "${DM_PREFIX}rc")
+	c_fio write "$dev" randwrite 64M 64M 21
+	c_fio write "$dev" write 1G 32M 22
+	dmsetup status "${DM_PREFIX}rc"
+	if [ "$(c_status rc dirty_tail)" = "$(c_status rc key_head)" ]; then
+		echo "note: writeback had already caught up before the remove"
+	fi
+	dms remove "${DM_PREFIX}rc"
+	create rc "$tbl"
+	c_fio verify "$dev" randwrite 64M 64M 21
+	c_fio verify "$dev" write 1G 32M 22
+	# And a second cycle after more writes over the replayed cache.
+	c_fio write "$dev" randwrite 80M 32M 23
+	dms remove "${DM_PREFIX}rc"
+	create rc "$tbl"
+	c_fio verify "$dev" write 1G 32M 22
+	c_fio verify "$dev" randwrite 80M 32M 23
+}
+
+test_cache_suspend_resume() {
+	local dev
+	dev=$(c_new sr)
+	c_fio write "$dev" randwrite 0 32M 31
+	dms suspend "${DM_PREFIX}sr"
+	dmsetup info "${DM_PREFIX}sr" | grep -q 'State: *SUSPENDED' || fail "device not suspended"
+	dmsetup status "${DM_PREFIX}sr"
+	dms resume "${DM_PREFIX}sr"
+	c_fio verify "$dev" randwrite 0 32M 31
+	# IO queued while suspended completes after resume.
+	dms suspend "${DM_PREFIX}sr"
+	c_fio write "$dev" write 32M 16M 32 &
+	local pid=$!
+	sleep 2
+	dms resume "${DM_PREFIX}sr"
+	wait "$pid" || fail "write issued while suspended failed"
+	c_fio verify "$dev" randwrite 0 32M 31
+	c_fio verify "$dev" write 32M 16M 32
+}
+
+# dmsetup suspend; load the table `dmsetup table` printed; resume: the new instance's constructor
+# runs while the old one still holds the devices, and every byte survives.
+test_cache_table_reload() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream refuses table loads for a live device"
+	local dev tbl i
+	dev=$(c_new rl 2 data_crc true)
+	c_fio write "$dev" randwrite 0 48M 41
+	for i in 1 2; do
+		tbl=$(dmsetup table "${DM_PREFIX}rl")
+		dms suspend "${DM_PREFIX}rl"
+		dms load "${DM_PREFIX}rl" --table "$tbl"
+		dms resume "${DM_PREFIX}rl"
+		expect_eq "table after reload $i" "$tbl" "$(dmsetup table "${DM_PREFIX}rl")"
+		c_fio verify "$dev" randwrite 0 48M 41
+		c_fio write "$dev" write "$((48 + i * 16))M" 16M "$((41 + i))"
+	done
+	c_fio verify "$dev" write 64M 16M 42
+	c_fio verify "$dev" write 80M 16M 43
+	# A reload with a table that fails keeps the old instance working.
+	dms suspend "${DM_PREFIX}rl"
+	must_fail dms load "${DM_PREFIX}rl" --table "$(c_table "/dev/mapper/${DM_PREFIX}rl_pm" 1 bogus)"
+	dms resume "${DM_PREFIX}rl"
+	c_fio verify "$dev" randwrite 0 48M 41
+}
+
+# Writeback catches up (status: dirty tail reaches key head); then the backing device alone, without
+# the cache, holds every byte.
+test_cache_writeback_drains() {
+	local dev
+	dev=$(c_new wb)
+	c_fio write "$dev" randwrite 0 48M 51
+	c_fio write "$dev" write 512M 48M 52
+	echo "before drain: $(dmsetup status "${DM_PREFIX}wb")"
+	c_wait_drained wb 600
+	echo "drained: $(dmsetup status "${DM_PREFIX}wb")"
+	dms remove "${DM_PREFIX}wb"
+	c_fio verify "$BACKING_DEV" randwrite 0 48M 51
+	c_fio verify "$BACKING_DEV" write 512M 48M 52
+}
+
+# --- bad input ------------------------------------------------------------------------------------
+
+# c_must_refuse <log text> <table line>: create fails, the kernel log has the text (pcache_rs only:
+# upstream words its errors differently), and no device is left.
+c_must_refuse() {
+	local want=$1 tbl=$2 before log
+	before=$(kernel_log_lines)
+	must_fail dms create "${DM_PREFIX}bad" --table "$tbl"
+	log=$(kernel_log_since "$before")
+	echo "$log"
+	if [ "$TARGET" = pcache_rs ]; then
+		grep -qF -- "$want" <<<"$log" || fail "kernel log lacks '$want'"
+		grep -q "device-mapper: table: .*: $TARGET: " <<<"$log" ||
+			fail "no ti->error reported through device-mapper: table"
+	fi
+	! dmsetup info "${DM_PREFIX}bad" >/dev/null 2>&1 || fail "device ${DM_PREFIX}bad left behind"
+}
+
+test_cache_bad_messages() {
+	local m before log
+	c_new msg >/dev/null
+	dms message "${DM_PREFIX}msg" 0 gc_percent 55
+	expect_eq "gc_percent" 55 "$(c_status msg gc_percent)"
+	for m in "gc_percent 91" "gc_percent 100" "gc_percent -1" "gc_percent abc" "gc_percent" \
+		"gc_percent 5 6" "gc_percent 0x10" "data_crc maybe" "data_crc" "frobnicate 1" "" ; do
+		before=$(kernel_log_lines)
+		# shellcheck disable=SC2086 # the message is words on purpose
+		must_fail dms message "${DM_PREFIX}msg" 0 $m
+		log=$(kernel_log_since "$before")
+		if [ "$TARGET" = pcache_rs ] && [ -n "$m" ]; then
+			grep -q "pcache_rs: " <<<"$log" || fail "message '$m' rejected without a log line"
+		fi
+		expect_eq "gc_percent after '$m'" 55 "$(c_status msg gc_percent)"
+		expect_match "table after '$m'" "data_crc false" "$(dmsetup table "${DM_PREFIX}msg")"
+	done
+	dms message "${DM_PREFIX}msg" 0 gc_percent 90
+	expect_eq "gc_percent" 90 "$(c_status msg gc_percent)"
+	dms message "${DM_PREFIX}msg" 0 gc_percent 0
+	expect_eq "gc_percent" 0 "$(c_status msg gc_percent)"
+}
+
+test_cache_non_dax_cache_device() {
+	ensure_module
+	local loop
+	loop=$(make_loop 600)
+	c_must_refuse "does not support DAX" "$(c_table "$loop")"
+	if [ -n "${BRD_KO:-}" ] && [ -f "$BRD_KO" ] && [ ! -d /sys/module/brd ]; then
+		insmod "$BRD_KO" rd_nr=1 rd_size=$((600 * 1024)) max_part=0
+		c_must_refuse "does not support DAX" "$(c_table /dev/ram0)"
+		rmmod brd
+	fi
+}
+
+test_cache_too_small() {
+	ensure_module
+	wipe_cache
+	local small
+	small=$(c_slice small 256)
+	c_must_refuse "too small" "$(c_table "$small")"
+	dms remove "${DM_PREFIX}small"
+	small=$(c_slice small 511)
+	c_must_refuse "too small" "$(c_table "$small")"
+}
+
+# Non-zero bytes that are not a pcache superblock: refused, and left as they were.
+test_cache_foreign_metadata() {
+	ensure_module
+	wipe_cache
+	local pm sum
+	pm=$(c_slice fm "$C_CACHE_MIB")
+	head -c 4096 /dev/urandom | dd of="$pm" bs=4096 seek=1 oflag=direct status=none
+	sum=$(head -c 65536 "$pm" | sha256sum)
+	c_must_refuse "pcache_sb" "$(c_table "$pm")"
+	expect_eq "pmem after refusal" "$sum" "$(head -c 65536 "$pm" | sha256sum)"
+	# A filesystem on the would-be cache device is foreign metadata too.
+	mkfs.ext4 -q -F "$pm"
+	c_must_refuse "pcache_sb" "$(c_table "$pm")"
+	fsck.ext4 -fn "$pm" || fail "the ext4 on the refused device was modified"
+}
+
+# c_corrupt <dev> <byte offset> <bytes>: overwrite with random bytes.
+c_corrupt() {
+	head -c "$3" /dev/urandom | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+	sync
+}
+
+test_cache_corrupt_slots() {
+	local dev pm tbl img=$T_TMP/meta.img
+	dev=$(c_new cs)
+	pm=/dev/mapper/${DM_PREFIX}cs_pm
+	c_fio write "$dev" randwrite 0 16M 61
+	dms message "${DM_PREFIX}cs" 0 gc_percent 60
+	tbl=$(dmsetup table "${DM_PREFIX}cs")
+	dms remove "${DM_PREFIX}cs"
+	# The formatted metadata (superblock, cache_info, ctrl, first segment's header), to restore.
+	dd if="$pm" of="$img" bs=4096 count=8 iflag=direct status=none
+
+	restore() { dd if="$img" of="$pm" bs=4096 count=8 oflag=direct status=none; }
+	# One bad slot of a pair: the other one serves, every byte is still there.
+	local off
+	for off in $((0x2000)) $((0x3000)); do
+		c_corrupt "$pm" $((off + 8)) 64
+		create cs "$tbl" || fail "cache_info slot at $off corrupt: attach failed, the other slot should serve"
+		c_fio verify "$dev" randwrite 0 16M 61
+		dms remove "${DM_PREFIX}cs"
+		restore
+	done
+	# Both slots bad: refused, naming the structure, nothing overwritten.
+	local what sum
+	for what in "$((0x2000)) 8192 pcache_cache_info" "$((0x4000)) 4096 key_tail_pos" \
+		"$((0x5000)) 8192 pcache_segment_info" "$((0x1000)) 4096 pcache_sb"; do
+		set -- $what
+		c_corrupt "$pm" "$1" "$2"
+		sum=$(head -c 65536 "$pm" | sha256sum)
+		c_must_refuse "$3" "$tbl"
+		expect_eq "pmem after refusing corrupt $3" "$sum" "$(head -c 65536 "$pm" | sha256sum)"
+		restore
+	done
+	# Restored: attaches again with every byte.
+	create cs "$tbl"
+	c_fio verify "$dev" randwrite 0 16M 61
+}

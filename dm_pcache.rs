@@ -54,7 +54,7 @@ const MAX_IO_SECTORS: u64 = 2048;
 /// Period of the background tick (writeback, GC, idle kset flush).
 const TICK_MS: u32 = 200;
 /// Most writeback or GC steps per tick, so that requests are not starved of the engine lock.
-const STEPS_PER_TICK: u32 = 64;
+const STEPS_PER_TICK: u32 = 16;
 /// How long a request waits for space before it fails (only if writeback cannot progress,
 /// i.e. the backing device keeps failing).
 const BUSY_TIMEOUT_MS: u32 = 30_000;
@@ -191,17 +191,26 @@ impl Inner {
                     return Err(EIO);
                 }
             }
-            let wb = engine.writeback_step();
-            let gc = engine.gc_step();
-            if !matches!(wb, Ok(Step::Progress)) && !matches!(gc, Ok(Step::Progress)) {
-                if waited_ms >= BUSY_TIMEOUT_MS {
-                    pr_err!("pcache_rs: cache full and writeback cannot make progress\n");
-                    return Err(EIO);
-                }
-                target::work::sleep_ms(10);
-                waited_ms += 10;
+            if Self::make_room(engine) {
+                continue;
             }
+            if waited_ms >= BUSY_TIMEOUT_MS {
+                pr_err!("pcache_rs: cache full and writeback cannot make progress\n");
+                return Err(EIO);
+            }
+            target::work::sleep_ms(10);
+            waited_ms += 10;
         }
+    }
+
+    /// One round of making room in a full cache: persist open ksets (their keys cannot be
+    /// written back before), write back, collect. Returns whether anything progressed.
+    fn make_room(engine: &mut Engine) -> bool {
+        // A Busy flush (no segment for the key log) is what writeback and GC then resolve.
+        let _ = engine.flush();
+        let wb = engine.writeback_step();
+        let gc = engine.gc_step();
+        matches!(wb, Ok(Step::Progress)) || matches!(gc, Ok(Step::Progress))
     }
 
     /// The background tick: idle kset flush, writeback, GC.
@@ -242,8 +251,8 @@ impl Inner {
     fn quiesce(&self) {
         self.quiesced.store(true, Ordering::Release);
         let mut st = self.state.lock();
-        if let Err(e) = st.engine.flush() {
-            pr_err!("pcache_rs: flushing the key log failed: {}\n", Shown(&e));
+        if let Err(e) = Self::retry_busy(&mut st, |e| e.flush()) {
+            pr_err!("pcache_rs: persisting the key log failed: {:?}\n", e);
         }
     }
 }
@@ -369,8 +378,10 @@ impl Pcache {
 
         let geo = meta::layout::Geometry::UPSTREAM;
         let seg_num = geo.max_segs(cache.len());
-        // One key per 512 bytes of cached data at most, as the engine's documentation asks.
-        let keys = (seg_num * u64::from(geo.seg_data_size()) / 512).min(1 << 24) as usize;
+        // The key pool bounds how many extents the index holds. One key per 2 KiB of cache
+        // (about 32 MiB of keys per GiB) covers 4 KiB-and-larger writes with room to spare;
+        // when small writes exhaust it, requests wait for writeback and GC like a full cache.
+        let keys = (seg_num * u64::from(geo.seg_data_size()) / 2048).min(1 << 22) as usize;
         let sizing = Sizing {
             keys,
             ksets: 4,
@@ -539,14 +550,16 @@ impl TargetOperations for Pcache {
                     pr_err!("pcache_rs: gc_percent: {}\n", Shown(&e));
                     EIO
                 }),
-            Ok(table::Message::DataCrc(on)) => {
-                if self.inner.state.lock().engine.data_crc() == on {
-                    Ok(())
-                } else {
-                    pr_err!("pcache_rs: switching data_crc on a live cache is not supported yet\n");
-                    Err(EOPNOTSUPP)
-                }
-            }
+            Ok(table::Message::DataCrc(on)) => self
+                .inner
+                .state
+                .lock()
+                .engine
+                .set_data_crc(on)
+                .map_err(|e| {
+                    pr_err!("pcache_rs: data_crc: {}\n", Shown(&e));
+                    EIO
+                }),
             Err(e) => {
                 pr_err!("pcache_rs: message rejected: {}\n", e.as_str());
                 Err(EINVAL)
@@ -561,10 +574,9 @@ impl TargetOperations for Pcache {
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
-        // Writes smaller than a page are read-modify-written by nobody, but a 4 KiB minimum
-        // keeps filesystems from issuing them in the first place.
-        let lbs = limits.logical_block_size();
-        limits.raise_io_min(lbs.max(4096));
+        // The request worker stages at most `MAX_IO_SECTORS` at a time (device-mapper splits
+        // larger bios): say so, so that upper layers build bios of that size to begin with.
+        limits.limit_max_sectors(MAX_IO_SECTORS as u32);
     }
 }
 

@@ -108,7 +108,9 @@ impl Geometry {
         if dev_size < SEGMENTS_OFF {
             0
         } else {
-            (dev_size - SEGMENTS_OFF) / self.seg_size
+            // `checked_div`: a zero segment size (never built by this crate) gives no segments
+            // rather than a division panic.
+            (dev_size - SEGMENTS_OFF).checked_div(self.seg_size).unwrap_or(0)
         }
     }
 }

@@ -5,6 +5,7 @@
 #include <linux/vmalloc.h>
 #include <linux/blkdev.h>
 #include <linux/bio.h>
+#include <linux/crc32.h>
 
 #include "helpers.h"
 

@@ -46,6 +46,10 @@ impl Pmem for DaxPmem {
     fn fence(&mut self) {
         self.0.fence();
     }
+
+    fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
+        super::crc::crc32c(crc, data)
+    }
 }
 
 /// The backing side of the engine: synchronous bios from the target's workqueue.
@@ -215,6 +219,11 @@ impl Engine {
     /// Sets `gc_percent` (persisted in `cache_info`).
     pub(crate) fn set_gc_percent(&mut self, percent: u8) -> Result<(), CacheError> {
         self.cache.set_gc_percent(percent)
+    }
+
+    /// Turns data CRC on or off for data written from now on.
+    pub(crate) fn set_data_crc(&mut self, on: bool) -> Result<(), CacheError> {
+        self.cache.set_data_crc(on)
     }
 
     /// Whether new data gets a CRC.

@@ -37,6 +37,7 @@ pub(crate) mod bindings;
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]
 pub(crate) mod bio;
+pub(crate) mod crc;
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]
 pub(crate) mod dax;

@@ -145,7 +145,7 @@ pub fn parse_table<'a>(args: &[&'a [u8]]) -> Result<TableLine<'a>, TableError> {
         });
     };
     let count = parse_small_decimal(count).ok_or(TableError::OptArgCount)? as usize;
-    if count > MAX_OPT_ARGS || count % 2 != 0 {
+    if count > MAX_OPT_ARGS || !count.is_multiple_of(2) {
         return Err(TableError::OptArgCount);
     }
     if opts.len() != count {

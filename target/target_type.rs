@@ -145,9 +145,10 @@ impl QueueLimits<'_> {
         self.0.logical_block_size
     }
 
-    /// Raises the smallest IO size the device reports as efficient.
-    pub(crate) fn raise_io_min(&mut self, bytes: u32) {
-        self.0.io_min = self.0.io_min.max(bytes);
+    /// Caps the size of bios the device accepts at `sectors`.
+    pub(crate) fn limit_max_sectors(&mut self, sectors: u32) {
+        self.0.max_hw_sectors = self.0.max_hw_sectors.min(sectors);
+        self.0.max_sectors = self.0.max_sectors.min(sectors);
     }
 }
 

@@ -23,9 +23,20 @@ dms() { dmsetup --noudevsync "$@"; }
 
 kmsg() { echo "pcache-test: $*" >/dev/kmsg 2>/dev/null || true; }
 
-# Number of lines in the kernel log so far; `kernel_log_since N` prints what came after.
+# Kernel log since a marker: `kmsg_mark ID` writes one, `kernel_log_since ID` prints what followed
+# the last one. Every process start is slow under TCG with KASAN, so this costs one dmesg.
+# (`kernel_log_lines` / `kernel_log_since N`, by line count, work too.)
+kmsg_mark() { kmsg "mark $1"; }
 kernel_log_lines() { dmesg | wc -l; }
-kernel_log_since() { dmesg | tail -n +"$(($1 + 1))"; }
+kernel_log_since() {
+	local log
+	if [[ $1 =~ ^[0-9]+$ ]]; then
+		dmesg | tail -n +"$(($1 + 1))"
+		return
+	fi
+	log=$(dmesg)
+	printf '%s\n' "${log##*pcache-test: mark $1}"
+}
 
 fail() {
 	echo "$*" >"$T_TMP/reason"
@@ -45,10 +56,13 @@ expect_match() { # <what> <regex> <actual>
 
 # Remove every device-mapper device and loop device a test left behind.
 cleanup_devices() {
-	local name
+	local name left
 	for _ in 1 2 3; do
-		dmsetup ls 2>/dev/null | awk -v p="$DM_PREFIX" 'index($1, p) == 1 { print $1 }' | sort -r |
-			while read -r name; do dms remove --retry "$name" >/dev/null 2>&1 || true; done
+		# Reverse order: devices stacked on others (made later) go first.
+		left=$(dmsetup ls 2>/dev/null | while read -r name _; do
+			[[ $name == "$DM_PREFIX"* ]] && echo "$name"; done | tac)
+		[ -n "$left" ] || break
+		for name in $left; do dms remove --retry "$name" >/dev/null 2>&1 || true; done
 	done
 	if [ -f "$T_TMP/loops" ]; then
 		while read -r l; do losetup -d "$l" 2>/dev/null || true; done <"$T_TMP/loops"
@@ -58,10 +72,10 @@ cleanup_devices() {
 
 # run_test <function>: run one test and print its PASS/FAIL/SKIP line.
 run_test() {
-	local fn=$1 name=${1#test_} before rc splat out=$T_TMP/$1.out
+	local fn=$1 name=${1#test_} rc klog splat out=$T_TMP/$1.out
 	rm -f "$T_TMP/reason" "$T_TMP/skip"
 	kmsg "begin $name"
-	before=$(kernel_log_lines)
+	kmsg_mark "test-$name"
 	local t0=$SECONDS
 	(
 		set -eE -o pipefail
@@ -70,13 +84,15 @@ run_test() {
 	) >"$out" 2>&1
 	rc=$?
 	cleanup_devices >>"$out" 2>&1
-	splat=$(kernel_log_since "$before" | grep -E "$SPLAT_RE" | head -n 3 || true)
+	klog=$(kernel_log_since "test-$name")
+	splat=
+	[[ $klog =~ $SPLAT_RE ]] && splat=$(grep -E "$SPLAT_RE" <<<"$klog" | head -n 3)
 	kmsg "end $name"
 	local took=$((SECONDS - t0))s
 	if [ -n "$splat" ]; then
 		T_FAILED=$((T_FAILED + 1)); T_FAILED_NAMES+=("$name")
 		echo "FAIL $name (kernel log: $(echo "$splat" | head -n1 | sed 's/^\[[^]]*\] //'))"
-		kernel_log_since "$before" | sed 's/^/    dmesg| /' | tail -n 60
+		sed 's/^/    dmesg| /' <<<"$klog" | tail -n 60
 	elif [ "$rc" != 0 ]; then
 		T_FAILED=$((T_FAILED + 1)); T_FAILED_NAMES+=("$name")
 		echo "FAIL $name ($(cat "$T_TMP/reason" 2>/dev/null || echo "exit $rc"))"
@@ -102,8 +118,12 @@ summary() {
 
 # --- helpers for the tests ----------------------------------------------------------------------
 
-# Sectors of a block device.
-sectors() { blockdev --getsz "$1"; }
+# Sectors of a block device (the two test devices are looked up once).
+declare -A SECTORS_OF
+sectors() {
+	[ -n "${SECTORS_OF[$1]:-}" ] || SECTORS_OF[$1]=$(blockdev --getsz "$1")
+	echo "${SECTORS_OF[$1]}"
+}
 
 # A fresh cache device: the C target formats the cache when it finds no superblock, and would
 # otherwise replay whatever an earlier test left on the pmem.

@@ -32,13 +32,13 @@ test_create_option_spellings() {
 # The table line "0 <len> <target> <args>" must be rejected, the kernel log must name the error, and
 # no device may be left behind.
 malformed() {
-	local want_rs=$1 want_c=$2 args=$3 want before log
+	local want_rs=$1 want_c=$2 args=$3 want log
 	ensure_module
 	if [ "$TARGET" = pcache_rs ]; then want=$want_rs; else want=$want_c; fi
 	[ "$want" != - ] || skip "upstream dm-pcache accepts this line"
-	before=$(kernel_log_lines)
+	kmsg_mark malformed
 	must_fail dms create "${DM_PREFIX}bad" --table "0 $(sectors "$BACKING_DEV") $TARGET $args"
-	log=$(kernel_log_since "$before")
+	log=$(kernel_log_since malformed)
 	echo "$log"
 	grep -qF "$TARGET: $want" <<<"$log" ||
 		fail "kernel log lacks '$TARGET: $want'; got: $(grep 'device-mapper: table' <<<"$log" | tail -n1)"
@@ -116,12 +116,12 @@ test_malformed_backing_dev_missing() {
 test_malformed_length_beyond_backing() {
 	# Upstream leaves this to device-mapper core, which reports it in its own words.
 	[ "$TARGET" = pcache_rs ] || skip "upstream has no such check in its constructor"
-	local before log
+	local log
 	ensure_module
-	before=$(kernel_log_lines)
+	kmsg_mark malformed
 	must_fail dms create "${DM_PREFIX}bad" --table \
 		"0 $(($(sectors "$BACKING_DEV") + 8)) $TARGET $PMEM_DEV $BACKING_DEV"
-	log=$(kernel_log_since "$before")
+	log=$(kernel_log_since malformed)
 	grep -q "device-mapper: table: .*: $TARGET: Target length exceeds backing device" <<<"$log" ||
 		fail "no 'Target length exceeds backing device' in: $(grep 'device-mapper' <<<"$log" | tail -n1)"
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Guest half of tests/powercut: one boot of the power-cut test. Runs inside qemu/run-vm.
 #
-#   tests/vm/powercut-guest.sh <state file> <boot number> <last: 0|1>
+#   tests/vm/powercut-guest.sh <state file> <boot number> <last: 0|1> [<module .ko>]
 #
 # The state file lives in the repository (the host sees it after the guest dies); it records which
 # writes became durable (an fsync on the device, i.e. a FLUSH, completed after them) and which were
@@ -19,6 +19,7 @@ set -uo pipefail
 state=$1
 boot=$2
 last=$3
+ko=${4:-$PCACHE_KO}
 
 SPLAT_RE='WARNING:|BUG:|KASAN|possible circular locking|lockdep|Oops|Call Trace|general protection|UBSAN|kernel BUG'
 REGIONS=24           # regions of the device the test writes, REGION_MIB each
@@ -51,13 +52,15 @@ pc_fio() {
 	fio "${args[@]}" "$@" >/tmp/pc-fio.out 2>&1
 }
 
+# Only what the kernel logged after this script started counts (boot messages mention lockdep).
+log_base=$(dmesg | wc -l)
 splat_check() {
 	local s
-	s=$(dmesg | grep -E "$SPLAT_RE" | head -n 3)
+	s=$(dmesg | tail -n +"$((log_base + 1))" | grep -E "$SPLAT_RE" | head -n 3)
 	[ -z "$s" ] || die "kernel splat: $s"
 }
 
-[ -d /sys/module/dm_pcache_rs ] || insmod "$PCACHE_KO" || die "insmod failed"
+[ -d /sys/module/dm_pcache_rs ] || insmod "$ko" || die "insmod $ko failed"
 if [ "$boot" = 0 ]; then
 	dd if=/dev/zero of="$PMEM_DEV" bs=1M count=64 oflag=direct status=none
 	: >"$state"

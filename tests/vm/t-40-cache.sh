@@ -74,8 +74,16 @@ c_fio() {
 		fail "fio $mode $rw at $off+$size on $dev failed: $(tail -n 3 "$T_TMP/fio.err") $(tail -c 300 "$T_TMP/fio.terse")"
 	# terse v3: field 5 is the error code; 6 read KiB; 7 read KiB/s; 47 write KiB; 48 write KiB/s.
 	expect_eq "fio $mode $rw error code" 0 "$(cut -d';' -f5 "$T_TMP/fio.terse" | head -n1)"
-	echo "fio $mode $rw $off+$size: read $(cut -d';' -f7 "$T_TMP/fio.terse") KiB/s," \
-		"write $(cut -d';' -f48 "$T_TMP/fio.terse") KiB/s"
+	# Throughput goes to the run's results too: the same jobs run on pcache_rs and on C pcache.
+	echo "fio $mode $rw $off+$size on $(c_target_of "$dev"): read $(cut -d';' -f7 "$T_TMP/fio.terse") KiB/s," \
+		"write $(cut -d';' -f48 "$T_TMP/fio.terse") KiB/s" | tee -a "${RESULTS_DIR:-$T_TMP}/cache-fio.txt"
+}
+
+# The device-mapper target under a device path (or "raw" for a plain block device).
+c_target_of() {
+	local n=${1#/dev/mapper/}
+	[ "$n" != "$1" ] || { echo raw; return; }
+	dmsetup table "$n" 2>/dev/null | awk '{ print $3; exit }'
 }
 
 # Bytes of a size written as <n>M or <n>G.

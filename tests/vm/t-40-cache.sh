@@ -72,7 +72,10 @@ c_fio() {
 	if [ "$mode" = write ]; then args+=(--do_verify=0); else args+=(--verify_only=1); fi
 	fio "${args[@]}" "$@" >"$T_TMP/fio.terse" 2>"$T_TMP/fio.err" ||
 		fail "fio $mode $rw at $off+$size on $dev failed: $(tail -n 3 "$T_TMP/fio.err") $(tail -c 300 "$T_TMP/fio.terse")"
-	# terse v3: field 5 is the error code; 6 read KiB; 7 read KiB/s; 47 write KiB; 48 write KiB/s.
+	# terse v3 (the line starting "3;", fio may print warnings before it): field 5 is the error
+	# code; 7 read KiB/s; 48 write KiB/s.
+	grep '^3;' "$T_TMP/fio.terse" >"$T_TMP/fio.line" || fail "no terse line from fio: $(head -c 300 "$T_TMP/fio.terse")"
+	mv "$T_TMP/fio.line" "$T_TMP/fio.terse"
 	expect_eq "fio $mode $rw error code" 0 "$(cut -d';' -f5 "$T_TMP/fio.terse" | head -n1)"
 	# Throughput goes to the run's results too: the same jobs run on pcache_rs and on C pcache.
 	echo "fio $mode $rw $off+$size on $(c_target_of "$dev"): read $(cut -d';' -f7 "$T_TMP/fio.terse") KiB/s," \
@@ -144,8 +147,9 @@ test_cache_working_set_larger_than_cache() {
 	n_segs=$(c_status ws n_segs)
 	(while sleep 10; do echo "status: $(dmsetup status "${DM_PREFIX}ws")"; done) &
 	mon=$!
+	trap 'kill "$mon" 2>/dev/null || true' EXIT
 	c_fio write "$dev" write 0 "${C_WS_MIB}M" 3 --bs=1M --do_verify=0
-	kill "$mon"
+	kill "$mon" || true
 	echo "after the working set: $(dmsetup status "${DM_PREFIX}ws") (n_segs $n_segs)"
 	[ "$(c_status ws key_tail)" != "$tail0" ] ||
 		fail "key tail never moved ($tail0) after writing ${C_WS_MIB} MiB into a ${C_CACHE_MIB} MiB cache"

@@ -9,7 +9,7 @@ fio_verify() { # <device> <job name> [extra fio args]
 	shift 2
 	fio --name="$name" --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 \
 		--rw=randwrite --bsrange=4k-256k --size=100% --verify=crc32c --do_verify=1 \
-		--verify_fatal=1 --verify_backlog=0 --randseed=1234 --group_reporting \
+		--verify_fatal=1 --verify_backlog=0 --verify_state_save=0 --randseed=1234 --group_reporting \
 		--output-format=terse --terse-version=3 "$@" >"$T_TMP/fio.terse" ||
 		fail "fio verify on $dev failed: $(tail -n 3 "$T_TMP/fio.terse")"
 	# terse v3: field 5 is the job's error code.

@@ -60,6 +60,8 @@ splat_check() {
 	[ -z "$s" ] || die "kernel splat: $s"
 }
 
+# Process substitution needs /dev/fd, which the minimal guest init does not create.
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 [ -d /sys/module/dm_pcache_rs ] || insmod "$ko" || die "insmod $ko failed"
 if [ "$boot" = 0 ]; then
 	dd if=/dev/zero of="$PMEM_DEV" bs=1M count=64 oflag=direct status=none
@@ -85,6 +87,7 @@ while read -r r rw seed; do
 		die "region $r ($rw seed $seed), durable before the cut, lost: $(grep -m3 -i 'verify\|bad\|err' /tmp/pc-fio.out)"
 	n=$((n + 1))
 done < <(durable)
+[ "$n" = "$(durable | wc -l)" ] || die "verified $n regions of $(durable | wc -l)"
 say "verified $n durable regions in $((SECONDS - t0)) s"
 record "verified $boot $n"
 splat_check
@@ -92,16 +95,20 @@ splat_check
 if [ "$last" = 1 ]; then
 	# Writeback drains completely, then the backing device alone holds every durable region.
 	for _ in $(seq 900); do
-		read -r kh dt < <(dmsetup status "$name" | awk '{ print $10, $11 }')
+		kh=$(dmsetup status "$name" | awk '{ print $10 }')
+		dt=$(dmsetup status "$name" | awk '{ print $11 }')
 		[ "$kh" = "$dt" ] && break
 		sleep 1
 	done
 	[ "$kh" = "$dt" ] || die "writeback did not drain: $(dmsetup status "$name")"
 	dms remove "$name" || die "remove"
 	dev=$BACKING_DEV
+	n=0
 	while read -r r rw seed; do
 		pc_fio verify "$r" "$rw" "$seed" || die "region $r not on the backing device after writeback"
+		n=$((n + 1))
 	done < <(durable)
+	[ "$n" = "$(durable | wc -l)" ] || die "verified $n regions of $(durable | wc -l) on the backing device"
 	say "backing device holds all durable regions after writeback"
 	dms remove "${name}_pm"
 	splat_check

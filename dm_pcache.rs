@@ -135,7 +135,13 @@ struct Inner {
 impl Inner {
     /// The request worker: drains the queue of held bios.
     fn run_requests(&self) {
-        while let Some(mut bio) = self.pending.lock().pop() {
+        loop {
+            // The queue's spinlock is released at the end of this statement, before the bio is
+            // handled (which sleeps): a `while let` on the guard would hold it for the body.
+            let next = self.pending.lock().pop();
+            let Some(mut bio) = next else {
+                break;
+            };
             let result = self.handle(&mut bio);
             bio.end(result);
         }

@@ -102,7 +102,7 @@ c_bytes() {
 # (0, 70, 90) a sequential and a random job (bs 4k..1M, numjobs 2), each on its own region; at the
 # end every region is verified again. gc_percent 0 makes GC reclaim every written-back segment, so
 # the key tail must have moved by the end.
-C_MATRIX_MIB=${C_MATRIX_MIB:-32}
+C_MATRIX_MIB=${C_MATRIX_MIB:-16}
 c_fio_matrix() {
 	local crc=$1 dev name=fio_$1 gc i=0 tail0 regions=() m=$C_MATRIX_MIB
 	dev=$(c_new "$name" 2 data_crc "$crc")

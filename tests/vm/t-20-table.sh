@@ -61,7 +61,7 @@ test_malformed_option_count_not_a_number() {
 }
 test_malformed_option_count_too_large() {
 	malformed "Invalid optional argument count" "Invalid number of cache option arguments" \
-		"$PMEM_DEV $BACKING_DEV 6 cache_mode writeback data_crc true cache_mode writeback"
+		"$PMEM_DEV $BACKING_DEV 6 cache_mode writeback data_crc true"
 }
 test_malformed_option_count_beyond_arguments() {
 	malformed "Invalid optional argument count" "Invalid number of cache option arguments" \

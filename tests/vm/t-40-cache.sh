@@ -297,7 +297,8 @@ test_cache_bad_messages() {
 		"gc_percent 5 6" "gc_percent 0x10" "data_crc maybe" "data_crc" "frobnicate 1" "" ; do
 		before=$(kernel_log_lines)
 		# shellcheck disable=SC2086 # the message is words on purpose
-		must_fail dms message "${DM_PREFIX}msg" 0 $m
+		# "--": a value like -1 must reach the target, not dmsetup's option parser.
+		must_fail dms message -- "${DM_PREFIX}msg" 0 $m
 		log=$(kernel_log_since "$before")
 		if [ "$TARGET" = pcache_rs ] && [ -n "$m" ]; then
 			grep -q "pcache_rs: " <<<"$log" || fail "message '$m' rejected without a log line"

@@ -192,6 +192,16 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                 }
             }
             None => {
+                // No valid slot: a new cache only if both slots are blank (format zeroes
+                // them); anything else is corrupt metadata and must not be overwritten.
+                if s0.iter().chain(s1.iter()).any(|&b| b != 0) {
+                    return Err(MetaError::new(
+                        "pcache_cache_info",
+                        "header.crc",
+                        MetaErrorKind::NoValidSlot,
+                    )
+                    .into());
+                }
                 let mut info = CacheInfo {
                     n_segs: seg_num,
                     ..CacheInfo::default()

@@ -161,10 +161,10 @@ impl Inner {
         match op {
             BioOp::Flush => Ok(()),
             BioOp::Write => {
-                let buf = st.bounce.get_mut(..len).ok_or(EINVAL)?;
-                bio.copy_to(buf)?;
                 let State { engine, bounce } = st;
-                let data = bounce.get(..len).ok_or(EINVAL)?;
+                let buf = bounce.get_mut(..len).ok_or(EINVAL)?;
+                bio.copy_to(buf)?;
+                let data = &*buf;
                 Self::retry_busy_with(engine, |e| e.write(off, data, fua))
             }
             BioOp::Read => {

@@ -110,7 +110,9 @@ impl Geometry {
         } else {
             // `checked_div`: a zero segment size (never built by this crate) gives no segments
             // rather than a division panic.
-            (dev_size - SEGMENTS_OFF).checked_div(self.seg_size).unwrap_or(0)
+            (dev_size - SEGMENTS_OFF)
+                .checked_div(self.seg_size)
+                .unwrap_or(0)
         }
     }
 }

@@ -68,6 +68,28 @@ struct Cell<W, T> {
     period_ms: u32,
 }
 
+impl<W, T> Cell<W, T> {
+    /// A pinned heap cell whose work item is still to be initialised by the C side.
+    fn boxed(
+        wq: &WorkQueue,
+        handler: Arc<T>,
+        run: WorkFn<T>,
+        period_ms: u32,
+    ) -> Result<Pin<KBox<Self>>> {
+        Ok(KBox::pin(
+            Cell {
+                work: Opaque::uninit(),
+                handler,
+                run,
+                wq: wq.wq,
+                rearm: AtomicBool::new(false),
+                period_ms,
+            },
+            GFP_KERNEL,
+        )?)
+    }
+}
+
 /// A work item that runs `T::run` once per [`Worker::queue`] (coalescing queued calls).
 pub(crate) struct Worker<T: Send + Sync + 'static> {
     cell: Pin<KBox<Cell<kernel::bindings::work_struct, T>>>,
@@ -81,17 +103,7 @@ unsafe impl<T: Send + Sync + 'static> Sync for Worker<T> {}
 impl<T: Send + Sync + 'static> Worker<T> {
     /// A work item for `handler` on `wq`; `wq` must outlive it (drop the worker first).
     pub(crate) fn new(wq: &WorkQueue, handler: Arc<T>, run: WorkFn<T>) -> Result<Self> {
-        let cell = KBox::pin(
-            Cell {
-                work: Opaque::uninit(),
-                handler,
-                run,
-                wq: wq.wq,
-                rearm: AtomicBool::new(false),
-                period_ms: 0,
-            },
-            GFP_KERNEL,
-        )?;
+        let cell = Cell::boxed(wq, handler, run, 0)?;
         // SAFETY: the cell is pinned on the heap, so the work item never moves; it is
         // initialised before it is queued.
         unsafe { bindings::pcache_rs_init_work(cell.work.get(), Some(Self::callback)) };
@@ -144,17 +156,7 @@ impl<T: Send + Sync + 'static> Ticker<T> {
         run: WorkFn<T>,
         period_ms: u32,
     ) -> Result<Self> {
-        let cell = KBox::pin(
-            Cell {
-                work: Opaque::uninit(),
-                handler,
-                run,
-                wq: wq.wq,
-                rearm: AtomicBool::new(false),
-                period_ms,
-            },
-            GFP_KERNEL,
-        )?;
+        let cell = Cell::boxed(wq, handler, run, period_ms)?;
         // SAFETY: as in `Worker::new`.
         unsafe { bindings::pcache_rs_init_delayed_work(cell.work.get(), Some(Self::callback)) };
         Ok(Self { cell })

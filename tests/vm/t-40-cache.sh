@@ -147,7 +147,8 @@ test_cache_working_set_larger_than_cache() {
 	n_segs=$(c_status ws n_segs)
 	(while sleep 10; do echo "status: $(dmsetup status "${DM_PREFIX}ws")"; done) &
 	mon=$!
-	trap 'kill "$mon" 2>/dev/null || true' EXIT
+	# Expanded now: the trap runs after this function's locals are gone (set -u).
+	trap "kill $mon 2>/dev/null || true" EXIT
 	c_fio write "$dev" write 0 "${C_WS_MIB}M" 3 --bs=1M --do_verify=0
 	kill "$mon" || true
 	echo "after the working set: $(dmsetup status "${DM_PREFIX}ws") (n_segs $n_segs)"

@@ -3,11 +3,13 @@
 //! dm-pcache-rs: a device-mapper target (`pcache_rs`) that caches a block device in persistent
 //! memory mapped through DAX, with the on-media format of upstream dm-pcache.
 //!
-//! `map` takes every bio and queues it for the target's request worker, which runs the cache
-//! engine (`cache_core/`, over the format in `meta/`) under one mutex: writes are copied into
-//! pmem and logged, reads are served from pmem and the backing device, flushes persist the key
-//! log. A periodic background tick writes dirty data back, collects free segments and persists
-//! idle ksets. `target/` holds all `unsafe` code: the bindings and their safe wrappers.
+//! The cache engine (`cache_core/`, over the format in `meta/`) runs under one mutex. `map`
+//! serves what needs no backing IO itself, in the submitter's context: writes are copied into
+//! pmem and logged, flushes persist the key log, reads the cache holds entirely are copied out.
+//! Read misses, and writes that find the cache full, go to the target's request worker, which
+//! may wait for the backing device and for writeback to make room. A periodic background tick
+//! writes dirty data back, collects free segments and persists idle ksets. `target/` holds all
+//! `unsafe` code: the bindings and their safe wrappers.
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -111,6 +113,15 @@ impl kernel::fmt::Display for Shown<'_> {
     }
 }
 
+/// Where a request is served: in `map`, in the submitter's context, where waiting for a bio of
+/// our own would deadlock (device-mapper defers bios submitted from `map` until it returns); or
+/// on the request worker, which may wait for the backing device and for space.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Where {
+    Map,
+    Worker,
+}
+
 /// What the request worker and the background tick share.
 struct State {
     engine: Engine,
@@ -147,42 +158,99 @@ impl Inner {
         }
     }
 
+    /// Serves a bio the worker took from the queue. While the cache is full it makes room by
+    /// writeback and GC and tries again, so the submitter never sees `EBUSY`; the engine lock
+    /// is let go between attempts so that `map` can go on serving hits meanwhile.
     fn handle(&self, bio: &mut HeldBio) -> Result {
+        let mut waited_ms = 0;
+        loop {
+            let mut st = self.state.lock();
+            if let Some(result) = self.serve(&mut st, bio, Where::Worker) {
+                return result;
+            }
+            if Self::make_room(&mut st.engine) {
+                continue;
+            }
+            drop(st);
+            if waited_ms >= BUSY_TIMEOUT_MS {
+                pr_err!("pcache_rs: cache full and writeback cannot make progress\n");
+                return Err(EIO);
+            }
+            target::work::sleep_ms(10);
+            waited_ms += 10;
+        }
+    }
+
+    /// Serves `bio` in `map` if that needs neither the backing device nor waiting for space
+    /// (a write or flush with room in the cache, a read the cache holds entirely): no context
+    /// switch to the worker, as upstream and dm-writecache do. `None` hands it to the worker.
+    fn serve_inline(&self, bio: &mut HeldBio) -> Option<Result> {
+        let mut st = self.state.lock();
+        self.serve(&mut st, bio, Where::Map)
+    }
+
+    /// One attempt at `bio` under the engine lock. `None`: it cannot complete here and now:
+    /// the cache is full, or (in `map`) it needs the backing device. A write that stops on a
+    /// full cache may have cached a leading part; serving it again rewrites the same bytes.
+    fn serve(&self, st: &mut State, bio: &mut HeldBio, at: Where) -> Option<Result> {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
         let op = bio.op();
-        let preflush = bio.is_preflush();
-        let fua = bio.is_fua();
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
-        if preflush || op == BioOp::Flush {
-            Self::retry_busy(st, |e| e.flush())?;
+        if bio.is_preflush() || op == BioOp::Flush {
+            if let Some(done) = Self::outcome(st.engine.flush()) {
+                if done.is_err() || op == BioOp::Flush {
+                    return Some(done);
+                }
+            } else {
+                return None;
+            }
         }
+        let fua = bio.is_fua();
+        let State { engine, bounce } = st;
         match op {
-            BioOp::Flush => Ok(()),
+            BioOp::Flush => Some(Ok(())),
             BioOp::Write => {
-                let State { engine, bounce } = st;
-                let buf = bounce.get_mut(..len).ok_or(EINVAL)?;
-                bio.copy_to(buf)?;
-                let data = &*buf;
-                Self::retry_busy_with(engine, |e| e.write(off, data, fua))
+                let Some(buf) = bounce.get_mut(..len) else {
+                    return Some(Err(EINVAL));
+                };
+                if let Err(e) = bio.copy_to(buf) {
+                    return Some(Err(e));
+                }
+                Self::outcome(engine.write(off, buf, fua))
             }
             BioOp::Read => {
-                let State { engine, bounce } = st;
-                let buf = bounce.get_mut(..len).ok_or(EINVAL)?;
-                Self::retry_busy_with(engine, |e| e.read(off, buf).map(|_| ()))?;
-                bio.copy_from(buf)
+                let Some(buf) = bounce.get_mut(..len) else {
+                    return Some(Err(EINVAL));
+                };
+                let read = match at {
+                    Where::Map => engine.read_cached(off, buf),
+                    Where::Worker => engine.read(off, buf).map(Some),
+                };
+                match read {
+                    Ok(Some(_)) => Some(bio.copy_from(buf)),
+                    Ok(None) => None,
+                    Err(e) => Some(Err(Self::failed(&e))),
+                }
             }
-            BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => Err(EOPNOTSUPP),
+            BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => Some(Err(EOPNOTSUPP)),
         }
     }
 
-    fn retry_busy(st: &mut State, op: impl FnMut(&mut Engine) -> Result<(), CacheError>) -> Result {
-        Self::retry_busy_with(&mut st.engine, op)
+    /// An engine result as a bio's: `None` when the cache is full.
+    fn outcome(r: Result<(), CacheError>) -> Option<Result> {
+        match r {
+            Ok(()) => Some(Ok(())),
+            Err(CacheError::Busy(_)) => None,
+            Err(e) => Some(Err(Self::failed(&e))),
+        }
     }
 
-    /// Runs `op`; while the cache is full, makes room by writeback and GC and tries again, so
-    /// the submitter never sees `EBUSY`.
+    fn failed(e: &CacheError) -> Error {
+        pr_err!("pcache_rs: request failed: {}\n", Shown(e));
+        EIO
+    }
+
+    /// Runs `op` until it is not refused for a full cache, making room in between.
     fn retry_busy_with(
         engine: &mut Engine,
         mut op: impl FnMut(&mut Engine) -> Result<(), CacheError>,
@@ -192,10 +260,7 @@ impl Inner {
             match op(engine) {
                 Ok(()) => return Ok(()),
                 Err(CacheError::Busy(_)) => {}
-                Err(e) => {
-                    pr_err!("pcache_rs: request failed: {}\n", Shown(&e));
-                    return Err(EIO);
-                }
+                Err(e) => return Err(Self::failed(&e)),
             }
             if Self::make_room(engine) {
                 continue;
@@ -219,17 +284,18 @@ impl Inner {
         matches!(wb, Ok(Step::Progress)) || matches!(gc, Ok(Step::Progress))
     }
 
-    /// The background tick: idle kset flush, writeback, GC.
+    /// The background tick: idle kset flush, writeback, GC. The engine lock is taken per step
+    /// (writeback waits for the backing device), so requests in `map` get in between.
     fn tick(&self) {
         if self.quiesced.load(Ordering::Acquire) {
             return;
         }
-        let mut st = self.state.lock();
-        if st.engine.flush_idle().is_err() {
+        if self.state.lock().engine.flush_idle().is_err() {
             self.writeback_errors.fetch_add(1, Ordering::Relaxed);
         }
         for _ in 0..STEPS_PER_TICK {
-            match st.engine.writeback_step() {
+            let step = self.state.lock().engine.writeback_step();
+            match step {
                 Ok(Step::Progress) => {}
                 Ok(Step::Idle) => break,
                 Err(e) => {
@@ -241,7 +307,8 @@ impl Inner {
             }
         }
         for _ in 0..STEPS_PER_TICK {
-            match st.engine.gc_step() {
+            let step = self.state.lock().engine.gc_step();
+            match step {
                 Ok(Step::Progress) => {}
                 Ok(Step::Idle) => break,
                 Err(e) => {
@@ -257,7 +324,7 @@ impl Inner {
     fn quiesce(&self) {
         self.quiesced.store(true, Ordering::Release);
         let mut st = self.state.lock();
-        if let Err(e) = Self::retry_busy(&mut st, |e| e.flush()) {
+        if let Err(e) = Self::retry_busy_with(&mut st.engine, |e| e.flush()) {
             pr_err!("pcache_rs: persisting the key log failed: {:?}\n", e);
         }
     }
@@ -479,9 +546,14 @@ impl TargetOperations for Pcache {
     }
 
     fn map(&self, _target: &Target<'_>, bio: &mut target::bio::Bio<'_>) -> MapResult {
-        let (held, taken) = bio.take();
-        self.inner.pending.lock().push(held);
-        self.worker.queue();
+        let (mut held, taken) = bio.take();
+        match self.inner.serve_inline(&mut held) {
+            Some(result) => held.end(result),
+            None => {
+                self.inner.pending.lock().push(held);
+                self.worker.queue();
+            }
+        }
         MapResult::Submitted(taken)
     }
 

@@ -16,6 +16,17 @@ pub struct ReadResult {
     pub miss_bytes: u64,
 }
 
+/// What a read does with the parts the cache does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Misses {
+    /// Read them from the backing device.
+    Read,
+    /// Read them and insert them as clean keys through data head `cpu`.
+    ReadAndCache(usize),
+    /// Stop at the first one.
+    Stop,
+}
+
 /// Segments a data head keeps free for the key log, so closing a kset can always
 /// find a segment even when data filled the cache.
 const LOG_RESERVE_SEGS: u32 = 1;
@@ -162,6 +173,33 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         cache_misses: bool,
         cpu: usize,
     ) -> Result<ReadResult, CacheError> {
+        let misses = if cache_misses {
+            Misses::ReadAndCache(cpu)
+        } else {
+            Misses::Read
+        };
+        self.read_with(off, buf, misses)
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// Read `buf.len()` bytes at `off` if the cache holds all of them, without
+    /// touching the backing device; `Ok(None)` at the first gap (`buf` then
+    /// holds some of the hits). For callers that cannot wait for the backing
+    /// device (device-mapper's `map`) and hand the request on when it misses.
+    pub fn read_cached(
+        &mut self,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<ReadResult>, CacheError> {
+        self.read_with(off, buf, Misses::Stop)
+    }
+
+    fn read_with(
+        &mut self,
+        off: u64,
+        buf: &mut [u8],
+        misses: Misses,
+    ) -> Result<Option<ReadResult>, CacheError> {
         self.check_range(off, buf.len())?;
         let end = off + buf.len() as u64;
         let mut res = ReadResult::default();
@@ -194,11 +232,14 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                     res.hit_bytes += out.len() as u64;
                 }
                 None => {
+                    if misses == Misses::Stop {
+                        return Ok(None);
+                    }
                     self.backing
                         .read(cur, out)
                         .map_err(|_| CacheError::Io("backing device read failed"))?;
                     res.miss_bytes += out.len() as u64;
-                    if cache_misses {
+                    if let Misses::ReadAndCache(cpu) = misses {
                         // Best effort: a full cache simply does not cache this read.
                         let _ = self.insert_data(cur, out, KEY_FLAGS_CLEAN, false, cpu);
                     }
@@ -212,7 +253,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         if res.miss_bytes > 0 {
             self.stats.read_misses += 1;
         }
-        Ok(res)
+        Ok(Some(res))
     }
 
     pub(crate) fn key_stale(&self, k: &Key) -> bool {

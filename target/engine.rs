@@ -196,6 +196,16 @@ impl Engine {
         self.cache.read(off, buf, true, 0)
     }
 
+    /// Reads `buf.len()` bytes at `off` if the cache holds them all, never touching the backing
+    /// device; `None` at the first gap.
+    pub(crate) fn read_cached(
+        &mut self,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<ReadResult>, CacheError> {
+        self.cache.read_cached(off, buf)
+    }
+
     /// Persists every open kset (REQ_PREFLUSH).
     pub(crate) fn flush(&mut self) -> Result<(), CacheError> {
         self.cache.flush()

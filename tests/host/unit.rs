@@ -391,3 +391,53 @@ fn writeback_retries_after_backing_errors() {
         assert_eq!(&w.backing.read_sector(8 + i as u64)[..], chunk);
     }
 }
+
+/// `read_cached` serves a range the cache holds entirely and stops at the first
+/// gap without reading the backing device (it runs where backing IO would
+/// deadlock: device-mapper's `map`).
+#[test]
+fn read_cached_serves_full_hits_and_never_reads_backing() {
+    use pcache_engine::cache_core::{Cache, CacheOptions};
+    use pcache_engine::meta::layout::SEGMENTS_OFF;
+    use pcache_engine::sim::{BackingModel, OwnedMem, SimBacking, SimPmem, World};
+    use std::collections::HashMap;
+    let seg = 64 * 1024;
+    let geo = Geometry::small(seg).unwrap();
+    let backing = 8u64 << 20;
+    let world = World::untracked(
+        vec![0u8; (SEGMENTS_OFF + 8 * seg) as usize],
+        BackingModel::new(backing, HashMap::new()),
+    );
+    let mut mem = OwnedMem::new(8, 256, backing, 1, 1);
+    let opts = CacheOptions {
+        data_crc: true,
+        ..Default::default()
+    };
+    let mut c = Cache::start(
+        SimPmem(world.clone()),
+        SimBacking(world.clone()),
+        geo,
+        mem.borrow(),
+        &opts,
+    )
+    .unwrap();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
+    c.write(4096, &data, false, 0).unwrap();
+    // A failing backing device proves that no path below reads it.
+    world.borrow_mut().backing_fails = true;
+    let mut buf = vec![0u8; 4096];
+    let r = c.read_cached(4096 + 2048, &mut buf).unwrap().unwrap();
+    assert_eq!(r.hit_bytes, 4096);
+    assert_eq!(r.miss_bytes, 0);
+    assert_eq!(&buf[..], &data[2048..2048 + 4096]);
+    // Straddling the end of the cached extent: a gap, so no answer.
+    assert_eq!(c.read_cached(4096 + 6144, &mut buf).unwrap(), None);
+    // Entirely uncached.
+    assert_eq!(c.read_cached(1 << 20, &mut buf).unwrap(), None);
+    // The full read still works once the backing device is back.
+    world.borrow_mut().backing_fails = false;
+    let r = c.read(4096 + 6144, &mut buf, false, 0).unwrap();
+    assert_eq!(r.hit_bytes, 2048);
+    assert_eq!(r.miss_bytes, 2048);
+    assert_eq!(&buf[..2048], &data[6144..]);
+}

@@ -40,6 +40,11 @@ WORKLOAD_LABEL = {"randread": "4k randread", "randrw": "4k randrw 70/30",
                   "randwrite": "4k randwrite", "seqwrite": "128k seqwrite"}
 VARIANT_LABEL = {"nj1-qd1": "1 job psync", "nj2-qd1": "2 jobs psync",
                  "nj1-qd16": "1 job io_uring qd16", "nj2-qd16": "2 jobs io_uring qd16"}
+# Short two-line labels for the chart's x axis.
+CHART_VARIANT = {"nj1-qd1": "1 job psync", "nj2-qd1": "2 jobs psync",
+                 "nj1-qd16": "1 job uring16", "nj2-qd16": "2 jobs uring16"}
+CHART_WORKLOAD = {"randread": "4k rand read", "randrw": "4k rand 70/30",
+                  "randwrite": "4k rand write", "seqwrite": "128k seq write"}
 BASELINE = "pcache"
 NAME_RE = re.compile(r"^(\d+)-(.+)-(" + "|".join(WORKLOADS) + r")-(" + "|".join(VARIANTS) + r")\.json$")
 
@@ -88,6 +93,7 @@ def load_runs(raw):
             "iops": mixed["iops"],
             "mean_us": lat["mean"] / 1000.0,
             "p99_us": lat.get("percentile", {}).get("99.000000", 0) / 1000.0,
+            "max_ms": lat.get("max", 0) / 1e6,
         })
     return runs
 
@@ -105,6 +111,7 @@ def summarise(runs):
             "iops": statistics.median(iops), "iops_min": min(iops), "iops_max": max(iops),
             "mean_us": statistics.median(r["mean_us"] for r in rs),
             "p99_us": statistics.median(r["p99_us"] for r in rs),
+            "max_ms": max(r["max_ms"] for r in rs),
         }
     for (config, job), row in rows.items():
         base = rows.get((BASELINE, job))
@@ -155,7 +162,8 @@ def settings_text(settings, guest, unavailable, measured):
         f" jobs); each run {settings.get('RAMP', '?')} s ramp + {settings.get('RUNTIME', '?')} s measured,"
         f" O_DIRECT; {settings.get('ROUNDS', '?')} rounds, configurations interleaved (order rotated each"
         " round); figures are medians of the rounds.",
-        "- Latency: fio total latency (submission to completion); p99 from fio's percentiles.",
+        "- Latency: fio total latency (submission to completion); p99 from fio's percentiles; max: the"
+        " longest single I/O in any round (a p99 below the mean means a few very long stalls).",
         "- Ratios are to the C `pcache` on the same job (IOPS: higher is better; latency: lower is"
         " better).",
         f"- pcache_rs built from {settings.get('RS_SOURCE', '?')}.",
@@ -199,8 +207,8 @@ def write_markdown(path, rows, settings, guest, unavailable, elapsed):
 
     out += ["## All figures", "",
             "| job | configuration | IOPS | vs pcache | IOPS min-max | mean lat us | vs pcache"
-            " | p99 lat us | vs pcache |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            " | p99 lat us | vs pcache | max lat ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for job in jobs:
         for c in configs:
             r = rows.get((c, job))
@@ -210,7 +218,7 @@ def write_markdown(path, rows, settings, guest, unavailable, elapsed):
                 f"| {job_label(job)} | {CONFIG_LABEL.get(c, c)} | {fmt_num(r['iops'])} | "
                 f"{fmt_ratio(r['iops_ratio'])} | {fmt_num(r['iops_min'])}-{fmt_num(r['iops_max'])} | "
                 f"{fmt_num(r['mean_us'])} | {fmt_ratio(r['mean_us_ratio'])} | {fmt_num(r['p99_us'])} | "
-                f"{fmt_ratio(r['p99_us_ratio'])} |")
+                f"{fmt_ratio(r['p99_us_ratio'])} | {fmt_num(r['max_ms'])} |")
     out.append("")
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -230,7 +238,7 @@ def write_chart(path, rows, settings, unavailable):
     colours = {"pmem": "#7f7f7f", "backing": "#c7c7c7", "pcache_rs": "#d62728", "pcache": "#1f77b4",
                "pcache_rs_crc": "#ff9896", "pcache_crc": "#aec7e8", "writecache": "#2ca02c",
                "bcache": "#ff7f0e"}
-    fig, (ax, axr) = plt.subplots(2, 1, figsize=(16, 10), height_ratios=[3, 2], sharex=True)
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(max(16, 1.2 * len(jobs)), 10), height_ratios=[3, 2], sharex=True)
     width = 0.8 / len(configs)
     xs = range(len(jobs))
     for i, c in enumerate(configs):
@@ -263,7 +271,8 @@ def write_chart(path, rows, settings, unavailable):
     axr.set_ylabel("IOPS / C pcache")
     axr.grid(axis="y", alpha=0.3)
     axr.set_xticks(list(xs))
-    axr.set_xticklabels([job_label(j).replace(", ", "\n") for j in jobs], fontsize=8)
+    axr.set_xticklabels([f"{CHART_WORKLOAD.get(w, w)}\n{CHART_VARIANT.get(v, v)}"
+                         for w, v in (j.split("-", 1) for j in jobs)], fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9 if "\n" in title else 0.93))
     fig.savefig(path, dpi=110)
     return True
@@ -300,10 +309,11 @@ def main():
     rows = summarise(runs)
     configs, jobs = ordered(rows)
 
-    write_csv(os.path.join(results, "runs.csv"), ["round", "config", "job", "iops", "mean_us", "p99_us"],
+    write_csv(os.path.join(results, "runs.csv"),
+              ["round", "config", "job", "iops", "mean_us", "p99_us", "max_ms"],
               sorted(runs, key=lambda r: (r["round"], r["config"], r["job"])))
     fields = ["config", "job", "rounds", "iops", "iops_ratio", "iops_min", "iops_max", "mean_us",
-              "mean_us_ratio", "p99_us", "p99_us_ratio"]
+              "mean_us_ratio", "p99_us", "p99_us_ratio", "max_ms"]
     write_csv(os.path.join(results, "results.csv"), fields,
               [rows[(c, j)] for j in jobs for c in configs if (c, j) in rows])
     write_markdown(os.path.join(results, "results.md"), rows, settings, guest, unavailable, elapsed)

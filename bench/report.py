@@ -160,7 +160,8 @@ def settings_text(settings, guest, unavailable, measured):
         f"{settings.get('DELAY_MS', '?')} ms on reads, writes and flushes.",
         f"- Working set {settings.get('WSS_MIB', '?')} MiB (written sequentially before each configuration's"
         f" jobs); each run {settings.get('RAMP', '?')} s ramp + {settings.get('RUNTIME', '?')} s measured,"
-        f" O_DIRECT; {settings.get('ROUNDS', '?')} rounds, configurations interleaved (order rotated each"
+        f" O_DIRECT; {settings.get('ROUNDS', '?')} round{'' if settings.get('ROUNDS') == '1' else 's'},"
+        " configurations interleaved (order rotated each"
         " round); figures are medians of the rounds.",
         "- Latency: fio total latency (submission to completion); p99 from fio's percentiles; max: the"
         " longest single I/O in any round (a p99 below the mean means a few very long stalls).",

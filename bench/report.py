@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 
@@ -34,10 +35,16 @@ CONFIG_LABEL = {
     "bcache": "bcache",
 }
 WORKLOADS = ["randread", "randrw", "randwrite", "seqwrite"]
-VARIANTS = ["nj1-qd1", "nj2-qd1", "nj1-qd16"]
+VARIANTS = ["nj1-qd1", "nj2-qd1", "nj1-qd16", "nj2-qd16"]
 WORKLOAD_LABEL = {"randread": "4k randread", "randrw": "4k randrw 70/30",
                   "randwrite": "4k randwrite", "seqwrite": "128k seqwrite"}
-VARIANT_LABEL = {"nj1-qd1": "1 job psync", "nj2-qd1": "2 jobs psync", "nj1-qd16": "qd16 io_uring"}
+VARIANT_LABEL = {"nj1-qd1": "1 job psync", "nj2-qd1": "2 jobs psync",
+                 "nj1-qd16": "1 job io_uring qd16", "nj2-qd16": "2 jobs io_uring qd16"}
+# Short two-line labels for the chart's x axis.
+CHART_VARIANT = {"nj1-qd1": "1 job psync", "nj2-qd1": "2 jobs psync",
+                 "nj1-qd16": "1 job uring16", "nj2-qd16": "2 jobs uring16"}
+CHART_WORKLOAD = {"randread": "4k rand read", "randrw": "4k rand 70/30",
+                  "randwrite": "4k rand write", "seqwrite": "128k seq write"}
 BASELINE = "pcache"
 NAME_RE = re.compile(r"^(\d+)-(.+)-(" + "|".join(WORKLOADS) + r")-(" + "|".join(VARIANTS) + r")\.json$")
 
@@ -47,13 +54,19 @@ def job_label(job):
     return f"{WORKLOAD_LABEL.get(w, w)}, {VARIANT_LABEL.get(v, v)}"
 
 
-def read_kv(path):
+def read_kv(path, shell=False):
+    """key=value lines; shell=True for bench/run's settings.env, whose values are printf %q quoted."""
     kv = {}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 if "=" in line:
                     k, v = line.rstrip("\n").split("=", 1)
+                    if shell:
+                        try:
+                            v = " ".join(shlex.split(v))
+                        except ValueError:
+                            pass
                     kv[k] = v.strip("'\"")
     return kv
 
@@ -80,6 +93,7 @@ def load_runs(raw):
             "iops": mixed["iops"],
             "mean_us": lat["mean"] / 1000.0,
             "p99_us": lat.get("percentile", {}).get("99.000000", 0) / 1000.0,
+            "max_ms": lat.get("max", 0) / 1e6,
         })
     return runs
 
@@ -97,6 +111,7 @@ def summarise(runs):
             "iops": statistics.median(iops), "iops_min": min(iops), "iops_max": max(iops),
             "mean_us": statistics.median(r["mean_us"] for r in rs),
             "p99_us": statistics.median(r["p99_us"] for r in rs),
+            "max_ms": max(r["max_ms"] for r in rs),
         }
     for (config, job), row in rows.items():
         base = rows.get((BASELINE, job))
@@ -135,18 +150,21 @@ def write_csv(path, fields, rows):
             w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def settings_text(settings, guest, unavailable):
+def settings_text(settings, guest, unavailable, measured):
     lines = [
         f"- One boot, {guest.get('cpus', '?')} vCPUs, kernel `{guest.get('kernel', '?')}`"
-        f" ({settings.get('ACCEL', 'TCG')}), {guest.get('fio', 'fio')}.",
+        f" ({settings.get('ACCEL', 'TCG')}), {guest.get('fio', 'fio')}."
+        + (f" Kernel build `{guest['kernel_build']}`." if guest.get("kernel_build") else ""),
         f"- Cache device: emulated NVDIMM `/dev/pmem0` (fsdax), {guest.get('pmem_mib', '?')} MiB.",
         f"- Backing device: brd RAM disk, {guest.get('backing_mib', '?')} MiB, behind `dm-delay` with "
         f"{settings.get('DELAY_MS', '?')} ms on reads, writes and flushes.",
         f"- Working set {settings.get('WSS_MIB', '?')} MiB (written sequentially before each configuration's"
         f" jobs); each run {settings.get('RAMP', '?')} s ramp + {settings.get('RUNTIME', '?')} s measured,"
-        f" O_DIRECT; {settings.get('ROUNDS', '?')} rounds, configurations interleaved (order rotated each"
+        f" O_DIRECT; {settings.get('ROUNDS', '?')} round{'' if settings.get('ROUNDS') == '1' else 's'},"
+        " configurations interleaved (order rotated each"
         " round); figures are medians of the rounds.",
-        "- Latency: fio total latency (submission to completion); p99 from fio's percentiles.",
+        "- Latency: fio total latency (submission to completion); p99 from fio's percentiles; max: the"
+        " longest single I/O in any round (a p99 below the mean means a few very long stalls).",
         "- Ratios are to the C `pcache` on the same job (IOPS: higher is better; latency: lower is"
         " better).",
         f"- pcache_rs built from {settings.get('RS_SOURCE', '?')}.",
@@ -155,7 +173,11 @@ def settings_text(settings, guest, unavailable):
         lines.append("- **The VM runs under TCG (no KVM): absolute figures are emulation speeds. Only"
                      " ratios between configurations measured in the same boot mean anything.**")
     for config, reason in unavailable:
-        lines.append(f"- **{CONFIG_LABEL.get(config, config)}: not available** ({reason}).")
+        if config in measured:
+            lines.append(f"- **{CONFIG_LABEL.get(config, config)}: failed in some rounds** ({reason});"
+                         " its figures are from the other rounds.")
+        else:
+            lines.append(f"- **{CONFIG_LABEL.get(config, config)}: not available** ({reason}).")
     return "\n".join(lines)
 
 
@@ -166,7 +188,7 @@ def write_markdown(path, rows, settings, guest, unavailable, elapsed):
     out = ["# dm-pcache-rs benchmark: pcache_rs against C dm-pcache, dm-writecache, bcache and raw pmem",
            "", f"Generated by `bench/run` on {settings.get('STAMP', '?')}"
            + (f" (took {elapsed})" if elapsed else "") + ".", "",
-           settings_text(settings, guest, unavailable), ""]
+           settings_text(settings, guest, unavailable, {c for c, _ in rows}), ""]
 
     out += ["## IOPS relative to C pcache (median of rounds)", ""]
     out.append("| job | " + " | ".join(CONFIG_LABEL.get(c, c) for c in configs) + " |")
@@ -186,8 +208,8 @@ def write_markdown(path, rows, settings, guest, unavailable, elapsed):
 
     out += ["## All figures", "",
             "| job | configuration | IOPS | vs pcache | IOPS min-max | mean lat us | vs pcache"
-            " | p99 lat us | vs pcache |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            " | p99 lat us | vs pcache | max lat ms |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for job in jobs:
         for c in configs:
             r = rows.get((c, job))
@@ -197,7 +219,7 @@ def write_markdown(path, rows, settings, guest, unavailable, elapsed):
                 f"| {job_label(job)} | {CONFIG_LABEL.get(c, c)} | {fmt_num(r['iops'])} | "
                 f"{fmt_ratio(r['iops_ratio'])} | {fmt_num(r['iops_min'])}-{fmt_num(r['iops_max'])} | "
                 f"{fmt_num(r['mean_us'])} | {fmt_ratio(r['mean_us_ratio'])} | {fmt_num(r['p99_us'])} | "
-                f"{fmt_ratio(r['p99_us_ratio'])} |")
+                f"{fmt_ratio(r['p99_us_ratio'])} | {fmt_num(r['max_ms'])} |")
     out.append("")
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -217,7 +239,7 @@ def write_chart(path, rows, settings, unavailable):
     colours = {"pmem": "#7f7f7f", "backing": "#c7c7c7", "pcache_rs": "#d62728", "pcache": "#1f77b4",
                "pcache_rs_crc": "#ff9896", "pcache_crc": "#aec7e8", "writecache": "#2ca02c",
                "bcache": "#ff7f0e"}
-    fig, (ax, axr) = plt.subplots(2, 1, figsize=(16, 10), height_ratios=[3, 2], sharex=True)
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(max(16, 1.2 * len(jobs)), 10), height_ratios=[3, 2], sharex=True)
     width = 0.8 / len(configs)
     xs = range(len(jobs))
     for i, c in enumerate(configs):
@@ -250,7 +272,8 @@ def write_chart(path, rows, settings, unavailable):
     axr.set_ylabel("IOPS / C pcache")
     axr.grid(axis="y", alpha=0.3)
     axr.set_xticks(list(xs))
-    axr.set_xticklabels([job_label(j).replace(", ", "\n") for j in jobs], fontsize=8)
+    axr.set_xticklabels([f"{CHART_WORKLOAD.get(w, w)}\n{CHART_VARIANT.get(v, v)}"
+                         for w, v in (j.split("-", 1) for j in jobs)], fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9 if "\n" in title else 0.93))
     fig.savefig(path, dpi=110)
     return True
@@ -262,7 +285,7 @@ def main():
         return 2
     raw, results = sys.argv[1], sys.argv[2]
     os.makedirs(results, exist_ok=True)
-    settings = read_kv(os.path.join(raw, "settings.env"))
+    settings = read_kv(os.path.join(raw, "settings.env"), shell=True)
     guest = read_kv(os.path.join(raw, "guest.txt"))
     unavailable = []
     up = os.path.join(raw, "unavailable.txt")
@@ -287,10 +310,11 @@ def main():
     rows = summarise(runs)
     configs, jobs = ordered(rows)
 
-    write_csv(os.path.join(results, "runs.csv"), ["round", "config", "job", "iops", "mean_us", "p99_us"],
+    write_csv(os.path.join(results, "runs.csv"),
+              ["round", "config", "job", "iops", "mean_us", "p99_us", "max_ms"],
               sorted(runs, key=lambda r: (r["round"], r["config"], r["job"])))
     fields = ["config", "job", "rounds", "iops", "iops_ratio", "iops_min", "iops_max", "mean_us",
-              "mean_us_ratio", "p99_us", "p99_us_ratio"]
+              "mean_us_ratio", "p99_us", "p99_us_ratio", "max_ms"]
     write_csv(os.path.join(results, "results.csv"), fields,
               [rows[(c, j)] for j in jobs for c in configs if (c, j) in rows])
     write_markdown(os.path.join(results, "results.md"), rows, settings, guest, unavailable, elapsed)

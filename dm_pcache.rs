@@ -27,13 +27,16 @@ mod cache_core;
 mod meta;
 mod target;
 
-use cache_core::{writeback::Step, CacheError, CacheOptions};
+use cache_core::{
+    writeback::{Step, WbPlan},
+    CacheError, CacheOptions,
+};
 use target::{
     args::Args,
     bio::{BioOp, BioQueue, HeldBio},
     dax::{DaxError, DaxMapping},
     device::TargetDevice,
-    engine::{BackingIo, DaxPmem, Engine, Sizing, StartError},
+    engine::{BackingIo, DaxPmem, Engine, Sizing, StartError, Writeback},
     status::{StatusType, StatusWriter},
     table::{self, TableError, TableOptions, MAX_ARGS},
     target_type::{
@@ -135,6 +138,9 @@ struct Inner {
     state: Mutex<State>,
     #[pin]
     pending: SpinLock<BioQueue>,
+    /// The tick's writeback, which copies outside `state` (only the tick takes this lock).
+    #[pin]
+    writeback: Mutex<Writeback>,
     /// Set once the instance is quiesced (suspended) or being destroyed: the tick stops writing.
     quiesced: AtomicBool,
     /// First sector of the target in the mapped device.
@@ -294,8 +300,7 @@ impl Inner {
             self.writeback_errors.fetch_add(1, Ordering::Relaxed);
         }
         for _ in 0..STEPS_PER_TICK {
-            let step = self.state.lock().engine.writeback_step();
-            match step {
+            match self.writeback_step() {
                 Ok(Step::Progress) => {}
                 Ok(Step::Idle) => break,
                 Err(e) => {
@@ -317,6 +322,28 @@ impl Inner {
                     break;
                 }
             }
+        }
+    }
+
+    /// Writes back the kset at the dirty tail, holding the engine lock only to plan and to
+    /// commit: the copy waits for the backing device.
+    fn writeback_step(&self) -> Result<Step, CacheError> {
+        let mut wb = self.writeback.lock();
+        let plan = self.state.lock().engine.writeback_plan(wb.extents_mut())?;
+        let batch = match plan {
+            WbPlan::Idle => return Ok(Step::Idle),
+            WbPlan::Moved => return Ok(Step::Progress),
+            WbPlan::Batch(b) => b,
+        };
+        let copied = wb.copy(batch.n);
+        let mut st = self.state.lock();
+        match copied {
+            Ok(()) => {
+                // False if the worker, making room, wrote the same kset back meanwhile.
+                st.engine.writeback_commit(batch);
+                Ok(Step::Progress)
+            }
+            Err(e) => Err(st.engine.writeback_failed(e)),
         }
     }
 
@@ -484,12 +511,19 @@ impl Pcache {
         })?;
         let bounce = KVVec::from_elem(0u8, (MAX_IO_SECTORS << 9) as usize, GFP_KERNEL)
             .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
+        let writeback = Writeback::new(
+            cache.clone(),
+            backing.clone(),
+            (MAX_IO_SECTORS << 9) as usize,
+        )
+        .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
 
         let begin = target.begin();
         let inner = Arc::pin_init(
             pin_init!(Inner {
                 state <- new_mutex!(State { engine, bounce }),
                 pending <- new_spinlock!(BioQueue::new()),
+                writeback <- new_mutex!(writeback),
                 quiesced: AtomicBool::new(false),
                 begin,
                 writeback_errors: AtomicU32::new(0),

@@ -47,7 +47,19 @@ pub trait Backing {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError>;
     /// REQ_PREFLUSH: make every completed write durable.
     fn flush(&mut self) -> Result<(), IoError>;
+    /// Write each `(off, data)`, at most [`WRITE_BATCH_MAX`] of them, which never
+    /// overlap: the kernel glue submits them all at once and waits, so that
+    /// writeback overlaps the backing device's latency. In any order.
+    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
+        for (off, data) in writes {
+            self.write(*off, data)?;
+        }
+        Ok(())
+    }
 }
+
+/// Most writes in one [`Backing::write_batch`].
+pub const WRITE_BATCH_MAX: usize = 32;
 
 impl<T: Pmem + ?Sized> Pmem for &mut T {
     fn size(&self) -> u64 {
@@ -82,6 +94,9 @@ impl<T: Backing + ?Sized> Backing for &mut T {
     }
     fn flush(&mut self) -> Result<(), IoError> {
         (**self).flush()
+    }
+    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
+        (**self).write_batch(writes)
     }
 }
 

@@ -39,6 +39,7 @@ pub use key::{Key, Pos};
 pub use kset::KsetBuf;
 pub use options::CacheOptions;
 pub use segment::SegState;
+pub use writeback::WbExtent;
 
 /// A data head: where the next data of one CPU is appended.
 #[derive(Debug, Clone, Copy, Default)]
@@ -62,6 +63,8 @@ pub struct CacheMem<'a> {
     pub scratch: &'a mut [u8],
     /// Bounce buffer for writeback and CRC checks (4 KiB or more).
     pub bounce: &'a mut [u8],
+    /// Room for one kset's writeback plan (at least `KSET_KEYS_MAX`).
+    pub wb_extents: &'a mut [WbExtent],
 }
 
 /// How much [`CacheMem`] a device needs.
@@ -129,6 +132,7 @@ pub struct Cache<'a, P: Pmem, B: Backing> {
     pub(crate) heads: &'a mut [DataHead],
     pub(crate) scratch: &'a mut [u8],
     pub(crate) bounce: &'a mut [u8],
+    pub(crate) wb_extents: &'a mut [WbExtent],
     pub(crate) key_head: Pos,
     pub(crate) key_tail: Tail,
     pub(crate) dirty_tail: Tail,

@@ -12,7 +12,7 @@ use crate::meta::cache_info::{
     CACHE_INFO_STRUCT_SIZE, CACHE_POS_STRUCT_SIZE, GC_PERCENT_DEFAULT, GC_PERCENT_MAX,
 };
 use crate::meta::header::{pick_latest, MetaHeader, SlotIndex, Slotted};
-use crate::meta::kset::KSET_HEADER_SIZE;
+use crate::meta::kset::{KSET_HEADER_SIZE, KSET_KEYS_MAX};
 use crate::meta::layout::{
     Geometry, CACHE_CTRL_SIZE, CACHE_INFO_OFF, CACHE_INFO_SIZE, META_INDEX_MAX, SB_OFF,
     SEG_DATA_OFF,
@@ -103,6 +103,11 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         if mem.scratch.len() < SCRATCH_BYTES || mem.bounce.len() < 4096 {
             return Err(CacheError::NoMem("scratch or bounce buffer too small"));
         }
+        if mem.wb_extents.len() < KSET_KEYS_MAX {
+            return Err(CacheError::NoMem(
+                "fewer writeback extents than keys in a kset",
+            ));
+        }
         let n_roots = roots_needed(dev_bytes);
         let roots = mem.roots;
         let roots = match roots.get_mut(..n_roots) {
@@ -136,6 +141,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             heads: mem.heads,
             scratch: mem.scratch,
             bounce: mem.bounce,
+            wb_extents: mem.wb_extents,
             key_head: Pos::default(),
             key_tail: Tail::default(),
             dirty_tail: Tail::default(),

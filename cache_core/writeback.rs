@@ -7,12 +7,18 @@
 //! and persisted. So the backing device always holds a prefix of the log plus at
 //! most part of the kset being written back, and writes the application
 //! separated by a FLUSH (different ksets) reach it in order.
+//!
+//! A step is three parts so that a caller can run the slow middle one without
+//! the engine's lock: [`Cache::writeback_plan`] resolves the kset's dirty keys
+//! into extents, [`writeback_extents`] copies them and flushes the backing
+//! device, [`Cache::writeback_commit`] moves the dirty tail.
 
-use super::env::{Backing, Pmem};
+use super::env::{Backing, Pmem, WRITE_BATCH_MAX};
 use super::error::CacheError;
-use super::key::Key;
+use super::key::Pos;
 use super::Cache;
 use crate::meta::cache_info::CtrlPos;
+use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::KsetRead;
 
 /// What one writeback or GC step did.
@@ -24,6 +30,171 @@ pub enum Step {
     Progress,
 }
 
+/// One dirty extent of the kset being written back, resolved under the engine's
+/// lock so that the copy can run without it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WbExtent {
+    /// Byte offset on the backing device.
+    pub off: u64,
+    /// Byte address of the data on the cache device.
+    pub addr: u64,
+    pub len: u32,
+    /// The key's data CRC, checked before anything is written back.
+    pub crc: Option<u32>,
+}
+
+/// The kset at the dirty tail, planned for writeback: its first `n` extents in
+/// the buffer [`Cache::writeback_plan`] filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WbBatch {
+    tail: Pos,
+    size: u32,
+    pub n: usize,
+}
+
+/// What [`Cache::writeback_plan`] found at the dirty tail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WbPlan {
+    /// Nothing to write back.
+    Idle,
+    /// The tail crossed to the next key-log segment; plan again.
+    Moved,
+    /// Copy these extents ([`writeback_extents`]), then [`Cache::writeback_commit`].
+    Batch(WbBatch),
+}
+
+/// Why copying a batch failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WbError {
+    Pmem,
+    Crc,
+    Backing,
+}
+
+impl From<WbError> for CacheError {
+    fn from(e: WbError) -> Self {
+        match e {
+            WbError::Pmem => CacheError::Io("pmem media error"),
+            WbError::Crc => CacheError::Io("dirty data failed its crc check; not written back"),
+            WbError::Backing => CacheError::Io("backing device write failed"),
+        }
+    }
+}
+
+/// Copies planned extents from the cache to the backing device and flushes it.
+/// Needs no engine state, so the target runs it without the engine's lock: the
+/// data stays put, because only GC frees segments and it never passes the dirty
+/// tail. Extents go out in batches ([`Backing::write_batch`]) of ones that fit in
+/// `bounce` together and overlap no other of the batch; a later extent that
+/// overlaps an earlier one starts a new batch, so log order holds where it
+/// matters (a later key overwrites an earlier one). Every extent's CRC is checked
+/// before its batch is written. `bounce` is at least 4 KiB.
+pub fn writeback_extents<P: Pmem, B: Backing>(
+    pmem: &P,
+    backing: &mut B,
+    bounce: &mut [u8],
+    extents: &[WbExtent],
+) -> Result<(), WbError> {
+    let mut rest = extents;
+    while let Some(first) = rest.first() {
+        let n = batch_len(rest, bounce.len());
+        if n == 0 {
+            // Larger than the bounce buffer: on its own, in pieces.
+            writeback_large(pmem, backing, bounce, first)?;
+            rest = rest.get(1..).unwrap_or_default();
+            continue;
+        }
+        let (batch, next) = rest.split_at_checked(n).ok_or(WbError::Pmem)?;
+        let mut at = 0usize;
+        for e in batch {
+            let chunk = bounce
+                .get_mut(at..at + e.len as usize)
+                .ok_or(WbError::Pmem)?;
+            pmem.read(e.addr, chunk).map_err(|_| WbError::Pmem)?;
+            if e.crc
+                .is_some_and(|want| pmem.crc32c(PCACHE_CRC_SEED, chunk) != want)
+            {
+                return Err(WbError::Crc);
+            }
+            at += e.len as usize;
+        }
+        let mut writes: [(u64, &[u8]); WRITE_BATCH_MAX] = [(0, &[]); WRITE_BATCH_MAX];
+        let mut data: &[u8] = bounce;
+        for (w, e) in writes.iter_mut().zip(batch) {
+            let (this, more) = data.split_at_checked(e.len as usize).ok_or(WbError::Pmem)?;
+            *w = (e.off, this);
+            data = more;
+        }
+        backing
+            .write_batch(writes.get(..n).unwrap_or_default())
+            .map_err(|_| WbError::Backing)?;
+        rest = next;
+    }
+    backing.flush().map_err(|_| WbError::Backing)
+}
+
+/// How many leading extents of `ext` form one batch (0 if the first alone does
+/// not fit in `room` bytes).
+fn batch_len(ext: &[WbExtent], room: usize) -> usize {
+    let mut used = 0usize;
+    for (i, e) in ext.iter().enumerate().take(WRITE_BATCH_MAX) {
+        let overlaps =
+            |p: &WbExtent| p.off < e.off + u64::from(e.len) && e.off < p.off + u64::from(p.len);
+        used += e.len as usize;
+        if used > room || ext.iter().take(i).any(overlaps) {
+            return i;
+        }
+    }
+    ext.len().min(WRITE_BATCH_MAX)
+}
+
+/// One extent larger than the bounce buffer: CRC checked over the whole extent
+/// first, then copied piece by piece.
+fn writeback_large<P: Pmem, B: Backing>(
+    pmem: &P,
+    backing: &mut B,
+    bounce: &mut [u8],
+    e: &WbExtent,
+) -> Result<(), WbError> {
+    if let Some(want) = e.crc {
+        let mut crc = PCACHE_CRC_SEED;
+        for_chunks(e, bounce.len(), |at, n| {
+            let chunk = bounce.get_mut(..n).ok_or(WbError::Pmem)?;
+            pmem.read(e.addr + at, chunk).map_err(|_| WbError::Pmem)?;
+            crc = pmem.crc32c(crc, chunk);
+            Ok(())
+        })?;
+        if crc != want {
+            return Err(WbError::Crc);
+        }
+    }
+    for_chunks(e, bounce.len(), |at, n| {
+        let chunk = bounce.get_mut(..n).ok_or(WbError::Pmem)?;
+        pmem.read(e.addr + at, chunk).map_err(|_| WbError::Pmem)?;
+        backing
+            .write(e.off + at, chunk)
+            .map_err(|_| WbError::Backing)
+    })
+}
+
+/// Calls `f(offset, len)` over `e` in pieces of at most `max` bytes.
+fn for_chunks(
+    e: &WbExtent,
+    max: usize,
+    mut f: impl FnMut(u64, usize) -> Result<(), WbError>,
+) -> Result<(), WbError> {
+    let mut done = 0u64;
+    while done < u64::from(e.len) {
+        let n = (u64::from(e.len) - done).min(max as u64) as usize;
+        if n == 0 {
+            return Err(WbError::Pmem);
+        }
+        f(done, n)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     /// Write back the kset at the dirty tail (`cache_writeback_fn`). An error is
     /// counted and leaves the dirty tail where it was, so the next step retries
@@ -31,76 +202,103 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     /// gets every dirty byte. Data that failed its CRC fails again each time and
     /// is never written back.
     pub fn writeback_step(&mut self) -> Result<Step, CacheError> {
-        let r = self.writeback_one();
+        let extents = core::mem::take(&mut self.wb_extents);
+        let r = self.writeback_one(extents);
+        self.wb_extents = extents;
+        r
+    }
+
+    fn writeback_one(&mut self, extents: &mut [WbExtent]) -> Result<Step, CacheError> {
+        let batch = match self.writeback_plan(extents)? {
+            WbPlan::Idle => return Ok(Step::Idle),
+            WbPlan::Moved => return Ok(Step::Progress),
+            WbPlan::Batch(b) => b,
+        };
+        let Cache {
+            pmem,
+            backing,
+            bounce,
+            ..
+        } = self;
+        let planned = extents.get(..batch.n).unwrap_or_default();
+        if let Err(e) = writeback_extents(pmem, backing, bounce, planned) {
+            return Err(self.writeback_failed(e));
+        }
+        self.writeback_commit(batch);
+        Ok(Step::Progress)
+    }
+
+    /// Looks at the kset at the dirty tail: an end-of-segment marker moves the
+    /// tail on at once; a kset of keys has its dirty, live keys resolved into
+    /// `out` (at least `KSET_KEYS_MAX` long) for [`writeback_extents`]. Changes
+    /// nothing else, so a batch that is never committed is simply planned again.
+    pub fn writeback_plan(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
+        let r = self.plan_one(out);
         if r.is_err() {
             self.stats.writeback_errors += 1;
         }
         r
     }
 
-    fn writeback_one(&mut self) -> Result<Step, CacheError> {
+    fn plan_one(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
         let tail = self.dirty_tail.pos;
         if tail == self.key_head {
-            return Ok(Step::Idle);
+            return Ok(WbPlan::Idle);
         }
         match self.read_kset(tail)? {
-            KsetRead::End => Ok(Step::Idle),
+            KsetRead::End => Ok(WbPlan::Idle),
             KsetRead::Last { next_cache_seg_id } => {
-                self.dirty_tail.pos = super::key::Pos {
+                self.dirty_tail.pos = Pos {
                     seg: next_cache_seg_id,
                     off: 0,
                 };
                 self.encode_tail(CtrlPos::DirtyTail);
-                Ok(Step::Progress)
+                Ok(WbPlan::Moved)
             }
             KsetRead::Keys { key_num, size } => {
+                let mut n = 0;
                 for i in 0..key_num as usize {
-                    // Re-read the kset each time: the scratch buffer is shared
-                    // with the CRC check below only through `bounce`, not here.
                     let key = self.scratch_key(i)?;
                     if key.clean() || key.empty() || self.key_stale(&key) {
                         continue;
                     }
-                    self.key_writeback(&key)?;
+                    let slot = out
+                        .get_mut(n)
+                        .ok_or(CacheError::NoMem("writeback extents"))?;
+                    *slot = WbExtent {
+                        off: key.off,
+                        addr: self.pos_addr(key.pos),
+                        len: key.len,
+                        crc: key.has_crc().then_some(key.crc),
+                    };
+                    n += 1;
                 }
-                self.backing
-                    .flush()
-                    .map_err(|_| CacheError::Io("backing device flush failed"))?;
-                self.dirty_tail.pos.off += size;
-                self.encode_tail(CtrlPos::DirtyTail);
-                self.stats.ksets_written_back += 1;
-                Ok(Step::Progress)
+                Ok(WbPlan::Batch(WbBatch { tail, size, n }))
             }
         }
     }
 
-    fn key_writeback(&mut self, key: &Key) -> Result<(), CacheError> {
-        if key.has_crc() {
-            let crc = self.data_crc_at(key.pos, key.len)?;
-            if crc != key.crc {
-                self.stats.crc_errors += 1;
-                return Err(CacheError::Io(
-                    "dirty data failed its crc check; not written back",
-                ));
-            }
+    /// Counts a failed batch; the dirty tail stays, so it is planned again.
+    pub fn writeback_failed(&mut self, e: WbError) -> CacheError {
+        self.stats.writeback_errors += 1;
+        if e == WbError::Crc {
+            self.stats.crc_errors += 1;
         }
-        let addr = self.pos_addr(key.pos);
-        let mut done = 0u32;
-        while done < key.len {
-            let n = (key.len - done).min(self.bounce.len() as u32);
-            let chunk = self
-                .bounce
-                .get_mut(..n as usize)
-                .ok_or(CacheError::NoMem("bounce"))?;
-            self.pmem
-                .read(addr + u64::from(done), chunk)
-                .map_err(|_| CacheError::Io("pmem media error"))?;
-            self.backing
-                .write(key.off + u64::from(done), chunk)
-                .map_err(|_| CacheError::Io("backing device write failed"))?;
-            done += n;
+        e.into()
+    }
+
+    /// After [`writeback_extents`] succeeded (the backing device flushed),
+    /// advances and persists the dirty tail past the batch's kset. A batch
+    /// planned from a tail that has moved since (another writer committed it)
+    /// changes nothing.
+    pub fn writeback_commit(&mut self, batch: WbBatch) -> bool {
+        if self.dirty_tail.pos != batch.tail {
+            return false;
         }
-        Ok(())
+        self.dirty_tail.pos.off += batch.size;
+        self.encode_tail(CtrlPos::DirtyTail);
+        self.stats.ksets_written_back += 1;
+        true
     }
 
     /// Write back everything logged so far (used at stop and by tests).

@@ -24,6 +24,9 @@ unsafe impl Send for TargetDevice {}
 // SAFETY: all methods take `&self` and only read immutable fields of the `dm_dev`.
 unsafe impl Sync for TargetDevice {}
 
+/// Most writes one [`TargetDevice::write_batch`] takes.
+pub(crate) const WRITE_BATCH_MAX: usize = 32;
+
 impl TargetDevice {
     /// Opens `path` (a device path or `major:minor`) for reading and writing on behalf of `ti`.
     ///
@@ -155,6 +158,34 @@ impl TargetDevice {
             buf.as_ptr().cast_mut(),
             buf.len(),
         )
+    }
+
+    /// Writes each `(off, data)` (sector aligned) at once and waits for all of them; sleeps.
+    /// They must not overlap: they may land in any order. At most [`WRITE_BATCH_MAX`].
+    pub(crate) fn write_batch(&self, writes: &[(u64, &[u8])]) -> Result {
+        let mut c: [bindings::pcache_rs_write; WRITE_BATCH_MAX] =
+            core::array::from_fn(|_| bindings::pcache_rs_write::default());
+        if writes.len() > WRITE_BATCH_MAX {
+            return Err(EINVAL);
+        }
+        for (slot, (off, data)) in c.iter_mut().zip(writes) {
+            let end = off.checked_add(data.len() as u64).ok_or(EINVAL)?;
+            if off % 512 != 0 || data.len() % 512 != 0 || end > self.size_bytes() {
+                return Err(EINVAL);
+            }
+            *slot = bindings::pcache_rs_write {
+                sector: off >> 9,
+                buf: data.as_ptr().cast(),
+                len: data.len(),
+            };
+        }
+        // SAFETY: the block device is open (type invariant); the first `writes.len()` entries
+        // of `c` describe buffers borrowed for the duration of the call, which waits for every
+        // write to finish and only reads them.
+        let ret = unsafe {
+            bindings::pcache_rs_write_batch(self.bdev(), c.as_ptr(), writes.len() as u32)
+        };
+        kernel::error::to_result(ret)
     }
 
     /// Makes every completed write durable (an empty `REQ_PREFLUSH` write); sleeps.

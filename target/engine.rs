@@ -7,12 +7,18 @@
 //! construction, so the IO path never allocates) together with the engine that borrows it: the
 //! engine is dropped first, then the memory.
 
-use super::{dax::DaxMapping, device::TargetDevice};
-use crate::cache_core::{
-    self, io::ReadResult, writeback::Step, Backing, Cache, CacheError, CacheMem, CacheOptions,
-    DataHead, IoError, KsetBuf, Node, Pmem, SegState, Status,
+use super::{
+    dax::DaxMapping,
+    device::{TargetDevice, WRITE_BATCH_MAX},
 };
-use crate::meta::layout::Geometry;
+use crate::cache_core::{
+    self,
+    io::ReadResult,
+    writeback::{self as wb, Step, WbBatch, WbError, WbExtent, WbPlan},
+    Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead, IoError, KsetBuf, Node, Pmem,
+    SegState, Status,
+};
+use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
 use core::mem::ManuallyDrop;
 use kernel::{prelude::*, sync::Arc};
 
@@ -71,6 +77,13 @@ impl Backing for BackingIo {
     fn flush(&mut self) -> Result<(), IoError> {
         self.0.flush().map_err(|_| IoError)
     }
+
+    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
+        for part in writes.chunks(WRITE_BATCH_MAX) {
+            self.0.write_batch(part).map_err(|_| IoError)?;
+        }
+        Ok(())
+    }
 }
 
 /// The engine type the target runs.
@@ -105,6 +118,7 @@ pub(crate) struct Engine {
     _heads: KVVec<DataHead>,
     _scratch: KVVec<u8>,
     _bounce: KVVec<u8>,
+    _wb_extents: KVVec<WbExtent>,
 }
 
 /// Why an engine did not start.
@@ -157,6 +171,7 @@ impl Engine {
         let mut heads = filled(sizing.heads, DataHead::default())?;
         let mut scratch = filled(cache_core::SCRATCH_BYTES, 0u8)?;
         let mut bounce = filled(sizing.bounce, 0u8)?;
+        let mut wb_extents = filled(KSET_KEYS_MAX, WbExtent::default())?;
 
         // SAFETY: each vector is moved into the returned `Engine` unchanged and kept there,
         // untouched, until after `cache` is dropped (type invariant); on error the engine was
@@ -170,6 +185,7 @@ impl Engine {
                 heads: lend(&mut heads),
                 scratch: lend(&mut scratch),
                 bounce: lend(&mut bounce),
+                wb_extents: lend(&mut wb_extents),
             }
         };
         let cache = Cache::start(pmem, backing, geo, mem, opts).map_err(StartError::Cache)?;
@@ -183,6 +199,7 @@ impl Engine {
             _heads: heads,
             _scratch: scratch,
             _bounce: bounce,
+            _wb_extents: wb_extents,
         })
     }
 
@@ -221,6 +238,21 @@ impl Engine {
         self.cache.writeback_step()
     }
 
+    /// Plans writeback of the kset at the dirty tail into `out` (see [`Writeback`]).
+    pub(crate) fn writeback_plan(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
+        self.cache.writeback_plan(out)
+    }
+
+    /// Moves the dirty tail past a batch that [`Writeback::copy`] wrote back.
+    pub(crate) fn writeback_commit(&mut self, batch: WbBatch) -> bool {
+        self.cache.writeback_commit(batch)
+    }
+
+    /// Counts a batch whose copy failed.
+    pub(crate) fn writeback_failed(&mut self, e: WbError) -> CacheError {
+        self.cache.writeback_failed(e)
+    }
+
     /// Reclaims segments from the key tail if `gc_percent` says so.
     pub(crate) fn gc_step(&mut self) -> Result<Step, CacheError> {
         self.cache.gc_step()
@@ -252,5 +284,49 @@ impl Drop for Engine {
         // SAFETY: dropped exactly once, here, before the memory it borrows (the fields below
         // are dropped after this function returns).
         unsafe { ManuallyDrop::drop(&mut self.cache) };
+    }
+}
+
+/// What the background tick needs to write a kset back without holding the engine: its own
+/// handles on the two devices, room for the plan, and a bounce buffer. The engine plans and
+/// commits under its lock; [`Writeback::copy`], the part that waits for the backing device,
+/// runs outside it, so requests are served meanwhile.
+pub(crate) struct Writeback {
+    pmem: DaxPmem,
+    backing: BackingIo,
+    extents: KVVec<WbExtent>,
+    bounce: KVVec<u8>,
+}
+
+impl Writeback {
+    /// `bounce` bytes of staging: extents that fit go out together.
+    pub(crate) fn new(
+        cache: Arc<DaxMapping>,
+        backing: Arc<TargetDevice>,
+        bounce: usize,
+    ) -> Result<Self, StartError> {
+        Ok(Self {
+            pmem: DaxPmem(cache),
+            backing: BackingIo(backing),
+            extents: filled(KSET_KEYS_MAX, WbExtent::default())?,
+            bounce: filled(bounce, 0u8)?,
+        })
+    }
+
+    /// Where [`Engine::writeback_plan`] puts its plan.
+    pub(crate) fn extents_mut(&mut self) -> &mut [WbExtent] {
+        &mut self.extents
+    }
+
+    /// Copies the first `n` planned extents to the backing device and flushes it.
+    pub(crate) fn copy(&mut self, n: usize) -> Result<(), WbError> {
+        let Self {
+            pmem,
+            backing,
+            extents,
+            bounce,
+        } = self;
+        let planned = extents.get(..n).unwrap_or_default();
+        wb::writeback_extents(pmem, backing, bounce, planned)
     }
 }

@@ -201,6 +201,79 @@ int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool
 	}
 }
 
+/* Completion of a batch of writes: the last bio to end wakes the submitter. */
+struct pcache_rs_batch {
+	atomic_t pending;
+	int error;
+	struct completion done;
+};
+
+static void pcache_rs_batch_put(struct pcache_rs_batch *b)
+{
+	if (atomic_dec_and_test(&b->pending))
+		complete(&b->done);
+}
+
+static void pcache_rs_batch_end_io(struct bio *bio)
+{
+	struct pcache_rs_batch *b = bio->bi_private;
+
+	if (bio->bi_status)
+		cmpxchg(&b->error, 0, blk_status_to_errno(bio->bi_status));
+	bio_put(bio);
+	pcache_rs_batch_put(b);
+}
+
+/*
+ * Writes @n buffers to @bdev concurrently and waits for all of them; returns the first error.
+ * Writeback uses it for the extents of one kset, which never overlap within a batch, so their
+ * order does not matter. Like pcache_rs_sync_io, it sleeps and is never called from map.
+ */
+int pcache_rs_write_batch(struct block_device *bdev, const struct pcache_rs_write *writes,
+			  unsigned int n)
+{
+	struct pcache_rs_batch b;
+	struct blk_plug plug;
+	unsigned int i;
+
+	/* One reference of the submitter's own, so that completion cannot race the loop. */
+	atomic_set(&b.pending, 1);
+	b.error = 0;
+	init_completion(&b.done);
+	blk_start_plug(&plug);
+	for (i = 0; i < n; i++) {
+		const void *buf = writes[i].buf;
+		size_t len = writes[i].len;
+		sector_t sector = writes[i].sector;
+
+		while (len) {
+			unsigned int nr_vecs = min_t(size_t,
+				DIV_ROUND_UP(offset_in_page(buf) + len, PAGE_SIZE), BIO_MAX_VECS);
+			struct bio *bio = bio_alloc(bdev, nr_vecs, REQ_OP_WRITE, GFP_NOIO);
+
+			bio->bi_iter.bi_sector = sector;
+			bio->bi_private = &b;
+			bio->bi_end_io = pcache_rs_batch_end_io;
+			while (len) {
+				unsigned int off = offset_in_page(buf);
+				unsigned int cnt = min_t(size_t, PAGE_SIZE - off, len);
+
+				if (bio_add_page(bio, pcache_rs_buf_page((void *)buf), cnt, off) != cnt)
+					break;
+				buf += cnt;
+				len -= cnt;
+				sector += cnt >> SECTOR_SHIFT;
+			}
+			atomic_inc(&b.pending);
+			submit_bio(bio);
+		}
+	}
+	blk_finish_plug(&plug);
+	pcache_rs_batch_put(&b);
+	wait_for_completion_io(&b.done);
+	return b.error;
+}
+
 unsigned int pcache_rs_cpu_id(void)
 {
 	return raw_smp_processor_id();

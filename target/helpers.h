@@ -26,8 +26,6 @@ unsigned int pcache_rs_bio_op(const struct bio *bio);
 bool pcache_rs_op_is_write(unsigned int op);
 unsigned int pcache_rs_bio_max_sectors(struct block_device *bdev);
 
-#endif
-
 /* Work items on the target's own workqueue. */
 struct workqueue_struct *pcache_rs_alloc_workqueue(const char *name);
 void pcache_rs_init_work(struct work_struct *work, work_func_t fn);
@@ -46,3 +44,15 @@ void pcache_rs_bio_endio(struct bio *bio, int err);
 int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool fua,
 		      sector_t sector, void *buf, size_t len);
 unsigned int pcache_rs_cpu_id(void);
+
+/* One write of a batch: @len bytes of @buf (kmalloc or vmalloc memory) at @sector. */
+struct pcache_rs_write {
+	u64 sector;
+	const void *buf;
+	size_t len;
+};
+
+int pcache_rs_write_batch(struct block_device *bdev, const struct pcache_rs_write *writes,
+			  unsigned int n);
+
+#endif

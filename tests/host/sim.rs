@@ -340,6 +340,23 @@ impl Backing for SimBacking {
         w.backing.flush();
         Ok(())
     }
+    /// The kernel submits a batch at once, so its writes may land in any order:
+    /// model the worst by writing it backwards (the engine promises no overlaps).
+    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
+        assert!(writes.len() <= crate::cache_core::env::WRITE_BATCH_MAX);
+        for (i, (off, data)) in writes.iter().enumerate() {
+            for (off2, data2) in writes.iter().take(i) {
+                assert!(
+                    off + data.len() as u64 <= *off2 || off2 + data2.len() as u64 <= *off,
+                    "overlapping writes in one batch"
+                );
+            }
+        }
+        for (off, data) in writes.iter().rev() {
+            self.write(*off, data)?;
+        }
+        Ok(())
+    }
 }
 
 /// Owned memory for one engine instance.
@@ -351,6 +368,7 @@ pub struct OwnedMem {
     pub heads: Vec<crate::cache_core::DataHead>,
     pub scratch: Vec<u8>,
     pub bounce: Vec<u8>,
+    pub wb_extents: Vec<crate::cache_core::WbExtent>,
 }
 
 impl OwnedMem {
@@ -362,7 +380,10 @@ impl OwnedMem {
             ksets: vec![Default::default(); ksets],
             heads: vec![Default::default(); heads],
             scratch: vec![0; crate::cache_core::SCRATCH_BYTES],
-            bounce: vec![0; 4096],
+            // Small enough that large keys take the piecewise path, large enough
+            // that writeback batches several extents.
+            bounce: vec![0; 16 << 10],
+            wb_extents: vec![Default::default(); crate::meta::kset::KSET_KEYS_MAX],
         }
     }
 
@@ -375,6 +396,7 @@ impl OwnedMem {
             heads: &mut self.heads,
             scratch: &mut self.scratch,
             bounce: &mut self.bounce,
+            wb_extents: &mut self.wb_extents,
         }
     }
 }

@@ -164,27 +164,9 @@ impl Inner {
         }
     }
 
-    /// Serves a bio the worker took from the queue. While the cache is full it makes room by
-    /// writeback and GC and tries again, so the submitter never sees `EBUSY`; the engine lock
-    /// is let go between attempts so that `map` can go on serving hits meanwhile.
+    /// Serves a bio the worker took from the queue, waiting for room if the cache is full.
     fn handle(&self, bio: &mut HeldBio) -> Result {
-        let mut waited_ms = 0;
-        loop {
-            let mut st = self.state.lock();
-            if let Some(result) = self.serve(&mut st, bio, Where::Worker) {
-                return result;
-            }
-            if Self::make_room(&mut st.engine) {
-                continue;
-            }
-            drop(st);
-            if waited_ms >= BUSY_TIMEOUT_MS {
-                pr_err!("pcache_rs: cache full and writeback cannot make progress\n");
-                return Err(EIO);
-            }
-            target::work::sleep_ms(10);
-            waited_ms += 10;
-        }
+        self.retry_busy(|st| self.serve(st, bio, Where::Worker))
     }
 
     /// Serves `bio` in `map` if that needs neither the backing device nor waiting for space
@@ -203,12 +185,9 @@ impl Inner {
         let len = bio.size() as usize;
         let op = bio.op();
         if bio.is_preflush() || op == BioOp::Flush {
-            if let Some(done) = Self::outcome(st.engine.flush()) {
-                if done.is_err() || op == BioOp::Flush {
-                    return Some(done);
-                }
-            } else {
-                return None;
+            let done = Self::outcome(st.engine.flush())?;
+            if done.is_err() || op == BioOp::Flush {
+                return Some(done);
             }
         }
         let fua = bio.is_fua();
@@ -256,21 +235,20 @@ impl Inner {
         EIO
     }
 
-    /// Runs `op` until it is not refused for a full cache, making room in between.
-    fn retry_busy_with(
-        engine: &mut Engine,
-        mut op: impl FnMut(&mut Engine) -> Result<(), CacheError>,
-    ) -> Result {
+    /// Runs `attempt` under the engine lock until it completes (`Some`); while the cache is
+    /// full (`None`) makes room by writeback and GC in between, so the submitter never sees
+    /// `EBUSY`. The lock is let go while waiting, so that `map` goes on serving meanwhile.
+    fn retry_busy(&self, mut attempt: impl FnMut(&mut State) -> Option<Result>) -> Result {
         let mut waited_ms = 0;
         loop {
-            match op(engine) {
-                Ok(()) => return Ok(()),
-                Err(CacheError::Busy(_)) => {}
-                Err(e) => return Err(Self::failed(&e)),
+            let mut st = self.state.lock();
+            if let Some(result) = attempt(&mut st) {
+                return result;
             }
-            if Self::make_room(engine) {
+            if Self::make_room(&mut st.engine) {
                 continue;
             }
+            drop(st);
             if waited_ms >= BUSY_TIMEOUT_MS {
                 pr_err!("pcache_rs: cache full and writeback cannot make progress\n");
                 return Err(EIO);
@@ -350,8 +328,7 @@ impl Inner {
     /// Persists everything acknowledged, so a later instance (reload) or a power cut finds it.
     fn quiesce(&self) {
         self.quiesced.store(true, Ordering::Release);
-        let mut st = self.state.lock();
-        if let Err(e) = Self::retry_busy_with(&mut st.engine, |e| e.flush()) {
+        if let Err(e) = self.retry_busy(|st| Self::outcome(st.engine.flush())) {
             pr_err!("pcache_rs: persisting the key log failed: {:?}\n", e);
         }
     }

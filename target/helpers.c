@@ -160,6 +160,31 @@ static struct page *pcache_rs_buf_page(void *addr)
 }
 
 /*
+ * A bio of @opf at *@sector of @bdev holding as much of *@buf (*@len bytes) as fits; advances
+ * all three past what it took.
+ */
+static struct bio *pcache_rs_bio_fill(struct block_device *bdev, blk_opf_t opf, sector_t *sector,
+				      const void **buf, size_t *len)
+{
+	unsigned int nr_vecs = min_t(size_t, DIV_ROUND_UP(offset_in_page(*buf) + *len, PAGE_SIZE),
+				     BIO_MAX_VECS);
+	struct bio *bio = bio_alloc(bdev, nr_vecs, opf, GFP_NOIO);
+
+	bio->bi_iter.bi_sector = *sector;
+	while (*len) {
+		unsigned int off = offset_in_page(*buf);
+		unsigned int n = min_t(size_t, PAGE_SIZE - off, *len);
+
+		if (bio_add_page(bio, pcache_rs_buf_page((void *)*buf), n, off) != n)
+			break;
+		*buf += n;
+		*len -= n;
+		*sector += n >> SECTOR_SHIFT;
+	}
+	return bio;
+}
+
+/*
  * Synchronous IO of @len bytes of @buf (kmalloc or vmalloc memory) at @sector of @bdev, or an
  * empty flush if @len is 0. Called from the target's workqueue, never from map.
  */
@@ -167,7 +192,7 @@ int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool
 		      sector_t sector, void *buf, size_t len)
 {
 	blk_opf_t opf = write ? REQ_OP_WRITE : REQ_OP_READ;
-	unsigned int nr_vecs;
+	const void *pos = buf;
 	struct bio *bio;
 	int ret;
 
@@ -178,20 +203,7 @@ int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool
 	opf |= REQ_SYNC;
 
 	while (true) {
-		nr_vecs = min_t(size_t, DIV_ROUND_UP(offset_in_page(buf) + len, PAGE_SIZE),
-				BIO_MAX_VECS);
-		bio = bio_alloc(bdev, nr_vecs, opf, GFP_NOIO);
-		bio->bi_iter.bi_sector = sector;
-		while (len) {
-			unsigned int off = offset_in_page(buf);
-			unsigned int n = min_t(size_t, PAGE_SIZE - off, len);
-
-			if (bio_add_page(bio, pcache_rs_buf_page(buf), n, off) != n)
-				break;
-			buf += n;
-			len -= n;
-			sector += n >> SECTOR_SHIFT;
-		}
+		bio = pcache_rs_bio_fill(bdev, opf, &sector, &pos, &len);
 		ret = submit_bio_wait(bio);
 		bio_put(bio);
 		if (ret || !len)
@@ -247,23 +259,10 @@ int pcache_rs_write_batch(struct block_device *bdev, const struct pcache_rs_writ
 		sector_t sector = writes[i].sector;
 
 		while (len) {
-			unsigned int nr_vecs = min_t(size_t,
-				DIV_ROUND_UP(offset_in_page(buf) + len, PAGE_SIZE), BIO_MAX_VECS);
-			struct bio *bio = bio_alloc(bdev, nr_vecs, REQ_OP_WRITE, GFP_NOIO);
+			struct bio *bio = pcache_rs_bio_fill(bdev, REQ_OP_WRITE, &sector, &buf, &len);
 
-			bio->bi_iter.bi_sector = sector;
 			bio->bi_private = &b;
 			bio->bi_end_io = pcache_rs_batch_end_io;
-			while (len) {
-				unsigned int off = offset_in_page(buf);
-				unsigned int cnt = min_t(size_t, PAGE_SIZE - off, len);
-
-				if (bio_add_page(bio, pcache_rs_buf_page((void *)buf), cnt, off) != cnt)
-					break;
-				buf += cnt;
-				len -= cnt;
-				sector += cnt >> SECTOR_SHIFT;
-			}
 			atomic_inc(&b.pending);
 			submit_bio(bio);
 		}

@@ -349,34 +349,51 @@ fn upstream_geometry_format_and_reattach() {
     assert!(buf.iter().all(|&b| b == 0xA5));
 }
 
-/// A backing device that fails and recovers gets every dirty byte: writeback
-/// counts the error and retries the same kset on the next step.
-#[test]
-fn writeback_retries_after_backing_errors() {
-    use pcache_engine::cache_core::{Cache, CacheOptions};
+/// Both simulated devices, shared by the engine and the test.
+type SharedWorld = std::rc::Rc<std::cell::RefCell<pcache_engine::sim::World>>;
+
+/// A small simulated device: eight 64 KiB segments of pmem, 8 MiB of backing.
+fn small_world() -> (SharedWorld, pcache_engine::sim::OwnedMem) {
     use pcache_engine::meta::layout::SEGMENTS_OFF;
-    use pcache_engine::sim::{BackingModel, OwnedMem, SimBacking, SimPmem, World};
-    use std::collections::HashMap;
-    let seg = 64 * 1024;
-    let geo = Geometry::small(seg).unwrap();
+    use pcache_engine::sim::{BackingModel, OwnedMem, World};
     let backing = 8u64 << 20;
     let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + 8 * seg) as usize],
-        BackingModel::new(backing, HashMap::new()),
+        vec![0u8; (SEGMENTS_OFF + 8 * SMALL_SEG) as usize],
+        BackingModel::new(backing, std::collections::HashMap::new()),
     );
-    let mut mem = OwnedMem::new(8, 256, backing, 1, 1);
+    (world, OwnedMem::new(8, 256, backing, 1, 1))
+}
+
+const SMALL_SEG: u64 = 64 * 1024;
+
+/// A fresh cache with data CRC on over [`small_world`].
+fn small_cache<'a>(
+    world: &SharedWorld,
+    mem: &'a mut pcache_engine::sim::OwnedMem,
+) -> pcache_engine::cache_core::Cache<'a, pcache_engine::sim::SimPmem, pcache_engine::sim::SimBacking>
+{
+    use pcache_engine::cache_core::{Cache, CacheOptions};
+    use pcache_engine::sim::{SimBacking, SimPmem};
     let opts = CacheOptions {
         data_crc: true,
         ..Default::default()
     };
-    let mut c = Cache::start(
+    Cache::start(
         SimPmem(world.clone()),
         SimBacking(world.clone()),
-        geo,
+        Geometry::small(SMALL_SEG).unwrap(),
         mem.borrow(),
         &opts,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A backing device that fails and recovers gets every dirty byte: writeback
+/// counts the error and retries the same kset on the next step.
+#[test]
+fn writeback_retries_after_backing_errors() {
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
     c.write(4096, &data, true, 0).unwrap();
     world.borrow_mut().backing_fails = true;
@@ -397,30 +414,8 @@ fn writeback_retries_after_backing_errors() {
 /// deadlock: device-mapper's `map`).
 #[test]
 fn read_cached_serves_full_hits_and_never_reads_backing() {
-    use pcache_engine::cache_core::{Cache, CacheOptions};
-    use pcache_engine::meta::layout::SEGMENTS_OFF;
-    use pcache_engine::sim::{BackingModel, OwnedMem, SimBacking, SimPmem, World};
-    use std::collections::HashMap;
-    let seg = 64 * 1024;
-    let geo = Geometry::small(seg).unwrap();
-    let backing = 8u64 << 20;
-    let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + 8 * seg) as usize],
-        BackingModel::new(backing, HashMap::new()),
-    );
-    let mut mem = OwnedMem::new(8, 256, backing, 1, 1);
-    let opts = CacheOptions {
-        data_crc: true,
-        ..Default::default()
-    };
-    let mut c = Cache::start(
-        SimPmem(world.clone()),
-        SimBacking(world.clone()),
-        geo,
-        mem.borrow(),
-        &opts,
-    )
-    .unwrap();
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
     c.write(4096, &data, false, 0).unwrap();
     // A failing backing device proves that no path below reads it.

@@ -1,161 +1,229 @@
 #!/usr/bin/env bash
-# Guest half of tests/powercut: one boot of the power-cut test. Runs inside qemu/run-vm.
+# Guest half of tests/powercut. Runs inside qemu/run-vm.
 #
-#   tests/vm/powercut-guest.sh <state file> <boot number> <last: 0|1> [<module .ko>]
+#   tests/vm/powercut-guest.sh write <dir>
+#   tests/vm/powercut-guest.sh verify <dir> <cut> [<cut> ...]
 #
-# The state file lives in the repository (the host sees it after the guest dies); it records which
-# writes became durable (an fsync on the device, i.e. a FLUSH, completed after them) and which were
-# still pending when power went. Each boot:
-#   1. creates the cache device (boot 0 formats a zeroed cache, later boots replay it);
-#   2. verifies every region whose last write was durable (fio verify_only: crc32c + offset in every
-#      block), and checks the kernel log for splats;
-#   3. unless it is the last boot, writes more steps (some followed by fsync, some not; regions are
-#      rewritten across boots so replay must pick the newest data), then cuts power with
-#      `echo b > /proc/sysrq-trigger` (QEMU runs with -no-reboot, so it exits) at a point that
-#      depends on the boot number: during a write with no flush since, right after a completed
-#      fsync, or with unflushed writes behind the last fsync.
-#   The last boot also drains writeback and verifies the backing device alone.
+# write: formats the cache, writes regions of the device with fio (crc32c and offset in every block),
+# some followed by fsync (a FLUSH for the device), some not, and cuts power at six points of
+# different kinds. <dir>/state (in the repository, so the host sees it) records which regions were
+# durable (an fsync completed after their last write) and which were still pending. Cuts 1-5 are
+# snapshots: the guest asks the host on /dev/ttyS2, and the host (tests/powercut-snapshot) stops the
+# VM, copies the NVDIMM file, the backing disk and the state, and resumes it; the fio jobs in flight
+# are cut wherever they were. Between cuts the cache is replayed (remove and create) and its table
+# reloaded, so later cuts hit a replayed cache. Cut 6 is a real one: `echo b > /proc/sysrq-trigger`
+# with writes and fsyncs in flight (QEMU runs with -no-reboot and exits).
+#
+# verify: for each cut, in the order of the devices ($PMEM_DEV with $BACKING_DEV for the first,
+# then $EXTRA_PMEM_DEVS with $EXTRA_DISKS), creates the cache on what the cut left, checks that every
+# region durable at the cut reads back exactly, drains writeback (the dirty tail reaches the key head),
+# removes the cache and checks that the backing device alone holds every durable region. A cut is
+# named by its number; its state file is <dir>/state for the real cut (6) and <dir>/snapK.state for
+# the snapshots. Each result is one line "result <cut> ok|fail <reason>" in <dir>/results.
 set -uo pipefail
-state=$1
-boot=$2
-last=$3
-ko=${4:-$PCACHE_KO}
+mode=$1
+dir=$2
+shift 2
 
 SPLAT_RE='WARNING:|BUG:|KASAN|possible circular locking|lockdep|Oops|Call Trace|general protection|UBSAN|kernel BUG'
-REGIONS=24           # regions of the device the test writes, REGION_MIB each
-REGION_MIB=8
-STEPS=6              # write steps per boot
-CACHE_MIB=512        # the cache: a dm-linear slice of the pmem (upstream minimum size)
-name=pcut
-dev=/dev/mapper/$name
+REGIONS=16     # regions of the device the test writes, REGION_MIB each
+REGION_MIB=4
+CACHE_MIB=512  # the cache: a dm-linear slice of the pmem (upstream's minimum size)
+SNAPSHOTS=5    # cuts taken as snapshots; the real cut is number SNAPSHOTS + 1
 
-say() { echo "powercut(boot $boot): $*"; }
-die() {
-	say "FAIL: $*"
-	echo "fail $boot $*" >>"$state"
-	dmesg | tail -n 40 | sed 's/^/    dmesg| /'
-	exit 1
-}
-record() { echo "$*" >>"$state" && sync; }
+say() { echo "powercut($mode): $*"; }
 dms() { dmsetup --noudevsync "$@"; }
 
-# pc_fio <write|verify> <region> <rw> <seed> [fio args]: one region's data job (numjobs 2, each job
-# on half the region, bs 4k..1M, crc32c verify headers).
+# pc_fio <write|verify> <dev> <region> <rw> <seed> [fio args]: one region's data job (numjobs 2, each
+# job on half the region, bs 4k..1M, crc32c verify headers).
 pc_fio() {
-	local mode=$1 r=$2 rw=$3 seed=$4 half=$((REGION_MIB << 19))
-	shift 4
+	local mode=$1 dev=$2 r=$3 rw=$4 seed=$5 half=$((REGION_MIB << 19))
+	shift 5
 	local args=(--name="r$r" --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 --rw="$rw"
 		--bsrange=4k-1m --blockalign=4k --numjobs=2 --offset=$((r * REGION_MIB))M --size="$half"
 		--offset_increment="$half" --randseed="$seed" --verify=crc32c --verify_fatal=1
 		--group_reporting --output-format=terse --terse-version=3)
 	if [ "$mode" = write ]; then args+=(--do_verify=0); else args+=(--verify_only=1); fi
-	fio "${args[@]}" "$@" >/tmp/pc-fio.out 2>&1
+	fio "${args[@]}" "$@" >"/tmp/pc-fio-$r.out" 2>&1
 }
 
 # Only what the kernel logged after this script started counts (boot messages mention lockdep).
 log_base=$(dmesg | wc -l)
-splat_check() {
-	local s
-	s=$(dmesg | tail -n +"$((log_base + 1))" | grep -E "$SPLAT_RE" | head -n 3)
-	[ -z "$s" ] || die "kernel splat: $s"
-}
+splat() { dmesg | tail -n +"$((log_base + 1))" | grep -E "$SPLAT_RE" | head -n 3; }
 
-# Process substitution needs /dev/fd, which the minimal guest init does not create.
-[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
-[ -d /sys/module/dm_pcache_rs ] || insmod "$ko" || die "insmod $ko failed"
-if [ "$boot" = 0 ]; then
-	dd if=/dev/zero of="$PMEM_DEV" bs=1M count=64 oflag=direct status=none
-	: >"$state"
-fi
-dms create "${name}_pm" --table "0 $((CACHE_MIB * 2048)) linear $PMEM_DEV 0" || die "slice"
-table="0 $(blockdev --getsz "$BACKING_DEV") pcache_rs /dev/mapper/${name}_pm $BACKING_DEV"
-t0=$SECONDS
-dms create "$name" --table "$table" || die "create after the cut failed: $(dmesg | grep pcache_rs | tail -n 3)"
-say "attached in $((SECONDS - t0)) s: $(dmsetup status "$name")"
-[ "$boot" = 0 ] && { dms message "$name" 0 gc_percent 10 || die "gc_percent"; }
-
-# Regions whose last record is "durable": "<region> <rw> <seed>".
+# Regions whose last record in a state file is "durable": "<region> <rw> <seed>".
 durable() {
 	awk '$1 == "durable" { d[$2] = $3 " " $4 } $1 == "pending" { delete d[$2] }
-		END { for (r in d) print r, d[r] }' "$state" | sort -n
+		END { for (r in d) print r, d[r] }' "$1" | sort -n
 }
 
-n=0
-t0=$SECONDS
-while read -r r rw seed; do
-	pc_fio verify "$r" "$rw" "$seed" ||
-		die "region $r ($rw seed $seed), durable before the cut, lost: $(grep -m3 -i 'verify\|bad\|err' /tmp/pc-fio.out)"
-	n=$((n + 1))
-done < <(durable)
-[ "$n" = "$(durable | wc -l)" ] || die "verified $n regions of $(durable | wc -l)"
-say "verified $n durable regions in $((SECONDS - t0)) s"
-record "verified $boot $n"
-splat_check
+# create_cache <name> <pmem dev> <backing dev>: the cache over a CACHE_MIB slice of the pmem.
+create_cache() {
+	dms create "$1_pm" --table "0 $((CACHE_MIB * 2048)) linear $2 0" || return 1
+	dms create "$1" --table "0 $(blockdev --getsz "$3") pcache_rs /dev/mapper/$1_pm $3"
+}
 
-if [ "$last" = 1 ]; then
-	# Writeback drains completely, then the backing device alone holds every durable region.
-	for _ in $(seq 900); do
-		kh=$(dmsetup status "$name" | awk '{ print $10 }')
-		dt=$(dmsetup status "$name" | awk '{ print $11 }')
-		[ "$kh" = "$dt" ] && break
-		sleep 1
-	done
-	[ "$kh" = "$dt" ] || die "writeback did not drain: $(dmsetup status "$name")"
-	dms remove "$name" || die "remove"
-	dev=$BACKING_DEV
-	n=0
-	while read -r r rw seed; do
-		pc_fio verify "$r" "$rw" "$seed" || die "region $r not on the backing device after writeback"
-		n=$((n + 1))
-	done < <(durable)
-	[ "$n" = "$(durable | wc -l)" ] || die "verified $n regions of $(durable | wc -l) on the backing device"
-	say "backing device holds all durable regions after writeback"
-	dms remove "${name}_pm"
-	splat_check
-	record "final ok"
-	exit 0
-fi
+[ -d /sys/module/dm_pcache_rs ] || insmod "$PCACHE_KO" || { say "insmod $PCACHE_KO failed"; exit 1; }
 
-# Write steps. Odd steps are not flushed; each even step ends with fsync (a FLUSH for the whole
-# device), which makes the step before it durable too.
-mode=$((boot % 3))
-unflushed=()
-for step in $(seq 1 "$STEPS"); do
-	r=$(((boot * 7 + step * 5) % REGIONS))
-	seed=$((boot * 100 + step))
-	rw=write
-	[ $((step % 3)) = 0 ] || rw=randwrite
-	record "pending $r"
-	if [ "$step" = "$STEPS" ] && [ "$mode" = 0 ]; then
-		# Cut during this write: nothing after the last fsync may be relied on.
-		pc_fio write "$r" "$rw" "$seed" --end_fsync=1 &
-		sleep $((1 + boot % 4))
-		record "cut $boot during-write step $step"
-		splat_check
-		echo b >/proc/sysrq-trigger
-		sleep 60
-		die "still alive after sysrq b"
-	fi
-	if [ $((step % 2)) = 1 ]; then
-		pc_fio write "$r" "$rw" "$seed" || die "write step $step: $(tail -n 3 /tmp/pc-fio.out)"
-		unflushed+=("$r $rw $seed")
-	else
-		pc_fio write "$r" "$rw" "$seed" --end_fsync=1 || die "write step $step: $(tail -n 3 /tmp/pc-fio.out)"
-		for u in "${unflushed[@]}" "$r $rw $seed"; do record "durable $u"; done
+if [ "$mode" = write ]; then
+	state=$dir/state
+	name=pcut
+	dev=/dev/mapper/$name
+	die() {
+		say "FAIL: $*"
+		echo "fail $*" >>"$state"
+		dmesg | tail -n 40 | sed 's/^/    dmesg| /'
+		exit 1
+	}
+	record() { echo "$*" >>"$state" && sync; }
+	check_splat() { local s; s=$(splat); [ -z "$s" ] || die "kernel splat: $s"; }
+
+	dd if=/dev/zero of="$PMEM_DEV" bs=1M count=64 oflag=direct status=none
+	: >"$state"
+	create_cache "$name" "$PMEM_DEV" "$BACKING_DEV" || die "create: $(dmesg | grep pcache_rs | tail -n 3)"
+	# GC starts as soon as 10% of the segments are used, so it runs during the cuts.
+	dms message "$name" 0 gc_percent 10 || die "gc_percent"
+	exec 9<>/dev/ttyS2 || die "no control port /dev/ttyS2"
+	stty raw -echo <&9 || die "stty on /dev/ttyS2"
+
+	# snapshot <cut> <kind>: record the cut, then have the host copy the devices and the state.
+	snapshot() {
+		local ack
+		record "cut $1 $2"
+		check_splat
+		for _ in $(seq 10); do
+			echo "snap $1" >&9
+			read -r -t 60 -u 9 ack && [ "${ack%$'\r'}" = "ok $1" ] && { say "cut $1 ($2) taken"; return; }
+		done
+		die "the host did not take snapshot $1"
+	}
+
+	step=0
+	unflushed=()
+	next_region() { step=$((step + 1)); r=$(((step * 5) % REGIONS)); seed=$((step * 101)); rw=randwrite; [ $((step % 3)) != 0 ] || rw=write; }
+	# write_step flush|noflush: one region, recorded durable (with every unflushed write before it)
+	# only once its fsync has completed.
+	write_step() {
+		next_region
+		record "pending $r"
+		if [ "$1" = flush ]; then
+			pc_fio write "$dev" "$r" "$rw" "$seed" --end_fsync=1 || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
+			for u in "${unflushed[@]}" "$r $rw $seed"; do record "durable $u"; done
+			unflushed=()
+		else
+			pc_fio write "$dev" "$r" "$rw" "$seed" || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
+			unflushed+=("$r $rw $seed")
+		fi
+	}
+	# in_flight_step: start a flushed write in the background (pending until it is waited for).
+	in_flight_step() {
+		next_region
+		record "pending $r"
+		pc_fio write "$dev" "$r" "$rw" "$seed" --end_fsync=1 "$@" &
+		bg_pid=$! bg="$r $rw $seed"
+	}
+	finish_in_flight() {
+		wait "$bg_pid" || die "in-flight write of region ${bg%% *}: $(tail -n 3 "/tmp/pc-fio-${bg%% *}.out")"
+		for u in "${unflushed[@]}" "$bg"; do record "durable $u"; done
 		unflushed=()
-	fi
-done
-if [ "$mode" = 1 ]; then
-	# Cut right after a completed fsync, with the writeback and GC tick running.
-	record "cut $boot after-fsync"
-else
-	# Cut with a completed but unflushed write after the last fsync.
-	r=$(((boot * 7 + 3) % REGIONS))
-	record "pending $r"
-	pc_fio write "$r" randwrite $((boot * 100 + 99)) || die "unflushed write: $(tail -n 3 /tmp/pc-fio.out)"
-	record "cut $boot unflushed-write"
+	}
+
+	# Cut 1: during a write, with durable and unflushed regions behind it.
+	write_step noflush; write_step flush; write_step noflush
+	in_flight_step
+	sleep 2
+	snapshot 1 during-write
+	finish_in_flight
+	# Cut 2: right after an fsync completed, with writeback and GC running in the background.
+	write_step noflush; write_step flush
+	snapshot 2 after-fsync
+	# Cut 3: a completed write after the last fsync (nothing says it is durable).
+	write_step flush; write_step noflush
+	snapshot 3 unflushed-write
+	# Cut 4: after a replay (remove and create with dirty data), during a write.
+	dms remove "$name" || die "remove"
+	dms create "$name" --table "0 $(blockdev --getsz "$BACKING_DEV") pcache_rs /dev/mapper/${name}_pm $BACKING_DEV" ||
+		die "create after remove: $(dmesg | grep pcache_rs | tail -n 3)"
+	write_step flush
+	in_flight_step
+	sleep 1
+	snapshot 4 replayed-during-write
+	finish_in_flight
+	# Cut 5: after a table reload, while a durable region is being overwritten with fsyncs between.
+	table=$(dmsetup table "$name")
+	dms suspend "$name" && dms load "$name" --table "$table" && dms resume "$name" || die "table reload"
+	write_step noflush; write_step flush
+	in_flight_step --fsync=4
+	sleep 2
+	snapshot 5 reloaded-overwrite-with-fsyncs
+	finish_in_flight
+	# Cut 6, the real one: power goes with writes and fsyncs in flight.
+	write_step flush; write_step noflush
+	in_flight_step --fsync=2
+	sleep 2
+	record "cut $((SNAPSHOTS + 1)) sysrq-during-write"
+	check_splat
+	echo b >/proc/sysrq-trigger
+	sleep 60
+	die "still alive after sysrq b"
 fi
-splat_check
-echo b >/proc/sysrq-trigger
-sleep 60
-die "still alive after sysrq b"
+
+[ "$mode" = verify ] || { say "unknown mode '$mode'"; exit 2; }
+results=$dir/results
+: >"$results"
+read -r -a pmems <<<"$PMEM_DEV $EXTRA_PMEM_DEVS"
+read -r -a disks <<<"$BACKING_DEV $EXTRA_DISKS"
+[ "${#pmems[@]}" = $# ] && [ "${#disks[@]}" = $# ] ||
+	{ say "$# cuts but ${#pmems[@]} pmem devices and ${#disks[@]} disks"; exit 1; }
+i=0
+for cut in "$@"; do
+	pm=${pmems[i]} disk=${disks[i]} name=pcv$cut dev=/dev/mapper/pcv$cut
+	i=$((i + 1))
+	state=$dir/snap$cut.state
+	[ -f "$state" ] || state=$dir/state
+	kind=$(awk -v c="$cut" '$1 == "cut" && $2 == c { print $3 }' "$state")
+	t0=$SECONDS
+	# verify_cut: the checks for one cut; prints the reason of the first failure.
+	verify_cut() {
+		local n=0 total r rw seed kh dt
+		[ -n "$kind" ] || { echo "the state file $state does not record cut $cut"; return 1; }
+		total=$(durable "$state" | wc -l)
+		[ "$total" -gt 0 ] || { echo "no region was durable at the cut"; return 1; }
+		create_cache "$name" "$pm" "$disk" ||
+			{ echo "create after the cut failed: $(dmesg | grep pcache_rs | tail -n 2 | tr '\n' ' ')"; return 1; }
+		while read -r r rw seed; do
+			pc_fio verify "$dev" "$r" "$rw" "$seed" ||
+				{ echo "region $r ($rw seed $seed), durable at the cut, lost: $(grep -m2 -i 'verify\|bad\|err' "/tmp/pc-fio-$r.out" | tr '\n' ' ')"; return 1; }
+			n=$((n + 1))
+		done <<<"$(durable "$state")"
+		[ "$n" = "$total" ] || { echo "verified $n of $total durable regions"; return 1; }
+		for _ in $(seq 600); do
+			read -r kh dt <<<"$(dmsetup status "$name" | awk '{ print $10, $11 }')"
+			[ "$kh" = "$dt" ] && break
+			sleep 1
+		done
+		[ "$kh" = "$dt" ] || { echo "writeback did not drain: $(dmsetup status "$name")"; return 1; }
+		dms remove "$name" || { echo "remove failed"; return 1; }
+		dms remove "${name}_pm" || { echo "remove of the slice failed"; return 1; }
+		n=0
+		while read -r r rw seed; do
+			pc_fio verify "$disk" "$r" "$rw" "$seed" ||
+				{ echo "region $r not on the backing device after writeback"; return 1; }
+			n=$((n + 1))
+		done <<<"$(durable "$state")"
+		[ "$n" = "$total" ] || { echo "verified $n of $total regions on the backing device"; return 1; }
+		s=$(splat)
+		[ -z "$s" ] || { echo "kernel splat: $s"; return 1; }
+		echo "$total durable regions intact in the cache and, after writeback, on the backing device"
+	}
+	if why=$(verify_cut); then
+		say "cut $cut ($kind): ok, ${why} ($((SECONDS - t0)) s)"
+		echo "result $cut ok $kind: $why" >>"$results"
+	else
+		say "cut $cut ($kind): FAIL: $why"
+		echo "result $cut fail $kind: $why" >>"$results"
+		dmesg | tail -n 20 | sed 's/^/    dmesg| /'
+	fi
+	sync
+done
+exit 0

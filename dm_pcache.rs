@@ -282,9 +282,12 @@ impl Inner {
                 Ok(Step::Progress) => {}
                 Ok(Step::Idle) => break,
                 Err(e) => {
-                    // Counted and retried on the next tick: nothing is dropped.
-                    self.writeback_errors.fetch_add(1, Ordering::Relaxed);
-                    pr_warn!("pcache_rs: writeback: {}\n", Shown(&e));
+                    // Counted and retried on the next tick: nothing is dropped. A dead backing
+                    // device fails every tick, so only the 1st, 2nd, 4th, 8th, ... are logged.
+                    let n = self.writeback_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        pr_warn!("pcache_rs: writeback: {} ({} errors so far)\n", Shown(&e), n);
+                    }
                     break;
                 }
             }
@@ -295,8 +298,10 @@ impl Inner {
                 Ok(Step::Progress) => {}
                 Ok(Step::Idle) => break,
                 Err(e) => {
-                    self.gc_errors.fetch_add(1, Ordering::Relaxed);
-                    pr_warn!("pcache_rs: gc: {}\n", Shown(&e));
+                    let n = self.gc_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        pr_warn!("pcache_rs: gc: {} ({} errors so far)\n", Shown(&e), n);
+                    }
                     break;
                 }
             }

@@ -271,6 +271,44 @@ test_cache_writeback_drains() {
 	c_fio verify "$BACKING_DEV" write 512M 48M 52
 }
 
+# Writeback that meets a failing backing device counts the error and retries the same data later:
+# nothing is dropped. The backing device is a dm-linear over the real one whose table is swapped for
+# dm-error while dirty data waits, and back again.
+test_cache_writeback_retries_backing_errors() {
+	local back=${DM_PREFIX}wbe_back cache dev before log sz
+	ensure_module
+	wipe_cache
+	sz=$(sectors "$BACKING_DEV")
+	dms create "$back" --table "0 $sz linear $BACKING_DEV 0"
+	cache=$(c_slice wbe_pm "$C_CACHE_MIB")
+	create wbe "0 $sz $TARGET $cache /dev/mapper/$back"
+	dev=/dev/mapper/${DM_PREFIX}wbe
+	# Nothing may reach the backing device before it fails: fail it first, then write.
+	dms suspend "$back"
+	dms load "$back" --table "0 $sz error"
+	dms resume "$back"
+	before=$(kernel_log_lines)
+	c_fio write "$dev" randwrite 0 32M 61
+	c_fio write "$dev" write 256M 16M 62
+	sleep 5
+	log=$(kernel_log_since "$before")
+	# Upstream words its writeback errors differently.
+	[ "$TARGET" != pcache_rs ] || grep -q "pcache_rs: writeback: " <<<"$log" ||
+		fail "no writeback error reported while the backing device failed"
+	[ "$(c_status wbe dirty_tail)" != "$(c_status wbe key_head)" ] ||
+		fail "the dirty tail reached the key head although nothing could be written back"
+	# The cache still serves everything it holds.
+	c_fio verify "$dev" randwrite 0 32M 61
+	dms suspend "$back"
+	dms load "$back" --table "0 $sz linear $BACKING_DEV 0"
+	dms resume "$back"
+	c_wait_drained wbe 600
+	dms remove "${DM_PREFIX}wbe"
+	dms remove "$back"
+	c_fio verify "$BACKING_DEV" randwrite 0 32M 61
+	c_fio verify "$BACKING_DEV" write 256M 16M 62
+}
+
 # --- bad input ------------------------------------------------------------------------------------
 
 # c_must_refuse <log text> <table line>: create fails, the kernel log has the text (pcache_rs only:

@@ -286,7 +286,11 @@ impl Inner {
                     // device fails every tick, so only the 1st, 2nd, 4th, 8th, ... are logged.
                     let n = self.writeback_errors.fetch_add(1, Ordering::Relaxed) + 1;
                     if n.is_power_of_two() {
-                        pr_warn!("pcache_rs: writeback: {} ({} errors so far)\n", Shown(&e), n);
+                        pr_warn!(
+                            "pcache_rs: writeback: {} ({} errors so far)\n",
+                            Shown(&e),
+                            n
+                        );
                     }
                     break;
                 }

@@ -8,7 +8,7 @@
 # some followed by fsync (a FLUSH for the device), some not, and cuts power at six points of
 # different kinds. <dir>/state (in the repository, so the host sees it) records which regions were
 # durable (an fsync completed after their last write) and which were still pending. Cuts 1-5 are
-# snapshots: the guest asks the host on /dev/ttyS2, and the host (tests/powercut-snapshot) stops the
+# snapshots: the guest asks through <dir>/snap.request, and the host (tests/powercut-snapshot) stops the
 # VM, copies the NVDIMM file, the backing disk and the state, and resumes it; the fio jobs in flight
 # are cut wherever they were. Between cuts the cache is replayed (remove and create) and its table
 # reloaded, so later cuts hit a replayed cache. Cut 6 is a real one: `echo b > /proc/sysrq-trigger`
@@ -83,17 +83,15 @@ if [ "$mode" = write ]; then
 	create_cache "$name" "$PMEM_DEV" "$BACKING_DEV" || die "create: $(dmesg | grep pcache_rs | tail -n 3)"
 	# GC starts as soon as 10% of the segments are used, so it runs during the cuts.
 	dms message "$name" 0 gc_percent 10 || die "gc_percent"
-	exec 9<>/dev/ttyS2 || die "no control port /dev/ttyS2"
-	stty raw -echo <&9 || die "stty on /dev/ttyS2"
 
 	# snapshot <cut> <kind>: record the cut, then have the host copy the devices and the state.
 	snapshot() {
-		local ack
 		record "cut $1 $2"
 		check_splat
-		for _ in $(seq 10); do
-			echo "snap $1" >&9
-			read -r -t 60 -u 9 ack && [ "${ack%$'\r'}" = "ok $1" ] && { say "cut $1 ($2) taken"; return; }
+		echo "$1" >"$dir/snap.request.tmp" && mv "$dir/snap.request.tmp" "$dir/snap.request" || die "snapshot request"
+		for _ in $(seq 3000); do
+			[ -f "$dir/snap$1.done" ] && { say "cut $1 ($2) taken"; return; }
+			sleep 0.2
 		done
 		die "the host did not take snapshot $1"
 	}

@@ -7,7 +7,10 @@
 # write: formats the cache, writes regions of the device with fio (crc32c and offset in every block),
 # some followed by fsync (a FLUSH for the device), some not, and cuts power at six points of
 # different kinds. <dir>/state (in the repository, so the host sees it) records which regions were
-# durable (an fsync completed after their last write) and which were still pending. Cuts 1-5 are
+# durable (an fsync completed after their last write), with the SHA-256 of their content, and which
+# were still pending. Some writes overwrite a durable region: fio's verify alone would pass the old
+# content too (each block's header holds its offset and checksum, not which write it came from), so
+# the hash is what tells the new content from the old. Cuts 1-5 are
 # snapshots: the guest asks through <dir>/snap.request, and the host (tests/powercut-snapshot) stops the
 # VM, copies the NVDIMM file, the backing disk and the state, and resumes it; the fio jobs in flight
 # are cut wherever they were. Between cuts the cache is replayed (remove and create) and its table
@@ -17,7 +20,8 @@
 # verify: for each cut, in the order of the devices ($PMEM_DEV with $BACKING_DEV for the first,
 # then $EXTRA_PMEM_DEVS with $EXTRA_DISKS), creates the cache on what the cut left, checks that every
 # region durable at the cut reads back exactly, drains writeback (the dirty tail reaches the key head),
-# removes the cache and checks that the backing device alone holds every durable region. A cut is
+# removes the cache and checks that the backing device alone holds every durable region. "Holds"
+# means that fio's verify passes and the content hashes to what was recorded. A cut is
 # named by its number; its state file is <dir>/state for the real cut (6) and <dir>/snapK.state for
 # the snapshots. Each result is one line "result <cut> ok|fail <reason>" in <dir>/results.
 set -uo pipefail
@@ -34,26 +38,57 @@ SNAPSHOTS=5    # cuts taken as snapshots; the real cut is number SNAPSHOTS + 1
 say() { echo "powercut($mode): $*"; }
 dms() { dmsetup --noudevsync "$@"; }
 
-# pc_fio <write|verify> <dev> <region> <rw> <seed> [fio args]: one region's data job (numjobs 2, each
-# job on half the region, bs 4k..1M, crc32c verify headers).
+# pc_job <dev> <region> <rw> <seed>: sets job to the fio options of one region's data job (numjobs
+# 2, each job on half the region, bs 4k..1M, crc32c verify headers).
+pc_job() {
+	local half=$((REGION_MIB << 19))
+	job=(--name="r$2" --filename="$1" --direct=1 --ioengine=libaio --iodepth=8 --rw="$3"
+		--bsrange=4k-1m --blockalign=4k --numjobs=2 --offset=$(($2 * REGION_MIB))M --size="$half"
+		--offset_increment="$half" --randseed="$4" --verify=crc32c --verify_fatal=1 --verify_state_save=0)
+}
+
+# pc_fio write <dev> <region> <rw> <seed> [fio args]: write one region; output in /tmp/pc-fio-<region>.out.
 pc_fio() {
-	local mode=$1 dev=$2 r=$3 rw=$4 seed=$5 half=$((REGION_MIB << 19))
+	local dev=$2 r=$3 rw=$4 seed=$5 job
 	shift 5
-	local args=(--name="r$r" --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 --rw="$rw"
-		--bsrange=4k-1m --blockalign=4k --numjobs=2 --offset=$((r * REGION_MIB))M --size="$half"
-		--offset_increment="$half" --randseed="$seed" --verify=crc32c --verify_fatal=1
-		--group_reporting --output-format=terse --terse-version=3)
-	if [ "$mode" = write ]; then args+=(--do_verify=0); else args+=(--verify_only=1); fi
-	fio "${args[@]}" "$@" >"/tmp/pc-fio-$r.out" 2>&1
+	pc_job "$dev" "$r" "$rw" "$seed"
+	fio "${job[@]}" --do_verify=0 --group_reporting --output-format=terse --terse-version=3 "$@" \
+		>"/tmp/pc-fio-$r.out" 2>&1
+}
+
+# region_hash <dev> <region>: SHA-256 of the region's content, read with O_DIRECT.
+region_hash() {
+	dd if="$1" bs=1M skip=$(($2 * REGION_MIB)) count="$REGION_MIB" iflag=direct status=none |
+		sha256sum | cut -c1-64
+}
+
+# verify_regions <dev>: check every region given on stdin as "<region> <rw> <seed> <sha256>": fio's
+# verify, in one fio run (a fio start costs seconds under TCG), and the content hash. Prints the
+# number of regions checked, or the reason of the first failure (and returns 1).
+verify_regions() {
+	local r rw seed sum n=0 job all=() sums=()
+	while read -r r rw seed sum; do
+		pc_job "$1" "$r" "$rw" "$seed"
+		all+=("${job[@]}" --verify_only=1)
+		sums+=("$r $sum")
+		n=$((n + 1))
+	done
+	fio "${all[@]}" >/tmp/pc-fio-verify.out 2>&1 ||
+		{ echo "fio verify: $(grep -m2 -i 'verify\|bad\|err' /tmp/pc-fio-verify.out | tr '\n' ' ')"; return 1; }
+	for r in "${sums[@]}"; do
+		[ "$(region_hash "$1" "${r%% *}")" = "${r#* }" ] ||
+			{ echo "region ${r%% *} does not hold its last durable write (content hash differs)"; return 1; }
+	done
+	echo "$n"
 }
 
 # Only what the kernel logged after this script started counts (boot messages mention lockdep).
 log_base=$(dmesg | wc -l)
 splat() { dmesg | tail -n +"$((log_base + 1))" | grep -E "$SPLAT_RE" | head -n 3; }
 
-# Regions whose last record in a state file is "durable": "<region> <rw> <seed>".
+# Regions whose last record in a state file is "durable": "<region> <rw> <seed> <sha256>".
 durable() {
-	awk '$1 == "durable" { d[$2] = $3 " " $4 } $1 == "pending" { delete d[$2] }
+	awk '$1 == "durable" { d[$2] = $3 " " $4 " " $5 } $1 == "pending" { delete d[$2] }
 		END { for (r in d) print r, d[r] }' "$1" | sort -n
 }
 
@@ -98,37 +133,50 @@ if [ "$mode" = write ]; then
 
 	step=0
 	unflushed=()
-	next_region() { step=$((step + 1)); r=$(((step * 5) % REGIONS)); seed=$((step * 101)); rw=randwrite; [ $((step % 3)) != 0 ] || rw=write; }
-	# write_step flush|noflush: one region, recorded durable (with every unflushed write before it)
-	# only once its fsync has completed.
+	# next_region [<region>]: the next step's region (a new one, or <region> to overwrite), seed and rw.
+	next_region() {
+		step=$((step + 1)); r=${1:-$(((step * 5) % REGIONS))}; seed=$((step * 101))
+		rw=randwrite; [ $((step % 3)) != 0 ] || rw=write
+	}
+	# made_durable <region> <rw> <seed>...: record regions durable, with the hash of their content.
+	made_durable() {
+		local u
+		for u in "$@"; do
+			record "durable $u $(region_hash "$dev" "${u%% *}")"
+		done
+	}
+	# write_step flush|noflush [<region>]: one region, recorded durable (with every unflushed write
+	# before it) only once its fsync has completed.
 	write_step() {
-		next_region
+		next_region "${2:-}"
 		record "pending $r"
 		if [ "$1" = flush ]; then
 			pc_fio write "$dev" "$r" "$rw" "$seed" --end_fsync=1 || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
-			for u in "${unflushed[@]}" "$r $rw $seed"; do record "durable $u"; done
+			made_durable "${unflushed[@]}" "$r $rw $seed"
 			unflushed=()
 		else
 			pc_fio write "$dev" "$r" "$rw" "$seed" || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
 			unflushed+=("$r $rw $seed")
 		fi
 	}
-	# in_flight_step: start a flushed write in the background (pending until it is waited for).
+	# in_flight_step <region|""> [fio args]: start a flushed write (of a new region, or over
+	# <region>) in the background, pending until it is waited for.
 	in_flight_step() {
-		next_region
+		next_region "$1"
+		shift
 		record "pending $r"
 		pc_fio write "$dev" "$r" "$rw" "$seed" --end_fsync=1 "$@" &
 		bg_pid=$! bg="$r $rw $seed"
 	}
 	finish_in_flight() {
 		wait "$bg_pid" || die "in-flight write of region ${bg%% *}: $(tail -n 3 "/tmp/pc-fio-${bg%% *}.out")"
-		for u in "${unflushed[@]}" "$bg"; do record "durable $u"; done
+		made_durable "${unflushed[@]}" "$bg"
 		unflushed=()
 	}
 
 	# Cut 1: during a write, with durable and unflushed regions behind it.
 	write_step noflush; write_step flush; write_step noflush
-	in_flight_step
+	in_flight_step ""
 	sleep 2
 	snapshot 1 during-write
 	finish_in_flight
@@ -143,21 +191,23 @@ if [ "$mode" = write ]; then
 	dms create "$name" --table "0 $(blockdev --getsz "$BACKING_DEV") pcache_rs /dev/mapper/${name}_pm $BACKING_DEV" ||
 		die "create after remove: $(dmesg | grep pcache_rs | tail -n 3)"
 	write_step flush
-	in_flight_step
+	in_flight_step ""
 	sleep 1
 	snapshot 4 replayed-during-write
 	finish_in_flight
-	# Cut 5: after a table reload, while a durable region is being overwritten with fsyncs between.
+	# Cut 5: after a table reload, while a durable region (step 2's) is being overwritten, with
+	# fsyncs between.
 	table=$(dmsetup table "$name")
 	dms suspend "$name" && dms load "$name" --table "$table" && dms resume "$name" || die "table reload"
 	write_step noflush; write_step flush
-	in_flight_step --fsync=4
+	in_flight_step $((2 * 5 % REGIONS)) --fsync=4
 	sleep 2
 	snapshot 5 reloaded-overwrite-with-fsyncs
 	finish_in_flight
-	# Cut 6, the real one: power goes with writes and fsyncs in flight.
-	write_step flush; write_step noflush
-	in_flight_step --fsync=2
+	# Cut 6, the real one: power goes with writes and fsyncs in flight, after a durable overwrite of
+	# step 1's region: the replay must return the new content, not the old.
+	write_step flush $((1 * 5 % REGIONS)); write_step noflush
+	in_flight_step "" --fsync=2
 	sleep 2
 	record "cut $((SNAPSHOTS + 1)) sysrq-during-write"
 	check_splat
@@ -183,17 +233,13 @@ for cut in "$@"; do
 	t0=$SECONDS
 	# verify_cut: the checks for one cut; prints the reason of the first failure.
 	verify_cut() {
-		local n=0 total r rw seed kh dt
+		local n total kh dt
 		[ -n "$kind" ] || { echo "the state file $state does not record cut $cut"; return 1; }
 		total=$(durable "$state" | wc -l)
 		[ "$total" -gt 0 ] || { echo "no region was durable at the cut"; return 1; }
 		create_cache "$name" "$pm" "$disk" ||
 			{ echo "create after the cut failed: $(dmesg | grep pcache_rs | tail -n 2 | tr '\n' ' ')"; return 1; }
-		while read -r r rw seed; do
-			pc_fio verify "$dev" "$r" "$rw" "$seed" ||
-				{ echo "region $r ($rw seed $seed), durable at the cut, lost: $(grep -m2 -i 'verify\|bad\|err' "/tmp/pc-fio-$r.out" | tr '\n' ' ')"; return 1; }
-			n=$((n + 1))
-		done <<<"$(durable "$state")"
+		n=$(durable "$state" | verify_regions "$dev") || { echo "in the cache: $n"; return 1; }
 		[ "$n" = "$total" ] || { echo "verified $n of $total durable regions"; return 1; }
 		for _ in $(seq 600); do
 			read -r kh dt <<<"$(dmsetup status "$name" | awk '{ print $10, $11 }')"
@@ -203,12 +249,7 @@ for cut in "$@"; do
 		[ "$kh" = "$dt" ] || { echo "writeback did not drain: $(dmsetup status "$name")"; return 1; }
 		dms remove "$name" || { echo "remove failed"; return 1; }
 		dms remove "${name}_pm" || { echo "remove of the slice failed"; return 1; }
-		n=0
-		while read -r r rw seed; do
-			pc_fio verify "$disk" "$r" "$rw" "$seed" ||
-				{ echo "region $r not on the backing device after writeback"; return 1; }
-			n=$((n + 1))
-		done <<<"$(durable "$state")"
+		n=$(durable "$state" | verify_regions "$disk") || { echo "on the backing device after writeback: $n"; return 1; }
 		[ "$n" = "$total" ] || { echo "verified $n of $total regions on the backing device"; return 1; }
 		s=$(splat)
 		[ -z "$s" ] || { echo "kernel splat: $s"; return 1; }

@@ -57,29 +57,55 @@ c_wait_drained() {
 	fail "writeback did not drain in $2 s: status $(dmsetup status "$DM_PREFIX$1")"
 }
 
+# c_job <dev> <rw> <offset> <size> <seed>: sets job to the fio options of the data job (numjobs=2:
+# each job owns one half of the region; every block carries its offset and a crc32c).
+c_job() {
+	local half
+	half=$(($(c_bytes "$4") / 2))
+	job=(--name="c-$2-$5" --filename="$1" --direct=1 --ioengine=libaio --iodepth=8
+		--rw="$2" --bsrange=4k-1m --blockalign=4k --numjobs=2
+		--offset="$3" --size="$half" --offset_increment="$half"
+		--randseed="$5" --verify=crc32c --verify_fatal=1 --verify_backlog=0 --verify_state_save=0)
+}
+
 # c_fio <write|verify> <dev> <rw> <offset> <size> <seed> [extra fio args]: the data job. "write"
-# writes (and verifies) the region; "verify" only reads it back and checks it against what the same
-# job wrote. numjobs=2: each job owns one half of the region.
+# writes the region; "verify" only reads it back and checks it against what the same job wrote.
 c_fio() {
-	local mode=$1 dev=$2 rw=$3 off=$4 size=$5 seed=$6 half
+	local mode=$1 dev=$2 what="$1 $3 at $4+$5 on $2" job
+	c_job "$dev" "$3" "$4" "$5" "$6"
 	shift 6
-	half=$(($(c_bytes "$size") / 2))
-	local args=(--name="c-$rw-$seed" --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8
-		--rw="$rw" --bsrange=4k-1m --blockalign=4k --numjobs=2
-		--offset="$off" --size="$half" --offset_increment="$half"
-		--randseed="$seed" --verify=crc32c --verify_fatal=1 --verify_backlog=0
-		--group_reporting --output-format=terse --terse-version=3)
-	if [ "$mode" = write ]; then args+=(--do_verify=0); else args+=(--verify_only=1); fi
-	fio "${args[@]}" "$@" >"$T_TMP/fio.terse" 2>"$T_TMP/fio.err" ||
-		fail "fio $mode $rw at $off+$size on $dev failed: $(tail -n 3 "$T_TMP/fio.err") $(tail -c 300 "$T_TMP/fio.terse")"
-	# terse v3 (the line starting "3;", fio may print warnings before it): field 5 is the error
-	# code; 7 read KiB/s; 48 write KiB/s.
+	if [ "$mode" = write ]; then job+=(--do_verify=0); else job+=(--verify_only=1); fi
+	c_fio_run "$what" "${job[@]}" "$@"
+}
+
+# c_fio_verify_all <dev> <region>...: c_fio verify of every region ("<rw> <offset> <size> <seed>")
+# in one fio run, one job per region: a fio start costs seconds under TCG.
+c_fio_verify_all() {
+	local dev=$1 r all=() job
+	shift
+	for r in "$@"; do
+		# shellcheck disable=SC2086 # r is "<rw> <offset> <size> <seed>"
+		c_job "$dev" $r
+		all+=("${job[@]}" --verify_only=1)
+	done
+	c_fio_run "verify of $# regions on $dev" "${all[@]}"
+}
+
+# c_fio_run <what> <fio args...>: run fio, fail on any error, log the throughput.
+c_fio_run() {
+	local what=$1
+	shift
+	fio "$@" --group_reporting --output-format=terse --terse-version=3 >"$T_TMP/fio.terse" 2>"$T_TMP/fio.err" ||
+		fail "fio $what failed: $(tail -n 3 "$T_TMP/fio.err") $(tail -c 300 "$T_TMP/fio.terse")"
+	# terse v3 (lines starting "3;", one per job; fio may print warnings before them): field 5 is
+	# the error code; 7 read KiB/s; 48 write KiB/s.
 	grep '^3;' "$T_TMP/fio.terse" >"$T_TMP/fio.line" || fail "no terse line from fio: $(head -c 300 "$T_TMP/fio.terse")"
 	mv "$T_TMP/fio.line" "$T_TMP/fio.terse"
-	expect_eq "fio $mode $rw error code" 0 "$(cut -d';' -f5 "$T_TMP/fio.terse" | head -n1)"
+	expect_eq "fio $what: jobs with an error" 0 "$(cut -d';' -f5 "$T_TMP/fio.terse" | grep -cv '^0$')"
 	# Throughput goes to the run's results too: the same jobs run on pcache_rs and on C pcache.
-	echo "fio $mode $rw $off+$size on $(c_target_of "$dev"): read $(cut -d';' -f7 "$T_TMP/fio.terse") KiB/s," \
-		"write $(cut -d';' -f48 "$T_TMP/fio.terse") KiB/s" | tee -a "${RESULTS_DIR:-$T_TMP}/cache-fio.txt"
+	echo "fio $what ($(c_target_of "${what##* on }")):" \
+		"$(awk -F';' '{ r += $7; w += $48 } END { print "read " r " KiB/s, write " w " KiB/s" }' "$T_TMP/fio.terse")" |
+		tee -a "${RESULTS_DIR:-$T_TMP}/cache-fio.txt"
 }
 
 # The device-mapper target under a device path (or "raw" for a plain block device).
@@ -119,11 +145,7 @@ c_fio_matrix() {
 		done
 		[ "$gc" != 0 ] || c_wait_moved "$name" key_tail "$tail0" 300
 	done
-	local r
-	for r in "${regions[@]}"; do
-		# shellcheck disable=SC2086 # r is "<rw> <offset> <size> <seed>"
-		c_fio verify "$dev" $r
-	done
+	c_fio_verify_all "$dev" "${regions[@]}"
 	expect_eq "table data_crc" "$crc" "$(dmsetup table "${DM_PREFIX}$name" | sed -n 's/.*data_crc \([a-z]*\).*/\1/p')"
 }
 

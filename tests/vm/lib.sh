@@ -129,6 +129,13 @@ sectors() {
 # otherwise replay whatever an earlier test left on the pmem.
 wipe_cache() { dd if=/dev/zero of="$PMEM_DEV" bs=1M count=64 oflag=direct status=none; }
 
+# linear_slice <name> <device> <MiB> [<offset MiB>]: a dm-linear slice of a device named
+# $DM_PREFIX<name> (DAX passes through dm-linear); prints its path.
+linear_slice() {
+	dms create "$DM_PREFIX$1" --table "0 $(($3 * 2048)) linear $2 $((${4:-0} * 2048))" || return 1
+	echo "/dev/mapper/$DM_PREFIX$1"
+}
+
 # A loop device over a file in guest memory: a block device that is not DAX-capable.
 make_loop() { # <MiB>
 	local f l

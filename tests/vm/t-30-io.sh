@@ -22,9 +22,10 @@ fio_verify() { # <device> <job name> [extra fio args]
 test_fio_verify_whole_device() {
 	ensure_module
 	wipe_cache
-	dms create "${DM_PREFIX}io_pm" --table "0 $((512 * 2048)) linear $PMEM_DEV 0"
-	dms create "${DM_PREFIX}io_back" --table "0 $((1024 * 2048)) linear $BACKING_DEV 0"
-	create io "0 $((1024 * 2048)) $TARGET /dev/mapper/${DM_PREFIX}io_pm /dev/mapper/${DM_PREFIX}io_back"
+	local pm back
+	pm=$(linear_slice io_pm "$PMEM_DEV" 512)
+	back=$(linear_slice io_back "$BACKING_DEV" 1024)
+	create io "0 $((1024 * 2048)) $TARGET $pm $back"
 	fio_verify "/dev/mapper/${DM_PREFIX}io" whole-device
 	dmsetup status "${DM_PREFIX}io"
 }

@@ -12,10 +12,7 @@
 C_CACHE_MIB=512
 
 # c_slice <name> <MiB> [<offset MiB>]: a dm-linear slice of the pmem; prints its path.
-c_slice() {
-	dms create "$DM_PREFIX$1" --table "0 $(($2 * 2048)) linear $PMEM_DEV $((${3:-0} * 2048))"
-	echo "/dev/mapper/$DM_PREFIX$1"
-}
+c_slice() { linear_slice "$1" "$PMEM_DEV" "$2" "${3:-0}"; }
 
 # c_table <cache dev> [opt args...]: our target over <cache dev> and the backing device.
 c_table() {
@@ -69,13 +66,39 @@ c_job() {
 }
 
 # c_fio <write|verify> <dev> <rw> <offset> <size> <seed> [extra fio args]: the data job. "write"
-# writes the region; "verify" only reads it back and checks it against what the same job wrote.
+# writes the region and records a checksum of its content; "verify" reads it back, checks it
+# against what the same job wrote and compares the checksum. fio's verify alone would pass stale
+# data: each block's header holds its offset and a checksum of itself, not which write it came
+# from, so a region that was overwritten and came back old would look fine.
 c_fio() {
-	local mode=$1 dev=$2 what="$1 $3 at $4+$5 on $2" job
+	local mode=$1 dev=$2 region="$3 $4 $5 $6" what="$1 $3 at $4+$5 on $2" job
 	c_job "$dev" "$3" "$4" "$5" "$6"
 	shift 6
 	if [ "$mode" = write ]; then job+=(--do_verify=0); else job+=(--verify_only=1); fi
 	c_fio_run "$what" "${job[@]}" "$@"
+	if [ "$mode" = write ]; then c_sum_record "$dev" "$region"; else c_sum_check "$dev" "$region"; fi
+}
+
+# c_sum <dev> <offset> <size>: checksum of a region's content, read with O_DIRECT.
+c_sum() {
+	dd if="$1" bs=1M skip="$(c_bytes "$2")" count="$(c_bytes "$3")" iflag=direct,skip_bytes,count_bytes \
+		status=none | cksum
+}
+
+# c_sum_record <dev> <region>: remember the content of a region ("<rw> <offset> <size> <seed>")
+# just written; c_sum_check <dev> <region>: the region holds that content.
+c_sum_record() {
+	local rw off size seed
+	read -r rw off size seed <<<"$2"
+	echo "$2 $(c_sum "$1" "$off" "$size")" >>"$T_TMP/region-sums"
+}
+c_sum_check() {
+	local rw off size seed want
+	read -r rw off size seed <<<"$2"
+	want=$(awk -v k="$2" '$1 " " $2 " " $3 " " $4 == k { s = $5 " " $6 } END { print s }' \
+		"$T_TMP/region-sums" 2>/dev/null)
+	[ -n "$want" ] || fail "no checksum recorded for the region $2"
+	expect_eq "content of the region $2 on $1 (cksum; fio's verify passed)" "$want" "$(c_sum "$1" "$off" "$size")"
 }
 
 # c_fio_verify_all <dev> <region>...: c_fio verify of every region ("<rw> <offset> <size> <seed>")
@@ -89,6 +112,7 @@ c_fio_verify_all() {
 		all+=("${job[@]}" --verify_only=1)
 	done
 	c_fio_run "verify of $# regions on $dev" "${all[@]}"
+	for r in "$@"; do c_sum_check "$dev" "$r"; done
 }
 
 # c_fio_run <what> <fio args...>: run fio, fail on any error, log the throughput.

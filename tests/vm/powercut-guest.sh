@@ -47,10 +47,10 @@ pc_job() {
 		--offset_increment="$half" --randseed="$4" --verify=crc32c --verify_fatal=1 --verify_state_save=0)
 }
 
-# pc_fio write <dev> <region> <rw> <seed> [fio args]: write one region; output in /tmp/pc-fio-<region>.out.
-pc_fio() {
-	local dev=$2 r=$3 rw=$4 seed=$5 job
-	shift 5
+# pc_write <dev> <region> <rw> <seed> [fio args]: write one region; output in /tmp/pc-fio-<region>.out.
+pc_write() {
+	local dev=$1 r=$2 rw=$3 seed=$4 job
+	shift 4
 	pc_job "$dev" "$r" "$rw" "$seed"
 	fio "${job[@]}" --do_verify=0 --group_reporting --output-format=terse --terse-version=3 "$@" \
 		>"/tmp/pc-fio-$r.out" 2>&1
@@ -151,11 +151,11 @@ if [ "$mode" = write ]; then
 		next_region "${2:-}"
 		record "pending $r"
 		if [ "$1" = flush ]; then
-			pc_fio write "$dev" "$r" "$rw" "$seed" --end_fsync=1 || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
+			pc_write "$dev" "$r" "$rw" "$seed" --end_fsync=1 || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
 			made_durable "${unflushed[@]}" "$r $rw $seed"
 			unflushed=()
 		else
-			pc_fio write "$dev" "$r" "$rw" "$seed" || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
+			pc_write "$dev" "$r" "$rw" "$seed" || die "write step $step: $(tail -n 3 "/tmp/pc-fio-$r.out")"
 			unflushed+=("$r $rw $seed")
 		fi
 	}
@@ -165,7 +165,7 @@ if [ "$mode" = write ]; then
 		next_region "$1"
 		shift
 		record "pending $r"
-		pc_fio write "$dev" "$r" "$rw" "$seed" --end_fsync=1 "$@" &
+		pc_write "$dev" "$r" "$rw" "$seed" --end_fsync=1 "$@" &
 		bg_pid=$! bg="$r $rw $seed"
 	}
 	finish_in_flight() {

@@ -62,7 +62,8 @@ c_job() {
 	job=(--name="c-$2-$5" --filename="$1" --direct=1 --ioengine=libaio --iodepth=8
 		--rw="$2" --bsrange=4k-1m --blockalign=4k --numjobs=2
 		--offset="$3" --size="$half" --offset_increment="$half"
-		--randseed="$5" --verify=crc32c --verify_fatal=1 --verify_backlog=0 --verify_state_save=0)
+		--randseed="$5" --verify=crc32c --verify_fatal=1 --verify_backlog=0 --verify_state_save=0
+		--group_reporting)
 }
 
 # c_fio <write|verify> <dev> <rw> <offset> <size> <seed> [extra fio args]: the data job. "write"
@@ -88,13 +89,13 @@ c_sum() {
 # c_sum_record <dev> <region>: remember the content of a region ("<rw> <offset> <size> <seed>")
 # just written; c_sum_check <dev> <region>: the region holds that content.
 c_sum_record() {
-	local rw off size seed
-	read -r rw off size seed <<<"$2"
+	local off size
+	read -r _ off size _ <<<"$2"
 	echo "$2 $(c_sum "$1" "$off" "$size")" >>"$T_TMP/region-sums"
 }
 c_sum_check() {
-	local rw off size seed want
-	read -r rw off size seed <<<"$2"
+	local off size want
+	read -r _ off size _ <<<"$2"
 	want=$(awk -v k="$2" '$1 " " $2 " " $3 " " $4 == k { s = $5 " " $6 } END { print s }' \
 		"$T_TMP/region-sums" 2>/dev/null)
 	[ -n "$want" ] || fail "no checksum recorded for the region $2"
@@ -119,7 +120,7 @@ c_fio_verify_all() {
 c_fio_run() {
 	local what=$1
 	shift
-	fio "$@" --group_reporting --output-format=terse --terse-version=3 >"$T_TMP/fio.terse" 2>"$T_TMP/fio.err" ||
+	fio "$@" --output-format=terse --terse-version=3 >"$T_TMP/fio.terse" 2>"$T_TMP/fio.err" ||
 		fail "fio $what failed: $(tail -n 3 "$T_TMP/fio.err") $(tail -c 300 "$T_TMP/fio.terse")"
 	# terse v3 (lines starting "3;", one per job; fio may print warnings before them): field 5 is
 	# the error code; 7 read KiB/s; 48 write KiB/s.

@@ -6,6 +6,7 @@
 
 use pcache_engine::cache_core::index::{Index, Node};
 use pcache_engine::cache_core::key::{Key, Pos};
+use pcache_engine::cache_core::Borrowed;
 use pcache_engine::cache_core::{Backing, Cache, CacheError, CacheOptions, IoError, KsetBuf, Pmem};
 use pcache_engine::meta::kset::{kset_key, kset_read, KeyOnmedia, KSET_KEYS_MAX};
 use pcache_engine::meta::layout::Geometry;
@@ -192,7 +193,7 @@ fn main() {
     let span: u64 = 64 << 20;
     let mut nodes = vec![Node::default(); 1 << 16];
     let mut roots = vec![0u32; 16];
-    let mut idx = Index::new(&mut nodes, &mut roots);
+    let mut idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 16);
     let mut rng = Lcg(1);
     // Warm the index to a steady state of a few thousand keys.
     for _ in 0..50_000 {

@@ -7,11 +7,13 @@
 //! simulator, whose pmem only makes a store durable once it is flushed *and*
 //! fenced.
 //!
-//! Locking, per-CPU selection and work scheduling stay outside: every engine entry
-//! point takes `&mut self`, so the glue serialises calls (one mutex around the
-//! engine, or one per engine instance) and runs `writeback_step`/`gc_step`/
-//! `flush_idle` from delayed work. The `cpu` argument of `write` picks the data
-//! head, so the per-CPU data layout is already the upstream one.
+//! Beyond the two devices, the host supplies primitives and no policy: mutual
+//! exclusion over the engine ([`Locked`]), sleeping, waking and deferred work
+//! ([`Waiting`]). What to do with them (when a request waits for room, when
+//! writeback copies without the lock, when GC runs) is the engine's, in
+//! [`super::request`] and [`super::background`], and the simulator runs that same
+//! code. The `cpu` argument of `write` picks the data head, so the per-CPU data
+//! layout is already the upstream one.
 
 /// A device error (media poison on pmem, a failed bio on the backing device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +100,29 @@ impl<T: Backing + ?Sized> Backing for &mut T {
     fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
         (**self).write_batch(writes)
     }
+}
+
+/// Mutual exclusion over a `T` (the engine, or the engine with the glue's
+/// request buffers): a kernel mutex in the module, a `RefCell` in the
+/// single-threaded simulator.
+pub trait Locked<T> {
+    /// Runs `f` with `T` locked.
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R;
+}
+
+/// Sleeping, waking and deferred work.
+pub trait Waiting {
+    /// A ticket for [`Waiting::wait`]. Take it before checking the condition
+    /// waited for, so that a wake between the check and the wait is not lost.
+    fn ticket(&self) -> u64;
+    /// Sleeps until [`Waiting::wake_all`] is called after `ticket` was taken
+    /// (returns true at once if it already was), or `timeout_ms` pass (false).
+    fn wait(&self, ticket: u64, timeout_ms: u32) -> bool;
+    /// Wakes every waiter.
+    fn wake_all(&self);
+    /// Asks for [`super::background::Background::run`] to run soon (the
+    /// simulator may run it at once).
+    fn kick(&self);
 }
 
 /// Store `data` at `off`, flush it and fence: `memcpy_flushcache` + `pmem_wmb`.

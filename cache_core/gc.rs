@@ -10,17 +10,26 @@ use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::Pos;
 use super::writeback::Step;
-use super::Cache;
+use super::{Cache, Memory};
 use crate::meta::cache_info::CtrlPos;
 use crate::meta::kset::{KsetRead, KSET_KEYS_MAX};
 
-impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+    /// GC runs while there is a written-back kset to consume and either the
+    /// used segments reach `gc_percent` or keys run short: small writes can use
+    /// up the key slab long before the data space, and only GC frees keys (a
+    /// segment it frees drops every key that points into it).
     fn need_gc(&self) -> bool {
         if self.key_tail.pos == self.dirty_tail.pos {
             return false;
         }
         let threshold = u64::from(self.n_segs) * u64::from(self.info.gc_percent()) / 100;
-        u64::from(self.used_segs) >= threshold
+        u64::from(self.used_segs) >= threshold || self.key_pressure()
+    }
+
+    /// Fewer than an eighth of the key slab is free.
+    pub fn key_pressure(&self) -> bool {
+        (self.index.free_nodes() as usize) < self.index.capacity() / 8 + 2
     }
 
     /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration).

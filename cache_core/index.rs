@@ -10,6 +10,7 @@
 //! misbehave, never index out of bounds.
 
 use super::key::Key;
+use super::memory::Memory;
 use crate::meta::layout::SUBTREE_SHIFT;
 
 const NIL: u32 = u32::MAX;
@@ -39,9 +40,11 @@ impl Default for Node {
 pub struct IndexFull;
 
 /// The whole index over the preallocated slab and subtree roots.
-pub struct Index<'a> {
-    nodes: &'a mut [Node],
-    roots: &'a mut [u32],
+pub struct Index<M: Memory> {
+    nodes: M::Buf<Node>,
+    roots: M::Buf<u32>,
+    /// Subtrees in use (the device's 4 MiB stripes; `roots` may be longer).
+    n_roots: usize,
     free: u32,
     n_free: u32,
     sink: Node,
@@ -55,9 +58,9 @@ fn prio_of(i: u32) -> u32 {
     x
 }
 
-impl<'a> Index<'a> {
+impl<M: Memory> Index<M> {
     /// `nodes` is the key slab; `roots` needs one entry per 4 MiB of backing device.
-    pub fn new(nodes: &'a mut [Node], roots: &'a mut [u32]) -> Self {
+    pub fn new(mut nodes: M::Buf<Node>, mut roots: M::Buf<u32>, n_roots: usize) -> Self {
         let n = nodes.len().min(NIL as usize - 1);
         for (i, node) in nodes.iter_mut().enumerate().take(n) {
             node.left = if i + 1 < n { (i + 1) as u32 } else { NIL };
@@ -67,9 +70,11 @@ impl<'a> Index<'a> {
         for r in roots.iter_mut() {
             *r = NIL;
         }
+        let n_roots = n_roots.min(roots.len());
         Index {
             nodes,
             roots,
+            n_roots,
             free: if n > 0 { 0 } else { NIL },
             n_free: n as u32,
             sink: Node::default(),
@@ -77,7 +82,7 @@ impl<'a> Index<'a> {
     }
 
     pub fn n_subtrees(&self) -> usize {
-        self.roots.len()
+        self.n_roots
     }
 
     pub fn free_nodes(&self) -> u32 {
@@ -91,7 +96,7 @@ impl<'a> Index<'a> {
     /// The subtree of logical offset `off`, if the device has it.
     pub fn subtree_of(&self, off: u64) -> Option<usize> {
         let s = (off >> SUBTREE_SHIFT) as usize;
-        if s < self.roots.len() {
+        if s < self.n_roots {
             Some(s)
         } else {
             None
@@ -112,7 +117,7 @@ impl<'a> Index<'a> {
     }
 
     fn set_root(&mut self, sub: usize, r: u32) {
-        if let Some(slot) = self.roots.get_mut(sub) {
+        if let Some(slot) = self.roots.get_mut(sub).filter(|_| sub < self.n_roots) {
             *slot = r;
         }
     }
@@ -364,7 +369,7 @@ impl<'a> Index<'a> {
     /// Remove every key for which `stale` returns true; returns how many.
     pub fn retain(&mut self, mut stale: impl FnMut(&Key) -> bool) -> usize {
         let mut removed = 0;
-        for sub in 0..self.roots.len() {
+        for sub in 0..self.n_roots {
             let mut cursor = 0u64;
             loop {
                 let c = self.ceil(self.root(sub), cursor);
@@ -384,7 +389,7 @@ impl<'a> Index<'a> {
 
     /// Visit every key of every subtree in logical order.
     pub fn for_each(&self, mut f: impl FnMut(&Key)) {
-        for sub in 0..self.roots.len() {
+        for sub in 0..self.n_roots {
             self.visit_tree(self.root(sub), &mut f);
         }
     }

@@ -4,7 +4,7 @@
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos};
-use super::Cache;
+use super::{Cache, Memory};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC};
 use crate::meta::layout::SUBTREE_SIZE;
@@ -31,7 +31,7 @@ enum Misses {
 /// find a segment even when data filled the cache.
 const LOG_RESERVE_SEGS: u32 = 1;
 
-impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     fn check_range(&self, off: u64, len: usize) -> Result<(), CacheError> {
         let end = off
             .checked_add(len as u64)
@@ -240,8 +240,11 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                         .map_err(|_| CacheError::Io("backing device read failed"))?;
                     res.miss_bytes += out.len() as u64;
                     if let Misses::ReadAndCache(cpu) = misses {
-                        // Best effort: a full cache simply does not cache this read.
-                        let _ = self.insert_data(cur, out, KEY_FLAGS_CLEAN, false, cpu);
+                        // Best effort: a full cache simply does not cache this read,
+                        // and clean data never takes the last keys from writes.
+                        if !self.key_pressure() {
+                            let _ = self.insert_data(cur, out, KEY_FLAGS_CLEAN, false, cpu);
+                        }
                     }
                 }
             }

@@ -13,7 +13,7 @@
 use super::env::{persist, Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos};
-use super::Cache;
+use super::{Cache, Memory};
 use crate::meta::kset::{
     encode_last_kset, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_DATA_CRC, KEY_ONMEDIA_SIZE,
     KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX,
@@ -74,7 +74,7 @@ impl KsetBuf {
     }
 }
 
-impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub(crate) fn kset_id(&self, off: u64) -> usize {
         let n = self.ksets.len().max(1) as u64;
         ((off >> crate::meta::layout::SUBTREE_SHIFT) % n) as usize

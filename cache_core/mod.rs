@@ -14,6 +14,7 @@
 //! Memory: everything is handed in at construction ([`CacheMem`]); the IO path
 //! never allocates. `core` only, no `unsafe`, no panicking paths on media input.
 
+pub mod background;
 pub mod env;
 pub mod error;
 pub mod gc;
@@ -21,8 +22,10 @@ pub mod index;
 pub mod io;
 pub mod key;
 pub mod kset;
+pub mod memory;
 pub mod options;
 pub mod replay;
+pub mod request;
 pub mod segment;
 pub mod start;
 pub mod writeback;
@@ -32,11 +35,12 @@ use crate::meta::header::SlotIndex;
 use crate::meta::kset::KSET_ONMEDIA_SIZE_MAX;
 use crate::meta::layout::Geometry;
 
-pub use env::{Backing, IoError, Pmem};
+pub use env::{Backing, IoError, Locked, Pmem, Waiting};
 pub use error::CacheError;
 pub use index::{Index, Node};
 pub use key::{Key, Pos};
 pub use kset::KsetBuf;
+pub use memory::{key_capacity, Borrowed, CacheMem, Memory};
 pub use options::CacheOptions;
 pub use segment::SegState;
 pub use writeback::WbExtent;
@@ -45,26 +49,6 @@ pub use writeback::WbExtent;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DataHead {
     pub pos: Option<Pos>,
-}
-
-/// The memory the engine works in, reserved by the caller at construction.
-pub struct CacheMem<'a> {
-    /// One per cache segment (at least the superblock's `seg_num`).
-    pub segs: &'a mut [SegState],
-    /// The key slab: the most keys the index can hold.
-    pub nodes: &'a mut [Node],
-    /// One subtree root per 4 MiB of backing device.
-    pub roots: &'a mut [u32],
-    /// Open ksets (upstream: one per CPU); keys go to `(off >> 22) % len`.
-    pub ksets: &'a mut [KsetBuf],
-    /// Data heads (upstream: per CPU).
-    pub heads: &'a mut [DataHead],
-    /// At least `KSET_ONMEDIA_SIZE_MAX` bytes for reading ksets back.
-    pub scratch: &'a mut [u8],
-    /// Bounce buffer for writeback and CRC checks (4 KiB or more).
-    pub bounce: &'a mut [u8],
-    /// Room for one kset's writeback plan (at least `KSET_KEYS_MAX`).
-    pub wb_extents: &'a mut [WbExtent],
 }
 
 /// How much [`CacheMem`] a device needs.
@@ -115,7 +99,7 @@ pub(crate) struct Tail {
 }
 
 /// The cache engine over pmem `P` and backing device `B`.
-pub struct Cache<'a, P: Pmem, B: Backing> {
+pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) pmem: P,
     pub(crate) backing: B,
     pub(crate) geo: Geometry,
@@ -125,17 +109,20 @@ pub struct Cache<'a, P: Pmem, B: Backing> {
     pub(crate) n_segs: u32,
     pub(crate) used_segs: u32,
     pub(crate) last_seg: u32,
-    pub(crate) segs: &'a mut [SegState],
+    pub(crate) segs: M::Buf<SegState>,
     pub(crate) seg_sink: SegState,
-    pub(crate) index: Index<'a>,
-    pub(crate) ksets: &'a mut [KsetBuf],
-    pub(crate) heads: &'a mut [DataHead],
-    pub(crate) scratch: &'a mut [u8],
-    pub(crate) bounce: &'a mut [u8],
-    pub(crate) wb_extents: &'a mut [WbExtent],
+    pub(crate) index: Index<M>,
+    pub(crate) ksets: M::Buf<KsetBuf>,
+    pub(crate) heads: M::Buf<DataHead>,
+    pub(crate) scratch: M::Buf<u8>,
+    pub(crate) bounce: M::Buf<u8>,
+    pub(crate) wb_extents: M::Buf<WbExtent>,
     pub(crate) key_head: Pos,
     pub(crate) key_tail: Tail,
     pub(crate) dirty_tail: Tail,
+    /// The dirty tail of a planned writeback batch that is out (see
+    /// [`writeback::WbBatch`]): nothing else moves the dirty tail meanwhile.
+    pub(crate) wb_pinned: Option<Pos>,
     pub(crate) need_clean: bool,
     pub(crate) stats: Stats,
     /// Data written from now on gets a CRC.
@@ -153,7 +140,7 @@ pub struct Cache<'a, P: Pmem, B: Backing> {
     pub(crate) crc_flag_pending: bool,
 }
 
-impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub fn status(&self) -> Status {
         Status {
             n_segs: self.n_segs,

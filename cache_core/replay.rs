@@ -9,11 +9,11 @@
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos};
-use super::Cache;
+use super::{Cache, Memory};
 use crate::meta::kset::{kset_key, kset_read, KsetRead, KEY_FLAGS_DATA_CRC, KSET_ONMEDIA_SIZE_MAX};
 use crate::meta::{MetaError, MetaErrorKind};
 
-impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Read the kset at `pos` into the scratch buffer and classify it.
     pub(crate) fn read_kset(&mut self, pos: Pos) -> Result<KsetRead, CacheError> {
         let remain = self.geo.seg_data_size().saturating_sub(pos.off) as usize;
@@ -33,7 +33,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     /// Under the on-media `DATA_CRC` flag every logged key has a CRC (upstream's
     /// rule); otherwise only keys with `KEY_FLAGS_DATA_CRC` do.
     pub(crate) fn scratch_key(&self, i: usize) -> Result<Key, CacheError> {
-        let om = kset_key(self.scratch, i)?;
+        let om = kset_key(&self.scratch, i)?;
         om.validate(self.dev_bytes, self.n_segs, self.geo.seg_data_size())?;
         let flags = if self.info.data_crc() {
             om.flags | KEY_FLAGS_DATA_CRC
@@ -158,7 +158,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
 impl Key {
     /// A logged key must not cross a 4 MiB stripe (writes are split there), or
     /// the index could not hold it.
-    fn key_stale_check_subtree<P: Pmem, B: Backing>(&self, c: &Cache<'_, P, B>) -> bool {
+    fn key_stale_check_subtree<P: Pmem, B: Backing, M: Memory>(&self, c: &Cache<P, B, M>) -> bool {
         c.index.subtree_of(self.off) != c.index.subtree_of(self.end() - 1)
     }
 }

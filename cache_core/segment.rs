@@ -8,7 +8,7 @@
 //! segments hold no references: GC frees them when the key tail leaves them.
 
 use super::env::{persist, Pmem};
-use super::Cache;
+use super::{Cache, Memory};
 use crate::meta::header::MetaHeader;
 use crate::meta::header::{SlotIndex, Slotted};
 use crate::meta::segment::{SegGen, SegmentInfo, SEG_GEN_STRUCT_SIZE, SEG_INFO_STRUCT_SIZE};
@@ -29,7 +29,7 @@ pub struct SegState {
     pub claimed: bool,
 }
 
-impl<'a, P: Pmem, B: super::env::Backing> Cache<'a, P, B> {
+impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
     pub(crate) fn seg(&self, id: u32) -> SegState {
         self.segs.get(id as usize).copied().unwrap_or_default()
     }

@@ -6,7 +6,7 @@ use super::error::CacheError;
 use super::index::Index;
 use super::key::Pos;
 use super::options::CacheOptions;
-use super::{roots_needed, Cache, CacheMem, Stats, Tail, SCRATCH_BYTES};
+use super::{roots_needed, Cache, CacheMem, Memory, Stats, Tail, SCRATCH_BYTES};
 use crate::meta::cache_info::{
     CacheInfo, CachePosOnmedia, CtrlPos, CACHE_FLAGS_DATA_CRC, CACHE_FLAGS_INIT_DONE,
     CACHE_INFO_STRUCT_SIZE, CACHE_POS_STRUCT_SIZE, GC_PERCENT_DEFAULT, GC_PERCENT_MAX,
@@ -41,7 +41,7 @@ fn read_slot<P: Pmem, const N: usize>(pmem: &P, off: u64) -> Result<[u8; N], Cac
     Ok(b)
 }
 
-impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Attach: format the device if its superblock is blank, otherwise validate the
     /// metadata and replay the key log. `geo` is [`Geometry::UPSTREAM`] in the
     /// kernel. `opts.data_crc` need not match what the cache was created with:
@@ -51,7 +51,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         mut pmem: P,
         backing: B,
         geo: Geometry,
-        mem: CacheMem<'a>,
+        mem: CacheMem<M>,
         opts: &CacheOptions,
     ) -> Result<Self, CacheError> {
         let dev_size = pmem.size();
@@ -109,11 +109,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             ));
         }
         let n_roots = roots_needed(dev_bytes);
-        let roots = mem.roots;
-        let roots = match roots.get_mut(..n_roots) {
-            Some(r) => r,
-            None => return Err(CacheError::NoMem("roots")),
-        };
+        let mut mem = mem;
         for s in mem.segs.iter_mut() {
             *s = Default::default();
         }
@@ -136,7 +132,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             last_seg: 0,
             segs: mem.segs,
             seg_sink: Default::default(),
-            index: Index::new(mem.nodes, roots),
+            index: Index::new(mem.nodes, mem.roots, n_roots),
             ksets: mem.ksets,
             heads: mem.heads,
             scratch: mem.scratch,
@@ -145,6 +141,7 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             key_head: Pos::default(),
             key_tail: Tail::default(),
             dirty_tail: Tail::default(),
+            wb_pinned: None,
             need_clean: false,
             stats: Stats::default(),
             data_crc: opts.data_crc,

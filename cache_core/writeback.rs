@@ -16,7 +16,7 @@
 use super::env::{Backing, Pmem, WRITE_BATCH_MAX};
 use super::error::CacheError;
 use super::key::Pos;
-use super::Cache;
+use super::{Cache, Memory};
 use crate::meta::cache_info::CtrlPos;
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::KsetRead;
@@ -45,7 +45,16 @@ pub struct WbExtent {
 
 /// The kset at the dirty tail, planned for writeback: its first `n` extents in
 /// the buffer [`Cache::writeback_plan`] filled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// A batch is the one right to move the dirty tail, and it is not `Clone`: while
+/// it is out, [`Cache::writeback_plan`] plans nothing else, so no second writer
+/// can commit the same kset, and the dirty tail (which GC never passes) stays on
+/// it. The kset's data segments are therefore pinned until the batch is handed
+/// back to [`Cache::writeback_commit`] or [`Cache::writeback_failed`], and the
+/// copy in between, which runs without the engine's lock, reads only the data
+/// the plan resolved.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a planned batch pins the dirty tail until it is committed or failed"]
 pub struct WbBatch {
     tail: Pos,
     size: u32,
@@ -53,9 +62,9 @@ pub struct WbBatch {
 }
 
 /// What [`Cache::writeback_plan`] found at the dirty tail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum WbPlan {
-    /// Nothing to write back.
+    /// Nothing to write back, or a batch is already out (see [`WbBatch`]).
     Idle,
     /// The tail crossed to the next key-log segment; plan again.
     Moved,
@@ -195,21 +204,18 @@ fn for_chunks(
     Ok(())
 }
 
-impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
-    /// Write back the kset at the dirty tail (`cache_writeback_fn`). An error is
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+    /// Write back the kset at the dirty tail (`cache_writeback_fn`) in one go:
+    /// [`Self::writeback_plan`], [`writeback_extents`] and
+    /// [`Self::writeback_commit`] with the engine's own buffers, for callers
+    /// that hold the engine throughout (tests, the offline tool). An error is
     /// counted and leaves the dirty tail where it was, so the next step retries
     /// the same kset (its writes are idempotent): a backing device that recovers
     /// gets every dirty byte. Data that failed its CRC fails again each time and
-    /// is never written back.
+    /// is never written back. While a batch planned by someone else is out,
+    /// there is nothing to do (`Idle`).
     pub fn writeback_step(&mut self) -> Result<Step, CacheError> {
-        let extents = core::mem::take(&mut self.wb_extents);
-        let r = self.writeback_one(extents);
-        self.wb_extents = extents;
-        r
-    }
-
-    fn writeback_one(&mut self, extents: &mut [WbExtent]) -> Result<Step, CacheError> {
-        let batch = match self.writeback_plan(extents)? {
+        let batch = match self.plan_pinned()? {
             WbPlan::Idle => return Ok(Step::Idle),
             WbPlan::Moved => return Ok(Step::Progress),
             WbPlan::Batch(b) => b,
@@ -218,11 +224,12 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
             pmem,
             backing,
             bounce,
+            wb_extents,
             ..
         } = self;
-        let planned = extents.get(..batch.n).unwrap_or_default();
+        let planned = wb_extents.get(..batch.n).unwrap_or_default();
         if let Err(e) = writeback_extents(pmem, backing, bounce, planned) {
-            return Err(self.writeback_failed(e));
+            return Err(self.writeback_failed(batch, e));
         }
         self.writeback_commit(batch);
         Ok(Step::Progress)
@@ -230,17 +237,44 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
 
     /// Looks at the kset at the dirty tail: an end-of-segment marker moves the
     /// tail on at once; a kset of keys has its dirty, live keys resolved into
-    /// `out` (at least `KSET_KEYS_MAX` long) for [`writeback_extents`]. Changes
-    /// nothing else, so a batch that is never committed is simply planned again.
+    /// `out` (at least `KSET_KEYS_MAX` long) for [`writeback_extents`], and the
+    /// returned [`WbBatch`] pins the dirty tail until it is committed or failed.
     pub fn writeback_plan(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
-        let r = self.plan_one(out);
-        if r.is_err() {
-            self.stats.writeback_errors += 1;
+        let plan = self.plan_pinned()?;
+        if let WbPlan::Batch(b) = &plan {
+            let copied = match (self.wb_extents.get(..b.n), out.get_mut(..b.n)) {
+                (Some(planned), Some(o)) => {
+                    // Not `copy_from_slice`: its length check panics (the lengths match).
+                    for (d, s) in o.iter_mut().zip(planned) {
+                        *d = *s;
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if !copied {
+                self.wb_pinned = None;
+                return Err(CacheError::NoMem("writeback extents"));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Plans into `self.wb_extents` and pins the dirty tail for a batch.
+    fn plan_pinned(&mut self) -> Result<WbPlan, CacheError> {
+        if self.wb_pinned.is_some() {
+            return Ok(WbPlan::Idle);
+        }
+        let r = self.plan_one();
+        match &r {
+            Ok(WbPlan::Batch(b)) => self.wb_pinned = Some(b.tail),
+            Ok(_) => {}
+            Err(_) => self.stats.writeback_errors += 1,
         }
         r
     }
 
-    fn plan_one(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
+    fn plan_one(&mut self) -> Result<WbPlan, CacheError> {
         let tail = self.dirty_tail.pos;
         if tail == self.key_head {
             return Ok(WbPlan::Idle);
@@ -262,15 +296,17 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
                     if key.clean() || key.empty() || self.key_stale(&key) {
                         continue;
                     }
-                    let slot = out
-                        .get_mut(n)
-                        .ok_or(CacheError::NoMem("writeback extents"))?;
-                    *slot = WbExtent {
+                    let e = WbExtent {
                         off: key.off,
                         addr: self.pos_addr(key.pos),
                         len: key.len,
                         crc: key.has_crc().then_some(key.crc),
                     };
+                    let slot = self
+                        .wb_extents
+                        .get_mut(n)
+                        .ok_or(CacheError::NoMem("writeback extents"))?;
+                    *slot = e;
                     n += 1;
                 }
                 Ok(WbPlan::Batch(WbBatch { tail, size, n }))
@@ -278,8 +314,11 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
         }
     }
 
-    /// Counts a failed batch; the dirty tail stays, so it is planned again.
-    pub fn writeback_failed(&mut self, e: WbError) -> CacheError {
+    /// Takes back a batch whose copy failed and counts the error; the dirty
+    /// tail stays, so the kset is planned again.
+    pub fn writeback_failed(&mut self, batch: WbBatch, e: WbError) -> CacheError {
+        debug_assert_eq!(self.wb_pinned, Some(batch.tail));
+        self.wb_pinned = None;
         self.stats.writeback_errors += 1;
         if e == WbError::Crc {
             self.stats.crc_errors += 1;
@@ -288,17 +327,18 @@ impl<'a, P: Pmem, B: Backing> Cache<'a, P, B> {
     }
 
     /// After [`writeback_extents`] succeeded (the backing device flushed),
-    /// advances and persists the dirty tail past the batch's kset. A batch
-    /// planned from a tail that has moved since (another writer committed it)
-    /// changes nothing.
-    pub fn writeback_commit(&mut self, batch: WbBatch) -> bool {
+    /// advances and persists the dirty tail past the batch's kset.
+    pub fn writeback_commit(&mut self, batch: WbBatch) {
+        // The batch pinned the dirty tail: nothing else could have moved it.
+        debug_assert_eq!(self.wb_pinned, Some(batch.tail));
+        debug_assert_eq!(self.dirty_tail.pos, batch.tail);
+        self.wb_pinned = None;
         if self.dirty_tail.pos != batch.tail {
-            return false;
+            return;
         }
         self.dirty_tail.pos.off += batch.size;
         self.encode_tail(CtrlPos::DirtyTail);
         self.stats.ksets_written_back += 1;
-        true
     }
 
     /// Write back everything logged so far (used at stop and by tests).

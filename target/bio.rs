@@ -106,8 +106,9 @@ pub(crate) struct Taken(());
 
 impl Bio<'_> {
     /// Takes the bio from device-mapper: the target now must end it, which [`HeldBio`] does
-    /// exactly once (with `EIO` if dropped unended).
-    pub(crate) fn take(&mut self) -> (HeldBio, Taken) {
+    /// exactly once (with `EIO` if dropped unended). Consumes the view, so nothing can touch
+    /// the bio through it afterwards.
+    pub(crate) fn take(self) -> (HeldBio, Taken) {
         // INVARIANT: `map` returns `Submitted` (it needs the `Taken` for that), so device-mapper
         // leaves the bio to us until we end it.
         (HeldBio { ptr: self.ptr }, Taken(()))

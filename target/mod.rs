@@ -10,11 +10,19 @@
 //! - [`dax`]: [`dax::DaxMapping`], the whole cache device mapped through DAX;
 //! - [`args`] and [`status`]: the argument vectors and result buffers of `ctr`, `message` and
 //!   `status`;
-//! - [`table`]: the table-line and message grammar (pure, `core` only, fuzzed on the host).
+//! - [`table`]: the table-line and message grammar (pure, `core` only, fuzzed on the host);
+//! - [`work`]: the target's workqueue and its work items.
+//!
+//! And the glue of a running cache, which holds no policy of its own: [`claim`] (which pmem
+//! devices are in use), [`construct`] (parsing the table and opening the devices), [`engine`]
+//! (the engine over the DAX mapping and the backing device), [`live`] (the engine's lock and
+//! wait queue), [`requests`] (bios in and out of the engine), [`background`] (the work item
+//! that runs the engine's background rounds) and [`report`] (the status and table lines).
 
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]
 pub(crate) mod args;
+pub(crate) mod background;
 #[allow(
     dead_code,
     non_camel_case_types,
@@ -37,12 +45,17 @@ pub(crate) mod bindings;
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]
 pub(crate) mod bio;
+pub(crate) mod claim;
+pub(crate) mod construct;
 pub(crate) mod crc;
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]
 pub(crate) mod dax;
 pub(crate) mod device;
 pub(crate) mod engine;
+pub(crate) mod live;
+pub(crate) mod report;
+pub(crate) mod requests;
 pub(crate) mod status;
 // `pub` so that the host crate can fuzz it; inside the module nothing outside the crate sees it.
 #[allow(unreachable_pub)]

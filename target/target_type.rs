@@ -183,8 +183,8 @@ pub(crate) trait TargetOperations: Sized + Send + Sync {
     /// Constructs an instance from the table line's arguments.
     fn ctr(target: &mut Target<'_>, args: Args<'_>) -> Result<Pin<KBox<Self>>, CtrError>;
 
-    /// Maps a bio.
-    fn map(&self, target: &Target<'_>, bio: &mut Bio<'_>) -> MapResult;
+    /// Maps a bio. The view is the target's for the call: [`Bio::take`] consumes it.
+    fn map(&self, target: &Target<'_>, bio: Bio<'_>) -> MapResult;
 
     /// Sees a bio completed by the device below; returns `true` if the target takes it back.
     fn end_io(&self, _bio: &mut Bio<'_>, _error: &mut u8) -> bool {
@@ -303,8 +303,8 @@ impl<T: TargetOperations> Callbacks<T> {
         // SAFETY: device-mapper passes a live target; `map` only reads it.
         let target = unsafe { Target::from_raw(tip) };
         // SAFETY: the bio belongs to this call until we return.
-        let mut bio = unsafe { Bio::from_raw(biop) };
-        this.map(&target, &mut bio).into_raw()
+        let bio = unsafe { Bio::from_raw(biop) };
+        this.map(&target, bio).into_raw()
     }
 
     /// `end_io` callback of `struct target_type`.

@@ -3,9 +3,15 @@
 //! Work on the target's own workqueue: the request worker that `map` kicks, and the periodic
 //! background work (writeback, GC, idle kset flush) that re-arms itself until stopped.
 //!
-//! Each work item lives in its own heap cell with an `Arc` of the handler, so neither moves
-//! while queued; dropping a [`Worker`] or [`Ticker`] cancels it synchronously first, so no
-//! callback can run after the owner is gone (and none after the module is unloaded).
+//! Each work item lives in its own heap cell with an `Arc` of the handler and an `Arc` of the
+//! workqueue, so neither moves nor goes while queued; dropping a [`Worker`] or [`Ticker`]
+//! cancels it synchronously first, so no callback can run after the owner is gone (and none
+//! after the module is unloaded).
+//!
+//! Why not `kernel::workqueue`: in Linux 7.3 it queues on the system workqueues only (it cannot
+//! allocate a queue of our own, and a block device's IO path needs `WQ_MEM_RECLAIM`), and its
+//! work items cannot be cancelled (`cancel_work_sync`), which dropping an instance needs so
+//! that no callback runs on freed memory.
 
 use super::bindings;
 use core::{
@@ -56,24 +62,29 @@ impl Drop for WorkQueue {
 /// may sleep.
 pub(crate) type WorkFn<T> = fn(&T);
 
+/// What a [`Ticker`] runs; `true` asks for the next run at once rather than a period later
+/// (there is more work).
+pub(crate) type TickFn<T> = fn(&T) -> bool;
+
 /// A heap cell holding the C work item first, so the callback can find the rest from it.
 #[repr(C)]
-struct Cell<W, T> {
+struct Cell<W, T, F> {
     work: Opaque<W>,
     handler: Arc<T>,
-    run: WorkFn<T>,
-    wq: NonNull<kernel::bindings::workqueue_struct>,
+    run: F,
+    /// The queue the item goes on; held so that it outlives every queueing.
+    wq: Arc<WorkQueue>,
     /// For a [`Ticker`]: re-arm after each run, and the period.
     rearm: AtomicBool,
     period_ms: u32,
 }
 
-impl<W, T> Cell<W, T> {
+impl<W, T, F> Cell<W, T, F> {
     /// A pinned heap cell whose work item is still to be initialised by the C side.
     fn boxed(
-        wq: &WorkQueue,
+        wq: &Arc<WorkQueue>,
         handler: Arc<T>,
-        run: WorkFn<T>,
+        run: F,
         period_ms: u32,
     ) -> Result<Pin<KBox<Self>>> {
         Ok(KBox::pin(
@@ -81,7 +92,7 @@ impl<W, T> Cell<W, T> {
                 work: Opaque::uninit(),
                 handler,
                 run,
-                wq: wq.wq,
+                wq: wq.clone(),
                 rearm: AtomicBool::new(false),
                 period_ms,
             },
@@ -92,7 +103,7 @@ impl<W, T> Cell<W, T> {
 
 /// A work item that runs `T::run` once per [`Worker::queue`] (coalescing queued calls).
 pub(crate) struct Worker<T: Send + Sync + 'static> {
-    cell: Pin<KBox<Cell<kernel::bindings::work_struct, T>>>,
+    cell: Pin<KBox<Cell<kernel::bindings::work_struct, T, WorkFn<T>>>>,
 }
 
 // SAFETY: the cell is only touched through the thread-safe workqueue API and `Arc<T>`.
@@ -101,8 +112,8 @@ unsafe impl<T: Send + Sync + 'static> Send for Worker<T> {}
 unsafe impl<T: Send + Sync + 'static> Sync for Worker<T> {}
 
 impl<T: Send + Sync + 'static> Worker<T> {
-    /// A work item for `handler` on `wq`; `wq` must outlive it (drop the worker first).
-    pub(crate) fn new(wq: &WorkQueue, handler: Arc<T>, run: WorkFn<T>) -> Result<Self> {
+    /// A work item for `handler` on `wq`.
+    pub(crate) fn new(wq: &Arc<WorkQueue>, handler: Arc<T>, run: WorkFn<T>) -> Result<Self> {
         let cell = Cell::boxed(wq, handler, run, 0)?;
         // SAFETY: the cell is pinned on the heap, so the work item never moves; it is
         // initialised before it is queued.
@@ -118,15 +129,14 @@ impl<T: Send + Sync + 'static> Worker<T> {
     unsafe extern "C" fn callback(work: *mut kernel::bindings::work_struct) {
         // SAFETY: `work` is the first field of a `#[repr(C)]` cell that stays alive until the
         // work is cancelled in `drop`, which waits for this callback.
-        let cell = unsafe { &*work.cast::<Cell<kernel::bindings::work_struct, T>>() };
+        let cell = unsafe { &*work.cast::<Cell<kernel::bindings::work_struct, T, WorkFn<T>>>() };
         (cell.run)(&cell.handler);
     }
 
     /// Queues the work unless it is already queued.
     pub(crate) fn queue(&self) {
-        // SAFETY: the work item is initialised and pinned; `wq` outlives the worker (callers
-        // drop workers before their workqueue).
-        unsafe { bindings::pcache_rs_queue_work(self.cell.wq.as_ptr(), self.cell.work.get()) };
+        // SAFETY: the work item is initialised and pinned; the cell holds the workqueue.
+        unsafe { bindings::pcache_rs_queue_work(self.cell.wq.wq.as_ptr(), self.cell.work.get()) };
     }
 }
 
@@ -140,7 +150,7 @@ impl<T: Send + Sync + 'static> Drop for Worker<T> {
 
 /// A delayed work item that runs `T::run` every `period_ms` while started.
 pub(crate) struct Ticker<T: Send + Sync + 'static> {
-    cell: Pin<KBox<Cell<kernel::bindings::delayed_work, T>>>,
+    cell: Pin<KBox<Cell<kernel::bindings::delayed_work, T, TickFn<T>>>>,
 }
 
 // SAFETY: as for `Worker`.
@@ -149,11 +159,11 @@ unsafe impl<T: Send + Sync + 'static> Send for Ticker<T> {}
 unsafe impl<T: Send + Sync + 'static> Sync for Ticker<T> {}
 
 impl<T: Send + Sync + 'static> Ticker<T> {
-    /// A stopped ticker for `handler` on `wq`; `wq` must outlive it.
+    /// A stopped ticker for `handler` on `wq`.
     pub(crate) fn new(
-        wq: &WorkQueue,
+        wq: &Arc<WorkQueue>,
         handler: Arc<T>,
-        run: WorkFn<T>,
+        run: TickFn<T>,
         period_ms: u32,
     ) -> Result<Self> {
         let cell = Cell::boxed(wq, handler, run, period_ms)?;
@@ -171,16 +181,13 @@ impl<T: Send + Sync + 'static> Ticker<T> {
     unsafe extern "C" fn callback(work: *mut kernel::bindings::work_struct) {
         // SAFETY: `work` is the first field of the `delayed_work`, itself the first field of a
         // `#[repr(C)]` cell kept alive until `stop`/`drop` cancels the work synchronously.
-        let cell = unsafe { &*work.cast::<Cell<kernel::bindings::delayed_work, T>>() };
-        (cell.run)(&cell.handler);
+        let cell = unsafe { &*work.cast::<Cell<kernel::bindings::delayed_work, T, TickFn<T>>>() };
+        let more = (cell.run)(&cell.handler);
         if cell.rearm.load(Ordering::Acquire) {
+            let delay = if more { 0 } else { cell.period_ms };
             // SAFETY: as in `start`; `cancel_delayed_work_sync` copes with self-requeueing.
             unsafe {
-                bindings::pcache_rs_queue_delayed_work(
-                    cell.wq.as_ptr(),
-                    cell.work.get(),
-                    cell.period_ms,
-                )
+                bindings::pcache_rs_queue_delayed_work(cell.wq.wq.as_ptr(), cell.work.get(), delay)
             };
         }
     }
@@ -188,10 +195,10 @@ impl<T: Send + Sync + 'static> Ticker<T> {
     /// Starts ticking: the first run is one period from now.
     pub(crate) fn start(&self) {
         self.cell.rearm.store(true, Ordering::Release);
-        // SAFETY: the work item is initialised and pinned; `wq` outlives the ticker.
+        // SAFETY: the work item is initialised and pinned; the cell holds the workqueue.
         unsafe {
             bindings::pcache_rs_queue_delayed_work(
-                self.cell.wq.as_ptr(),
+                self.cell.wq.wq.as_ptr(),
                 self.cell.work.get(),
                 self.cell.period_ms,
             )
@@ -210,10 +217,4 @@ impl<T: Send + Sync + 'static> Drop for Ticker<T> {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Sleeps for `ms` milliseconds (process context only).
-pub(crate) fn sleep_ms(ms: u32) {
-    // SAFETY: `msleep` may be called from any sleepable context; callers are work items.
-    unsafe { kernel::bindings::msleep(ms) };
 }

@@ -192,7 +192,7 @@ fn mem(cfg: &Cfg) -> OwnedMem {
     OwnedMem::new(N_SEGS as usize, NODES, BACKING, cfg.n_ksets, cfg.n_heads)
 }
 
-type Sim<'a> = Cache<'a, SimPmem, SimBacking>;
+type Sim<'a> = Cache<SimPmem, SimBacking, pcache_engine::cache_core::Borrowed<'a>>;
 
 fn read_sectors(
     cache: &mut Sim<'_>,

@@ -387,7 +387,7 @@ impl OwnedMem {
         }
     }
 
-    pub fn borrow(&mut self) -> crate::cache_core::CacheMem<'_> {
+    pub fn borrow(&mut self) -> crate::cache_core::CacheMem<crate::cache_core::Borrowed<'_>> {
         crate::cache_core::CacheMem {
             segs: &mut self.segs,
             nodes: &mut self.nodes,
@@ -398,5 +398,16 @@ impl OwnedMem {
             bounce: &mut self.bounce,
             wb_extents: &mut self.wb_extents,
         }
+    }
+}
+
+/// The engine's lock in the single-threaded simulator: a `RefCell`. A nested
+/// lock (a bug in the engine's policy) panics the test, as it would deadlock the
+/// kernel.
+pub struct SimLock<T>(pub RefCell<T>);
+
+impl<T> crate::cache_core::Locked<T> for SimLock<T> {
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self.0.borrow_mut())
     }
 }

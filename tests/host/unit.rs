@@ -2,6 +2,7 @@
 
 use pcache_engine::cache_core::index::{Index, Node};
 use pcache_engine::cache_core::key::{Key, Pos};
+use pcache_engine::cache_core::Borrowed;
 use pcache_engine::meta::crc32c::{crc32c, pcache_crc};
 use pcache_engine::meta::header::{find_latest, seq_after, SlotIndex};
 use pcache_engine::meta::kset::{kset_read, KsetRead, KSET_ONMEDIA_SIZE_MAX};
@@ -177,7 +178,7 @@ fn key(off: u64, len: u32, tag: u32) -> Key {
 fn index_overlap_resolution_matches_model() {
     let mut nodes = vec![Node::default(); 4096];
     let mut roots = vec![0u32; 2];
-    let mut idx = Index::new(&mut nodes, &mut roots);
+    let mut idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 2);
     const SPAN: usize = 8192;
     let mut model = vec![u32::MAX; SPAN];
     let mut x = 42u64;
@@ -370,8 +371,11 @@ const SMALL_SEG: u64 = 64 * 1024;
 fn small_cache<'a>(
     world: &SharedWorld,
     mem: &'a mut pcache_engine::sim::OwnedMem,
-) -> pcache_engine::cache_core::Cache<'a, pcache_engine::sim::SimPmem, pcache_engine::sim::SimBacking>
-{
+) -> pcache_engine::cache_core::Cache<
+    pcache_engine::sim::SimPmem,
+    pcache_engine::sim::SimBacking,
+    pcache_engine::cache_core::Borrowed<'a>,
+> {
     use pcache_engine::cache_core::{Cache, CacheOptions};
     use pcache_engine::sim::{SimBacking, SimPmem};
     let opts = CacheOptions {

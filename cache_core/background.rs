@@ -1,0 +1,161 @@
+//! The cache's background work: persisting idle ksets, writeback and GC, and
+//! waking the requests that wait for room (upstream's `kset_flush_fn`,
+//! `cache_writeback_fn` and `pcache_cache_gc_fn`, in one round).
+//!
+//! There is one writeback path. [`Background::writeback_step`] plans the kset at
+//! the dirty tail under the engine's lock, copies its extents to the backing
+//! device with the lock let go (the copy waits for the backing device, and
+//! requests are served meanwhile), and commits under the lock. The plan's
+//! [`WbBatch`] pins the dirty tail while the copy runs, so no other writer
+//! commits that kset and GC, which never passes the dirty tail, cannot free its
+//! data segments for new writes to fill before the copy reads them.
+
+use super::env::{Backing, Locked, Pmem, Waiting};
+use super::error::CacheError;
+use super::writeback::{writeback_extents, Step, WbBatch, WbExtent, WbPlan};
+use super::{Cache, Memory};
+use core::ops::DerefMut;
+
+/// Most writeback steps, and most GC steps, in one round, so that a round ends
+/// and a caller that stops the work (suspend) does not wait long.
+pub const STEPS_PER_ROUND: u32 = 16;
+
+/// What one round did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Something moved: a kset was persisted, written back or collected.
+    pub progress: bool,
+    /// A step budget ran out with work left: run again soon.
+    pub more: bool,
+    /// Persisting idle ksets failed (no segment for the key log yet).
+    pub flush_error: Option<CacheError>,
+    /// Writeback failed; it retries the same kset next round.
+    pub writeback_error: Option<CacheError>,
+    pub gc_error: Option<CacheError>,
+}
+
+/// The writer's own handles on the two devices and its buffers: the part of
+/// writeback that runs without the engine's lock.
+pub struct Background<P, B, E, U> {
+    pmem: P,
+    backing: B,
+    extents: E,
+    bounce: U,
+}
+
+impl<P, B, E, U> Background<P, B, E, U>
+where
+    P: Pmem,
+    B: Backing,
+    E: DerefMut<Target = [WbExtent]>,
+    U: DerefMut<Target = [u8]>,
+{
+    /// `extents` holds at least `KSET_KEYS_MAX`; `bounce` at least 4 KiB (extents
+    /// that fit in it together go out as one batch).
+    pub fn new(pmem: P, backing: B, extents: E, bounce: U) -> Self {
+        Background {
+            pmem,
+            backing,
+            extents,
+            bounce,
+        }
+    }
+
+    /// Plans the writeback of the kset at the dirty tail (engine locked).
+    /// `Ok(None)`: nothing to copy now.
+    pub fn plan<CP, CB, M, L>(&mut self, engine: &L) -> Result<Option<WbBatch>, CacheError>
+    where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        L: Locked<Cache<CP, CB, M>>,
+    {
+        loop {
+            match engine.with(|c| c.writeback_plan(&mut self.extents))? {
+                WbPlan::Idle => return Ok(None),
+                WbPlan::Moved => continue,
+                WbPlan::Batch(b) => return Ok(Some(b)),
+            }
+        }
+    }
+
+    /// Copies a planned batch to the backing device and flushes it (engine not
+    /// locked: the batch pins the data it reads).
+    pub fn copy(&mut self, batch: &WbBatch) -> Result<(), super::writeback::WbError> {
+        let planned = self.extents.get(..batch.n).unwrap_or_default();
+        writeback_extents(&self.pmem, &mut self.backing, &mut self.bounce, planned)
+    }
+
+    /// Writes back the kset at the dirty tail: plan, copy, commit.
+    pub fn writeback_step<CP, CB, M, L>(&mut self, engine: &L) -> Result<Step, CacheError>
+    where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        L: Locked<Cache<CP, CB, M>>,
+    {
+        let Some(batch) = self.plan(engine)? else {
+            return Ok(Step::Idle);
+        };
+        match self.copy(&batch) {
+            Ok(()) => {
+                engine.with(|c| c.writeback_commit(batch));
+                Ok(Step::Progress)
+            }
+            Err(e) => Err(engine.with(|c| c.writeback_failed(batch, e))),
+        }
+    }
+
+    /// One round of background work: persist idle ksets, write back and collect
+    /// up to [`STEPS_PER_ROUND`] ksets each, and wake the requests waiting for
+    /// room if anything moved.
+    pub fn run<CP, CB, M, L, W>(&mut self, engine: &L, waiting: &W) -> Round
+    where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        L: Locked<Cache<CP, CB, M>>,
+        W: Waiting,
+    {
+        let mut round = Round::default();
+        match engine.with(|c| {
+            let before = c.stats.ksets_written;
+            c.flush_idle().map(|()| c.stats.ksets_written != before)
+        }) {
+            Ok(persisted) => round.progress |= persisted,
+            Err(e) => round.flush_error = Some(e),
+        }
+        for i in 0..=STEPS_PER_ROUND {
+            if i == STEPS_PER_ROUND {
+                round.more = true;
+                break;
+            }
+            match self.writeback_step(engine) {
+                Ok(Step::Progress) => round.progress = true,
+                Ok(Step::Idle) => break,
+                Err(e) => {
+                    round.writeback_error = Some(e);
+                    break;
+                }
+            }
+        }
+        for i in 0..=STEPS_PER_ROUND {
+            if i == STEPS_PER_ROUND {
+                round.more = true;
+                break;
+            }
+            match engine.with(|c| c.gc_step()) {
+                Ok(Step::Progress) => round.progress = true,
+                Ok(Step::Idle) => break,
+                Err(e) => {
+                    round.gc_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if round.progress {
+            waiting.wake_all();
+        }
+        round
+    }
+}

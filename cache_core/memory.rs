@@ -1,0 +1,60 @@
+//! Where the engine's memory comes from.
+//!
+//! The engine reserves everything it works in at construction ([`CacheMem`]), so
+//! the IO path never allocates. It owns those buffers for its whole life: the
+//! kernel hands it `KVVec`s, the host tests `Vec`s or slices they lend for the
+//! length of a test. The buffer type is the [`Memory`] parameter of
+//! [`Cache`](super::Cache), so no caller ever has to promise that a buffer
+//! outlives the engine.
+
+use super::{DataHead, KsetBuf, Node, SegState, WbExtent};
+use core::marker::PhantomData;
+use core::ops::DerefMut;
+
+/// A kind of buffer the engine can own.
+pub trait Memory {
+    /// A fixed-size buffer of `T`s.
+    type Buf<T: 'static>: DerefMut<Target = [T]>;
+}
+
+/// Buffers lent for `'a` (host tests that reuse their memory between lives).
+pub struct Borrowed<'a>(PhantomData<&'a mut ()>);
+
+impl<'a> Memory for Borrowed<'a> {
+    type Buf<T: 'static> = &'a mut [T];
+}
+
+/// The memory an engine works in, handed over at construction.
+pub struct CacheMem<M: Memory> {
+    /// One per cache segment (at least the superblock's `seg_num`).
+    pub segs: M::Buf<SegState>,
+    /// The key slab: the most keys the index can hold (see [`key_capacity`]).
+    pub nodes: M::Buf<Node>,
+    /// One subtree root per 4 MiB of backing device.
+    pub roots: M::Buf<u32>,
+    /// Open ksets (upstream: one per CPU); keys go to `(off >> 22) % len`.
+    pub ksets: M::Buf<KsetBuf>,
+    /// Data heads (upstream: per CPU).
+    pub heads: M::Buf<DataHead>,
+    /// At least `KSET_ONMEDIA_SIZE_MAX` bytes for reading ksets back.
+    pub scratch: M::Buf<u8>,
+    /// Bounce buffer for writeback and CRC checks (4 KiB or more).
+    pub bounce: M::Buf<u8>,
+    /// Room for one kset's writeback plan (at least `KSET_KEYS_MAX`).
+    pub wb_extents: M::Buf<WbExtent>,
+}
+
+/// Bytes of cache device per key of the index: one key per 2 KiB (about 32 MiB
+/// of key memory per GiB of cache, see [`key_capacity`]).
+pub const CACHE_BYTES_PER_KEY: u64 = 2048;
+
+/// Most keys any cache gets (4M keys, 256 MiB of key memory: an 8 GiB cache).
+pub const KEYS_MAX: u64 = 1 << 22;
+
+/// How many keys the index of a cache of `data_bytes` holds. Key memory grows
+/// with the cache and is capped; it is not a limit on what the cache can take:
+/// when keys run short, writeback and GC free them as they free segments
+/// ([`Cache::key_pressure`](super::Cache::key_pressure)).
+pub fn key_capacity(data_bytes: u64) -> usize {
+    (data_bytes / CACHE_BYTES_PER_KEY).clamp(1024, KEYS_MAX) as usize
+}

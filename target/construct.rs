@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The constructor's work: parse the table line, open and check both devices, map the cache
+//! device, claim it, and start the engine on it. Every refusal sets a specific `ti->error`
+//! and logs the detail.
+
+use super::{
+    args::Args,
+    claim::ActiveClaim,
+    dax::{DaxError, DaxMapping},
+    device::TargetDevice,
+    engine::{self, BackingIo, DaxPmem, PcacheEngine, Sizing, StartError, Writer},
+    live::ErrorText,
+    table::{self, TableError, TableOptions, MAX_ARGS},
+    target_type::{CtrError, Target},
+};
+use crate::cache_core::{key_capacity, CacheError, CacheOptions};
+use crate::meta::layout::{Geometry, CACHE_DEV_SIZE_MIN};
+use kernel::{prelude::*, sync::Arc};
+
+/// Largest bio the target handles at once; device-mapper splits larger ones. It sizes the
+/// request staging buffer and the writer's bounce buffer.
+pub(crate) const MAX_IO_SECTORS: u64 = 2048;
+
+/// What a constructor opened and started.
+pub(crate) struct Opened {
+    pub(crate) cache_dev: Arc<DaxMapping>,
+    pub(crate) backing: Arc<TargetDevice>,
+    pub(crate) options: TableOptions,
+    pub(crate) seg_num: u64,
+    pub(crate) claim: ActiveClaim,
+    pub(crate) engine: PcacheEngine,
+    pub(crate) staging: KVVec<u8>,
+    pub(crate) writer: Writer,
+}
+
+fn cache_error(e: &CacheError) -> CtrError {
+    match e {
+        CacheError::Meta(_) => CtrError::new(c"Cache device metadata is invalid", EINVAL),
+        CacheError::Io(_) => CtrError::new(c"Cache device IO error", EIO),
+        CacheError::Invalid(_) => CtrError::new(c"Cache device does not match the table", EINVAL),
+        CacheError::NoMem(_) | CacheError::Busy(_) => {
+            CtrError::new(c"Cannot allocate cache memory", ENOMEM)
+        }
+    }
+}
+
+fn no_mem(_: StartError) -> CtrError {
+    CtrError::new(c"Cannot allocate cache memory", ENOMEM)
+}
+
+/// Opens and starts everything a table line names.
+pub(crate) fn open(target: &mut Target<'_>, args: &Args<'_>) -> Result<Opened, CtrError> {
+    let mut words = [&[][..]; MAX_ARGS];
+    let line = args
+        .to_bytes(&mut words)
+        .ok_or(TableError::ArgCount)
+        .and_then(table::parse_table)
+        .map_err(|e| {
+            pr_err!(
+                "pcache_rs: bad table line: {}\n",
+                e.message().to_str().unwrap_or("?")
+            );
+            CtrError::new(e.message(), EINVAL)
+        })?;
+    // `parse_table` succeeded, so the two device arguments exist.
+    let (Some(cache_path), Some(backing_path)) = (args.get(0), args.get(1)) else {
+        return Err(CtrError::new(TableError::ArgCount.message(), EINVAL));
+    };
+
+    let cache = target.get_device(cache_path).map_err(|e| {
+        pr_err!(
+            "pcache_rs: cannot open cache device {:?}: {:?}\n",
+            cache_path,
+            e
+        );
+        CtrError::new(c"Cache device lookup failed", e)
+    })?;
+    let backing = target.get_device(backing_path).map_err(|e| {
+        pr_err!(
+            "pcache_rs: cannot open backing device {:?}: {:?}\n",
+            backing_path,
+            e
+        );
+        CtrError::new(c"Backing device lookup failed", e)
+    })?;
+    if cache.is_same(&backing) {
+        pr_err!(
+            "pcache_rs: cache and backing device are both {}\n",
+            cache.name()
+        );
+        return Err(CtrError::new(
+            c"Cache and backing device are the same",
+            EINVAL,
+        ));
+    }
+    let backing_sectors = backing.size_bytes() >> 9;
+    if target.len() > backing_sectors {
+        pr_err!(
+            "pcache_rs: target length {} exceeds backing device ({} sectors)\n",
+            target.len(),
+            backing_sectors
+        );
+        return Err(CtrError::new(
+            c"Target length exceeds backing device",
+            EINVAL,
+        ));
+    }
+
+    let cache_bytes = cache.size_bytes();
+    let cache = DaxMapping::new(cache, CACHE_DEV_SIZE_MIN).map_err(|e| match e {
+        DaxError::NotDax => {
+            pr_err!(
+                "pcache_rs: cache device {:?} does not support DAX\n",
+                cache_path
+            );
+            CtrError::new(c"Cache device does not support DAX", EOPNOTSUPP)
+        }
+        DaxError::TooSmall => {
+            pr_err!(
+                "pcache_rs: cache device has {} bytes, at least {} needed\n",
+                cache_bytes,
+                CACHE_DEV_SIZE_MIN
+            );
+            CtrError::new(c"Cache device too small", ENOSPC)
+        }
+        DaxError::Map(e) => {
+            pr_err!("pcache_rs: cannot map cache device through DAX: {:?}\n", e);
+            CtrError::new(c"Cache device DAX mapping failed", e)
+        }
+    })?;
+    let claim = ActiveClaim::claim(cache.device().devt()).inspect_err(|_| {
+        pr_err!(
+            "pcache_rs: cache device {} is already in use\n",
+            cache.device().name()
+        );
+    })?;
+    let cache = Arc::new(cache, GFP_KERNEL)
+        .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
+    let backing = Arc::new(backing, GFP_KERNEL)
+        .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
+
+    let geo = Geometry::UPSTREAM;
+    let seg_num = geo.max_segs(cache.len());
+    let sizing = Sizing {
+        keys: key_capacity(seg_num * u64::from(geo.seg_data_size())),
+        ksets: 4,
+        heads: 1,
+        bounce: 256 << 10,
+    };
+    let opts = CacheOptions {
+        data_crc: line.options.data_crc,
+        ..CacheOptions::default()
+    };
+    let engine = engine::start(
+        DaxPmem(cache.clone()),
+        BackingIo(backing.clone()),
+        &sizing,
+        &opts,
+    )
+    .map_err(|e| match e {
+        StartError::NoMem => CtrError::new(c"Cannot allocate cache memory", ENOMEM),
+        StartError::Cache(e) => {
+            pr_err!(
+                "pcache_rs: cannot attach cache device {}: {}\n",
+                cache.device().name(),
+                ErrorText(&e)
+            );
+            cache_error(&e)
+        }
+    })?;
+    let staging = KVVec::from_elem(0u8, (MAX_IO_SECTORS << 9) as usize, GFP_KERNEL)
+        .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
+    let writer = engine::writer(
+        cache.clone(),
+        backing.clone(),
+        (MAX_IO_SECTORS << 9) as usize,
+    )
+    .map_err(no_mem)?;
+    Ok(Opened {
+        cache_dev: cache,
+        backing,
+        options: line.options,
+        seg_num,
+        claim,
+        engine,
+        staging,
+        writer,
+    })
+}

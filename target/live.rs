@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A running cache: the engine under its lock, the bios waiting for the request worker, the
+//! background writer, and the wait queue of requests waiting for room.
+//!
+//! [`LiveCache`] gives the engine the host primitives it asks for ([`Locked`], [`Waiting`]);
+//! the decisions (when to wait, what a background round does) are the engine's. The request
+//! glue is in [`super::requests`], the background glue in [`super::background`].
+
+use super::{
+    bio::BioQueue,
+    engine::{PcacheEngine, Writer},
+};
+use crate::cache_core::{CacheError, Locked, Waiting};
+use core::sync::atomic::{AtomicBool, AtomicU32};
+use kernel::{
+    new_condvar, new_mutex, new_spinlock,
+    prelude::*,
+    sync::{CondVar, Mutex, SpinLock},
+};
+
+/// What the engine lock guards: the engine, and the staging buffer requests copy bios through
+/// (bios are scattered pages; the engine takes slices).
+pub(crate) struct Core {
+    pub(crate) engine: PcacheEngine,
+    pub(crate) staging: KVVec<u8>,
+}
+
+/// A running cache instance, shared by `map`, the request worker and the background work.
+#[pin_data]
+pub(crate) struct LiveCache {
+    #[pin]
+    pub(crate) core: Mutex<Core>,
+    /// Bios `map` handed to the request worker.
+    #[pin]
+    pub(crate) pending: SpinLock<BioQueue>,
+    /// The one background writer; whoever holds it runs a round.
+    #[pin]
+    pub(crate) writer: Mutex<Writer>,
+    /// Counts wakes of requests waiting for room (see [`Waiting::ticket`]).
+    #[pin]
+    room_events: Mutex<u64>,
+    #[pin]
+    room: CondVar,
+    /// Set once the instance is quiesced (suspended) or being destroyed: background work stops.
+    pub(crate) quiesced: AtomicBool,
+    /// First sector of the target in the mapped device.
+    pub(crate) begin: u64,
+    pub(crate) writeback_errors: AtomicU32,
+    pub(crate) gc_errors: AtomicU32,
+}
+
+impl LiveCache {
+    pub(crate) fn new(
+        engine: PcacheEngine,
+        staging: KVVec<u8>,
+        writer: Writer,
+        begin: u64,
+    ) -> impl PinInit<Self> {
+        pin_init!(Self {
+            core <- new_mutex!(Core { engine, staging }),
+            pending <- new_spinlock!(BioQueue::new()),
+            writer <- new_mutex!(writer),
+            room_events <- new_mutex!(0),
+            room <- new_condvar!(),
+            quiesced: AtomicBool::new(false),
+            begin,
+            writeback_errors: AtomicU32::new(0),
+            gc_errors: AtomicU32::new(0),
+        })
+    }
+}
+
+impl Locked<Core> for LiveCache {
+    fn with<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        f(&mut self.core.lock())
+    }
+}
+
+impl Locked<PcacheEngine> for LiveCache {
+    fn with<R>(&self, f: impl FnOnce(&mut PcacheEngine) -> R) -> R {
+        f(&mut self.core.lock().engine)
+    }
+}
+
+impl Waiting for LiveCache {
+    fn ticket(&self) -> u64 {
+        *self.room_events.lock()
+    }
+
+    fn wait(&self, ticket: u64, timeout_ms: u32) -> bool {
+        let mut events = self.room_events.lock();
+        if *events == ticket {
+            // Only kworkers wait here, and they take no signals; a spurious wake is a look
+            // at the cache that finds it still full.
+            let _ = self.room.wait_interruptible_timeout(
+                &mut events,
+                kernel::time::msecs_to_jiffies(timeout_ms),
+            );
+        }
+        *events != ticket
+    }
+
+    fn wake_all(&self) {
+        *self.room_events.lock() += 1;
+        self.room.notify_all();
+    }
+
+    fn kick(&self) {
+        // Run a round here unless one is running (it wakes us when it makes progress).
+        if let Some(mut writer) = self.writer.try_lock() {
+            let round = writer.run(self, self);
+            drop(writer);
+            self.report(&round);
+        }
+    }
+}
+
+/// Prints an engine error with the engine's own wording.
+pub(crate) struct ErrorText<'a>(pub(crate) &'a CacheError);
+
+impl kernel::fmt::Display for ErrorText<'_> {
+    fn fmt(&self, f: &mut kernel::fmt::Formatter<'_>) -> kernel::fmt::Result {
+        core::fmt::Display::fmt(self.0, f)
+    }
+}

@@ -6,6 +6,8 @@
 //! - `PCACHE_SEED=<n>`: replay one seed (printed by every failure).
 //! - `PCACHE_THREADS=<n>`: worker threads (default 2).
 
+use pcache_engine::cache_core::request::{with_room, Stalled};
+use pcache_engine::cache_core::Locked;
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos};
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
 use pcache_engine::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
@@ -13,8 +15,10 @@ use pcache_engine::meta::header::pick_latest;
 use pcache_engine::meta::kset::{kset_key, kset_read, KsetRead, KEY_FLAGS_DATA_CRC};
 use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF, SEG_DATA_OFF};
 use pcache_engine::sim::{
-    BackingModel, CrashImage, OwnedMem, Rng, Sector, SimBacking, SimPmem, World, SECTOR,
+    BackingModel, CrashImage, OwnedMem, Rng, Sector, SimBacking, SimHost, SimLock, SimPmem, World,
+    SECTOR,
 };
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -193,6 +197,14 @@ fn mem(cfg: &Cfg) -> OwnedMem {
 }
 
 type Sim<'a> = Cache<SimPmem, SimBacking, pcache_engine::cache_core::Borrowed<'a>>;
+
+/// An engine result as `with_room` wants it: `None` while the cache is full.
+fn busy_is_none(r: Result<(), CacheError>) -> Option<Result<(), CacheError>> {
+    match r {
+        Err(CacheError::Busy(_)) => None,
+        r => Some(r),
+    }
+}
 
 fn read_sectors(
     cache: &mut Sim<'_>,
@@ -512,6 +524,11 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             let p = rng.below(91) as u8;
             cache.set_gc_percent(p).map_err(|e| e.to_string())?;
         }
+        // From here on the module's paths: requests wait for room through
+        // `with_room`, writeback runs as the background's plan/copy/commit, and a
+        // planned batch may stay out across any number of other operations.
+        let engine = SimLock(RefCell::new(cache));
+        let host = SimHost::new(&engine, &world, rng.next_u64());
         let mut model = Model::base(&values);
         world.borrow_mut().crash_ppm = if std::env::var("NOCRASH").is_ok() {
             0
@@ -546,23 +563,21 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                             fua,
                         },
                     );
-                    let r = cache.write(s * SECTOR as u64, &data, fua, rng.below(2) as usize);
+                    let cpu = rng.below(2) as usize;
+                    let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
+                        busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
+                    });
                     match r {
-                        Ok(()) => model.writes.get_mut(&id).unwrap().ack_op = Some(now()),
-                        Err(CacheError::Busy(_)) => {
-                            // Not acknowledged; make room the way the target's deferred work would.
-                            let _ = cache.flush();
-                            cache
-                                .writeback_all()
-                                .map_err(|e| format!("writeback: {e}"))?;
-                            cache.gc_all().map_err(|e| format!("gc: {e}"))?;
-                        }
-                        Err(e) => return Err(format!("write failed: {e}")),
+                        Ok(Ok(())) => model.writes.get_mut(&id).unwrap().ack_op = Some(now()),
+                        Ok(Err(e)) => return Err(format!("write failed: {e}")),
+                        Err(Stalled) => return Err("write stalled waiting for room".into()),
                     }
                 }
                 60..=79 => {
                     let (s, n) = pick_range(&mut rng);
-                    let buf = read_sectors(&mut cache, s, n, rng.chance(1, 2))
+                    let misses = rng.chance(1, 2);
+                    let buf = engine
+                        .with(|c| read_sectors(c, s, n, misses))
                         .map_err(|e| format!("read: {e}"))?;
                     for i in 0..n {
                         let sec = s + i;
@@ -585,41 +600,39 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         issue_op: now(),
                         complete_op: None,
                     });
-                    let mut r = cache.flush();
-                    if let Err(CacheError::Busy(_)) = r {
-                        cache
-                            .writeback_all()
-                            .map_err(|e| format!("writeback: {e}"))?;
-                        cache.gc_all().map_err(|e| format!("gc: {e}"))?;
-                        r = cache.flush();
-                    }
+                    let r = with_room(&engine, &host, |c: &mut Sim<'_>| busy_is_none(c.flush()));
                     match r {
-                        Ok(()) => model.flushes.last_mut().unwrap().complete_op = Some(now()),
-                        Err(CacheError::Busy(_)) => {}
-                        Err(e) => return Err(format!("flush: {e}")),
+                        Ok(Ok(())) => model.flushes.last_mut().unwrap().complete_op = Some(now()),
+                        Ok(Err(e)) => return Err(format!("flush: {e}")),
+                        Err(Stalled) => return Err("flush stalled waiting for room".into()),
                     }
                 }
-                87..=92 => {
-                    for _ in 0..1 + rng.below(4) {
-                        cache
-                            .writeback_step()
-                            .map_err(|e| format!("writeback: {e}"))?;
-                    }
+                87..=89 => host.plan()?,
+                90 | 91 => {
+                    host.finish()?;
+                }
+                92 => {
+                    host.round()?;
                 }
                 93..=97 => {
                     for _ in 0..1 + rng.below(8) {
-                        cache.gc_step().map_err(|e| format!("gc: {e}"))?;
+                        engine
+                            .with(|c| c.gc_step())
+                            .map_err(|e| format!("gc: {e}"))?;
                     }
                 }
                 98 => {
                     // `dmsetup message <dev> 0 data_crc true|false`
-                    cache
-                        .set_data_crc(rng.chance(1, 2))
+                    let on = rng.chance(1, 2);
+                    engine
+                        .with(|c| c.set_data_crc(on))
                         .map_err(|e| format!("set_data_crc: {e}"))?;
                 }
                 _ => {
                     let p = rng.below(91) as u8;
-                    cache.set_gc_percent(p).map_err(|e| e.to_string())?;
+                    engine
+                        .with(|c| c.set_gc_percent(p))
+                        .map_err(|e| e.to_string())?;
                 }
             }
             let crashes: Vec<CrashImage> = std::mem::take(&mut world.borrow_mut().crashes);
@@ -630,6 +643,11 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             }
         }
         world.borrow_mut().crash_ppm = 0;
+        // The background finishes the copy it had planned, as the module's
+        // suspend or destroy waits for it.
+        host.finish()?;
+        drop(host);
+        let mut cache = engine.0.into_inner();
         if final_life || last_crash.is_none() {
             // No crash: a full writeback leaves the backing device equal to the model.
             cache.flush().map_err(|e| format!("final flush: {e}"))?;

@@ -411,3 +411,112 @@ impl<T> crate::cache_core::Locked<T> for SimLock<T> {
         f(&mut self.0.borrow_mut())
     }
 }
+
+/// The module's host, simulated: the scheduler decides what the background does
+/// while a request sleeps for room, and can stop the background's writeback
+/// between plan and copy ([`SimHost::plan`]) for any number of other steps.
+pub struct SimHost<'e, M: crate::cache_core::Memory> {
+    pub engine: &'e SimLock<crate::cache_core::Cache<SimPmem, SimBacking, M>>,
+    pub writer: RefCell<SimWriter>,
+    /// A batch the background planned and has not copied yet.
+    pub held: RefCell<Option<crate::cache_core::writeback::WbBatch>>,
+    pub rng: RefCell<Rng>,
+    pub wakes: std::cell::Cell<u64>,
+}
+
+/// The simulated background writer.
+pub type SimWriter = crate::cache_core::background::Background<
+    SimPmem,
+    SimBacking,
+    Vec<crate::cache_core::WbExtent>,
+    Vec<u8>,
+>;
+
+impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
+    pub fn new(
+        engine: &'e SimLock<crate::cache_core::Cache<SimPmem, SimBacking, M>>,
+        world: &Rc<RefCell<World>>,
+        seed: u64,
+    ) -> Self {
+        SimHost {
+            engine,
+            writer: RefCell::new(crate::cache_core::background::Background::new(
+                SimPmem(world.clone()),
+                SimBacking(world.clone()),
+                vec![Default::default(); crate::meta::kset::KSET_KEYS_MAX],
+                vec![0u8; 16 << 10],
+            )),
+            held: RefCell::new(None),
+            rng: RefCell::new(Rng(seed)),
+            wakes: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The background's writeback, stopped between plan and copy.
+    pub fn plan(&self) -> Result<(), String> {
+        if self.held.borrow().is_some() {
+            return Ok(());
+        }
+        let b = self
+            .writer
+            .borrow_mut()
+            .plan(self.engine)
+            .map_err(|e| format!("plan: {e}"))?;
+        *self.held.borrow_mut() = b;
+        Ok(())
+    }
+
+    /// The background's writeback, resumed: copy, then commit. True if a batch
+    /// was held.
+    pub fn finish(&self) -> Result<bool, String> {
+        use crate::cache_core::Locked;
+        let Some(batch) = self.held.borrow_mut().take() else {
+            return Ok(false);
+        };
+        let copied = self.writer.borrow_mut().copy(&batch);
+        match copied {
+            Ok(()) => self.engine.with(|c| c.writeback_commit(batch)),
+            Err(e) => {
+                let e = self.engine.with(|c| c.writeback_failed(batch, e));
+                return Err(format!("writeback copy: {e}"));
+            }
+        }
+        crate::cache_core::Waiting::wake_all(self);
+        Ok(true)
+    }
+
+    /// A background round, as the module's work item runs it.
+    pub fn round(&self) -> Result<crate::cache_core::background::Round, String> {
+        let r = self.writer.borrow_mut().run(self.engine, self);
+        if let Some(e) = &r.writeback_error {
+            return Err(format!("background writeback: {e}"));
+        }
+        if let Some(e) = &r.gc_error {
+            return Err(format!("background gc: {e}"));
+        }
+        Ok(r)
+    }
+}
+
+impl<M: crate::cache_core::Memory> crate::cache_core::Waiting for SimHost<'_, M> {
+    fn ticket(&self) -> u64 {
+        self.wakes.get()
+    }
+    fn wait(&self, ticket: u64, _timeout_ms: u32) -> bool {
+        // While the request sleeps, the background may finish its held copy or
+        // run a round (which cannot pass a held batch), in either order.
+        let finish_first = self.rng.borrow_mut().chance(1, 2);
+        if finish_first {
+            let _ = self.finish();
+        }
+        let _ = self.round();
+        if !finish_first && self.rng.borrow_mut().chance(1, 2) {
+            let _ = self.finish();
+        }
+        self.wakes.get() != ticket
+    }
+    fn wake_all(&self) {
+        self.wakes.set(self.wakes.get() + 1);
+    }
+    fn kick(&self) {}
+}

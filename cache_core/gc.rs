@@ -65,6 +65,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 Ok(Step::Progress)
             }
             KsetRead::Keys { key_num, size } => {
+                // GC never passes the dirty tail (`need_gc`), so it never frees the
+                // data of a kset that is not written back, or being written back.
+                debug_assert!(tail != self.dirty_tail.pos);
                 // Decode every key first: a bad key must not leave a half-done kset.
                 for i in 0..key_num as usize {
                     self.scratch_key(i)?;

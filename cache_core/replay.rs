@@ -9,6 +9,7 @@
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos};
+use super::log_cursor::{LogCursor, LogEntry};
 use super::{Cache, Memory};
 use crate::meta::kset::{kset_key, kset_read, KsetRead, KEY_FLAGS_DATA_CRC, KSET_ONMEDIA_SIZE_MAX};
 use crate::meta::{MetaError, MetaErrorKind};
@@ -56,63 +57,51 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     pub(crate) fn replay(&mut self) -> Result<(), CacheError> {
-        let mut pos = self.key_tail.pos;
-        self.set_used(pos.seg, true);
-        let mut hops = 0u32;
+        let mut cur = LogCursor::new(self.key_tail.pos);
+        self.set_used(cur.pos.seg, true);
         let mut dirty_tail_seen = false;
         loop {
-            if pos == self.dirty_tail.pos {
+            if cur.pos == self.dirty_tail.pos {
                 dirty_tail_seen = true;
             }
-            match self.read_kset(pos)? {
-                KsetRead::End => break,
-                KsetRead::Last { next_cache_seg_id } => {
-                    hops += 1;
-                    if hops > self.n_segs {
-                        return Err(MetaError::new(
-                            "pcache_cache_kset_onmedia",
-                            "next_cache_seg_id",
-                            MetaErrorKind::Cycle,
-                        )
-                        .into());
-                    }
-                    pos = Pos {
-                        seg: next_cache_seg_id,
-                        off: 0,
-                    };
-                    self.set_used(pos.seg, true);
+            // A LAST kset leads to the next segment of the log, which is in use.
+            let entry = self.log_next(&mut cur, |c, pos| {
+                if pos == c.dirty_tail.pos {
+                    dirty_tail_seen = true;
                 }
-                KsetRead::Keys { key_num, size } => {
-                    for i in 0..key_num as usize {
-                        let key = self.scratch_key(i)?;
-                        // Counted before the staleness check: the C module
-                        // checks the CRC of every key it decodes.
-                        if !key.has_crc() {
-                            self.nocrc_until = self.log_seq_head + 1;
-                        }
-                        // A key into the key log itself or past the key head would
-                        // be corrupt, but only its range is checkable here.
-                        if key.gen < self.seg(key.pos.seg).gen {
-                            continue;
-                        }
-                        if key.key_stale_check_subtree(self) {
-                            return Err(MetaError::new(
-                                "pcache_cache_key_onmedia",
-                                "off/len",
-                                MetaErrorKind::OutOfRange,
-                            )
-                            .into());
-                        }
-                        self.set_used(key.pos.seg, true);
-                        self.seg_get(key.pos.seg);
-                        self.index.insert(key, |_| {}).map_err(|_| {
-                            CacheError::NoMem("key pool too small to replay the log")
-                        })?;
-                    }
-                    pos.off += size;
-                    self.log_seq_head += 1;
+                c.set_used(pos.seg, true);
+            })?;
+            let LogEntry::Keys { key_num, size } = entry else {
+                break;
+            };
+            for i in 0..key_num as usize {
+                let key = self.scratch_key(i)?;
+                // Counted before the staleness check: the C module
+                // checks the CRC of every key it decodes.
+                if !key.has_crc() {
+                    self.nocrc_until = self.log_seq_head + 1;
                 }
+                // A key into the key log itself or past the key head would
+                // be corrupt, but only its range is checkable here.
+                if key.gen < self.seg(key.pos.seg).gen {
+                    continue;
+                }
+                if key.key_stale_check_subtree(self) {
+                    return Err(MetaError::new(
+                        "pcache_cache_key_onmedia",
+                        "off/len",
+                        MetaErrorKind::OutOfRange,
+                    )
+                    .into());
+                }
+                self.set_used(key.pos.seg, true);
+                self.seg_get(key.pos.seg);
+                self.index
+                    .insert(key, |_| {})
+                    .map_err(|_| CacheError::NoMem("key pool too small to replay the log"))?;
             }
+            cur.advance(size);
+            self.log_seq_head += 1;
         }
         if !dirty_tail_seen {
             // Writeback would walk a chain that is not the log.
@@ -123,35 +112,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             )
             .into());
         }
-        self.key_head = pos;
+        self.key_head = cur.pos;
         Ok(())
     }
 
     /// `cache_verify_dirty_tail`: the dirty tail's chain must terminate.
     pub(crate) fn verify_dirty_tail(&mut self) -> Result<(), CacheError> {
-        let mut pos = self.dirty_tail.pos;
-        let mut hops = 0u32;
-        loop {
-            match self.read_kset(pos)? {
-                KsetRead::End => return Ok(()),
-                KsetRead::Last { next_cache_seg_id } => {
-                    hops += 1;
-                    if hops > self.n_segs {
-                        return Err(MetaError::new(
-                            "pcache_cache_kset_onmedia",
-                            "next_cache_seg_id",
-                            MetaErrorKind::Cycle,
-                        )
-                        .into());
-                    }
-                    pos = Pos {
-                        seg: next_cache_seg_id,
-                        off: 0,
-                    };
-                }
-                KsetRead::Keys { size, .. } => pos.off += size,
-            }
+        let mut cur = LogCursor::new(self.dirty_tail.pos);
+        while let LogEntry::Keys { size, .. } = self.log_next(&mut cur, |_, _| {})? {
+            cur.advance(size);
         }
+        Ok(())
     }
 }
 

@@ -84,6 +84,7 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
             self.seg_mut(id).used = used;
             if used {
                 self.used_segs += 1;
+                debug_assert!(self.used_segs <= self.n_segs);
             } else {
                 self.used_segs -= 1;
             }
@@ -120,7 +121,9 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
     pub(crate) fn seg_unref(&mut self, id: u32) -> bool {
         let s = self.seg_mut(id);
         if s.refs == 0 {
-            // An unbalanced put is a bug; never underflow into a freed segment.
+            // An unbalanced put is a bug: the simulator asserts it; a release build
+            // counts it and never underflows into a freed segment.
+            debug_assert!(false, "segment {id}: reference count underflow");
             self.stats.ref_underflows += 1;
             return false;
         }

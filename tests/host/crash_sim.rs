@@ -635,6 +635,9 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         .map_err(|e| e.to_string())?;
                 }
             }
+            engine
+                .with(|c| c.check_invariants())
+                .map_err(|b| format!("life {life}: invariant broken: {}", b.0))?;
             let crashes: Vec<CrashImage> = std::mem::take(&mut world.borrow_mut().crashes);
             for img in crashes {
                 let r = check_crash(img, &model, &cfg).map_err(|e| format!("life {life}: {e}"))?;

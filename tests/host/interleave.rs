@@ -107,6 +107,9 @@ fn run(seed: u64) -> Result<(), String> {
                 }
             }
         }
+        engine
+            .with(|c| c.check_invariants())
+            .map_err(|b| format!("op {op}: invariant broken: {}", b.0))?;
     }
     sched.finish()?;
     if std::env::var("PCACHE_VERBOSE").is_ok() {

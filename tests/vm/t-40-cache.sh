@@ -204,6 +204,30 @@ test_cache_working_set_larger_than_cache() {
 	c_fio verify "$dev" write 0 "${C_WS_MIB}M" 3 --bs=1M
 }
 
+# Scattered 512-byte writes, many more than the cache has keys for (one key per 2 KiB of cache:
+# about 250K for the 512 MiB cache): they complete without an IO error, because keys running short
+# starts writeback and GC just as segments running short does. gc_percent 90 keeps GC from running
+# for segment usage alone (512-byte keys fill few segments), so the key tail moving shows GC ran for
+# keys. Every block is verified after the last write.
+C_SMALL_IOS=${C_SMALL_IOS:-320000}
+test_cache_small_writes_past_the_key_pool() {
+	local dev tail0 n_segs used
+	dev=$(c_new small)
+	dms message "${DM_PREFIX}small" 0 gc_percent 90
+	tail0=$(c_status small key_tail)
+	n_segs=$(c_status small n_segs)
+	c_fio_run "512-byte randwrite, $C_SMALL_IOS writes, on $dev" --name=small --filename="$dev" \
+		--direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=512 --size=1G \
+		--number_ios="$C_SMALL_IOS" --randseed=91 \
+		--verify=crc32c --verify_fatal=1 --verify_backlog=0 --verify_state_save=0
+	used=$(c_status small used_segs)
+	echo "after $C_SMALL_IOS writes of 512 bytes: $(dmsetup status "${DM_PREFIX}small")"
+	[ "$(c_status small key_tail)" != "$tail0" ] ||
+		fail "key tail never moved ($tail0): GC did not run although keys ran short"
+	[ "$((used * 100))" -lt "$((n_segs * 90))" ] ||
+		fail "$used of $n_segs segments used: GC may have run for segments, not keys"
+}
+
 test_cache_fio_verify_data_crc_off() {
 	c_fio_matrix false
 }

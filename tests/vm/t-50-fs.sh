@@ -77,3 +77,39 @@ test_cache_fs_xfs() {
 	command -v mkfs.xfs >/dev/null || skip "mkfs.xfs not installed"
 	f_fs_test xfs mkfs.xfs -q -f
 }
+
+# A filesystem over a full cache: files of 1.25x the cache's size, written with small and large
+# blocks mixed (512 bytes to 1 MiB, fsyncs among them), so requests wait for writeback and GC
+# again and again. Every file reads back through the cache; then writeback drains, the cache is
+# removed, and the backing device alone holds every file.
+F_FULL_MIB=${F_FULL_MIB:-640}
+test_cache_fs_full_cache_mixed_writes() {
+	local dev mnt tail0 n=8
+	dev=$(c_new fsfull)
+	tail0=$(c_status fsfull key_tail)
+	mkfs.ext4 -q -F "$dev" >/dev/null
+	mnt=$(mktemp -d -p "$T_TMP")
+	mount -t ext4 "$dev" "$mnt"
+	fio --name=full --directory="$mnt" --nrfiles=1 --numjobs="$n" --filesize="$((F_FULL_MIB / n))M" \
+		--rw=randwrite --bssplit=512/10:4k/40:64k/30:1m/20 --ioengine=psync --fsync=64 \
+		--randseed=55 --verify=crc32c --verify_fatal=1 --verify_backlog=0 --verify_state_save=0 \
+		--output-format=terse --terse-version=3 >"$T_TMP/fsfull.terse" ||
+		fail "fio on the full cache failed: $(tail -c 300 "$T_TMP/fsfull.terse")"
+	expect_eq "fio jobs with an error" 0 "$(grep '^3;' "$T_TMP/fsfull.terse" | cut -d';' -f5 | grep -cv '^0$')"
+	sync
+	(cd "$mnt" && find . -type f -print0 | sort -z | xargs -0 sha256sum) >"$T_TMP/fs.sums"
+	echo "after ${F_FULL_MIB} MiB of files: $(dmsetup status "${DM_PREFIX}fsfull")"
+	[ "$(c_status fsfull key_tail)" != "$tail0" ] ||
+		fail "key tail never moved: the files did not overflow the cache"
+	umount "$mnt"
+	mount -t ext4 "$dev" "$mnt"
+	f_check_sums "$mnt"
+	umount "$mnt"
+	c_wait_drained fsfull 600
+	dms remove "${DM_PREFIX}fsfull"
+	dms remove "${DM_PREFIX}fsfull_pm"
+	f_fsck ext4 "$BACKING_DEV"
+	mount -t ext4 -o ro "$BACKING_DEV" "$mnt"
+	f_check_sums "$mnt"
+	umount "$mnt"
+}

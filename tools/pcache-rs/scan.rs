@@ -12,7 +12,7 @@ use crate::meta::cache_info::{
 };
 use crate::meta::header::{decode_slot, find_latest, Slotted};
 use crate::meta::kset::{
-    kset_key, kset_read, KeyOnmedia, KsetRead, KEY_FLAGS_CLEAN, KSET_ONMEDIA_SIZE_MAX,
+    kset_key, kset_read, KeyOnmedia, KsetRead, KEY_FLAGS_CLEAN, KSET_MAGIC, KSET_ONMEDIA_SIZE_MAX,
 };
 use crate::meta::layout::{SB_OFF, SUBTREE_SHIFT};
 use crate::meta::segment::{SegGen, SegmentInfo};
@@ -535,7 +535,32 @@ pub fn walk_log(img: &Image, scan: &Scan, opts: &Options) -> LogWalk {
                 ));
                 return w;
             }
-            Ok(KsetRead::End) => break,
+            Ok(KsetRead::End) => {
+                // The log ends where no valid kset is. One that carries the kset
+                // magic but fails its CRC is a kset torn by a power cut before it
+                // was acknowledged, or damage: before the dirty tail it is damage.
+                if buf.get(8..16) == Some(&KSET_MAGIC.to_le_bytes()[..]) {
+                    let f = if dirty {
+                        Finding::warning
+                    } else {
+                        Finding::error
+                    };
+                    w.findings.push(f(
+                        KS,
+                        "crc",
+                        format!("log position {here}"),
+                        format!(
+                            "a kset with a bad CRC ends the log here{}",
+                            if dirty {
+                                " (a kset torn by a power cut, or damage)"
+                            } else {
+                                ", before the dirty tail: the rest of the log is lost"
+                            }
+                        ),
+                    ));
+                }
+                break;
+            }
             Ok(KsetRead::Last { next_cache_seg_id }) => {
                 w.hops += 1;
                 if !visited.insert(next_cache_seg_id) {

@@ -25,8 +25,9 @@ pub struct SuperblockReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheInfoReport {
+    /// Both slots (`slots`) and the one in use (`current`).
+    #[serde(flatten)]
     pub slots: Slots<CacheInfo>,
-    pub current: Option<usize>,
     pub seq: u8,
     /// Physical id of the first cache segment.
     pub seg_id: u32,
@@ -40,8 +41,9 @@ pub struct CacheInfoReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TailReport {
+    /// Both slots (`slots`) and the one in use (`current`).
+    #[serde(flatten)]
     pub slots: Slots<CachePosOnmedia>,
-    pub current: Option<usize>,
     pub pos: Option<PosReport>,
 }
 
@@ -103,7 +105,6 @@ pub struct ShowReport {
 fn tail(s: &Slots<CachePosOnmedia>) -> TailReport {
     TailReport {
         slots: *s,
-        current: s.current,
         pos: s.value().map(|p| PosReport {
             seg: p.cache_seg_id,
             off: p.seg_off,
@@ -228,7 +229,6 @@ pub fn show(img: &Image, opts: &Options) -> Result<ShowReport, ToolError> {
         },
         cache_info: CacheInfoReport {
             slots: sc.cache_info,
-            current: sc.cache_info.current,
             seq: info.header.seq,
             seg_id: info.seg_id,
             n_segs: info.n_segs,

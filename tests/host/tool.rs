@@ -482,8 +482,13 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// `PCACHE_TOOL_KEEP=1` keeps the images (to look at them with the tool).
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        if std::env::var_os("PCACHE_TOOL_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("kept {}", self.0.display());
+        }
     }
 }
 
@@ -824,4 +829,43 @@ fn c_image_shows_checks_and_writes_back() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+}
+
+#[test]
+fn binary_status_explains_dmsetup_output() {
+    // A stand-in `dmsetup` first on PATH prints the C module's recorded line.
+    let dir = TempDir::new("status");
+    let script = dir.file(
+        "dmsetup",
+        b"#!/bin/sh\n[ \"$1\" = status ] && [ \"$2\" = pc ] || { echo \"Device does not exist.\" >&2; exit 1; }\necho '0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0'\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.0.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pcache-rs"))
+            .args(args)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["status", "pc"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{t}");
+    assert!(t.contains("3 of 62 used (4.8%)"), "{t}");
+    assert!(t.contains("data_crc on"), "{t}");
+    assert!(t.contains("304 of 5664 log bytes"), "{t}");
+    let o = run(&["status", "--json", "pc"]);
+    let j = json(&o);
+    assert_eq!(j["used_segments"], 3);
+    assert_eq!(j["key_head"]["off"], 5664);
+    assert_eq!(j["cache_mode"], "writeback");
+    assert_eq!(j["clean"], false);
+    let o = run(&["status", "other"]);
+    assert_eq!(o.status.code(), Some(8));
 }

@@ -331,7 +331,7 @@ impl fmt::Display for ShowReport {
         for s in self.segment_list.iter().filter(|s| s.used || s.gen != 0) {
             writeln!(
                 f,
-                "    segment {:>5} (physical {:>5}): gen {}, {}, {} key refs",
+                "    segment {:>5} (physical {:>5}): gen {}, {}, {} refs (logged keys)",
                 s.id,
                 s.phys,
                 s.gen,

@@ -869,3 +869,41 @@ fn binary_status_explains_dmsetup_output() {
     let o = run(&["status", "other"]);
     assert_eq!(o.status.code(), Some(8));
 }
+
+#[test]
+fn metadata_bit_flips_never_panic_and_check_sees_them() {
+    // Flip bytes where metadata lives (superblock, cache_info, ctrl, segment
+    // headers, the first ksets of each segment); show/check/dump must return,
+    // and check must not call an image clean whose replay the engine refuses.
+    let (image, _) = build(true, true, true);
+    let g = geo();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..600 {
+        let mut bad = image.clone();
+        for _ in 0..1 + next() % 3 {
+            let off = match next() % 3 {
+                0 => SB_OFF + next() % (SEGMENTS_OFF - SB_OFF),
+                1 => g.seg_off((next() % SEGS) as u32) + next() % (3 * 4096),
+                _ => g.seg_data_off((next() % SEGS) as u32) + next() % 2048,
+            } as usize;
+            bad[off] ^= 1 << (next() % 8);
+        }
+        let i = img(&bad);
+        let _ = show(&i, &opts()).map(|r| r.to_string());
+        let _ = dump(&i, &opts()).map(|r| r.to_string());
+        if let Ok(r) = check(&i, &opts(), true) {
+            if r.is_clean() {
+                assert!(
+                    r.live_keys.is_some(),
+                    "round {round}: clean but not attachable: {r}"
+                );
+            }
+        }
+    }
+}

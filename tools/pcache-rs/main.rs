@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 /// Inspect a dm-pcache cache device offline (read-only unless a subcommand says).
 #[derive(Parser, Debug)]
-#[command(name = "pcache-rs", version, about)]
+#[command(name = "pcache-rs", version)]
 struct Cli {
     /// Print JSON (for scripts) instead of text.
     #[arg(long, global = true)]
@@ -41,6 +41,7 @@ enum Cmd {
     },
     /// Verify all metadata (exit 0 clean, 4 errors found, 8 operational error).
     Check {
+        /// The pmem device or image file.
         cache_dev: PathBuf,
         /// Also verify the data of every key against its CRC.
         #[arg(long)]
@@ -51,6 +52,7 @@ enum Cmd {
     },
     /// The keys in log order, as a table or JSON.
     Dump {
+        /// The pmem device or image file.
         cache_dev: PathBuf,
         /// Backing device (only its size is used, to bound the keys).
         #[arg(long)]
@@ -58,6 +60,7 @@ enum Cmd {
     },
     /// Write every dirty key to the backing device (WRITES both devices).
     Writeback {
+        /// The pmem device or image file (its dirty tail is updated).
         cache_dev: PathBuf,
         /// The backing device the cache belongs to.
         #[arg(long)]

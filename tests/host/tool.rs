@@ -439,6 +439,11 @@ fn status_line_parses_and_explains() {
     assert_eq!((e.dirty_log_bytes, e.log_bytes), (Some(304), Some(5664)));
     let text = e.to_string();
     assert!(text.contains("3 of 62 used (4.8%)"), "{text}");
+    // This module's target name.
+    assert_eq!(
+        parse_status("0 2097152 pcache_rs 0 62 62 3 70 1183 0:5664 0:5360 0:0").unwrap(),
+        s
+    );
     // Only the fields, as `dmsetup status` prints them after the target name.
     assert_eq!(
         parse_status("0 62 62 3 70 1183 0:5664 0:5360 0:0").unwrap(),
@@ -837,7 +842,7 @@ fn binary_status_explains_dmsetup_output() {
     let dir = TempDir::new("status");
     let script = dir.file(
         "dmsetup",
-        b"#!/bin/sh\n[ \"$1\" = status ] && [ \"$2\" = pc ] || { echo \"Device does not exist.\" >&2; exit 1; }\necho '0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0'\n",
+        b"#!/bin/sh\n[ \"$1\" = status ] && [ \"$2\" = pc ] || { echo \"Device does not exist.\" >&2; exit 1; }\necho '0 2097152 pcache_rs 0 62 62 3 70 1183 0:5664 0:5360 0:0'\n",
     );
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();

@@ -1,5 +1,5 @@
 //! `pcache-rs status <dm-name>`: runs `dmsetup status <name>` and spells out the
-//! pcache status line. Its fields (upstream's, and the Rust module's): sb flags
+//! status line of a `pcache_rs` (or upstream `pcache`) target. Its fields (upstream's, and the Rust module's): sb flags
 //! (hex), segments on the device, segments of the cache, used segments,
 //! gc_percent, cache_info flags (hex), key head, dirty tail and key tail (each
 //! `seg:off`). [`parse_status`] is a pure function.
@@ -56,12 +56,17 @@ fn pos(field: &str, s: &str) -> Result<PosReport, StatusParseError> {
     })
 }
 
+/// The target names: upstream's C target and this module's.
+fn is_pcache(w: &str) -> bool {
+    w == "pcache" || w == "pcache_rs"
+}
+
 /// Parse one line of `dmsetup status`: either the whole line
 /// (`0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0`) or only the fields
 /// after the target name. Exactly nine fields must follow.
 pub fn parse_status(line: &str) -> Result<DmStatus, StatusParseError> {
     let words: Vec<&str> = line.split_whitespace().collect();
-    let (start, length, fields) = match words.iter().position(|w| *w == "pcache") {
+    let (start, length, fields) = match words.iter().position(|w| is_pcache(w)) {
         Some(2) => {
             let s = words.first().copied().unwrap_or("");
             let l = words.get(1).copied().unwrap_or("");
@@ -77,7 +82,7 @@ pub fn parse_status(line: &str) -> Result<DmStatus, StatusParseError> {
         }
         Some(_) => {
             return Err(StatusParseError(
-                "\"pcache\" is not the third word of the line".into(),
+                "the target name (pcache or pcache_rs) is not the third word of the line".into(),
             ))
         }
         None => (None, None, &words[..]),
@@ -163,7 +168,7 @@ pub fn status(name: &str) -> Result<StatusReport, ToolError> {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
-        .find(|l| l.split_whitespace().nth(2) == Some("pcache"))
+        .find(|l| l.split_whitespace().nth(2).is_some_and(is_pcache))
         .ok_or_else(|| ToolError::Usage(format!("{name} has no pcache target: {text:?}")))?;
     let s = parse_status(line)
         .map_err(|e| ToolError::Io(format!("cannot parse the status of {name}: {e}")))?;

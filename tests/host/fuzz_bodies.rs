@@ -92,7 +92,47 @@ pub fn replay(data: &[u8]) {
     }
 }
 
-fn formatted(geo: Geometry, size: usize) -> Vec<u8> {
+/// `pcache-rs show` and `check --data` over an arbitrary image: never panic.
+/// The first byte picks the raw input as the image (any length, any bytes) or,
+/// like [`replay`], patches laid over a formatted cache, so the fuzzer reaches
+/// the slot, chain and log checks.
+pub fn tool(data: &[u8]) {
+    use crate::tool::{check::check, device::Image, dump::dump, show::show, Options};
+    let geo = match Geometry::small(SEG) {
+        Ok(g) => g,
+        Err(_) => return,
+    };
+    let opts = Options {
+        geo,
+        backing_bytes: BACKING,
+    };
+    let img = match data.split_first() {
+        Some((0, raw)) => raw.to_vec(),
+        Some((_, patches)) => {
+            let size = (SEGMENTS_OFF + SEGS * SEG) as usize;
+            let mut img = formatted(geo, size);
+            let mut rest = patches;
+            while rest.len() >= 4 {
+                let off = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize % size;
+                let len =
+                    (rest.get(4).copied().unwrap_or(0) as usize).min(rest.len().saturating_sub(5));
+                let bytes = rest.get(5..5 + len).unwrap_or(&[]);
+                let end = (off + bytes.len()).min(size);
+                img[off..end].copy_from_slice(&bytes[..end - off]);
+                rest = rest.get(5 + len..).unwrap_or(&[]);
+            }
+            img
+        }
+        None => Vec::new(),
+    };
+    let image = Image::from_bytes(img);
+    let _ = show(&image, &opts).map(|r| r.to_string());
+    let _ = check(&image, &opts, true).map(|r| r.to_string());
+    let _ = dump(&image, &opts).map(|r| r.to_string());
+}
+
+/// A small formatted cache holding a few keys (the fuzzers' starting image).
+pub fn formatted(geo: Geometry, size: usize) -> Vec<u8> {
     let world = World::untracked(vec![0u8; size], BackingModel::new(BACKING, HashMap::new()));
     let mut mem = OwnedMem::new(SEGS as usize, 1024, BACKING, 2, 1);
     if let Ok(mut c) = Cache::start(

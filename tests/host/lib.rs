@@ -17,3 +17,8 @@ pub mod table;
 
 pub mod fuzz_bodies;
 pub mod sim;
+
+/// The offline tool `pcache-rs` (`tools/pcache-rs/`): its subcommand bodies, here
+/// so that the tests and the fuzzer call them; `main.rs` is the binary.
+#[path = "../../tools/pcache-rs/mod.rs"]
+pub mod tool;

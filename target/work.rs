@@ -102,6 +102,12 @@ impl<W, T, F> Cell<W, T, F> {
 }
 
 /// A work item that runs `T::run` once per [`Worker::queue`] (coalescing queued calls).
+///
+/// # Invariants
+///
+/// The cell's work item is initialised before the worker is returned; the cell is pinned on the
+/// heap and holds the handler and the workqueue, so both outlive every queueing; `drop` cancels
+/// the work synchronously before the cell is freed.
 pub(crate) struct Worker<T: Send + Sync + 'static> {
     cell: Pin<KBox<Cell<kernel::bindings::work_struct, T, WorkFn<T>>>>,
 }
@@ -148,7 +154,14 @@ impl<T: Send + Sync + 'static> Drop for Worker<T> {
     }
 }
 
-/// A delayed work item that runs `T::run` every `period_ms` while started.
+/// A delayed work item that runs `T::run` every `period_ms` while started, and at once again
+/// when a run says there is more to do.
+///
+/// # Invariants
+///
+/// As for [`Worker`]; a run re-arms the item only while `rearm` is set, and [`Ticker::stop`]
+/// clears it before cancelling synchronously, so after `stop` the item is neither queued nor
+/// running.
 pub(crate) struct Ticker<T: Send + Sync + 'static> {
     cell: Pin<KBox<Cell<kernel::bindings::delayed_work, T, TickFn<T>>>>,
 }

@@ -170,3 +170,176 @@ must_fail() {
 	fi
 	return 0
 }
+
+# --- regions written by fio, shared with the power-cut guest -------------------------------------
+
+# fio_region_job <name> <dev> <rw> <offset> <size> <seed>: sets job to the fio options of the data
+# job of one region: numjobs 2, each job on one half of it, bs 4k..1M, and every block carries its
+# offset and a crc32c (verify=crc32c). Add --do_verify=0 to write, --verify_only=1 to check.
+fio_region_job() {
+	local half
+	half=$(($(c_bytes "$5") / 2))
+	job=(--name="$1" --filename="$2" --direct=1 --ioengine=libaio --iodepth=8
+		--rw="$3" --bsrange=4k-1m --blockalign=4k --numjobs=2
+		--offset="$4" --size="$half" --offset_increment="$half"
+		--randseed="$6" --verify=crc32c --verify_fatal=1 --verify_backlog=0 --verify_state_save=0
+		--group_reporting)
+}
+
+# region_sum <dev> <offset> <size>: a checksum of a region's content, read with O_DIRECT. fio's
+# verify alone passes stale data (each block's header holds its offset and a checksum of itself,
+# not which write it came from): the checksum tells a region's last write from an older one.
+region_sum() {
+	dd if="$1" bs=1M skip="$(c_bytes "$2")" count="$(c_bytes "$3")" iflag=direct,skip_bytes,count_bytes \
+		status=none | cksum | cut -d' ' -f1,2
+}
+
+# wait_drained <dm name> <seconds>: wait until writeback has caught up (dirty tail == key head);
+# returns 1 if it did not.
+wait_drained() {
+	local i kh dt
+	for ((i = 0; i < $2; i++)); do
+		read -r kh dt <<<"$(dmsetup status "$1" | awk '{ print $10, $11 }')"
+		[ -n "$kh" ] && [ "$kh" = "$dt" ] && return 0
+		sleep 1
+	done
+	return 1
+}
+
+# --- the cache under test ------------------------------------------------------------------------
+#
+# The cache is a 512 MiB dm-linear slice of the pmem (DAX passes through dm-linear): upstream's
+# minimum size, so that writing more than the cache holds stays quick under TCG. Data is written by
+# fio with verify=crc32c (every block carries its offset and a checksum) and checked later by the
+# same job with --verify_only, on whichever device must hold it.
+
+C_CACHE_MIB=512
+
+# c_slice <name> <MiB> [<offset MiB>]: a dm-linear slice of the pmem; prints its path.
+c_slice() { linear_slice "$1" "$PMEM_DEV" "$2" "${3:-0}"; }
+
+# c_table <cache dev> [opt args...]: our target over <cache dev> and the backing device.
+c_table() {
+	local cache=$1
+	shift
+	echo "0 $(sectors "$BACKING_DEV") $TARGET $cache $BACKING_DEV $*"
+}
+
+# c_new <name> [opt args...]: a fresh cache (zeroed slice) named pct_<name>; prints its path.
+c_new() {
+	local name=$1 cache
+	shift
+	ensure_module
+	wipe_cache
+	cache=$(c_slice "${name}_pm" "$C_CACHE_MIB")
+	create "$name" "$(c_table "$cache" "$@")"
+	echo "/dev/mapper/$DM_PREFIX$name"
+}
+
+# c_status <name> <field>: one field of the upstream status line
+#   sb_flags seg_num n_segs used_segs gc_percent cache_flags key_head dirty_tail key_tail
+c_status() {
+	local f
+	case "$2" in
+	sb_flags) f=4 ;; seg_num) f=5 ;; n_segs) f=6 ;; used_segs) f=7 ;; gc_percent) f=8 ;;
+	cache_flags) f=9 ;; key_head) f=10 ;; dirty_tail) f=11 ;; key_tail) f=12 ;;
+	*) fail "c_status: unknown field $2" ;;
+	esac
+	dmsetup status "$DM_PREFIX$1" | awk -v f="$f" '{ print $f }'
+}
+
+# c_wait_drained <name> <seconds>: wait until writeback has caught up (dirty tail == key head).
+c_wait_drained() {
+	wait_drained "$DM_PREFIX$1" "$2" || fail "writeback did not drain in $2 s: status $(dmsetup status "$DM_PREFIX$1")"
+}
+
+# c_job <dev> <rw> <offset> <size> <seed>: sets job to the region job of a c_fio region.
+c_job() { fio_region_job "c-$2-$5" "$@"; }
+
+# c_fio <write|verify> <dev> <rw> <offset> <size> <seed> [extra fio args]: the data job. "write"
+# writes the region and records a checksum of its content; "verify" reads it back, checks it
+# against what the same job wrote and compares the checksum. fio's verify alone would pass stale
+# data: each block's header holds its offset and a checksum of itself, not which write it came
+# from, so a region that was overwritten and came back old would look fine.
+c_fio() {
+	local mode=$1 dev=$2 region="$3 $4 $5 $6" what="$1 $3 at $4+$5 on $2" job
+	c_job "$dev" "$3" "$4" "$5" "$6"
+	shift 6
+	if [ "$mode" = write ]; then job+=(--do_verify=0); else job+=(--verify_only=1); fi
+	c_fio_run "$what" "${job[@]}" "$@"
+	if [ "$mode" = write ]; then c_sum_record "$dev" "$region"; else c_sum_check "$dev" "$region"; fi
+}
+
+# c_sum_record <dev> <region>: remember the content of a region ("<rw> <offset> <size> <seed>")
+# just written; c_sum_check <dev> <region>: the region holds that content.
+c_sum_record() {
+	local off size
+	read -r _ off size _ <<<"$2"
+	echo "$2 $(c_sum "$1" "$off" "$size")" >>"$T_TMP/region-sums"
+}
+c_sum_check() {
+	local off size want
+	read -r _ off size _ <<<"$2"
+	want=$(awk -v k="$2" '$1 " " $2 " " $3 " " $4 == k { s = $5 " " $6 } END { print s }' \
+		"$T_TMP/region-sums" 2>/dev/null)
+	[ -n "$want" ] || fail "no checksum recorded for the region $2"
+	expect_eq "content of the region $2 on $1 (fio's verify passed)" "$want" "$(region_sum "$1" "$off" "$size")"
+}
+
+# c_fio_verify_all <dev> <region>...: c_fio verify of every region ("<rw> <offset> <size> <seed>")
+# in one fio run, one job per region: a fio start costs seconds under TCG.
+c_fio_verify_all() {
+	local dev=$1 r all=() job
+	shift
+	for r in "$@"; do
+		# shellcheck disable=SC2086 # r is "<rw> <offset> <size> <seed>"
+		c_job "$dev" $r
+		all+=("${job[@]}" --verify_only=1)
+	done
+	c_fio_run "verify of $# regions on $dev" "${all[@]}"
+	for r in "$@"; do c_sum_check "$dev" "$r"; done
+}
+
+# c_fio_run <what> <fio args...>: run fio, fail on any error, log the throughput.
+c_fio_run() {
+	local what=$1
+	shift
+	fio "$@" --output-format=terse --terse-version=3 >"$T_TMP/fio.terse" 2>"$T_TMP/fio.err" ||
+		fail "fio $what failed: $(tail -n 3 "$T_TMP/fio.err") $(tail -c 300 "$T_TMP/fio.terse")"
+	# terse v3 (lines starting "3;", one per job; fio may print warnings before them): field 5 is
+	# the error code; 7 read KiB/s; 48 write KiB/s.
+	grep '^3;' "$T_TMP/fio.terse" >"$T_TMP/fio.line" || fail "no terse line from fio: $(head -c 300 "$T_TMP/fio.terse")"
+	mv "$T_TMP/fio.line" "$T_TMP/fio.terse"
+	expect_eq "fio $what: jobs with an error" 0 "$(cut -d';' -f5 "$T_TMP/fio.terse" | grep -cv '^0$')"
+	# Throughput goes to the run's results too: the same jobs run on pcache_rs and on C pcache.
+	echo "fio $what ($(c_target_of "${what##* on }")):" \
+		"$(awk -F';' '{ r += $7; w += $48 } END { print "read " r " KiB/s, write " w " KiB/s" }' "$T_TMP/fio.terse")" |
+		tee -a "${RESULTS_DIR:-$T_TMP}/cache-fio.txt"
+}
+
+# The device-mapper target under a device path (or "raw" for a plain block device).
+c_target_of() {
+	local n=${1#/dev/mapper/}
+	[ "$n" != "$1" ] || { echo raw; return; }
+	dmsetup table "$n" 2>/dev/null | awk '{ print $3; exit }'
+}
+
+# Bytes of a size written as <n>M or <n>G.
+c_bytes() {
+	case "$1" in
+	*M) echo $((${1%M} << 20)) ;;
+	*G) echo $((${1%G} << 30)) ;;
+	*) echo "$1" ;;
+	esac
+}
+
+# c_wait_moved <name> <field> <old value> <seconds>: wait until a status field changes.
+c_wait_moved() {
+	local i
+	for ((i = 0; i < $4; i++)); do
+		[ "$(c_status "$1" "$2")" != "$3" ] && return 0
+		sleep 1
+	done
+	fail "$2 still at $3 after $4 s: status $(dmsetup status "$DM_PREFIX$1")"
+}
+

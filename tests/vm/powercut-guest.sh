@@ -7,7 +7,7 @@
 # write: formats the cache, writes regions of the device with fio (crc32c and offset in every block),
 # some followed by fsync (a FLUSH for the device), some not, and cuts power at six points of
 # different kinds. <dir>/state (in the repository, so the host sees it) records which regions were
-# durable (an fsync completed after their last write), with the SHA-256 of their content, and which
+# durable (an fsync completed after their last write), with a checksum of their content, and which
 # were still pending. Some writes overwrite a durable region: fio's verify alone would pass the old
 # content too (each block's header holds its offset and checksum, not which write it came from), so
 # the hash is what tells the new content from the old. Cuts 1-5 are
@@ -29,40 +29,32 @@ mode=$1
 dir=$2
 shift 2
 
-SPLAT_RE='WARNING:|BUG:|KASAN|possible circular locking|lockdep|Oops|Call Trace|general protection|UBSAN|kernel BUG'
+# The fio region job, the region checksum, wait_drained, dms and SPLAT_RE are the VM suite's.
+. "$(dirname "$0")/lib.sh"
+
 REGIONS=16     # regions of the device the test writes, REGION_MIB each
 REGION_MIB=4
 CACHE_MIB=512  # the cache: a dm-linear slice of the pmem (upstream's minimum size)
 SNAPSHOTS=5    # cuts taken as snapshots; the real cut is number SNAPSHOTS + 1
 
 say() { echo "powercut($mode): $*"; }
-dms() { dmsetup --noudevsync "$@"; }
 
-# pc_job <dev> <region> <rw> <seed>: sets job to the fio options of one region's data job (numjobs
-# 2, each job on half the region, bs 4k..1M, crc32c verify headers).
-pc_job() {
-	local half=$((REGION_MIB << 19))
-	job=(--name="r$2" --filename="$1" --direct=1 --ioengine=libaio --iodepth=8 --rw="$3"
-		--bsrange=4k-1m --blockalign=4k --numjobs=2 --offset=$(($2 * REGION_MIB))M --size="$half"
-		--offset_increment="$half" --randseed="$4" --verify=crc32c --verify_fatal=1 --verify_state_save=0)
-}
+# pc_job <dev> <region> <rw> <seed>: sets job to the fio options of one region's data job.
+pc_job() { fio_region_job "r$2" "$1" "$3" "$(($2 * REGION_MIB))M" "${REGION_MIB}M" "$4"; }
 
 # pc_write <dev> <region> <rw> <seed> [fio args]: write one region; output in /tmp/pc-fio-<region>.out.
 pc_write() {
 	local dev=$1 r=$2 rw=$3 seed=$4 job
 	shift 4
 	pc_job "$dev" "$r" "$rw" "$seed"
-	fio "${job[@]}" --do_verify=0 --group_reporting --output-format=terse --terse-version=3 "$@" \
+	fio "${job[@]}" --do_verify=0 --output-format=terse --terse-version=3 "$@" \
 		>"/tmp/pc-fio-$r.out" 2>&1
 }
 
-# region_hash <dev> <region>: SHA-256 of the region's content, read with O_DIRECT.
-region_hash() {
-	dd if="$1" bs=1M skip=$(($2 * REGION_MIB)) count="$REGION_MIB" iflag=direct status=none |
-		sha256sum | cut -c1-64
-}
+# region_hash <dev> <region>: checksum of the region's content (region_sum), without spaces.
+region_hash() { region_sum "$1" "$(($2 * REGION_MIB))M" "${REGION_MIB}M" | tr ' ' :; }
 
-# verify_regions <dev>: check every region given on stdin as "<region> <rw> <seed> <sha256>": fio's
+# verify_regions <dev>: check every region given on stdin as "<region> <rw> <seed> <sum>": fio's
 # verify, in one fio run (a fio start costs seconds under TCG), and the content hash. Prints the
 # number of regions checked, or the reason of the first failure (and returns 1).
 verify_regions() {
@@ -86,16 +78,19 @@ verify_regions() {
 log_base=$(dmesg | wc -l)
 splat() { dmesg | tail -n +"$((log_base + 1))" | grep -E "$SPLAT_RE" | head -n 3; }
 
-# Regions whose last record in a state file is "durable": "<region> <rw> <seed> <sha256>".
+# Regions whose last record in a state file is "durable": "<region> <rw> <seed> <sum>".
 durable() {
 	awk '$1 == "durable" { d[$2] = $3 " " $4 " " $5 } $1 == "pending" { delete d[$2] }
 		END { for (r in d) print r, d[r] }' "$1" | sort -n
 }
 
+# pc_table <cache dev> <backing dev>: the table line of the cache.
+pc_table() { echo "0 $(blockdev --getsz "$2") pcache_rs $1 $2"; }
+
 # create_cache <name> <pmem dev> <backing dev>: the cache over a CACHE_MIB slice of the pmem.
 create_cache() {
 	dms create "$1_pm" --table "0 $((CACHE_MIB * 2048)) linear $2 0" || return 1
-	dms create "$1" --table "0 $(blockdev --getsz "$3") pcache_rs /dev/mapper/$1_pm $3"
+	dms create "$1" --table "$(pc_table "/dev/mapper/$1_pm" "$3")"
 }
 
 [ -d /sys/module/dm_pcache_rs ] || insmod "$PCACHE_KO" || { say "insmod $PCACHE_KO failed"; exit 1; }
@@ -188,7 +183,7 @@ if [ "$mode" = write ]; then
 	snapshot 3 unflushed-write
 	# Cut 4: after a replay (remove and create with dirty data), during a write.
 	dms remove "$name" || die "remove"
-	dms create "$name" --table "0 $(blockdev --getsz "$BACKING_DEV") pcache_rs /dev/mapper/${name}_pm $BACKING_DEV" ||
+	dms create "$name" --table "$(pc_table "/dev/mapper/${name}_pm" "$BACKING_DEV")" ||
 		die "create after remove: $(dmesg | grep pcache_rs | tail -n 3)"
 	write_step flush
 	in_flight_step ""
@@ -233,7 +228,7 @@ for cut in "$@"; do
 	t0=$SECONDS
 	# verify_cut: the checks for one cut; prints the reason of the first failure.
 	verify_cut() {
-		local n total kh dt
+		local n total
 		[ -n "$kind" ] || { echo "the state file $state does not record cut $cut"; return 1; }
 		total=$(durable "$state" | wc -l)
 		[ "$total" -gt 0 ] || { echo "no region was durable at the cut"; return 1; }
@@ -241,12 +236,7 @@ for cut in "$@"; do
 			{ echo "create after the cut failed: $(dmesg | grep pcache_rs | tail -n 2 | tr '\n' ' ')"; return 1; }
 		n=$(durable "$state" | verify_regions "$dev") || { echo "in the cache: $n"; return 1; }
 		[ "$n" = "$total" ] || { echo "verified $n of $total durable regions"; return 1; }
-		for _ in $(seq 600); do
-			read -r kh dt <<<"$(dmsetup status "$name" | awk '{ print $10, $11 }')"
-			[ "$kh" = "$dt" ] && break
-			sleep 1
-		done
-		[ "$kh" = "$dt" ] || { echo "writeback did not drain: $(dmsetup status "$name")"; return 1; }
+		wait_drained "$name" 600 || { echo "writeback did not drain: $(dmsetup status "$name")"; return 1; }
 		dms remove "$name" || { echo "remove failed"; return 1; }
 		dms remove "${name}_pm" || { echo "remove of the slice failed"; return 1; }
 		n=$(durable "$state" | verify_regions "$disk") || { echo "on the backing device after writeback: $n"; return 1; }

@@ -36,3 +36,11 @@ test_unload_refused_while_in_use() {
 	rmmod "$MODULE_NAME"
 	insmod "$MODULE_KO"
 }
+
+# The guest behaves like a normal shell: process substitution and /dev/std* work (the minimal
+# init has no udev to make /dev/fd).
+test_guest_shell_has_dev_fd() {
+	cmp <(echo same) <(echo same) || fail "process substitution does not work"
+	echo ok >/dev/stderr || fail "/dev/stderr is not writable"
+	expect_eq "read through /dev/stdin" ok "$(echo ok | cat /dev/stdin)"
+}

@@ -78,11 +78,12 @@ test_cache_fs_xfs() {
 	f_fs_test xfs mkfs.xfs -q -f
 }
 
-# A filesystem over a full cache: files of 1.25x the cache's size, written with small and large
-# blocks mixed (512 bytes to 1 MiB, fsyncs among them), so requests wait for writeback and GC
-# again and again. Every file reads back through the cache; then writeback drains, the cache is
-# removed, and the backing device alone holds every file.
-F_FULL_MIB=${F_FULL_MIB:-640}
+# A filesystem over a full cache: files of more than the cache's size (576 MiB in a 512 MiB
+# cache), written with small and large blocks mixed (512 bytes to 1 MiB, fsyncs among them), so
+# requests wait for writeback and GC again and again. Every file reads back through the cache;
+# then writeback drains, the cache is removed, and the backing device alone holds every file.
+# (This replaced a raw-device working-set test, which checked less.)
+F_FULL_MIB=${F_FULL_MIB:-576}
 test_cache_fs_full_cache_mixed_writes() {
 	local dev mnt tail0 n=8
 	dev=$(c_new fsfull)

@@ -35,9 +35,12 @@ c_fio_matrix() {
 # about 250K for the 512 MiB cache): they complete without an IO error, because keys running short
 # starts writeback and GC just as segments running short does. gc_percent 90 keeps GC from running
 # for segment usage alone (512-byte keys fill few segments), so the key tail moving shows GC ran for
-# keys. Every block is verified after the last write.
+# keys. Every block is verified after the last write. Long (tests/run --long): the cache can only
+# take these writes as fast as writeback gets 512-byte blocks to the backing device, which under
+# TCG is many minutes; the same property is checked on the host (tests/host/interleave.rs, with a
+# key index smaller than the data space).
 C_SMALL_IOS=${C_SMALL_IOS:-320000}
-test_cache_small_writes_past_the_key_pool() {
+test_long_cache_small_writes_past_the_key_pool() {
 	local dev tail0 n_segs used
 	dev=$(c_new small)
 	dms message "${DM_PREFIX}small" 0 gc_percent 90

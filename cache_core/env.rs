@@ -8,8 +8,8 @@
 //! fenced.
 //!
 //! Beyond the two devices, the host supplies primitives and no policy: mutual
-//! exclusion over the engine ([`Locked`]), sleeping, waking and deferred work
-//! ([`Waiting`]). What to do with them (when a request waits for room, when
+//! exclusion over the engine ([`Locked`]), sleeping, waking, deferred work and a
+//! clock ([`Waiting`]). What to do with them (when a request waits for room, when
 //! writeback copies without the lock, when GC runs) is the engine's, in
 //! [`super::request`] and [`super::background`], and the simulator runs that same
 //! code. The `cpu` argument of `write` picks the data head, so the per-CPU data
@@ -123,6 +123,8 @@ pub trait Waiting {
     /// Asks for [`super::background::Background::run`] to run soon (the
     /// simulator may run it at once).
     fn kick(&self);
+    /// A clock: milliseconds since some fixed point, never going back.
+    fn now_ms(&self) -> u64;
 }
 
 /// Store `data` at `off`, flush it and fence: `memcpy_flushcache` + `pmem_wmb`.

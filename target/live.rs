@@ -17,6 +17,7 @@ use kernel::{
     new_condvar, new_mutex, new_spinlock,
     prelude::*,
     sync::{CondVar, Mutex, SpinLock},
+    time::{Instant, Monotonic},
 };
 
 /// What the engine lock guards: the engine, and the staging buffer requests copy bios through
@@ -46,6 +47,8 @@ pub(crate) struct LiveCache {
     pub(crate) quiesced: AtomicBool,
     /// First sector of the target in the mapped device.
     pub(crate) begin: u64,
+    /// The engine's clock counts from here.
+    started: Instant<Monotonic>,
     pub(crate) writeback_errors: AtomicU32,
     pub(crate) gc_errors: AtomicU32,
 }
@@ -65,6 +68,7 @@ impl LiveCache {
             room <- new_condvar!(),
             quiesced: AtomicBool::new(false),
             begin,
+            started: Instant::now(),
             writeback_errors: AtomicU32::new(0),
             gc_errors: AtomicU32::new(0),
         })
@@ -104,6 +108,10 @@ impl Waiting for LiveCache {
     fn wake_all(&self) {
         *self.room_events.lock() += 1;
         self.room.notify_all();
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis().unsigned_abs()
     }
 
     fn kick(&self) {

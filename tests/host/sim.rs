@@ -422,6 +422,7 @@ pub struct SimHost<'e, M: crate::cache_core::Memory> {
     pub held: RefCell<Option<crate::cache_core::writeback::WbBatch>>,
     pub rng: RefCell<Rng>,
     pub wakes: std::cell::Cell<u64>,
+    pub clock_ms: std::cell::Cell<u64>,
 }
 
 /// The simulated background writer.
@@ -449,6 +450,7 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
             held: RefCell::new(None),
             rng: RefCell::new(Rng(seed)),
             wakes: std::cell::Cell::new(0),
+            clock_ms: std::cell::Cell::new(0),
         }
     }
 
@@ -519,4 +521,10 @@ impl<M: crate::cache_core::Memory> crate::cache_core::Waiting for SimHost<'_, M>
         self.wakes.set(self.wakes.get() + 1);
     }
     fn kick(&self) {}
+    fn now_ms(&self) -> u64 {
+        // Simulated time: every look at the clock is 50 ms later, so the
+        // background persists open ksets every few rounds.
+        self.clock_ms.set(self.clock_ms.get() + 50);
+        self.clock_ms.get()
+    }
 }

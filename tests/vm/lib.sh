@@ -275,7 +275,7 @@ c_fio() {
 c_sum_record() {
 	local off size
 	read -r _ off size _ <<<"$2"
-	echo "$2 $(c_sum "$1" "$off" "$size")" >>"$T_TMP/region-sums"
+	echo "$2 $(region_sum "$1" "$off" "$size")" >>"$T_TMP/region-sums"
 }
 c_sum_check() {
 	local off size want

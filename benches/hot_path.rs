@@ -5,7 +5,7 @@
 //! dependency: median of several timed batches).
 
 use pcache_engine::cache_core::index::{Index, Node};
-use pcache_engine::cache_core::key::{Key, Pos};
+use pcache_engine::cache_core::key::{Key, Pos, SegId};
 use pcache_engine::cache_core::Borrowed;
 use pcache_engine::cache_core::{Backing, Cache, CacheError, CacheOptions, IoError, KsetBuf, Pmem};
 use pcache_engine::meta::kset::{kset_key, kset_read, KeyOnmedia, KSET_KEYS_MAX};
@@ -50,7 +50,10 @@ fn key(off: u64, len: u32) -> Key {
         off,
         len,
         flags: 0,
-        pos: Pos { seg: 1, off: 0 },
+        pos: Pos {
+            seg: SegId::checked(1, 2).unwrap_or_default(),
+            off: 0,
+        },
         gen: 0,
         crc: 0,
         crc_back: 0,

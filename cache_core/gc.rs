@@ -8,7 +8,7 @@
 
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
-use super::key::Pos;
+use super::key::{Pos, SegId};
 use super::writeback::Step;
 use super::{Cache, Memory};
 use crate::meta::cache_info::CtrlPos;
@@ -57,7 +57,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     return Ok(Step::Idle);
                 }
                 self.key_tail.pos = Pos {
-                    seg: next_cache_seg_id,
+                    seg: self.next_log_seg(next_cache_seg_id)?,
                     off: 0,
                 };
                 self.encode_tail(CtrlPos::KeyTail);
@@ -77,7 +77,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 // kset. Otherwise a crash in between would replay this kset with a
                 // later key dropped as stale while an earlier key it overwrote, in
                 // a still-valid segment, comes back with old data.
-                let mut emptied = [0u32; KSET_KEYS_MAX];
+                let mut emptied = [SegId::default(); KSET_KEYS_MAX];
                 let mut n_emptied = 0usize;
                 for i in 0..key_num as usize {
                     let key = self.scratch_key(i)?;

@@ -30,7 +30,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 return Err(Broken("a writeback batch is out but the dirty tail moved"));
             }
         }
-        let used = (0..self.n_segs).filter(|&i| self.seg(i).used).count();
+        let used = (0..self.n_segs)
+            .filter_map(|i| self.seg_id(i))
+            .filter(|&id| self.seg(id).used)
+            .count();
         if used != self.used_segs as usize {
             return Err(Broken("used_segs does not count the segments in use"));
         }

@@ -312,7 +312,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         index.retain(|k| {
             !k.empty()
                 && segs
-                    .get(k.pos.seg as usize)
+                    .get(k.pos.seg.index())
                     .map(|s| k.gen < s.gen)
                     .unwrap_or(true)
         })

@@ -3,10 +3,46 @@
 
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 
+/// The id of a cache segment, below the cache's segment count.
+///
+/// Made only where an id is parsed from the media, by [`SegId::checked`] against
+/// the superblock's `seg_num`, or by the engine from its own segment table. So
+/// the segment table is indexed without a fallback: an id out of range is a bug
+/// the engine asserts, not a value it silently absorbs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegId(u32);
+
+impl SegId {
+    /// `raw` as a segment id of a cache with `n_segs` segments.
+    pub const fn checked(raw: u32, n_segs: u32) -> Option<SegId> {
+        if raw < n_segs {
+            Some(SegId(raw))
+        } else {
+            None
+        }
+    }
+
+    /// The id as stored on the media.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+
+    /// The index of this segment in the engine's segment table.
+    pub(crate) const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl core::fmt::Display for SegId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(&self.0, f)
+    }
+}
+
 /// A position in the cache: cache segment id and byte offset in its data area.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pos {
-    pub seg: u32,
+    pub seg: SegId,
     pub off: u32,
 }
 

@@ -85,7 +85,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             off: key.off,
             len: key.len,
             flags: key.flags,
-            cache_seg_id: key.pos.seg,
+            cache_seg_id: key.pos.seg.get(),
             cache_seg_off: key.pos.off,
             seg_gen: key.gen,
             data_crc: if key.has_crc() { key.crc } else { 0 },
@@ -112,7 +112,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let next_addr = self.pos_addr(Pos { seg: next, off: 0 });
             persist(&mut self.pmem, next_addr, &[0u8; KSET_HEADER_SIZE]);
             let mut last = [0u8; KSET_HEADER_SIZE];
-            encode_last_kset(next, &mut last);
+            encode_last_kset(next.get(), &mut last);
             let head = self.pos_addr(self.key_head);
             persist(&mut self.pmem, head, &last);
             self.key_head = Pos { seg: next, off: 0 };

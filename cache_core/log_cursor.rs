@@ -65,7 +65,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                         .into());
                     }
                     cur.pos = Pos {
-                        seg: next_cache_seg_id,
+                        seg: self.next_log_seg(next_cache_seg_id)?,
                         off: 0,
                     };
                     on_hop(self, cur.pos);

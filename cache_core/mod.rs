@@ -40,7 +40,7 @@ use crate::meta::layout::Geometry;
 pub use env::{Backing, IoError, Locked, Pmem, Waiting};
 pub use error::CacheError;
 pub use index::{Index, Node};
-pub use key::{Key, Pos};
+pub use key::{Key, Pos, SegId};
 pub use kset::KsetBuf;
 pub use memory::{key_capacity, Borrowed, CacheMem, Memory};
 pub use options::CacheOptions;
@@ -112,7 +112,6 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) used_segs: u32,
     pub(crate) last_seg: u32,
     pub(crate) segs: M::Buf<SegState>,
-    pub(crate) seg_sink: SegState,
     pub(crate) index: Index<M>,
     pub(crate) ksets: M::Buf<KsetBuf>,
     pub(crate) heads: M::Buf<DataHead>,
@@ -161,7 +160,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// State of cache segment `id` (a default value when out of range).
     pub fn segment(&self, id: u32) -> SegState {
-        self.seg(id)
+        self.seg_id(id).map(|id| self.seg(id)).unwrap_or_default()
     }
 
     pub fn pmem(&self) -> &P {

@@ -36,6 +36,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub(crate) fn scratch_key(&self, i: usize) -> Result<Key, CacheError> {
         let om = kset_key(&self.scratch, i)?;
         om.validate(self.dev_bytes, self.n_segs, self.geo.seg_data_size())?;
+        let seg = self.seg_id(om.cache_seg_id).ok_or(MetaError::new(
+            "pcache_cache_key_onmedia",
+            "cache_seg_id",
+            MetaErrorKind::OutOfRange,
+        ))?;
         let flags = if self.info.data_crc() {
             om.flags | KEY_FLAGS_DATA_CRC
         } else {
@@ -46,7 +51,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             len: om.len,
             flags,
             pos: Pos {
-                seg: om.cache_seg_id,
+                seg,
                 off: om.cache_seg_off,
             },
             gen: om.seg_gen,

@@ -8,10 +8,13 @@
 //! segments hold no references: GC frees them when the key tail leaves them.
 
 use super::env::{persist, Pmem};
+use super::error::CacheError;
+use super::key::SegId;
 use super::{Cache, Memory};
 use crate::meta::header::MetaHeader;
 use crate::meta::header::{SlotIndex, Slotted};
 use crate::meta::segment::{SegGen, SegmentInfo, SEG_GEN_STRUCT_SIZE, SEG_INFO_STRUCT_SIZE};
+use crate::meta::{MetaError, MetaErrorKind};
 
 /// In-memory state of one cache segment. Create with `SegState::default()`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -30,19 +33,44 @@ pub struct SegState {
 }
 
 impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
-    pub(crate) fn seg(&self, id: u32) -> SegState {
-        self.segs.get(id as usize).copied().unwrap_or_default()
+    pub(crate) fn seg(&self, id: SegId) -> SegState {
+        let s = self.segs.get(id.index()).copied();
+        debug_assert!(s.is_some(), "segment {id} beyond the segment table");
+        s.unwrap_or_default()
     }
 
-    pub(crate) fn seg_mut(&mut self, id: u32) -> &mut SegState {
-        let Cache { segs, seg_sink, .. } = self;
-        segs.get_mut(id as usize).unwrap_or(seg_sink)
+    /// The table entry of segment `id`. A [`SegId`] is below the segment count
+    /// by construction and the table has an entry per segment, so `None` is a
+    /// bug: asserted in debug builds, and the caller does nothing.
+    pub(crate) fn seg_mut(&mut self, id: SegId) -> Option<&mut SegState> {
+        let s = self.segs.get_mut(id.index());
+        debug_assert!(s.is_some(), "segment {id} beyond the segment table");
+        s
+    }
+
+    /// Segment `raw` of this cache, if there is one.
+    pub(crate) fn seg_id(&self, raw: u32) -> Option<SegId> {
+        SegId::checked(raw, self.n_segs)
+    }
+
+    /// The segment a LAST kset names as the next one of the key log.
+    pub(crate) fn next_log_seg(&self, raw: u32) -> Result<SegId, CacheError> {
+        self.seg_id(raw).ok_or_else(|| {
+            MetaError::new(
+                "pcache_cache_kset_onmedia",
+                "next_cache_seg_id",
+                MetaErrorKind::OutOfRange,
+            )
+            .into()
+        })
     }
 
     /// `cache_seg_info_write`: next slot, seq+1, persist.
-    pub(crate) fn seg_info_write(&mut self, id: u32) {
+    pub(crate) fn seg_info_write(&mut self, id: SegId) {
         let geo = self.geo;
-        let s = self.seg_mut(id);
+        let Some(s) = self.seg_mut(id) else {
+            return;
+        };
         s.info.header.seq = s.info.header.seq.wrapping_add(1);
         s.info_index = s.info_index.other();
         let (phys, idx, info) = (s.phys, s.info_index, s.info);
@@ -56,9 +84,11 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// `cache_seg_ctrl_write`: persist the generation in the next slot.
-    pub(crate) fn seg_gen_write(&mut self, id: u32) {
+    pub(crate) fn seg_gen_write(&mut self, id: SegId) {
         let geo = self.geo;
-        let s = self.seg_mut(id);
+        let Some(s) = self.seg_mut(id) else {
+            return;
+        };
         s.gen_seq = s.gen_seq.wrapping_add(1);
         s.gen_index = s.gen_index.other();
         let g = SegGen {
@@ -78,10 +108,12 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
         self.n_segs - self.used_segs
     }
 
-    pub(crate) fn set_used(&mut self, id: u32, used: bool) {
-        let was = self.seg(id).used;
-        if was != used && (id as usize) < self.segs.len() {
-            self.seg_mut(id).used = used;
+    pub(crate) fn set_used(&mut self, id: SegId, used: bool) {
+        let Some(s) = self.seg_mut(id) else {
+            return;
+        };
+        if s.used != used {
+            s.used = used;
             if used {
                 self.used_segs += 1;
                 debug_assert!(self.used_segs <= self.n_segs);
@@ -92,34 +124,37 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// `get_cache_segment`: a free segment, searched from the last hint.
-    pub(crate) fn get_cache_segment(&mut self) -> Option<u32> {
+    pub(crate) fn get_cache_segment(&mut self) -> Option<SegId> {
         let n = self.n_segs;
         for step in 0..n {
-            let id = (self.last_seg + step) % n;
+            let id = self.seg_id((self.last_seg + step) % n)?;
             if !self.seg(id).used {
                 self.set_used(id, true);
-                self.last_seg = id;
+                self.last_seg = id.get();
                 return Some(id);
             }
         }
         None
     }
 
-    pub(crate) fn seg_get(&mut self, id: u32) {
-        let s = self.seg_mut(id);
-        s.refs = s.refs.saturating_add(1);
+    pub(crate) fn seg_get(&mut self, id: SegId) {
+        if let Some(s) = self.seg_mut(id) {
+            s.refs = s.refs.saturating_add(1);
+        }
     }
 
     /// `cache_seg_put`: the last reference invalidates and frees the segment.
-    pub(crate) fn seg_put(&mut self, id: u32) {
+    pub(crate) fn seg_put(&mut self, id: SegId) {
         if self.seg_unref(id) {
             self.seg_invalidate(id);
         }
     }
 
     /// Drop one reference; true when it was the last.
-    pub(crate) fn seg_unref(&mut self, id: u32) -> bool {
-        let s = self.seg_mut(id);
+    pub(crate) fn seg_unref(&mut self, id: SegId) -> bool {
+        let Some(s) = self.seg_mut(id) else {
+            return false;
+        };
         if s.refs == 0 {
             // An unbalanced put is a bug: the simulator asserts it; a release build
             // counts it and never underflows into a freed segment.
@@ -133,8 +168,10 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
 
     /// Bump and persist the generation (stale-ing every key into the segment), then
     /// free the segment.
-    pub(crate) fn seg_invalidate(&mut self, id: u32) {
-        let s = self.seg_mut(id);
+    pub(crate) fn seg_invalidate(&mut self, id: SegId) {
+        let Some(s) = self.seg_mut(id) else {
+            return;
+        };
         if s.refs != 0 {
             return;
         }

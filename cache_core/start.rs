@@ -131,7 +131,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             used_segs: 0,
             last_seg: 0,
             segs: mem.segs,
-            seg_sink: Default::default(),
             index: Index::new(mem.nodes, mem.roots, n_roots),
             ksets: mem.ksets,
             heads: mem.heads,
@@ -281,23 +280,33 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         const SI: &str = "pcache_segment_info";
         let geo = self.geo;
         for i in 0..self.n_segs {
+            // Cache segment `i` (the loop bound is the segment count) and the one before.
+            let (Some(id), prev_id) = (
+                self.seg_id(i),
+                i.checked_sub(1).and_then(|p| self.seg_id(p)),
+            ) else {
+                break;
+            };
             let phys = if new_cache {
                 // A blank device hands out physical segments in order.
                 let phys = i;
                 if i == 0 {
                     self.info.seg_id = phys;
                 } else {
-                    let prev = self.seg_mut(i - 1);
-                    prev.info.flags |= crate::meta::segment::SEG_INFO_FLAGS_HAS_NEXT;
-                    prev.info.next_seg = phys;
-                    self.seg_info_write(i - 1);
+                    if let Some(prev_id) = prev_id {
+                        if let Some(prev) = self.seg_mut(prev_id) {
+                            prev.info.flags |= crate::meta::segment::SEG_INFO_FLAGS_HAS_NEXT;
+                            prev.info.next_seg = phys;
+                        }
+                        self.seg_info_write(prev_id);
+                    }
                 }
                 phys
             } else {
                 let phys = if i == 0 {
                     self.info.seg_id
                 } else {
-                    let prev = self.seg(i - 1).info;
+                    let prev = prev_id.map(|p| self.seg(p).info).unwrap_or_default();
                     if !prev.has_next() {
                         return Err(MetaError::new(
                             SI,
@@ -313,25 +322,37 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 }
                 phys
             };
-            // Two cache segments on one physical segment would overwrite each other.
-            if self.seg(phys).claimed {
+            // The `claimed` flags, indexed by physical segment, find two cache segments on one
+            // physical segment, which would overwrite each other.
+            let phys_entry = self.seg_id(phys).ok_or(MetaError::new(
+                SI,
+                "next_seg",
+                MetaErrorKind::OutOfRange,
+            ))?;
+            if self.seg(phys_entry).claimed {
                 return Err(MetaError::new(SI, "next_seg", MetaErrorKind::Cycle).into());
             }
-            self.seg_mut(phys).claimed = true;
-            self.seg_mut(i).phys = phys;
+            if let Some(s) = self.seg_mut(phys_entry) {
+                s.claimed = true;
+            }
+            if let Some(s) = self.seg_mut(id) {
+                s.phys = phys;
+            }
 
             if new_cache {
                 zero_range(&mut self.pmem, geo.seg_off(phys), SEG_DATA_OFF);
-                let s = self.seg_mut(i);
-                s.gen = 0;
-                s.gen_seq = 0;
-                s.gen_index = SlotIndex::FIRST;
-                self.seg_gen_write(i);
-                let s = self.seg_mut(i);
-                s.info = SegmentInfo::default();
-                s.info.set_type(SEGMENT_TYPE_CACHE_DATA);
-                s.info_index = SlotIndex::FIRST;
-                self.seg_info_write(i);
+                if let Some(s) = self.seg_mut(id) {
+                    s.gen = 0;
+                    s.gen_seq = 0;
+                    s.gen_index = SlotIndex::FIRST;
+                }
+                self.seg_gen_write(id);
+                if let Some(s) = self.seg_mut(id) {
+                    s.info = SegmentInfo::default();
+                    s.info.set_type(SEGMENT_TYPE_CACHE_DATA);
+                    s.info_index = SlotIndex::FIRST;
+                }
+                self.seg_info_write(id);
                 // Clear any stale kset at the start of the data area.
                 persist(
                     &mut self.pmem,
@@ -349,7 +370,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 let a: [u8; 16] = read_slot(&self.pmem, SegGen::slot_off(&geo, phys, 0))?;
                 let b: [u8; 16] = read_slot(&self.pmem, SegGen::slot_off(&geo, phys, 1))?;
                 let gen = pick_latest::<SegGen>(&a, &b)?;
-                let s = self.seg_mut(i);
+                let Some(s) = self.seg_mut(id) else {
+                    continue;
+                };
                 s.info = info;
                 s.info_index = idx;
                 match gen {
@@ -371,8 +394,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     fn tail_init(&mut self, new_cache: bool) -> Result<(), CacheError> {
         if new_cache {
-            self.set_used(0, true);
-            self.key_head = Pos { seg: 0, off: 0 };
+            self.key_head = Pos::default();
+            self.set_used(self.key_head.seg, true);
             self.key_tail = Tail {
                 pos: self.key_head,
                 seq: 0,
@@ -403,7 +426,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 seq: t.seq,
                 ..MetaHeader::default()
             },
-            cache_seg_id: t.pos.seg,
+            cache_seg_id: t.pos.seg.get(),
             seg_off: t.pos.off,
         };
         let off = which.slot_off(t.index.get());
@@ -420,17 +443,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             "header.crc",
             MetaErrorKind::NoValidSlot,
         ))?;
-        if p.cache_seg_id >= self.n_segs {
+        let Some(seg) = self.seg_id(p.cache_seg_id) else {
             return Err(
                 MetaError::new(which.name(), "cache_seg_id", MetaErrorKind::OutOfRange).into(),
             );
-        }
+        };
         if p.seg_off >= self.geo.seg_data_size() {
             return Err(MetaError::new(which.name(), "seg_off", MetaErrorKind::OutOfRange).into());
         }
         Ok(Tail {
             pos: Pos {
-                seg: p.cache_seg_id,
+                seg,
                 off: p.seg_off,
             },
             seq: p.header.seq,

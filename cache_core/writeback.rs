@@ -283,7 +283,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             KsetRead::End => Ok(WbPlan::Idle),
             KsetRead::Last { next_cache_seg_id } => {
                 self.dirty_tail.pos = Pos {
-                    seg: next_cache_seg_id,
+                    seg: self.next_log_seg(next_cache_seg_id)?,
                     off: 0,
                 };
                 self.encode_tail(CtrlPos::DirtyTail);

@@ -8,7 +8,7 @@
 
 use pcache_engine::cache_core::request::{with_room, Stalled};
 use pcache_engine::cache_core::Locked;
-use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos};
+use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
 use pcache_engine::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
 use pcache_engine::meta::header::pick_latest;
@@ -263,8 +263,8 @@ fn check_log_crcs(cache: &Sim<'_>, pmem: &[u8], flag_on: bool) -> Result<u64, St
         if pos == st.key_head {
             return Ok(checked);
         }
-        let a = data_off(pos.seg) + pos.off as usize;
-        let buf = &pmem[a..data_off(pos.seg) + seg_data];
+        let a = data_off(pos.seg.get()) + pos.off as usize;
+        let buf = &pmem[a..data_off(pos.seg.get()) + seg_data];
         match kset_read(buf, st.n_segs) {
             Ok(KsetRead::Keys { key_num, size }) => {
                 for i in 0..key_num as usize {
@@ -285,7 +285,8 @@ fn check_log_crcs(cache: &Sim<'_>, pmem: &[u8], flag_on: bool) -> Result<u64, St
             }
             Ok(KsetRead::Last { next_cache_seg_id }) => {
                 pos = Pos {
-                    seg: next_cache_seg_id,
+                    seg: SegId::checked(next_cache_seg_id, st.n_segs)
+                        .ok_or("LAST kset out of range")?,
                     off: 0,
                 }
             }
@@ -781,7 +782,7 @@ fn check_data_crc(seed: u64) -> Result<(), String> {
         ));
     }
     let at = rng.below(u64::from(k.len));
-    let phys = u64::from(cache.segment(k.pos.seg).phys);
+    let phys = u64::from(cache.segment(k.pos.seg.get()).phys);
     let addr = SEGMENTS_OFF + phys * SEG_SIZE + SEG_DATA_OFF + u64::from(k.pos.off) + at;
     world.borrow_mut().pmem.volatile[addr as usize] ^= 1 << rng.below(8);
     let mut buf = vec![0u8; n as usize * SECTOR];

@@ -1,7 +1,7 @@
 //! Unit properties of the on-media format and the index.
 
 use pcache_engine::cache_core::index::{Index, Node};
-use pcache_engine::cache_core::key::{Key, Pos};
+use pcache_engine::cache_core::key::{Key, Pos, SegId};
 use pcache_engine::cache_core::Borrowed;
 use pcache_engine::meta::crc32c::{crc32c, pcache_crc};
 use pcache_engine::meta::header::{find_latest, seq_after, SlotIndex};
@@ -164,7 +164,10 @@ fn key(off: u64, len: u32, tag: u32) -> Key {
         off,
         len,
         flags: 0,
-        pos: Pos { seg: tag, off: 0 },
+        pos: Pos {
+            seg: SegId::checked(tag, u32::MAX).unwrap(),
+            off: 0,
+        },
         gen: 0,
         crc: 0,
         crc_back: 0,
@@ -204,7 +207,7 @@ fn index_overlap_resolution_matches_model() {
         prev_end = k.end();
         // pos.off tracks how much was cut from the front of the original key
         for i in k.off..k.end() {
-            seen[i as usize] = k.pos.seg;
+            seen[i as usize] = k.pos.seg.get();
         }
     });
     assert_eq!(seen, model);

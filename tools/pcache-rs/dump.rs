@@ -25,8 +25,8 @@ pub fn dump(img: &Image, opts: &Options) -> Result<DumpReport, ToolError> {
     let mut findings = sc.findings.clone();
     findings.extend(walk.findings);
     Ok(DumpReport {
-        key_tail: sc.key_tail_pos().map(Into::into),
-        dirty_tail: sc.dirty_tail_pos().map(Into::into),
+        key_tail: sc.key_tail_pos(),
+        dirty_tail: sc.dirty_tail_pos(),
         key_head: walk.key_head,
         keys: walk.keys,
         findings,

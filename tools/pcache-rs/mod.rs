@@ -113,7 +113,7 @@ impl Options {
 }
 
 /// A cache position for reports (`seg:off` for people).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct PosReport {
     pub seg: u32,
     pub off: u32,
@@ -122,7 +122,7 @@ pub struct PosReport {
 impl From<Pos> for PosReport {
     fn from(p: Pos) -> Self {
         PosReport {
-            seg: p.seg,
+            seg: p.seg.get(),
             off: p.off,
         }
     }

@@ -6,7 +6,6 @@
 
 use super::device::Image;
 use super::{Finding, Options, PosReport, ToolError};
-use crate::cache_core::Pos;
 use crate::meta::cache_info::{
     CacheInfo, CachePosOnmedia, CtrlPos, CACHE_MODE_WRITEBACK, GC_PERCENT_MAX,
 };
@@ -176,10 +175,10 @@ pub struct Scan {
 }
 
 impl Scan {
-    pub fn key_tail_pos(&self) -> Option<Pos> {
+    pub fn key_tail_pos(&self) -> Option<PosReport> {
         tail_pos(&self.key_tail)
     }
-    pub fn dirty_tail_pos(&self) -> Option<Pos> {
+    pub fn dirty_tail_pos(&self) -> Option<PosReport> {
         tail_pos(&self.dirty_tail)
     }
     pub fn seg(&self, id: u32) -> Option<&SegScan> {
@@ -187,8 +186,10 @@ impl Scan {
     }
 }
 
-fn tail_pos(s: &Slots<CachePosOnmedia>) -> Option<Pos> {
-    s.value().map(|p| Pos {
+/// A tail as the media has it (its segment may be out of range: the scan
+/// reports that instead of refusing it).
+fn tail_pos(s: &Slots<CachePosOnmedia>) -> Option<PosReport> {
+    s.value().map(|p| PosReport {
         seg: p.cache_seg_id,
         off: p.seg_off,
     })
@@ -500,7 +501,7 @@ pub fn walk_log(img: &Image, scan: &Scan, opts: &Options) -> LogWalk {
         if pos == dirty_tail {
             dirty = true;
         }
-        let here = PosReport::from(pos);
+        let here = pos;
         let Some(seg) = scan.seg(pos.seg) else {
             w.findings.push(Finding::error(
                 KS,
@@ -574,7 +575,7 @@ pub fn walk_log(img: &Image, scan: &Scan, opts: &Options) -> LogWalk {
                     ));
                     return w;
                 }
-                pos = Pos {
+                pos = PosReport {
                     seg: next_cache_seg_id,
                     off: 0,
                 };
@@ -658,16 +659,16 @@ pub fn walk_log(img: &Image, scan: &Scan, opts: &Options) -> LogWalk {
             }
         }
     }
-    w.key_head = Some(pos.into());
+    w.key_head = Some(pos);
     if !dirty {
         w.findings.push(Finding::error(
             "pcache_cache_ctrl",
             "dirty_tail_pos",
-            format!("dirty tail {}", PosReport::from(dirty_tail)),
+            format!("dirty tail {}", dirty_tail),
             format!(
                 "not on the key log between the key tail {} and the key head {}",
-                PosReport::from(scan.key_tail_pos().unwrap_or_default()),
-                PosReport::from(pos)
+                scan.key_tail_pos().unwrap_or_default(),
+                pos
             ),
         ));
     }

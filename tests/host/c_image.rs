@@ -11,6 +11,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use pcache_engine::c_image_writes::{expected, pattern, WRITES};
 use pcache_engine::cache_core::{Backing, Cache, CacheOptions, IoError, Pmem};
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_MODE_WRITEBACK, GC_PERCENT_DEFAULT};
 use pcache_engine::meta::header::pick_latest;
@@ -102,39 +103,6 @@ impl Backing for ZeroBacking {
     fn flush(&mut self) -> Result<(), IoError> {
         Ok(())
     }
-}
-
-/// The sector the script writes: see the header of `tests/images/make-c-image.sh`.
-fn pattern(sector: u64, gen: u8) -> [u8; 512] {
-    let mut b = [0u8; 512];
-    b[..8].copy_from_slice(&sector.to_le_bytes());
-    b[8..15].copy_from_slice(b"CIMGGEN");
-    b[15] = b'0' + gen;
-    for (i, x) in b.iter_mut().enumerate().skip(16) {
-        *x = (sector + i as u64 + u64::from(gen)) as u8;
-    }
-    b
-}
-
-/// `(start sector, count, gen)` in write order.
-const WRITES: [(u64, u64, u8); 6] = [
-    (0, 512, 1),
-    (204800, 256, 1),
-    (1048584, 128, 1),
-    (128, 64, 2),
-    (1843201, 11, 1),
-    (205000, 7, 2),
-];
-
-/// What each written sector should hold now (later writes win).
-fn expected() -> std::collections::BTreeMap<u64, u8> {
-    let mut m = std::collections::BTreeMap::new();
-    for (s, n, g) in WRITES {
-        for k in s..s + n {
-            m.insert(k, g);
-        }
-    }
-    m
 }
 
 /// Decompress the image, keeping only its non-zero pages.

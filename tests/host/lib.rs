@@ -15,6 +15,7 @@ pub mod cache_core;
 #[path = "../../target/table.rs"]
 pub mod table;
 
+pub mod c_image_writes;
 pub mod fuzz_bodies;
 pub mod sim;
 

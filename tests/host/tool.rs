@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use pcache_engine::c_image_writes;
 use pcache_engine::cache_core::{Cache, CacheOptions};
 use pcache_engine::meta::cache_info::{CachePosOnmedia, CtrlPos, CACHE_POS_STRUCT_SIZE};
 use pcache_engine::meta::header::{MetaHeader, Slotted};
@@ -677,27 +678,6 @@ fn binary_writeback_cleans_and_is_idempotent() {
 const C_DEV_BYTES: u64 = 1_054_867_456;
 const C_BACKING_BYTES: u64 = 1 << 30;
 
-/// `tests/images/make-c-image.sh`'s sector pattern (as in c_image.rs).
-fn c_pattern(sector: u64, gen: u8) -> [u8; 512] {
-    let mut b = [0u8; 512];
-    b[..8].copy_from_slice(&sector.to_le_bytes());
-    b[8..15].copy_from_slice(b"CIMGGEN");
-    b[15] = b'0' + gen;
-    for (i, x) in b.iter_mut().enumerate().skip(16) {
-        *x = (sector + i as u64 + u64::from(gen)) as u8;
-    }
-    b
-}
-
-const C_WRITES: [(u64, u64, u8); 6] = [
-    (0, 512, 1),
-    (204800, 256, 1),
-    (1048584, 128, 1),
-    (128, 64, 2),
-    (1843201, 11, 1),
-    (205000, 7, 2),
-];
-
 /// Decompress the C image into a sparse file.
 fn c_image_file(dir: &TempDir) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/images/c-pcache-1g.img.zst");
@@ -802,12 +782,7 @@ fn c_image_shows_checks_and_writes_back() {
     eprintln!("{}", String::from_utf8_lossy(&o.stdout));
 
     // The backing device alone holds every written sector, last write winning.
-    let mut want = std::collections::BTreeMap::new();
-    for (s, n, g) in C_WRITES {
-        for k in s..s + n {
-            want.insert(k, g);
-        }
-    }
+    let want = c_image_writes::expected();
     let bf = fs::File::open(&back).unwrap();
     let sector = |s: u64| {
         let mut b = [0u8; 512];
@@ -815,10 +790,10 @@ fn c_image_shows_checks_and_writes_back() {
         b
     };
     for (&s, &g) in &want {
-        assert_eq!(sector(s), c_pattern(s, g), "sector {s}");
+        assert_eq!(sector(s), c_image_writes::pattern(s, g), "sector {s}");
     }
     // Nothing next to the written ranges.
-    for (s, n, _) in C_WRITES {
+    for (s, n, _) in c_image_writes::WRITES {
         for k in [s.wrapping_sub(1), s + n] {
             if k < C_BACKING_BYTES / 512 && !want.contains_key(&k) {
                 assert_eq!(sector(k), [0u8; 512], "sector {k}");

@@ -29,7 +29,7 @@ use target::{
     dax::DaxMapping,
     device::TargetDevice,
     engine::PcacheEngine,
-    live::{ErrorText, LiveCache},
+    live::{ErrorText, LiveCache, RequestCounters},
     report,
     status::{StatusType, StatusWriter},
     table::{self, TableOptions, MAX_ARGS},
@@ -66,8 +66,16 @@ struct Pcache {
 impl Pcache {
     fn new(target: &mut Target<'_>, args: &Args<'_>) -> Result<Self, CtrError> {
         let opened = construct::open(target, args)?;
+        let counts = RequestCounters::new()
+            .map_err(|e| CtrError::new(c"Cannot allocate the statistics counters", e))?;
         let live = Arc::pin_init(
-            LiveCache::new(opened.engine, opened.staging, opened.writer, target.begin()),
+            LiveCache::new(
+                opened.engine,
+                opened.staging,
+                opened.writer,
+                target.begin(),
+                counts,
+            ),
             GFP_KERNEL,
         )
         .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
@@ -153,7 +161,7 @@ impl TargetOperations for Pcache {
         let _ = match kind {
             StatusType::Info => {
                 let s = self.engine(|e| e.status());
-                report::write_status(out, self.seg_num, &s)
+                report::write_status(out, self.seg_num, &s, &self.live.request_counts())
             }
             StatusType::Table => report::write_table_line(
                 out,
@@ -181,6 +189,10 @@ impl TargetOperations for Pcache {
                 pr_err!("pcache_rs: data_crc: {}\n", ErrorText(&e));
                 EIO
             }),
+            Ok(table::Message::StatsReset) => {
+                self.live.reset_stats();
+                Ok(())
+            }
             Err(e) => {
                 pr_err!("pcache_rs: message rejected: {}\n", e.as_str());
                 Err(EINVAL)

@@ -10,6 +10,8 @@
 //! - The keys of a subtree are sorted, do not overlap and stay in the subtree;
 //!   the key slab's free count and the keys in the index add up to its size.
 //! - A key that is not stale points into a segment in use.
+//! - The dirty-byte count is the length of the dirty keys from the dirty tail
+//!   to the key head, and in the open ksets.
 
 use super::env::{Backing, Pmem};
 use super::key::Key;
@@ -38,7 +40,41 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             return Err(Broken("used_segs does not count the segments in use"));
         }
         self.check_log_order()?;
+        self.check_dirty_bytes()?;
         self.check_index()
+    }
+
+    fn check_dirty_bytes(&mut self) -> Result<(), Broken> {
+        let unreadable = Broken("the key log between the dirty tail and head is unreadable");
+        let mut sum = 0u64;
+        for k in self.ksets.iter() {
+            sum += k.dirty_bytes().ok_or(unreadable)?;
+        }
+        let head = self.key_head;
+        let mut cur = LogCursor::new(self.dirty_tail.pos);
+        while cur.pos != head {
+            let entry = self.log_next(&mut cur, |_, _| {}).map_err(|_| unreadable)?;
+            // A hop to the next segment may land on the head.
+            if cur.pos == head {
+                break;
+            }
+            match entry {
+                LogEntry::Keys { key_num, size } => {
+                    for i in 0..key_num as usize {
+                        let k = self.scratch_key(i).map_err(|_| unreadable)?;
+                        if k.dirty() {
+                            sum += u64::from(k.len);
+                        }
+                    }
+                    cur.advance(size);
+                }
+                LogEntry::End => break,
+            }
+        }
+        if sum != self.dirty_bytes {
+            return Err(Broken("dirty_bytes does not count the dirty keys"));
+        }
+        Ok(())
     }
 
     /// Key tail, dirty tail, key head: each reached walking the log from the

@@ -235,9 +235,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     if misses == Misses::Stop {
                         return Ok(None);
                     }
-                    self.backing
-                        .read(cur, out)
-                        .map_err(|_| CacheError::Io("backing device read failed"))?;
+                    if self.backing.read(cur, out).is_err() {
+                        self.stats.backing_errors += 1;
+                        return Err(CacheError::Io("backing device read failed"));
+                    }
                     res.miss_bytes += out.len() as u64;
                     if let Misses::ReadAndCache(cpu) = misses {
                         // Best effort: a full cache simply does not cache this read,

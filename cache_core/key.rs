@@ -72,6 +72,10 @@ impl Key {
     pub fn empty(&self) -> bool {
         self.flags & KEY_FLAGS_EMPTY != 0
     }
+    /// Writeback copies this key to the backing device once it is logged.
+    pub fn dirty(&self) -> bool {
+        !self.clean() && !self.empty()
+    }
     /// `crc` is valid (written with data CRC on, or replayed under the cache-wide flag).
     pub fn has_crc(&self) -> bool {
         self.flags & KEY_FLAGS_DATA_CRC != 0

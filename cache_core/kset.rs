@@ -15,8 +15,9 @@ use super::error::CacheError;
 use super::key::{Key, Pos};
 use super::{Cache, Memory};
 use crate::meta::kset::{
-    encode_last_kset, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_DATA_CRC, KEY_ONMEDIA_SIZE,
-    KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX,
+    encode_last_kset, kset_key, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_CLEAN,
+    KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY, KEY_ONMEDIA_SIZE, KSET_HEADER_SIZE, KSET_KEYS_MAX,
+    KSET_ONMEDIA_SIZE_MAX,
 };
 
 /// An open kset: keys encoded in place, ready to be sealed and copied to pmem.
@@ -52,6 +53,17 @@ impl KsetBuf {
     }
     pub fn is_full(&self) -> bool {
         self.key_num >= KSET_KEYS_MAX
+    }
+    /// Bytes of the dirty keys in it (for the invariants); `None` if one does not decode.
+    pub fn dirty_bytes(&self) -> Option<u64> {
+        let mut sum = 0u64;
+        for i in 0..self.key_num {
+            let k = kset_key(&self.buf, i).ok()?;
+            if k.flags & (KEY_FLAGS_CLEAN | KEY_FLAGS_EMPTY) == 0 {
+                sum += u64::from(k.len);
+            }
+        }
+        Some(sum)
     }
     /// Encode `key` as the next key. Returns false when full.
     pub fn push(&mut self, key: &KeyOnmedia) -> bool {
@@ -163,6 +175,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             }
             None => return Err(CacheError::NoMem("no kset")),
         };
+        // Logged from here on (the kset is written when it closes), so writeback will copy it.
+        if key.dirty() {
+            self.dirty_bytes += u64::from(key.len);
+        }
         if full || force {
             self.kset_close(id)?;
         }

@@ -30,6 +30,7 @@ pub mod replay;
 pub mod request;
 pub mod segment;
 pub mod start;
+pub mod stats;
 pub mod writeback;
 
 use crate::meta::cache_info::CacheInfo;
@@ -45,6 +46,7 @@ pub use kset::KsetBuf;
 pub use memory::{key_capacity, Borrowed, CacheMem, Memory};
 pub use options::CacheOptions;
 pub use segment::SegState;
+pub use stats::{RequestCounts, Stats, STATUS_STATS};
 pub use writeback::WbExtent;
 
 /// A data head: where the next data of one CPU is appended.
@@ -59,20 +61,6 @@ pub fn roots_needed(backing_bytes: u64) -> usize {
 }
 
 pub const SCRATCH_BYTES: usize = KSET_ONMEDIA_SIZE_MAX;
-
-/// Counters for `dmsetup status` and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub writeback_errors: u32,
-    pub gc_errors: u32,
-    pub crc_errors: u64,
-    pub ref_underflows: u64,
-    pub ksets_written: u64,
-    pub ksets_written_back: u64,
-    pub ksets_gced: u64,
-    pub read_hits: u64,
-    pub read_misses: u64,
-}
 
 /// A snapshot for `dmsetup status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +77,9 @@ pub struct Status {
     pub data_crc: bool,
     pub keys: usize,
     pub key_capacity: usize,
+    /// Bytes of dirty keys logged and not yet written back (a key overwritten
+    /// before writeback still counts: writeback copies it).
+    pub dirty_bytes: u64,
     pub stats: Stats,
 }
 
@@ -126,6 +117,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) wb_pinned: Option<Pos>,
     pub(crate) need_clean: bool,
     pub(crate) stats: Stats,
+    /// See [`Status::dirty_bytes`].
+    pub(crate) dirty_bytes: u64,
     /// Data written from now on gets a CRC.
     pub(crate) data_crc: bool,
     /// Ordinals of the key-carrying ksets in the log since attach: the one at the
@@ -154,8 +147,33 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             data_crc: self.data_crc,
             keys: self.index.len(),
             key_capacity: self.index.capacity(),
+            dirty_bytes: self.dirty_bytes,
             stats: self.stats,
         }
+    }
+
+    /// `stats reset` (see [`Stats::reset`]).
+    pub fn reset_stats(&mut self) {
+        self.stats.reset();
+    }
+
+    /// Whether the cache holds any of `off..off + len` (a write there is a write hit).
+    pub fn holds_any(&self, off: u64, len: u64) -> bool {
+        let end = off.saturating_add(len);
+        let mut cur = off;
+        while cur < end {
+            let Some(sub) = self.index.subtree_of(cur) else {
+                return false;
+            };
+            let stripe_end = ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1)
+                << crate::meta::layout::SUBTREE_SHIFT;
+            let to = end.min(stripe_end);
+            if self.index.first_overlap(sub, cur, to).is_some() {
+                return true;
+            }
+            cur = to;
+        }
+        false
     }
 
     /// State of cache segment `id` (a default value when out of range).

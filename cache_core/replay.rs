@@ -81,6 +81,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             };
             for i in 0..key_num as usize {
                 let key = self.scratch_key(i)?;
+                // Writeback will copy every dirty key from the dirty tail on (and
+                // counts them the same way when it commits).
+                if dirty_tail_seen && key.dirty() {
+                    self.dirty_bytes += u64::from(key.len);
+                }
                 // Counted before the staleness check: the C module
                 // checks the CRC of every key it decodes.
                 if !key.has_crc() {

@@ -143,6 +143,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             wb_pinned: None,
             need_clean: false,
             stats: Stats::default(),
+            dirty_bytes: 0,
             data_crc: opts.data_crc,
             log_seq_tail: 0,
             log_seq_head: 0,

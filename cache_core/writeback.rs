@@ -59,6 +59,10 @@ pub struct WbBatch {
     tail: Pos,
     size: u32,
     pub n: usize,
+    /// Bytes of the kset's dirty keys (see [`super::Status::dirty_bytes`]).
+    dirty: u64,
+    /// Bytes of the planned extents.
+    bytes: u64,
 }
 
 /// What [`Cache::writeback_plan`] found at the dirty tail.
@@ -291,9 +295,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             }
             KsetRead::Keys { key_num, size } => {
                 let mut n = 0;
+                let mut dirty = 0u64;
+                let mut bytes = 0u64;
                 for i in 0..key_num as usize {
                     let key = self.scratch_key(i)?;
-                    if key.clean() || key.empty() || self.key_stale(&key) {
+                    if !key.dirty() {
+                        continue;
+                    }
+                    // Counted as `key_append` and replay counted it, stale or not.
+                    dirty += u64::from(key.len);
+                    if self.key_stale(&key) {
                         continue;
                     }
                     let e = WbExtent {
@@ -308,8 +319,15 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                         .ok_or(CacheError::NoMem("writeback extents"))?;
                     *slot = e;
                     n += 1;
+                    bytes += u64::from(key.len);
                 }
-                Ok(WbPlan::Batch(WbBatch { tail, size, n }))
+                Ok(WbPlan::Batch(WbBatch {
+                    tail,
+                    size,
+                    n,
+                    dirty,
+                    bytes,
+                }))
             }
         }
     }
@@ -339,6 +357,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.dirty_tail.pos.off += batch.size;
         self.encode_tail(CtrlPos::DirtyTail);
         self.stats.ksets_written_back += 1;
+        self.stats.bytes_written_back += batch.bytes;
+        debug_assert!(self.dirty_bytes >= batch.dirty);
+        self.dirty_bytes = self.dirty_bytes.saturating_sub(batch.dirty);
     }
 
     /// Write back everything logged so far (used at stop and by tests).

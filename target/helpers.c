@@ -277,3 +277,44 @@ unsigned int pcache_rs_cpu_id(void)
 {
 	return raw_smp_processor_id();
 }
+
+static u64 __percpu *pcache_rs_counters(void *c)
+{
+	return (u64 __force __percpu *)c;
+}
+
+void *pcache_rs_counters_alloc(unsigned int n)
+{
+	return (void __force *)__alloc_percpu(n * sizeof(u64), sizeof(u64));
+}
+
+void pcache_rs_counters_free(void *c)
+{
+	free_percpu(pcache_rs_counters(c));
+}
+
+void pcache_rs_counter_add(void *c, unsigned int i, u64 v)
+{
+	this_cpu_add(pcache_rs_counters(c)[i], v);
+}
+
+u64 pcache_rs_counter_sum(void *c, unsigned int i)
+{
+	u64 sum = 0;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		sum += *per_cpu_ptr(&pcache_rs_counters(c)[i], cpu);
+	return sum;
+}
+
+/* Racing adds on other CPUs may survive the reset: counters are statistics. */
+void pcache_rs_counters_zero(void *c, unsigned int n)
+{
+	unsigned int i;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		for (i = 0; i < n; i++)
+			WRITE_ONCE(*per_cpu_ptr(&pcache_rs_counters(c)[i], cpu), 0);
+}

@@ -9,6 +9,7 @@
 #include <linux/bio.h>
 #include <linux/blkdev.h>
 #include <linux/dax.h>
+#include <linux/percpu.h>
 #include <linux/workqueue.h>
 
 void pcache_rs_bio_set_dev(struct bio *bio, struct block_device *bdev);
@@ -44,6 +45,16 @@ void pcache_rs_bio_endio(struct bio *bio, int err);
 int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool fua,
 		      sector_t sector, void *buf, size_t len);
 unsigned int pcache_rs_cpu_id(void);
+
+/*
+ * Per-CPU event counters: @n u64s per CPU. The handle is the per-CPU pointer as a plain
+ * pointer (bindgen drops functions whose types carry the per-CPU address space).
+ */
+void *pcache_rs_counters_alloc(unsigned int n);
+void pcache_rs_counters_free(void *c);
+void pcache_rs_counter_add(void *c, unsigned int i, u64 v);
+u64 pcache_rs_counter_sum(void *c, unsigned int i);
+void pcache_rs_counters_zero(void *c, unsigned int n);
 
 /* One write of a batch: @len bytes of @buf (kmalloc or vmalloc memory) at @sector. */
 struct pcache_rs_write {

@@ -9,9 +9,10 @@
 
 use super::{
     bio::BioQueue,
+    counters::PerCpuCounters,
     engine::{PcacheEngine, Writer},
 };
-use crate::cache_core::{CacheError, Locked, Waiting};
+use crate::cache_core::{CacheError, Locked, RequestCounts, Waiting};
 use core::sync::atomic::{AtomicBool, AtomicU32};
 use kernel::{
     new_condvar, new_mutex, new_spinlock,
@@ -26,6 +27,18 @@ pub(crate) struct Core {
     pub(crate) engine: PcacheEngine,
     pub(crate) staging: KVVec<u8>,
 }
+
+/// What the per-CPU request counters count (see [`RequestCounts`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Count {
+    ReadHit,
+    ReadMiss,
+    WriteHit,
+    WriteMiss,
+}
+
+/// The per-CPU request counters of a running cache.
+pub(crate) type RequestCounters = PerCpuCounters<4>;
 
 /// A running cache instance, shared by `map`, the request worker and the background work.
 #[pin_data]
@@ -51,6 +64,8 @@ pub(crate) struct LiveCache {
     started: Instant<Monotonic>,
     pub(crate) writeback_errors: AtomicU32,
     pub(crate) gc_errors: AtomicU32,
+    /// Requests served, by kind: counted per CPU, outside the engine lock.
+    counts: RequestCounters,
 }
 
 impl LiveCache {
@@ -59,6 +74,7 @@ impl LiveCache {
         staging: KVVec<u8>,
         writer: Writer,
         begin: u64,
+        counts: RequestCounters,
     ) -> impl PinInit<Self> {
         pin_init!(Self {
             core <- new_mutex!(Core { engine, staging }),
@@ -71,7 +87,30 @@ impl LiveCache {
             started: Instant::now(),
             writeback_errors: AtomicU32::new(0),
             gc_errors: AtomicU32::new(0),
+            counts,
         })
+    }
+
+    /// Counts one request of kind `c`.
+    pub(crate) fn count(&self, c: Count) {
+        self.counts.add(c as usize, 1);
+    }
+
+    /// The request counters, summed over the CPUs.
+    pub(crate) fn request_counts(&self) -> RequestCounts {
+        let n = |c: Count| self.counts.sum(c as usize);
+        RequestCounts {
+            read_hits: n(Count::ReadHit),
+            read_misses: n(Count::ReadMiss),
+            write_hits: n(Count::WriteHit),
+            write_misses: n(Count::WriteMiss),
+        }
+    }
+
+    /// `stats reset`: the request counters and the engine's.
+    pub(crate) fn reset_stats(&self) {
+        self.counts.reset();
+        self.with(|e: &mut PcacheEngine| e.reset_stats());
     }
 }
 

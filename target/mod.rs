@@ -11,7 +11,8 @@
 //! - [`args`] and [`status`]: the argument vectors and result buffers of `ctr`, `message` and
 //!   `status`;
 //! - [`table`]: the table-line and message grammar (pure, `core` only, fuzzed on the host);
-//! - [`work`]: the target's workqueue and its work items.
+//! - [`work`]: the target's workqueue and its work items;
+//! - [`counters`]: [`counters::PerCpuCounters`], event counters kept per CPU.
 //!
 //! And the glue of a running cache, which holds no policy of its own: [`claim`] (which pmem
 //! devices are in use), [`construct`] (parsing the table and opening the devices), [`engine`]
@@ -47,6 +48,7 @@ pub(crate) mod bindings;
 pub(crate) mod bio;
 pub(crate) mod claim;
 pub(crate) mod construct;
+pub(crate) mod counters;
 pub(crate) mod crc;
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]

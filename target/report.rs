@@ -6,12 +6,18 @@ use super::{
     status::StatusWriter,
     table::{self, TableOptions},
 };
-use crate::cache_core::Status;
+use crate::cache_core::{stats::status_stats, RequestCounts, Status, STATUS_STATS};
 use core::fmt::{self, Write};
 
 /// Upstream's status fields, in upstream's order: sb flags, segments on the device, segments
 /// of the cache, used segments, gc_percent, cache_info flags, key head, dirty tail, key tail.
-pub(crate) fn write_status(out: &mut StatusWriter<'_>, seg_num: u64, s: &Status) -> fmt::Result {
+/// Then ours: their count and the statistics ([`STATUS_STATS`]).
+pub(crate) fn write_status(
+    out: &mut StatusWriter<'_>,
+    seg_num: u64,
+    s: &Status,
+    req: &RequestCounts,
+) -> fmt::Result {
     write!(
         out,
         "{:x} {} {} {} {} {:x} {}:{} {}:{} {}:{}",
@@ -27,7 +33,12 @@ pub(crate) fn write_status(out: &mut StatusWriter<'_>, seg_num: u64, s: &Status)
         s.dirty_tail.off,
         s.key_tail.seg,
         s.key_tail.off
-    )
+    )?;
+    write!(out, " {}", STATUS_STATS.len())?;
+    for v in status_stats(req, s) {
+        write!(out, " {}", v)?;
+    }
+    Ok(())
 }
 
 /// The table line, with the options in effect now (a `data_crc` message changes them), in a

@@ -7,7 +7,7 @@
 
 use super::{
     bio::{BioOp, HeldBio},
-    live::{Core, ErrorText, LiveCache},
+    live::{Core, Count, ErrorText, LiveCache},
 };
 use crate::cache_core::{request, CacheError};
 use core::sync::atomic::Ordering;
@@ -87,6 +87,15 @@ impl LiveCache {
                 if let Err(e) = bio.copy_to(buf) {
                     return Some(Err(e));
                 }
+                // Every bio comes to `map` first: count it there, before any of it is written
+                // (a write that waits for room is served again on the worker).
+                if at == ServeContext::Map {
+                    self.count(if engine.holds_any(off, len as u64) {
+                        Count::WriteHit
+                    } else {
+                        Count::WriteMiss
+                    });
+                }
                 outcome(engine.write(off, buf, fua, 0))
             }
             BioOp::Read => {
@@ -97,6 +106,14 @@ impl LiveCache {
                     ServeContext::Map => engine.read_cached(off, buf),
                     ServeContext::Worker => engine.read(off, buf, true, 0).map(Some),
                 };
+                // Counted where the read completes: `map` serves only full hits.
+                if let Ok(Some(r)) = &read {
+                    self.count(if r.miss_bytes > 0 {
+                        Count::ReadMiss
+                    } else {
+                        Count::ReadHit
+                    });
+                }
                 match read {
                     Ok(Some(_)) => Some(bio.copy_from(buf)),
                     Ok(None) => None,

@@ -8,7 +8,7 @@
 //! Table line (upstream dm-pcache syntax):
 //! `<cache_dev> <backing_dev> [<#opt_args> [cache_mode writeback] [data_crc true|false]]`
 //!
-//! Messages: `gc_percent <0-90>`, `data_crc true|false`.
+//! Messages: `gc_percent <0-90>`, `data_crc true|false`, `stats reset`.
 
 use core::ffi::CStr;
 use core::fmt;
@@ -210,6 +210,8 @@ pub enum Message {
     GcPercent(u8),
     /// `data_crc true|false`.
     DataCrc(bool),
+    /// `stats reset`: zero the statistics in the status line.
+    StatsReset,
 }
 
 /// What is wrong with a message.
@@ -223,6 +225,8 @@ pub enum MessageError {
     BadGcPercent,
     /// `data_crc` other than `true` or `false`.
     BadDataCrc,
+    /// `stats` other than `reset`.
+    BadStats,
 }
 
 impl MessageError {
@@ -233,6 +237,7 @@ impl MessageError {
             Self::Unknown => "unknown message",
             Self::BadGcPercent => "gc_percent must be a number from 0 to 90",
             Self::BadDataCrc => "data_crc must be true or false",
+            Self::BadStats => "the only stats message is 'stats reset'",
         }
     }
 }
@@ -252,6 +257,12 @@ pub fn parse_message(args: &[&[u8]]) -> Result<Message, MessageError> {
         Ok(Message::DataCrc(
             parse_bool(value).ok_or(MessageError::BadDataCrc)?,
         ))
+    } else if name.eq_ignore_ascii_case(b"stats") {
+        if value.eq_ignore_ascii_case(b"reset") {
+            Ok(Message::StatsReset)
+        } else {
+            Err(MessageError::BadStats)
+        }
     } else {
         Err(MessageError::Unknown)
     }

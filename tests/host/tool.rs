@@ -20,7 +20,7 @@ use pcache_engine::tool::device::Image;
 use pcache_engine::tool::dump::dump;
 use pcache_engine::tool::scan::KeyState;
 use pcache_engine::tool::show::show;
-use pcache_engine::tool::status::{explain, parse_status};
+use pcache_engine::tool::status::{explain, parse_status, DmStatus};
 use pcache_engine::tool::{Options, PosReport, Severity, ToolError};
 
 const SEG: u64 = 256 << 10;
@@ -448,14 +448,47 @@ fn status_line_parses_and_explains() {
     // Only the fields, as `dmsetup status` prints them after the target name.
     assert_eq!(
         parse_status("0 62 62 3 70 1183 0:5664 0:5360 0:0").unwrap(),
-        pcache_engine::tool::status::DmStatus {
+        DmStatus {
             start: None,
             length: None,
-            ..s
+            ..s.clone()
         }
     );
+    // This module's line, with its statistics after upstream's fields.
+    let ours =
+        "0 2097152 pcache_rs 0 62 62 3 70 1183 0:5664 0:5360 0:0 10 7 3 2 5 4096 8192 1 0 0 0";
+    let r = parse_status(ours).unwrap();
+    assert_eq!(
+        DmStatus {
+            stats: Vec::new(),
+            ..r.clone()
+        },
+        s
+    );
+    let names: Vec<&str> = r.stats.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, pcache_engine::cache_core::STATUS_STATS);
+    assert_eq!(
+        (
+            r.stat("read_hits"),
+            r.stat("dirty_bytes"),
+            r.stat("gc_ksets")
+        ),
+        (Some(7), Some(4096), Some(1))
+    );
+    let text = explain("pc", ours, r).to_string();
+    assert!(
+        text.contains("reads: 7 hits, 3 misses (70.0% hits)"),
+        "{text}"
+    );
+    assert!(text.contains("dirty data: 4096 bytes"), "{text}");
+    // A newer module may append more: they parse, named by position.
+    let newer =
+        parse_status("0 62 62 3 70 1183 0:5664 0:5360 0:0 11 0 0 0 0 0 0 0 0 0 0 9").unwrap();
+    assert_eq!(newer.stat("field_10"), Some(9));
     for bad in [
         "",
+        "0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0 10 1 2 3",
+        "0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0 2 1 x",
         "0 2097152 linear 8:0 0",
         "0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360",
         "0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0 extra",

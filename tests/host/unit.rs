@@ -138,6 +138,15 @@ fn table_and_messages_parse() {
         parse_message(&words("data_crc 1")),
         Err(MessageError::BadDataCrc)
     );
+    assert_eq!(
+        parse_message(&words("stats reset")),
+        Ok(Message::StatsReset)
+    );
+    assert_eq!(
+        parse_message(&words("stats clear")),
+        Err(MessageError::BadStats)
+    );
+    assert_eq!(parse_message(&words("stats")), Err(MessageError::ArgCount));
 }
 
 /// `dmsetup table` output (`write_table`) loads back as the same table.
@@ -414,6 +423,44 @@ fn writeback_retries_after_backing_errors() {
     for (i, chunk) in data.chunks(512).enumerate() {
         assert_eq!(&w.backing.read_sector(8 + i as u64)[..], chunk);
     }
+}
+
+/// The statistics the status line shows: dirty bytes count every logged dirty
+/// key until writeback copies it (an overwritten one too), bytes written back
+/// follow, a failed miss counts as a backing error, and `stats reset` zeroes the
+/// counters but not the dirty bytes, which are state.
+#[test]
+fn stats_count_dirty_and_written_back_bytes_and_reset() {
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
+    let data = vec![0x5au8; 8192];
+    assert!(!c.holds_any(4096, 8192));
+    c.write(4096, &data, false, 0).unwrap();
+    assert!(c.holds_any(4096 + 8191, 1) && !c.holds_any(4096 + 8192, 4096));
+    c.write(8192, &data[..4096], false, 0).unwrap();
+    assert_eq!(c.status().dirty_bytes, 12288);
+    c.flush().unwrap();
+    c.writeback_all().unwrap();
+    let st = c.status();
+    assert_eq!((st.dirty_bytes, st.stats.bytes_written_back), (0, 12288));
+    world.borrow_mut().backing_fails = true;
+    let mut buf = vec![0u8; 4096];
+    assert!(c.read(1 << 20, &mut buf, false, 0).is_err());
+    world.borrow_mut().backing_fails = false;
+    assert_eq!(c.status().stats.backing_errors, 1);
+    c.write(0, &data[..4096], false, 0).unwrap();
+    c.reset_stats();
+    let st = c.status();
+    assert_eq!(
+        (
+            st.stats.bytes_written_back,
+            st.stats.backing_errors,
+            st.stats.read_misses
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(st.dirty_bytes, 4096);
+    c.check_invariants().unwrap();
 }
 
 /// `read_cached` serves a range the cache holds entirely and stops at the first

@@ -248,6 +248,20 @@ c_status() {
 	dmsetup status "$DM_PREFIX$1" | awk -v f="$f" '{ print $f }'
 }
 
+# c_stat <name> <statistic>: one of the statistics pcache_rs appends to its status line: after
+# upstream's nine fields comes their count, then the values in the order of STATUS_STATS
+# (cache_core/stats.rs). Fails if the line does not have it.
+C_STATS=(read_hits read_misses write_hits write_misses dirty_bytes bytes_written_back gc_ksets
+	crc_errors writeback_errors backing_errors)
+c_stat() {
+	local i f=
+	for i in "${!C_STATS[@]}"; do [ "${C_STATS[$i]}" = "$2" ] && f=$((14 + i)); done
+	[ -n "$f" ] || fail "c_stat: unknown statistic $2"
+	dmsetup status "$DM_PREFIX$1" | awk -v f="$f" -v n="${#C_STATS[@]}" '
+		$13 == n && NF == 13 + n { print $f; ok = 1 } END { exit !ok }' ||
+		fail "the status of $1 has no statistics: $(dmsetup status "$DM_PREFIX$1")"
+}
+
 # c_wait_drained <name> <seconds>: wait until writeback has caught up (dirty tail == key head).
 c_wait_drained() {
 	wait_drained "$DM_PREFIX$1" "$2" || fail "writeback did not drain in $2 s: status $(dmsetup status "$DM_PREFIX$1")"

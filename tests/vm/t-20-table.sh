@@ -203,8 +203,11 @@ test_status_format() {
 	create dev "$(table)"
 	s=$(dmsetup status "${DM_PREFIX}dev")
 	echo "status: $s"
+	# Upstream's fields; pcache_rs appends its statistics (a count, then the values).
+	local ours=
+	[ "$TARGET" != pcache_rs ] || ours=" 10( [0-9]+){10}"
 	expect_match "status line" \
-		"^0 $(sectors "$BACKING_DEV") $TARGET [0-9a-f]+ [0-9]+ [0-9]+ [0-9]+ [0-9]+ [0-9a-f]+ [0-9]+:[0-9]+ [0-9]+:[0-9]+ [0-9]+:[0-9]+\$" "$s"
+		"^0 $(sectors "$BACKING_DEV") $TARGET [0-9a-f]+ [0-9]+ [0-9]+ [0-9]+ [0-9]+ [0-9a-f]+ [0-9]+:[0-9]+ [0-9]+:[0-9]+ [0-9]+:[0-9]+$ours\$" "$s"
 	read -ra f <<<"$(status_fields "${DM_PREFIX}dev")"
 	seg_max=$(($(sectors "$PMEM_DEV") * 512 / (16 << 20)))
 	((f[1] > 0 && f[1] <= seg_max)) || fail "seg_total ${f[1]} not in 1..$seg_max (16 MiB segments of the cache)"
@@ -238,6 +241,39 @@ test_message_gc_percent() {
 	must_fail dms message "${DM_PREFIX}dev" 0 gc_percent 10 20
 	read -ra f <<<"$(status_fields "${DM_PREFIX}dev")"
 	expect_eq "gc_percent after rejected messages" 0 "${f[4]}"
+}
+
+# The statistics after upstream's fields count what happened: writes to new and to cached ranges,
+# reads the cache holds and ones it does not; every dirty byte logged is either dirty or written
+# back; `stats reset` zeroes the counters (but not the dirty bytes, which are state) and other
+# stats messages are refused.
+test_status_statistics() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream's status has no statistics"
+	ensure_module
+	local dev=/dev/mapper/${DM_PREFIX}st s
+	wipe_cache
+	create st "$(table)"
+	for s in "${C_STATS[@]}"; do expect_eq "$s at creation" 0 "$(c_stat st "$s")"; done
+	dd if=/dev/urandom of="$dev" bs=64k count=16 oflag=direct status=none
+	expect_eq "write misses after 16 writes to an empty cache" 16 "$(c_stat st write_misses)"
+	expect_eq "write hits after 16 writes to an empty cache" 0 "$(c_stat st write_hits)"
+	dd if=/dev/urandom of="$dev" bs=64k count=4 oflag=direct status=none
+	expect_eq "write hits after rewriting 4 cached blocks" 4 "$(c_stat st write_hits)"
+	dd if="$dev" of=/dev/null bs=64k count=8 iflag=direct status=none
+	expect_eq "read hits of cached blocks" 8 "$(c_stat st read_hits)"
+	dd if="$dev" of=/dev/null bs=64k count=2 skip=1000 iflag=direct status=none
+	expect_eq "read misses of uncached blocks" 2 "$(c_stat st read_misses)"
+	# 20 writes of 64 KiB logged: each byte is dirty or written back, whenever we look.
+	expect_eq "dirty + written back bytes" $((20 << 16)) \
+		$(($(c_stat st dirty_bytes) + $(c_stat st bytes_written_back)))
+	c_wait_drained st 120
+	for ((s = 0; s < 20; s++)); do [ "$(c_stat st dirty_bytes)" = 0 ] && break; sleep 1; done
+	expect_eq "dirty bytes once written back" 0 "$(c_stat st dirty_bytes)"
+	expect_eq "bytes written back" $((20 << 16)) "$(c_stat st bytes_written_back)"
+	dms message "${DM_PREFIX}st" 0 stats reset
+	for s in "${C_STATS[@]}"; do expect_eq "$s after stats reset" 0 "$(c_stat st "$s")"; done
+	must_fail dms message "${DM_PREFIX}st" 0 stats clear
+	must_fail dms message "${DM_PREFIX}st" 0 stats
 }
 
 test_message_unknown_rejected() {

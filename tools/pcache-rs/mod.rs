@@ -198,6 +198,10 @@ impl fmt::Display for Finding {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
+        // Data findings name no on-media field ("data", "-").
+        if self.field == "-" {
+            return write!(f, "{sev}: {} at {}: {}", self.structure, self.location, self.problem);
+        }
         write!(
             f,
             "{sev}: {}.{} at {}: {}",

@@ -1,11 +1,13 @@
 //! `pcache-rs status <dm-name>`: runs `dmsetup status <name>` and spells out the
-//! status line of a `pcache_rs` (or upstream `pcache`) target. Its fields (upstream's, and the Rust module's): sb flags
-//! (hex), segments on the device, segments of the cache, used segments,
-//! gc_percent, cache_info flags (hex), key head, dirty tail and key tail (each
-//! `seg:off`). [`parse_status`] is a pure function.
+//! status line of a `pcache_rs` (or upstream `pcache`) target. Upstream's fields,
+//! which both modules print: sb flags (hex), segments on the device, segments of
+//! the cache, used segments, gc_percent, cache_info flags (hex), key head, dirty
+//! tail and key tail (each `seg:off`). `pcache_rs` then appends a count and that
+//! many statistics, named by [`STATUS_STATS`]. [`parse_status`] is a pure function.
 
 use super::show::cache_mode_name;
 use super::{PosReport, ToolError};
+use crate::cache_core::STATUS_STATS;
 use crate::meta::cache_info::{
     CACHE_FLAGS_CACHE_MODE_MASK, CACHE_FLAGS_CACHE_MODE_SHIFT, CACHE_FLAGS_DATA_CRC,
     CACHE_FLAGS_GC_PERCENT_MASK, CACHE_FLAGS_GC_PERCENT_SHIFT, CACHE_FLAGS_INIT_DONE,
@@ -29,6 +31,23 @@ pub struct DmStatus {
     pub key_head: PosReport,
     pub dirty_tail: PosReport,
     pub key_tail: PosReport,
+    /// The statistics `pcache_rs` appends (none from the C module).
+    pub stats: Vec<StatField>,
+}
+
+/// One appended statistic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatField {
+    /// From [`STATUS_STATS`]; `field_<n>` past its end (a newer module).
+    pub name: String,
+    pub value: u64,
+}
+
+impl DmStatus {
+    /// The statistic called `name`, if the line has it.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        self.stats.iter().find(|f| f.name == name).map(|f| f.value)
+    }
 }
 
 /// Why a status line was not understood.
@@ -63,7 +82,8 @@ fn is_pcache(w: &str) -> bool {
 
 /// Parse one line of `dmsetup status`: either the whole line
 /// (`0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0`) or only the fields
-/// after the target name. Exactly nine fields must follow.
+/// after the target name. Nine fields must follow, then optionally a count and
+/// exactly that many statistics.
 pub fn parse_status(line: &str) -> Result<DmStatus, StatusParseError> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let (start, length, fields) = match words.iter().position(|w| is_pcache(w)) {
@@ -87,11 +107,35 @@ pub fn parse_status(line: &str) -> Result<DmStatus, StatusParseError> {
         }
         None => (None, None, &words[..]),
     };
-    let [sb_flags, seg_num, n_segs, used, gc, flags, head, dirty, tail] = fields else {
+    let (upstream, ours) = fields.split_at(fields.len().min(9));
+    let [sb_flags, seg_num, n_segs, used, gc, flags, head, dirty, tail] = upstream else {
         return Err(StatusParseError(format!(
             "a pcache status has 9 fields, this one {}: {line:?}",
             fields.len()
         )));
+    };
+    let stats = match ours.split_first() {
+        None => Vec::new(),
+        Some((count, values)) => {
+            let n = num("statistics count", count, 10)? as usize;
+            if values.len() != n {
+                return Err(StatusParseError(format!(
+                    "the status announces {n} statistics and has {}: {line:?}",
+                    values.len()
+                )));
+            }
+            let mut stats = Vec::with_capacity(n);
+            for (i, v) in values.iter().enumerate() {
+                let name = STATUS_STATS
+                    .get(i)
+                    .map_or_else(|| format!("field_{i}"), |s| (*s).to_string());
+                let value = v
+                    .parse::<u64>()
+                    .map_err(|_| StatusParseError(format!("{name}: {v:?} is not a number")))?;
+                stats.push(StatField { name, value });
+            }
+            stats
+        }
     };
     Ok(DmStatus {
         start,
@@ -105,6 +149,7 @@ pub fn parse_status(line: &str) -> Result<DmStatus, StatusParseError> {
         key_head: pos("key head", head)?,
         dirty_tail: pos("dirty tail", dirty)?,
         key_tail: pos("key tail", tail)?,
+        stats,
     })
 }
 
@@ -179,6 +224,9 @@ impl fmt::Display for StatusReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.status;
         writeln!(f, "{}: {}", self.name, self.line)?;
+        if let Some(text) = stats_text(s) {
+            writeln!(f, "{text}")?;
+        }
         writeln!(
             f,
             "segments: {} of {} used ({:.1}%), {} on the device; GC reclaims from {}% used",
@@ -215,6 +263,38 @@ impl fmt::Display for StatusReport {
             ),
         }
     }
+}
+
+/// The statistics in words, when the line has them.
+fn stats_text(s: &DmStatus) -> Option<String> {
+    let v = |n: &str| s.stat(n).unwrap_or(0);
+    s.stat("read_hits")?;
+    let share = |a: u64, b: u64| {
+        if a + b == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1}%", a as f64 * 100.0 / (a + b) as f64)
+        }
+    };
+    let (rh, rm, wh, wm) = (
+        v("read_hits"),
+        v("read_misses"),
+        v("write_hits"),
+        v("write_misses"),
+    );
+    Some(format!(
+        "reads: {rh} hits, {rm} misses ({} hits); writes: {wh} hits, {wm} misses ({} hits)\n\
+         dirty data: {} bytes; written back: {} bytes; GC reclaimed {} ksets\n\
+         errors: {} data CRC, {} writeback, {} backing reads",
+        share(rh, rm),
+        share(wh, wm),
+        v("dirty_bytes"),
+        v("bytes_written_back"),
+        v("gc_ksets"),
+        v("crc_errors"),
+        v("writeback_errors"),
+        v("backing_errors"),
+    ))
 }
 
 // The flag masks come from `meta::cache_info`; keep the gc_percent in the status

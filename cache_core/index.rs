@@ -345,6 +345,20 @@ impl<M: Memory> Index<M> {
         None
     }
 
+    /// Sets `flags` on the key starting exactly at `off` in `sub` (if any).
+    /// Flags do not order keys, so the tree stays as it is.
+    pub fn add_flags(&mut self, sub: usize, off: u64, flags: u32) {
+        let mut t = self.root(sub);
+        while t != NIL {
+            let n = self.n(t);
+            if n.key.off == off {
+                self.nm(t).key.flags |= flags;
+                return;
+            }
+            t = if off < n.key.off { n.left } else { n.right };
+        }
+    }
+
     /// Remove the key starting exactly at `off` in `sub` (if any).
     pub fn remove(&mut self, sub: usize, off: u64) -> Option<Key> {
         let root = self.root(sub);

@@ -3,7 +3,7 @@
 
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
-use super::key::{Key, Pos};
+use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
 use super::{Cache, Memory};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC};
@@ -264,9 +264,18 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         !k.empty() && k.gen < self.seg(k.pos.seg).gen
     }
 
+    /// Reads `out` from key `k` at logical offset `cur`. A key whose CRC was not
+    /// checked since attach is checked first, over its whole CRC extent, and
+    /// marked verified (see [`KEY_FLAGS_VERIFIED`]): a partial read of a large
+    /// extent pays for the extent once, not on every read.
     fn read_hit(&mut self, k: &Key, cur: u64, out: &mut [u8]) -> Result<(), CacheError> {
         let addr = self.pos_addr(k.pos) + (cur - k.off);
-        if k.has_crc()
+        let verified = |c: &mut Self| {
+            if let Some(sub) = c.index.subtree_of(k.off) {
+                c.index.add_flags(sub, k.off, KEY_FLAGS_VERIFIED);
+            }
+        };
+        if k.unverified()
             && k.crc_back == 0
             && cur == k.off
             && out.len() as u64 == u64::from(k.crc_len)
@@ -281,9 +290,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 self.stats.crc_errors += 1;
                 return Err(CacheError::Io("cached data failed its crc check"));
             }
+            verified(self);
             return Ok(());
         }
-        if k.has_crc() {
+        if k.unverified() {
             let start = Pos {
                 seg: k.pos.seg,
                 off: k
@@ -297,6 +307,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 self.stats.crc_errors += 1;
                 return Err(CacheError::Io("cached data failed its crc check"));
             }
+            verified(self);
         }
         self.pmem
             .read(addr, out)

@@ -3,6 +3,12 @@
 
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 
+/// In memory only, never on the media: the data the key's CRC covers was
+/// checked against it since the cache was attached. Logged data does not change
+/// until its segment is reclaimed (which makes the key stale), so the check
+/// holds for every later read of the key and of the pieces an overwrite leaves.
+pub const KEY_FLAGS_VERIFIED: u32 = 1 << 30;
+
 /// The id of a cache segment, below the cache's segment count.
 ///
 /// Made only where an id is parsed from the media, by [`SegId::checked`] against
@@ -63,6 +69,10 @@ pub struct Key {
 }
 
 impl Key {
+    /// The key's data still has to be checked against its CRC before it is read.
+    pub fn unverified(&self) -> bool {
+        self.has_crc() && self.flags & KEY_FLAGS_VERIFIED == 0
+    }
     pub fn end(&self) -> u64 {
         self.off + u64::from(self.len)
     }

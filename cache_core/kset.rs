@@ -12,7 +12,7 @@
 
 use super::env::{persist, Backing, Pmem};
 use super::error::CacheError;
-use super::key::{Key, Pos};
+use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
 use super::{Cache, Memory};
 use crate::meta::kset::{
     encode_last_kset, kset_key, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_CLEAN,
@@ -96,7 +96,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         KeyOnmedia {
             off: key.off,
             len: key.len,
-            flags: key.flags,
+            flags: key.flags & !KEY_FLAGS_VERIFIED,
             cache_seg_id: key.pos.seg.get(),
             cache_seg_off: key.pos.off,
             seg_gen: key.gen,

@@ -8,7 +8,7 @@
 
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
-use super::key::{Key, Pos};
+use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
 use super::log_cursor::{LogCursor, LogEntry};
 use super::{Cache, Memory};
 use crate::meta::kset::{kset_key, kset_read, KsetRead, KEY_FLAGS_DATA_CRC, KSET_ONMEDIA_SIZE_MAX};
@@ -41,10 +41,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             "cache_seg_id",
             MetaErrorKind::OutOfRange,
         ))?;
+        // Nothing read from the media is verified yet.
+        let flags = om.flags & !KEY_FLAGS_VERIFIED;
         let flags = if self.info.data_crc() {
-            om.flags | KEY_FLAGS_DATA_CRC
+            flags | KEY_FLAGS_DATA_CRC
         } else {
-            om.flags
+            flags
         };
         Ok(Key {
             off: om.off,

@@ -463,6 +463,46 @@ fn stats_count_dirty_and_written_back_bytes_and_reset() {
     c.check_invariants().unwrap();
 }
 
+/// With data CRC on, the first read of a key checks the whole extent its CRC
+/// covers, even for a 4 KiB read of a 64 KiB write; once checked, the key (and
+/// what an overwrite leaves of it) is read without checking again, until the
+/// cache is attached anew.
+#[test]
+fn partial_reads_check_an_extent_once_per_attach() {
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 31 + 7) as u8 ^ 0xa5).collect();
+    c.write(0, &data, true, 0).unwrap();
+    // Where the extent sits in pmem: its bytes are unique there.
+    let at = {
+        let w = world.borrow();
+        w.pmem
+            .volatile
+            .windows(64)
+            .position(|win| win == &data[..64])
+            .unwrap()
+    };
+    let corrupt = |byte: usize| world.borrow_mut().pmem.volatile[at + byte] ^= 0xff;
+    let mut buf = vec![0u8; 4096];
+    // A flipped byte 40 KiB in fails a read of the first 4 KiB: the whole extent is checked.
+    corrupt(40 << 10);
+    assert!(c.read(0, &mut buf, false, 0).is_err());
+    assert_eq!(c.status().stats.crc_errors, 1);
+    corrupt(40 << 10);
+    // Intact again: read, and the key is verified.
+    c.read(0, &mut buf, false, 0).unwrap();
+    assert_eq!(&buf[..], &data[..4096]);
+    // An overwrite in the middle leaves two verified pieces of the old extent.
+    c.write(16384, &[1u8; 4096], true, 0).unwrap();
+    corrupt(40 << 10);
+    c.read(0, &mut buf, false, 0).unwrap();
+    assert_eq!(&buf[..], &data[..4096]);
+    c.read(32768, &mut buf, false, 0).unwrap();
+    assert_eq!(&buf[..], &data[32768..32768 + 4096]);
+    assert_eq!(c.status().stats.crc_errors, 1);
+    c.check_invariants().unwrap();
+}
+
 /// `read_cached` serves a range the cache holds entirely and stops at the first
 /// gap without reading the backing device (it runs where backing IO would
 /// deadlock: device-mapper's `map`).

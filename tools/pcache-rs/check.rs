@@ -75,6 +75,8 @@ pub fn check(img: &Image, opts: &Options, data: bool) -> Result<CheckReport, Too
             let mut dc = DataCheck::default();
             let mut bad = Vec::new();
             let mut buf = vec![0u8; 64 << 10];
+            let mut extents: std::collections::HashMap<(u64, u64), Option<u32>> =
+                std::collections::HashMap::new();
             for k in &keys {
                 if !k.has_crc() {
                     dc.keys_without_crc += 1;
@@ -98,22 +100,25 @@ pub fn check(img: &Image, opts: &Options, data: bool) -> Result<CheckReport, Too
                     continue;
                 };
                 let addr = geo.seg_data_off(phys) + u64::from(start);
-                let mut crc = PCACHE_CRC_SEED;
-                let mut done = 0u64;
                 let len = u64::from(k.crc_len);
-                let mut io_failed = false;
-                while done < len {
-                    let n = (len - done).min(buf.len() as u64) as usize;
-                    let Some(chunk) = buf.get_mut(..n) else { break };
-                    if c.pmem().read(addr + done, chunk).is_err() {
-                        io_failed = true;
-                        break;
+                // The pieces an overwrite left of one extent share its CRC: read it once.
+                let crc = *extents.entry((addr, len)).or_insert_with(|| {
+                    let mut crc = PCACHE_CRC_SEED;
+                    let mut done = 0u64;
+                    while done < len {
+                        let n = (len - done).min(buf.len() as u64) as usize;
+                        let Some(chunk) = buf.get_mut(..n) else { break };
+                        if c.pmem().read(addr + done, chunk).is_err() {
+                            dc.bytes_checked += done;
+                            return None;
+                        }
+                        crc = c.pmem().crc32c(crc, chunk);
+                        done += n as u64;
                     }
-                    crc = c.pmem().crc32c(crc, chunk);
-                    done += n as u64;
-                }
-                dc.bytes_checked += done;
-                if io_failed {
+                    dc.bytes_checked += done;
+                    Some(crc)
+                });
+                let Some(crc) = crc else {
                     dc.keys_bad += 1;
                     bad.push(Finding::error(
                         "data",
@@ -121,7 +126,9 @@ pub fn check(img: &Image, opts: &Options, data: bool) -> Result<CheckReport, Too
                         format!("{loc} (device offset {addr:#x})"),
                         "the data cannot be read".into(),
                     ));
-                } else if crc != k.crc {
+                    continue;
+                };
+                if crc != k.crc {
                     dc.keys_bad += 1;
                     bad.push(Finding::error(
                         "pcache_cache_key_onmedia",

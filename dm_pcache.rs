@@ -31,6 +31,7 @@ use target::{
     engine::PcacheEngine,
     live::{ErrorText, LiveCache, RequestCounters},
     report,
+    requests::Served,
     status::{StatusType, StatusWriter},
     table::{self, TableOptions, MAX_ARGS},
     target_type::{
@@ -75,6 +76,7 @@ impl Pcache {
                 opened.writer,
                 target.begin(),
                 counts,
+                opened.backing.clone(),
             ),
             GFP_KERNEL,
         )
@@ -127,13 +129,18 @@ impl TargetOperations for Pcache {
         let this = Self::new(target, &args)?;
         target.set_num_flush_bios(1);
         target.set_flush_supported(true);
+        // Discards drop cached keys whether or not the backing device takes them too.
+        target.set_num_discard_bios(1);
+        target.set_discards_supported(true);
+        target.set_num_write_zeroes_bios(1);
         KBox::pin(this, GFP_KERNEL).map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))
     }
 
     fn map(&self, _target: &Target<'_>, bio: Bio<'_>) -> MapResult {
         let (mut held, taken) = bio.take();
         match self.live.serve_inline(&mut held) {
-            Some(result) => held.end(result),
+            Some(Served::Done(result)) => held.end(result),
+            Some(Served::ToBacking) => self.live.pass_down(held),
             None => {
                 self.live.pending.lock().push(held);
                 self.worker.queue();
@@ -210,6 +217,13 @@ impl TargetOperations for Pcache {
         // Requests are staged at most `MAX_IO_SECTORS` at a time (device-mapper splits larger
         // bios): say so, so that upper layers build bios of that size to begin with.
         limits.limit_max_sectors(MAX_IO_SECTORS as u32);
+        // Write-zeroes are written as zeros through the cache, one staging buffer at a time.
+        limits.limit_max_write_zeroes(MAX_IO_SECTORS as u32);
+        // The backing device's discard limits came with the stacking; without them, take
+        // discards anyway (they drop cached keys) in pages, one staging size at a time.
+        if !limits.takes_discards() {
+            limits.set_discard(MAX_IO_SECTORS as u32, 4096);
+        }
     }
 }
 

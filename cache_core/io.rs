@@ -6,7 +6,7 @@ use super::error::CacheError;
 use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
 use super::{Cache, Memory};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
-use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC};
+use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 use crate::meta::layout::SUBTREE_SIZE;
 
 /// What a read found.
@@ -159,6 +159,44 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 let id = self.kset_id(koff);
                 self.kset_close(id)?;
             }
+        }
+        Ok(())
+    }
+
+    /// `REQ_OP_DISCARD`: drops every cached key in `off..off + len`, dirty ones
+    /// too. A discarded range's content is undefined until it is written again,
+    /// so neither reads nor writeback need that data: writeback skips a logged
+    /// dirty key that nothing in the index covers any more (see
+    /// [`Cache::writeback_plan`]). Nothing is logged, so the on-media format is
+    /// upstream's: after a crash, replay brings the dropped keys back (and
+    /// writeback then copies the dirty ones), which a discard allows.
+    pub fn discard(&mut self, off: u64, len: u64) -> Result<(), CacheError> {
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= self.dev_bytes)
+            .ok_or(CacheError::Invalid("discard beyond the backing device"))?;
+        let mut cur = off;
+        while cur < end {
+            let sub = self
+                .index
+                .subtree_of(cur)
+                .ok_or(CacheError::Invalid("offset"))?;
+            let stripe_end = ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1)
+                << crate::meta::layout::SUBTREE_SHIFT;
+            let to = end.min(stripe_end);
+            // A placeholder over the range resolves every overlap (trimming the
+            // keys that stick out), then goes itself.
+            let hole = Key {
+                off: cur,
+                len: (to - cur) as u32,
+                flags: KEY_FLAGS_EMPTY,
+                ..Key::default()
+            };
+            if self.index.insert(hole, |_| {}).is_err() {
+                return Err(CacheError::Busy("key pool exhausted"));
+            }
+            self.index.remove(sub, cur);
+            cur = to;
         }
         Ok(())
     }

@@ -304,7 +304,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     }
                     // Counted as `key_append` and replay counted it, stale or not.
                     dirty += u64::from(key.len);
-                    if self.key_stale(&key) {
+                    // Stale: GC reclaimed it (never past the dirty tail). Not held
+                    // at all: discarded. A key that a later write overwrote is
+                    // still copied (the later key covers the range), so the backing
+                    // device only ever holds a prefix of the write history.
+                    if self.key_stale(&key) || !self.holds_any(key.off, u64::from(key.len)) {
                         continue;
                     }
                     let e = WbExtent {

@@ -184,6 +184,20 @@ impl HeldBio {
         Ok(())
     }
 
+    /// Sends the bio on to `dev` at `sector` of it (`submit_bio_noacct`); it completes through
+    /// device-mapper as if `map` had remapped it.
+    pub(crate) fn submit_to(self, dev: &TargetDevice, sector: u64) {
+        let mut ptr = self.ptr;
+        core::mem::forget(self);
+        // SAFETY: the bio is ours (type invariant); `self` is forgotten, so it is neither ended
+        // nor touched again here: ownership passes to the block layer, which ends it.
+        unsafe {
+            bindings::pcache_rs_bio_set_dev(ptr.as_ptr(), dev.bdev());
+            ptr.as_mut().bi_iter.bi_sector = sector;
+            bindings::pcache_rs_bio_submit(ptr.as_ptr());
+        }
+    }
+
     /// Completes the bio with `result`.
     pub(crate) fn end(self, result: Result) {
         let err = match result {

@@ -74,6 +74,12 @@ impl TargetDevice {
     }
 
     /// Size of the device in bytes.
+    /// Whether the device takes discards (`bdev_max_discard_sectors` is not zero).
+    pub(crate) fn supports_discard(&self) -> bool {
+        // SAFETY: the device is open for as long as `self` lives.
+        unsafe { bindings::pcache_rs_bdev_max_discard_sectors(self.bdev()) != 0 }
+    }
+
     pub(crate) fn size_bytes(&self) -> u64 {
         // SAFETY: the block device is open while the device is held (type invariant).
         unsafe { bindings::pcache_rs_bdev_nr_bytes(self.bdev()) }

@@ -23,6 +23,16 @@ u64 pcache_rs_bdev_nr_bytes(struct block_device *bdev)
 	return bdev_nr_bytes(bdev);
 }
 
+unsigned int pcache_rs_bdev_max_discard_sectors(struct block_device *bdev)
+{
+	return bdev_max_discard_sectors(bdev);
+}
+
+void pcache_rs_bio_submit(struct bio *bio)
+{
+	submit_bio_noacct(bio);
+}
+
 bool pcache_rs_bdev_is_same(struct block_device *a, struct block_device *b)
 {
 	return a->bd_dev == b->bd_dev;

@@ -14,6 +14,7 @@
 
 void pcache_rs_bio_set_dev(struct bio *bio, struct block_device *bdev);
 u64 pcache_rs_bdev_nr_bytes(struct block_device *bdev);
+unsigned int pcache_rs_bdev_max_discard_sectors(struct block_device *bdev);
 bool pcache_rs_bdev_is_same(struct block_device *a, struct block_device *b);
 void *pcache_rs_vmalloc_array(size_t n, size_t size);
 bool pcache_rs_pfn_valid(unsigned long pfn);
@@ -42,6 +43,7 @@ struct bio *pcache_rs_bio_list_pop(struct bio_list *bl);
 void pcache_rs_bio_copy_to_buf(struct bio *bio, void *buf);
 void pcache_rs_bio_copy_from_buf(struct bio *bio, const void *buf);
 void pcache_rs_bio_endio(struct bio *bio, int err);
+void pcache_rs_bio_submit(struct bio *bio);
 int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool fua,
 		      sector_t sector, void *buf, size_t len);
 unsigned int pcache_rs_cpu_id(void);

@@ -10,6 +10,7 @@
 use super::{
     bio::BioQueue,
     counters::PerCpuCounters,
+    device::TargetDevice,
     engine::{PcacheEngine, Writer},
 };
 use crate::cache_core::{CacheError, Locked, RequestCounts, Waiting};
@@ -17,7 +18,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32};
 use kernel::{
     new_condvar, new_mutex, new_spinlock,
     prelude::*,
-    sync::{CondVar, Mutex, SpinLock},
+    sync::{Arc, CondVar, Mutex, SpinLock},
     time::{Instant, Monotonic},
 };
 
@@ -66,6 +67,10 @@ pub(crate) struct LiveCache {
     pub(crate) gc_errors: AtomicU32,
     /// Requests served, by kind: counted per CPU, outside the engine lock.
     counts: RequestCounters,
+    /// The backing device, for discards passed down to it.
+    pub(crate) backing: Arc<TargetDevice>,
+    /// The backing device takes discards: pass ours on after dropping the cached keys.
+    pub(crate) discard_passdown: bool,
 }
 
 impl LiveCache {
@@ -75,7 +80,9 @@ impl LiveCache {
         writer: Writer,
         begin: u64,
         counts: RequestCounters,
+        backing: Arc<TargetDevice>,
     ) -> impl PinInit<Self> {
+        let discard_passdown = backing.supports_discard();
         pin_init!(Self {
             core <- new_mutex!(Core { engine, staging }),
             pending <- new_spinlock!(BioQueue::new()),
@@ -88,6 +95,8 @@ impl LiveCache {
             writeback_errors: AtomicU32::new(0),
             gc_errors: AtomicU32::new(0),
             counts,
+            backing,
+            discard_passdown,
         })
     }
 

@@ -7,11 +7,21 @@
 
 use super::{
     bio::{BioOp, HeldBio},
+    engine::PcacheEngine,
     live::{Core, Count, ErrorText, LiveCache},
 };
 use crate::cache_core::{request, CacheError};
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
+
+/// What serving a bio came to.
+pub(crate) enum Served {
+    /// End it with this result.
+    Done(Result),
+    /// A discard whose cached keys are dropped: send it on to the backing device
+    /// ([`LiveCache::pass_down`]).
+    ToBacking,
+}
 
 /// Where a request is served.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -33,14 +43,34 @@ impl LiveCache {
             let Some(mut bio) = next else {
                 break;
             };
-            let result = self.handle(&mut bio);
-            bio.end(result);
+            match self.handle(&mut bio) {
+                Served::Done(result) => bio.end(result),
+                Served::ToBacking => self.pass_down(bio),
+            }
         }
     }
 
     /// Serves a bio the worker took from the queue, waiting for room if the cache is full.
-    fn handle(&self, bio: &mut HeldBio) -> Result {
-        self.with_room(|core| self.serve(core, bio, ServeContext::Worker))
+    fn handle(&self, bio: &mut HeldBio) -> Served {
+        let mut to_backing = false;
+        let result = self.with_room(|core| match self.serve(core, bio, ServeContext::Worker)? {
+            Served::Done(r) => Some(r),
+            Served::ToBacking => {
+                to_backing = true;
+                Some(Ok(()))
+            }
+        });
+        match result {
+            Ok(()) if to_backing => Served::ToBacking,
+            r => Served::Done(r),
+        }
+    }
+
+    /// Sends a discard on to the backing device, at the same offset (the backing device
+    /// starts where the target does).
+    pub(crate) fn pass_down(&self, bio: HeldBio) {
+        let sector = bio.sector().saturating_sub(self.begin);
+        bio.submit_to(&self.backing, sector);
     }
 
     /// Runs `attempt` until it completes, waiting for room while the cache is full; fails
@@ -58,7 +88,7 @@ impl LiveCache {
     /// Serves `bio` in `map` if that needs neither the backing device nor waiting for room (a
     /// write or flush with room in the cache, a read the cache holds entirely): no context
     /// switch to the worker, as upstream and dm-writecache do. `None` hands it to the worker.
-    pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Result> {
+    pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
         let mut core = self.core.lock();
         self.serve(&mut core, bio, ServeContext::Map)
     }
@@ -66,19 +96,80 @@ impl LiveCache {
     /// One attempt at `bio` under the engine lock. `None`: it cannot complete here and now:
     /// the cache is full, or (in `map`) it needs the backing device. A write that stops on a
     /// full cache may have cached a leading part; serving it again rewrites the same bytes.
-    fn serve(&self, core: &mut Core, bio: &mut HeldBio, at: ServeContext) -> Option<Result> {
+    fn serve(&self, core: &mut Core, bio: &mut HeldBio, at: ServeContext) -> Option<Served> {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
         let op = bio.op();
         if bio.is_preflush() || op == BioOp::Flush {
             let done = outcome(core.engine.flush())?;
             if done.is_err() || op == BioOp::Flush {
-                return Some(done);
+                return Some(Served::Done(done));
             }
         }
+        match op {
+            BioOp::Discard => {
+                let done = outcome(core.engine.discard(off, len as u64))?;
+                return Some(match done {
+                    Ok(()) if self.discard_passdown => Served::ToBacking,
+                    r => Served::Done(r),
+                });
+            }
+            BioOp::WriteZeroes => {
+                if at == ServeContext::Map {
+                    self.count_write(&core.engine, off, len);
+                }
+                return self
+                    .write_zeroes(core, off, len, bio.is_fua())
+                    .map(Served::Done);
+            }
+            _ => {}
+        }
+        self.serve_data(core, bio, at, off, len).map(Served::Done)
+    }
+
+    /// Counts a write bio as a hit or a miss, before any of it is written (a write that waits
+    /// for room is served again on the worker, and every bio comes to `map` first).
+    fn count_write(&self, engine: &PcacheEngine, off: u64, len: usize) {
+        self.count(if engine.holds_any(off, len as u64) {
+            Count::WriteHit
+        } else {
+            Count::WriteMiss
+        });
+    }
+
+    /// `REQ_OP_WRITE_ZEROES`, served as writes of zeros through the cache: the zeros are data
+    /// like any other, so they read back after a remove and a crash, and the cache stays in
+    /// upstream's format. (Passing the bio down instead would let an older dirty key, written
+    /// back later, overwrite the zeros.)
+    fn write_zeroes(&self, core: &mut Core, off: u64, len: usize, fua: bool) -> Option<Result> {
+        let Core { engine, staging } = core;
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(staging.len());
+            let Some(zeros) = staging.get_mut(..n) else {
+                return Some(Err(EINVAL));
+            };
+            zeros.fill(0);
+            match outcome(engine.write(off + done as u64, zeros, fua, 0))? {
+                Ok(()) => done += n,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// Reads, writes and flushes with data.
+    fn serve_data(
+        &self,
+        core: &mut Core,
+        bio: &mut HeldBio,
+        at: ServeContext,
+        off: u64,
+        len: usize,
+    ) -> Option<Result> {
         let fua = bio.is_fua();
         let Core { engine, staging } = core;
-        match op {
+        match bio.op() {
             BioOp::Flush => Some(Ok(())),
             BioOp::Write => {
                 let Some(buf) = staging.get_mut(..len) else {
@@ -87,14 +178,8 @@ impl LiveCache {
                 if let Err(e) = bio.copy_to(buf) {
                     return Some(Err(e));
                 }
-                // Every bio comes to `map` first: count it there, before any of it is written
-                // (a write that waits for room is served again on the worker).
                 if at == ServeContext::Map {
-                    self.count(if engine.holds_any(off, len as u64) {
-                        Count::WriteHit
-                    } else {
-                        Count::WriteMiss
-                    });
+                    self.count_write(engine, off, len);
                 }
                 outcome(engine.write(off, buf, fua, 0))
             }

@@ -117,6 +117,16 @@ impl Target<'_> {
         self.raw_mut().num_discard_bios = n;
     }
 
+    /// Number of write-zeroes bios device-mapper sends per write-zeroes.
+    pub(crate) fn set_num_write_zeroes_bios(&mut self, n: u32) {
+        self.raw_mut().num_write_zeroes_bios = n;
+    }
+
+    /// Receive discards even if the devices below do not take them.
+    pub(crate) fn set_discards_supported(&mut self, on: bool) {
+        self.raw_mut().set_discards_supported(on);
+    }
+
     /// Receive flushes even if the devices below do not advertise a write cache.
     pub(crate) fn set_flush_supported(&mut self, on: bool) {
         self.raw_mut().set_flush_supported(on);
@@ -143,6 +153,24 @@ impl QueueLimits<'_> {
     /// Smallest unit the device can address.
     pub(crate) fn logical_block_size(&self) -> u32 {
         self.0.logical_block_size
+    }
+
+    /// Whether the stacked limits let discards through.
+    pub(crate) fn takes_discards(&self) -> bool {
+        self.0.max_hw_discard_sectors != 0
+    }
+
+    /// Takes discards of up to `sectors`, in units of `granularity` bytes.
+    pub(crate) fn set_discard(&mut self, sectors: u32, granularity: u32) {
+        self.0.max_hw_discard_sectors = sectors;
+        self.0.max_discard_sectors = sectors;
+        self.0.discard_granularity = granularity;
+    }
+
+    /// Caps write-zeroes bios at `sectors` (device-mapper turns them off unless every device
+    /// below takes them).
+    pub(crate) fn limit_max_write_zeroes(&mut self, sectors: u32) {
+        self.0.max_write_zeroes_sectors = self.0.max_write_zeroes_sectors.min(sectors);
     }
 
     /// Caps the size of bios the device accepts at `sectors`.

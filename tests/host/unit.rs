@@ -503,6 +503,43 @@ fn partial_reads_check_an_extent_once_per_attach() {
     c.check_invariants().unwrap();
 }
 
+/// A discard drops the keys in its range, dirty ones included, trimming the
+/// keys that stick out; writeback then skips what is no longer held (a
+/// discarded range needs no data) but still copies a key that is held in part.
+#[test]
+fn discard_drops_keys_and_writeback_skips_them() {
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
+    let a = vec![0xa1u8; 16384];
+    let b = vec![0xb2u8; 8192];
+    c.write(0, &a, false, 0).unwrap();
+    c.write(65536, &b, false, 0).unwrap();
+    // All of b, and the middle of a.
+    c.discard(65536, 8192).unwrap();
+    c.discard(4096, 4096).unwrap();
+    assert!(!c.holds_any(65536, 8192) && !c.holds_any(4096, 4096));
+    assert!(c.holds_any(0, 4096) && c.holds_any(8192, 8192));
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        c.read_cached(0, &mut buf).unwrap().map(|r| r.hit_bytes),
+        Some(4096)
+    );
+    assert_eq!(&buf[..], &a[..4096]);
+    assert_eq!(c.read_cached(4096, &mut buf).unwrap(), None);
+    c.check_invariants().unwrap();
+    c.flush().unwrap();
+    c.writeback_all().unwrap();
+    let st = c.status();
+    assert_eq!((st.dirty_bytes, st.stats.bytes_written_back), (0, 16384));
+    let w = world.borrow();
+    assert_eq!(&w.backing.read_sector(0)[..], &a[..512]);
+    assert_eq!(&w.backing.read_sector(128)[..], &[0u8; 512][..]);
+    drop(w);
+    // Past the end of the 8 MiB backing device.
+    assert!(c.discard((8 << 20) - 4096, 8192).is_err());
+    c.check_invariants().unwrap();
+}
+
 /// `read_cached` serves a range the cache holds entirely and stops at the first
 /// gap without reading the backing device (it runs where backing IO would
 /// deadlock: device-mapper's `map`).

@@ -212,6 +212,89 @@ test_cache_writeback_retries_backing_errors() {
 	c_fio verify "$BACKING_DEV" write 256M 16M 62
 }
 
+# dm_sysfs <dm name>: its sysfs directory (without udev, /dev/mapper/<name> is a node, not a link).
+dm_sysfs() {
+	echo "/sys/dev/block/$(dmsetup info -c --noheadings -o major,minor --separator : "$1")"
+}
+
+# dm_inflight_writes <dm name>: writes (discards included) in flight on it.
+dm_inflight_writes() {
+	awk '{ print $2 }' "$(dm_sysfs "$1")/inflight"
+}
+
+# A discard drops what the cache holds in its range, dirty data included, and goes on to the
+# backing device. The backing device is a loop device over a file in guest memory (a discard
+# punches a hole: zeros) under a dm-linear that stays suspended while the data is written and
+# discarded, so writeback cannot copy anything first. The region kept is written first: the one
+# writeback batch that can be planned before the discard (and then waits on the suspended device)
+# is its. Afterwards the discarded region is zeros on the backing device (passed down, and
+# writeback skipped its dirty data: only the other region's bytes were written back), and the
+# other region holds its data.
+test_cache_discard_drops_dirty_data_and_passes_down() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream does not take discards"
+	local loop back=${DM_PREFIX}dc_back cache dev sz pid i
+	ensure_module
+	wipe_cache
+	loop=$(make_loop 64)
+	# Not zeros to begin with, so that a punched hole shows.
+	dd if=/dev/zero bs=1M count=64 status=none | tr '\0' '\377' |
+		dd of="$loop" bs=1M iflag=fullblock oflag=direct status=none
+	sz=$(sectors "$loop")
+	dms create "$back" --table "0 $sz linear $loop 0"
+	cache=$(c_slice dc_pm "$C_CACHE_MIB")
+	create dc "0 $sz $TARGET $cache /dev/mapper/$back"
+	dev=/dev/mapper/${DM_PREFIX}dc
+	dms suspend "$back"
+	c_fio write "$dev" write 8M 8M 72
+	c_fio write "$dev" randwrite 0 8M 71
+	# -f: no probing for signatures, which would read (and miss) on the suspended device.
+	blkdiscard -f -o 0 -l 8M "$dev" &
+	pid=$!
+	# In flight on our device: `map` dropped the keys and passed it on to the suspended device.
+	for ((i = 0; i < 300; i++)); do
+		[ "$(dm_inflight_writes "${DM_PREFIX}dc")" -gt 0 ] && break
+		sleep 0.1
+	done
+	[ "$(dm_inflight_writes "${DM_PREFIX}dc")" -gt 0 ] || fail "the discard never reached the device"
+	dms resume "$back"
+	wait "$pid" || fail "blkdiscard failed"
+	c_wait_drained dc 300
+	for ((i = 0; i < 30; i++)); do [ "$(c_stat dc dirty_bytes)" = 0 ] && break; sleep 1; done
+	expect_eq "dirty bytes after writeback" 0 "$(c_stat dc dirty_bytes)"
+	expect_eq "bytes written back (the region not discarded)" $((8 << 20)) "$(c_stat dc bytes_written_back)"
+	cmp <(head -c 8M /dev/zero) <(dd if="$dev" bs=1M count=8 iflag=direct status=none) ||
+		fail "the discarded region does not read as zeros through the cache"
+	c_fio verify "$dev" write 8M 8M 72
+	dms remove "${DM_PREFIX}dc"
+	dms remove "$back"
+	cmp <(head -c 8M /dev/zero) <(dd if="$loop" bs=1M count=8 iflag=direct status=none) ||
+		fail "the discarded region is not zeros on the backing device"
+	c_fio verify "$loop" write 8M 8M 72
+}
+
+# REQ_OP_WRITE_ZEROES (blkdiscard -z) over cached data: the range reads as zeros, and still does
+# after remove and create (the zeros are cached as data, so no older key can come back over
+# them); the data around it is untouched.
+test_cache_write_zeroes_read_back_as_zeros() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream does not take write-zeroes"
+	local dev tbl wz before after when
+	dev=$(c_new wz)
+	tbl=$(dmsetup table "${DM_PREFIX}wz")
+	wz=$(cat "$(dm_sysfs "${DM_PREFIX}wz")/queue/write_zeroes_max_bytes")
+	[ "$wz" -gt 0 ] || fail "the device takes no write-zeroes (backing: $(cat "/sys/block/$(basename "$BACKING_DEV")/queue/write_zeroes_max_bytes"))"
+	c_fio write "$dev" randwrite 0 8M 73
+	before="$(region_sum "$dev" 0 1M) $(region_sum "$dev" 5M 3M)"
+	blkdiscard -f -z -o 1M -l 4M "$dev" || fail "blkdiscard -z failed"
+	for when in "after write-zeroes" "after remove and create"; do
+		cmp <(head -c 4M /dev/zero) <(dd if="$dev" bs=1M skip=1 count=4 iflag=direct status=none) ||
+			fail "the zeroed range does not read as zeros $when"
+		after="$(region_sum "$dev" 0 1M) $(region_sum "$dev" 5M 3M)"
+		expect_eq "the data around the zeroed range $when" "$before" "$after"
+		dms remove "${DM_PREFIX}wz"
+		create wz "$tbl"
+	done
+}
+
 # --- bad input ------------------------------------------------------------------------------------
 
 # c_must_refuse <log text> <table line>: create fails, the kernel log has the text (pcache_rs only:

@@ -1,5 +1,5 @@
 # Filesystems on top of the cache: ext4 and xfs with a file-level workload (many files, renames,
-# deletes, fsync, an fio verify job on files) stay consistent (fsck.ext4 -fn / xfs_repair -n clean)
+# deletes, fsync, an fio verify job on files, fstrim) stay consistent (fsck.ext4 -fn / xfs_repair -n clean)
 # and keep every file's contents across unmount, device remove/create and mount.
 # shellcheck shell=bash
 # Uses c_new/c_table from t-40-cache.sh (same suite, same boot).
@@ -54,12 +54,22 @@ f_fs_test() {
 	rm -rf "$mnt/tree/a/b"
 	cp -a "$mnt/tree/d" "$mnt/tree/e"
 	sync
+	# fstrim: the free space's discards go through the cache (which drops what it holds there).
+	f_fstrim "$mnt"
 	(cd "$mnt" && find . -type f -print0 | sort -z | xargs -0 sha256sum) >"$T_TMP/fs.sums"
 	umount "$mnt"
 	f_fsck "$fs" "$dev"
 	mount -t "$fs" "$dev" "$mnt"
 	f_check_sums "$mnt"
 	umount "$mnt"
+}
+
+f_fstrim() { # <mountpoint>
+	local out
+	out=$(fstrim -v "$1") || fail "fstrim failed: $out"
+	echo "$out"
+	[[ $out =~ \(([0-9]+)\ bytes\)\ trimmed ]] && [ "${BASH_REMATCH[1]}" -gt 0 ] ||
+		fail "fstrim trimmed nothing: $out"
 }
 
 f_fsck() { # <fs type> <dev>

@@ -9,7 +9,10 @@
 //! `unsafe` code. This file is the module and the target's `#[vtable]` operations.
 
 use core::sync::atomic::Ordering;
-use kernel::{prelude::*, sync::Arc};
+use kernel::{
+    prelude::*,
+    sync::{Arc, SetOnce},
+};
 
 // The engine and the on-media format are shared with the host test crate, where they are
 // public; here nothing outside the crate sees them, and some items serve only the host tests.
@@ -24,16 +27,14 @@ use target::{
     args::Args,
     background::TICK_MS,
     bio::Bio,
-    claim::ActiveClaim,
-    construct::{self, MAX_IO_SECTORS},
-    dax::DaxMapping,
-    device::TargetDevice,
+    claim::{ActiveClaim, Held},
+    construct::{self, Devices, MAX_IO_SECTORS},
     engine::PcacheEngine,
     live::{ErrorText, LiveCache, RequestCounters},
     report,
     requests::Served,
     status::{StatusType, StatusWriter},
-    table::{self, TableOptions, MAX_ARGS},
+    table::{self, MAX_ARGS},
     target_type::{
         CtrError, DeviceVisitor, MapResult, QueueLimits, Registration, Target, TargetOperations,
     },
@@ -48,35 +49,44 @@ module! {
     license: "GPL",
 }
 
-/// One `pcache_rs` target instance.
-///
-/// Fields drop in order: the tick and the worker are cancelled before the running cache and
-/// the devices go.
+/// One `pcache_rs` target instance: the devices its table names and, once started, the running
+/// cache. It starts in the constructor, or, when the table reloads a device that runs on the same
+/// cache device (see [`target::claim`]), in `preresume`, after the old table is gone.
 struct Pcache {
+    run: SetOnce<Running>,
+    devices: Devices,
+    /// First sector of the target in the mapped device.
+    begin: u64,
+    /// The mapped device the table belongs to.
+    md: usize,
+}
+
+/// A running cache and its work items.
+///
+/// Fields drop in order: the tick and the worker are cancelled before the running cache and its
+/// claim on the cache device go.
+struct Running {
     ticker: Ticker<LiveCache>,
     worker: Worker<LiveCache>,
     wq: Arc<WorkQueue>,
     live: Arc<LiveCache>,
-    cache_dev: Arc<DaxMapping>,
-    backing: Arc<TargetDevice>,
-    options: TableOptions,
-    seg_num: u64,
     claim: ActiveClaim,
 }
 
-impl Pcache {
-    fn new(target: &mut Target<'_>, args: &Args<'_>) -> Result<Self, CtrError> {
-        let opened = construct::open(target, args)?;
+impl Running {
+    /// Starts the engine on the claimed cache device and the work items around it.
+    fn start(devices: &Devices, claim: ActiveClaim, begin: u64) -> Result<Self, CtrError> {
+        let started = construct::start(devices, claim)?;
         let counts = RequestCounters::new()
             .map_err(|e| CtrError::new(c"Cannot allocate the statistics counters", e))?;
         let live = Arc::pin_init(
             LiveCache::new(
-                opened.engine,
-                opened.staging,
-                opened.writer,
-                target.begin(),
+                started.engine,
+                started.staging,
+                started.writer,
+                begin,
                 counts,
-                opened.backing.clone(),
+                devices.backing.clone(),
             ),
             GFP_KERNEL,
         )
@@ -88,20 +98,13 @@ impl Pcache {
             .map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
         let ticker = Ticker::new(&wq, live.clone(), LiveCache::tick, TICK_MS)
             .map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
-        target
-            .set_max_io_len(MAX_IO_SECTORS)
-            .map_err(|e| CtrError::new(c"Cannot set the maximum IO size", e))?;
         ticker.start();
         Ok(Self {
             ticker,
             worker,
             wq,
             live,
-            cache_dev: opened.cache_dev,
-            backing: opened.backing,
-            options: opened.options,
-            seg_num: opened.seg_num,
-            claim: opened.claim,
+            claim: started.claim,
         })
     }
 
@@ -110,16 +113,55 @@ impl Pcache {
     }
 }
 
-impl Drop for Pcache {
+impl Drop for Running {
     fn drop(&mut self) {
         // Device-mapper ends all IO before `dtr`; stop the tick, let queued work finish, and
         // persist what was acknowledged. A suspended instance already did (and a reloaded
-        // table may own the device now), so it must not touch pmem again.
+        // table takes over the device once this one and its claim are gone).
         self.ticker.stop();
         self.wq.drain();
         if !self.live.quiesced.load(Ordering::Acquire) {
             self.live.quiesce();
         }
+    }
+}
+
+impl Pcache {
+    fn new(target: &mut Target<'_>, args: &Args<'_>) -> Result<Self, CtrError> {
+        let devices = construct::open(target, args)?;
+        target
+            .set_max_io_len(MAX_IO_SECTORS)
+            .map_err(|e| CtrError::new(c"Cannot set the maximum IO size", e))?;
+        let this = Self {
+            run: SetOnce::new(),
+            devices,
+            begin: target.begin(),
+            md: target.mapped_device_id(),
+        };
+        match ActiveClaim::claim(this.devices.cache_dev.device().devt(), this.md) {
+            Ok(claim) => {
+                let running = Running::start(&this.devices, claim, this.begin)?;
+                // A fresh `SetOnce` takes its first value.
+                this.run.populate(running);
+            }
+            // A reload of this device: validated; it starts in `preresume`.
+            Err(Held::ByThisDevice) => pr_info!(
+                "pcache_rs: cache device {} is live: the new table takes over at resume\n",
+                this.devices.cache_dev.device().name()
+            ),
+            Err(held) => {
+                pr_err!(
+                    "pcache_rs: cache device {} is already in use\n",
+                    this.devices.cache_dev.device().name()
+                );
+                return Err(held.ctr_error());
+            }
+        }
+        Ok(this)
+    }
+
+    fn running(&self) -> Option<&Running> {
+        self.run.as_ref()
     }
 }
 
@@ -137,67 +179,112 @@ impl TargetOperations for Pcache {
     }
 
     fn map(&self, _target: &Target<'_>, bio: Bio<'_>) -> MapResult {
+        // Device-mapper maps bios only after a resume, which started the cache.
+        let Some(run) = self.running() else {
+            return MapResult::Kill;
+        };
         let (mut held, taken) = bio.take();
-        match self.live.serve_inline(&mut held) {
+        match run.live.serve_inline(&mut held) {
             Some(Served::Done(result)) => held.end(result),
-            Some(Served::ToBacking) => self.live.pass_down(held),
+            Some(Served::ToBacking) => run.live.pass_down(held),
             None => {
-                self.live.pending.lock().push(held);
-                self.worker.queue();
+                run.live.pending.lock().push(held);
+                run.worker.queue();
             }
         }
         MapResult::Submitted(taken)
     }
 
     fn postsuspend(&self) {
-        self.ticker.stop();
-        self.wq.drain();
-        self.live.quiesce();
-        self.claim.set_quiesced(true);
+        if let Some(run) = self.running() {
+            run.ticker.stop();
+            run.wq.drain();
+            run.live.quiesce();
+            run.claim.set_quiesced(true);
+        }
+    }
+
+    fn preresume(&self) -> Result {
+        if self.running().is_some() {
+            return Ok(());
+        }
+        // A reload: the old instance is suspended and quiesced (device-mapper destroys it after
+        // the resume), so this one takes the cache device over.
+        let name = self.devices.cache_dev.device().name();
+        let started = ActiveClaim::take_over(self.devices.cache_dev.device().devt(), self.md)
+            .map_err(|held| held.ctr_error())
+            .and_then(|claim| Running::start(&self.devices, claim, self.begin));
+        match started {
+            Ok(running) => {
+                self.run.populate(running);
+                pr_info!(
+                    "pcache_rs: cache device {} taken over by the new table\n",
+                    name
+                );
+                Ok(())
+            }
+            Err(e) => {
+                pr_err!(
+                    "pcache_rs: cannot start the new table on {}: {}\n",
+                    name,
+                    e.msg.to_str().unwrap_or("?")
+                );
+                Err(e.err)
+            }
+        }
     }
 
     fn resume(&self) {
-        self.claim.set_quiesced(false);
-        if self.live.quiesced.swap(false, Ordering::AcqRel) {
-            self.ticker.start();
+        if let Some(run) = self.running() {
+            run.claim.set_quiesced(false);
+            if run.live.quiesced.swap(false, Ordering::AcqRel) {
+                run.ticker.start();
+            }
         }
     }
 
     fn status(&self, kind: StatusType, out: &mut StatusWriter<'_>) {
+        let d = &self.devices;
         // A full buffer cuts the line; device-mapper then asks again with a larger one.
-        let _ = match kind {
-            StatusType::Info => {
-                let s = self.engine(|e| e.status());
-                report::write_status(out, self.seg_num, &s, &self.live.request_counts())
+        let _ = match (kind, self.running()) {
+            (StatusType::Info, Some(run)) => {
+                let s = run.engine(|e| e.status());
+                report::write_status(out, d.seg_num, &s, &run.live.request_counts())
             }
-            StatusType::Table => report::write_table_line(
+            // A loaded table that has not taken over yet has no state to show.
+            (StatusType::Info, None) => Ok(()),
+            (StatusType::Table, run) => report::write_table_line(
                 out,
-                self.cache_dev.device().name(),
-                self.backing.name(),
-                &self.options,
-                self.engine(|e| e.data_crc()),
+                d.cache_dev.device().name(),
+                d.backing.name(),
+                &d.options,
+                run.map_or(d.options.data_crc, |r| r.engine(|e| e.data_crc())),
             ),
-            StatusType::Ima => Ok(()),
+            (StatusType::Ima, _) => Ok(()),
         };
     }
 
     fn message(&self, args: Args<'_>, _out: &mut StatusWriter<'_>) -> Result {
+        let Some(run) = self.running() else {
+            pr_err!("pcache_rs: message rejected: the table has not taken over the cache yet\n");
+            return Err(EBUSY);
+        };
         let mut words = [&[][..]; MAX_ARGS];
         let parsed = args
             .to_bytes(&mut words)
             .ok_or(table::MessageError::ArgCount)
             .and_then(table::parse_message);
         match parsed {
-            Ok(table::Message::GcPercent(p)) => self.engine(|e| e.set_gc_percent(p)).map_err(|e| {
+            Ok(table::Message::GcPercent(p)) => run.engine(|e| e.set_gc_percent(p)).map_err(|e| {
                 pr_err!("pcache_rs: gc_percent: {}\n", ErrorText(&e));
                 EIO
             }),
-            Ok(table::Message::DataCrc(on)) => self.engine(|e| e.set_data_crc(on)).map_err(|e| {
+            Ok(table::Message::DataCrc(on)) => run.engine(|e| e.set_data_crc(on)).map_err(|e| {
                 pr_err!("pcache_rs: data_crc: {}\n", ErrorText(&e));
                 EIO
             }),
             Ok(table::Message::StatsReset) => {
-                self.live.reset_stats();
+                run.live.reset_stats();
                 Ok(())
             }
             Err(e) => {
@@ -210,7 +297,7 @@ impl TargetOperations for Pcache {
     fn iterate_devices(&self, target: &Target<'_>, visitor: &mut DeviceVisitor<'_>) -> c_int {
         // Only the backing device bounds the mapped device's limits: the cache device is
         // addressed by byte copies, never by bios of the upper layer.
-        visitor.visit(&self.backing, 0, target.len())
+        visitor.visit(&self.devices.backing, 0, target.len())
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The constructor's work: parse the table line, open and check both devices, map the cache
-//! device, claim it, and start the engine on it. Every refusal sets a specific `ti->error`
-//! and logs the detail.
+//! The constructor's work: parse the table line, open and check both devices and map the cache
+//! device ([`open`]); then, once the cache device is claimed, start the engine on it ([`start`]),
+//! in the constructor or, for a reload, in `preresume`. Every refusal sets a specific
+//! `ti->error` and logs the detail.
 
 use super::{
     args::Args,
@@ -22,12 +23,16 @@ use kernel::{prelude::*, sync::Arc};
 /// request staging buffer and the writer's bounce buffer.
 pub(crate) const MAX_IO_SECTORS: u64 = 2048;
 
-/// What a constructor opened and started.
-pub(crate) struct Opened {
+/// What a table line names, opened and checked.
+pub(crate) struct Devices {
     pub(crate) cache_dev: Arc<DaxMapping>,
     pub(crate) backing: Arc<TargetDevice>,
     pub(crate) options: TableOptions,
     pub(crate) seg_num: u64,
+}
+
+/// The engine started on the claimed cache device.
+pub(crate) struct Started {
     pub(crate) claim: ActiveClaim,
     pub(crate) engine: PcacheEngine,
     pub(crate) staging: KVVec<u8>,
@@ -49,8 +54,8 @@ fn no_mem(_: StartError) -> CtrError {
     CtrError::new(c"Cannot allocate cache memory", ENOMEM)
 }
 
-/// Opens and starts everything a table line names.
-pub(crate) fn open(target: &mut Target<'_>, args: &Args<'_>) -> Result<Opened, CtrError> {
+/// Opens and checks everything a table line names; touches no cache metadata.
+pub(crate) fn open(target: &mut Target<'_>, args: &Args<'_>) -> Result<Devices, CtrError> {
     let mut words = [&[][..]; MAX_ARGS];
     let line = args
         .to_bytes(&mut words)
@@ -129,19 +134,30 @@ pub(crate) fn open(target: &mut Target<'_>, args: &Args<'_>) -> Result<Opened, C
             CtrError::new(c"Cache device DAX mapping failed", e)
         }
     })?;
-    let claim = ActiveClaim::claim(cache.device().devt()).inspect_err(|_| {
-        pr_err!(
-            "pcache_rs: cache device {} is already in use\n",
-            cache.device().name()
-        );
-    })?;
     let cache = Arc::new(cache, GFP_KERNEL)
         .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
     let backing = Arc::new(backing, GFP_KERNEL)
         .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
+    let seg_num = Geometry::UPSTREAM.max_segs(cache.len());
+    Ok(Devices {
+        cache_dev: cache,
+        backing,
+        options: line.options,
+        seg_num,
+    })
+}
 
+/// Starts the engine on the cache device `claim` holds: replays the cache (or formats an empty
+/// device) with the table's options.
+pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, CtrError> {
+    let Devices {
+        cache_dev: cache,
+        backing,
+        options,
+        seg_num,
+    } = devices;
     let geo = Geometry::UPSTREAM;
-    let seg_num = geo.max_segs(cache.len());
+    let seg_num = *seg_num;
     let sizing = Sizing {
         keys: key_capacity(seg_num * u64::from(geo.seg_data_size())),
         ksets: 4,
@@ -149,7 +165,7 @@ pub(crate) fn open(target: &mut Target<'_>, args: &Args<'_>) -> Result<Opened, C
         bounce: 256 << 10,
     };
     let opts = CacheOptions {
-        data_crc: line.options.data_crc,
+        data_crc: options.data_crc,
         ..CacheOptions::default()
     };
     let engine = engine::start(
@@ -177,11 +193,7 @@ pub(crate) fn open(target: &mut Target<'_>, args: &Args<'_>) -> Result<Opened, C
         (MAX_IO_SECTORS << 9) as usize,
     )
     .map_err(no_mem)?;
-    Ok(Opened {
-        cache_dev: cache,
-        backing,
-        options: line.options,
-        seg_num,
+    Ok(Started {
         claim,
         engine,
         staging,

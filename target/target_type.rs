@@ -99,6 +99,14 @@ impl Target<'_> {
         self.raw().len
     }
 
+    /// Which mapped device the table is for, as a number that is the same for every table of
+    /// that device (its `struct mapped_device` address), to tell a reload from another device.
+    pub(crate) fn mapped_device_id(&self) -> usize {
+        // SAFETY: `ti` is live and its table is set (device-mapper constructs targets of a
+        // table); `dm_table_get_md` only reads the table's device pointer.
+        unsafe { bindings::dm_table_get_md(self.raw().table) as usize }
+    }
+
     /// Opens a device for this target (`dm_get_device`), read-write.
     pub(crate) fn get_device(&mut self, path: &CStr) -> Result<TargetDevice> {
         // SAFETY: `ti` is the target under construction; the device ends up in the target's
@@ -226,6 +234,11 @@ pub(crate) trait TargetOperations: Sized + Send + Sync {
 
     /// After a suspend has drained IO: quiesce background work.
     fn postsuspend(&self) {
+        build_error!(VTABLE_DEFAULT_ERROR)
+    }
+
+    /// Before a resume, after a new table was swapped in: a non-zero errno fails the resume.
+    fn preresume(&self) -> Result {
         build_error!(VTABLE_DEFAULT_ERROR)
     }
 
@@ -381,6 +394,19 @@ impl<T: TargetOperations> Callbacks<T> {
         unsafe { instance::<T>(ti) }.postsuspend()
     }
 
+    /// `preresume` callback of `struct target_type`.
+    ///
+    /// # Safety
+    ///
+    /// Only device-mapper calls it, with the arguments `device-mapper.h` documents for it.
+    unsafe extern "C" fn preresume(ti: *mut bindings::dm_target) -> c_int {
+        // SAFETY: preresume runs between `ctr` and `dtr`.
+        match unsafe { instance::<T>(ti) }.preresume() {
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        }
+    }
+
     /// `resume` callback of `struct target_type`.
     ///
     /// # Safety
@@ -510,6 +536,11 @@ impl<T: TargetOperations> Callbacks<T> {
             },
             postsuspend: if T::HAS_POSTSUSPEND {
                 Some(Self::postsuspend)
+            } else {
+                None
+            },
+            preresume: if T::HAS_PRERESUME {
+                Some(Self::preresume)
             } else {
                 None
             },

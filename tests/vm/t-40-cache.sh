@@ -132,8 +132,8 @@ test_cache_suspend_resume() {
 	c_fio verify "$dev" write 32M 16M 32
 }
 
-# dmsetup suspend; load the table `dmsetup table` printed; resume: the new instance's constructor
-# runs while the old one still holds the devices, and every byte survives.
+# dmsetup suspend; load the table `dmsetup table` printed; resume: the new instance takes over the
+# cache device at resume, and every byte survives.
 test_cache_table_reload() {
 	[ "$TARGET" = pcache_rs ] || skip "upstream refuses table loads for a live device"
 	local dev tbl i
@@ -155,6 +155,57 @@ test_cache_table_reload() {
 	must_fail dms load "${DM_PREFIX}rl" --table "$(c_table "/dev/mapper/${DM_PREFIX}rl_pm" 1 bogus)"
 	dms resume "${DM_PREFIX}rl"
 	c_fio verify "$dev" randwrite 0 48M 41
+}
+
+# LVM's order: load the new table while the device is live and in use, then suspend and resume.
+# The inactive table's constructor only validates (the live instance keeps the cache device);
+# the new instance takes over in preresume, once device-mapper has destroyed the old one. fio
+# writes across two swaps without an error and its data verifies; the second swap's data_crc
+# takes effect; a load that is cleared instead of resumed leaves the live device as it was; and
+# after the backing device grew, a longer table takes effect.
+test_cache_reload_in_lvm_order() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream refuses table loads for a live device"
+	local back=${DM_PREFIX}lo_back cache dev tbl pid sz
+	ensure_module
+	wipe_cache
+	sz=$(($(sectors "$BACKING_DEV") / 2))
+	dms create "$back" --table "0 $sz linear $BACKING_DEV 0"
+	cache=$(c_slice lo_pm "$C_CACHE_MIB")
+	tbl="0 $sz $TARGET $cache /dev/mapper/$back"
+	create lo "$tbl"
+	dev=/dev/mapper/${DM_PREFIX}lo
+	c_fio write "$dev" randwrite 0 64M 91 &
+	pid=$!
+	sleep 3
+	dms load "${DM_PREFIX}lo" --table "$tbl"
+	dmsetup status "${DM_PREFIX}lo" | grep -q " $TARGET " || fail "the live device stopped answering status"
+	dms suspend "${DM_PREFIX}lo"
+	dms resume "${DM_PREFIX}lo"
+	dms load "${DM_PREFIX}lo" --table "$tbl 2 data_crc true"
+	dms suspend "${DM_PREFIX}lo"
+	dms resume "${DM_PREFIX}lo"
+	wait "$pid" || fail "fio writing across the table swaps failed"
+	[[ $(dmsetup table "${DM_PREFIX}lo") == *"data_crc true"* ]] || fail "data_crc of the new table did not take effect"
+	c_fio verify "$dev" randwrite 0 64M 91
+	# Loaded, then cleared: the live instance never noticed.
+	dms load "${DM_PREFIX}lo" --table "$tbl 2 data_crc false"
+	dms clear "${DM_PREFIX}lo"
+	[[ $(dmsetup table "${DM_PREFIX}lo") == *"data_crc true"* ]] || fail "a cleared load changed the live table"
+	c_fio write "$dev" write 64M 16M 92
+	# The backing device grows (in LVM's order too); a longer table follows it.
+	dms load "$back" --table "0 $((sz * 2)) linear $BACKING_DEV 0"
+	dms suspend "$back"
+	dms resume "$back"
+	dms load "${DM_PREFIX}lo" --table "0 $((sz * 2)) $TARGET $cache /dev/mapper/$back 2 data_crc true"
+	dms suspend "${DM_PREFIX}lo"
+	dms resume "${DM_PREFIX}lo"
+	expect_eq "device size after the longer table" $((sz * 2)) "$(sectors "$dev")"
+	c_fio write "$dev" write "$((sz / 2048 + 16))M" 16M 93
+	c_fio verify "$dev" randwrite 0 64M 91
+	c_fio verify "$dev" write 64M 16M 92
+	c_fio verify "$dev" write "$((sz / 2048 + 16))M" 16M 93
+	# A table of another device naming the same cache device is still refused.
+	must_fail dms create "${DM_PREFIX}lo2" --table "$tbl"
 }
 
 # Writeback catches up (status: dirty tail reaches key head); then the backing device alone, without

@@ -72,3 +72,57 @@ test_cache_lvm_below() {
 	l_lvm "$acc" vgremove -y "${DM_PREFIX}vgb"
 	l_lvm "$acc" pvremove -y "$BACKING_DEV"
 }
+
+# A filesystem on pcache_rs over an LV, in use while LVM changes the LV's table below the cache
+# (lvextend, lvchange --refresh: each a load, suspend and resume of the LV) and the cache's own
+# table is reloaded in the same order with the new length; then the filesystem grows (resize2fs,
+# unmounted: the guest has no mount table for its online path) into the new space, and every file
+# verifies after remove and create.
+test_cache_lvm_extend_below_with_fs() {
+	ensure_module
+	wipe_cache
+	local acc=$BACKING_DEV lv pm tbl dev mnt pid out
+	dd if=/dev/zero of="$BACKING_DEV" bs=1M count=4 oflag=direct status=none
+	l_lvm "$acc" pvcreate -y -ff "$BACKING_DEV"
+	l_lvm "$acc" vgcreate "${DM_PREFIX}vge" "$BACKING_DEV"
+	l_lvm "$acc" lvcreate -y -W n -Z n -L 256M -n back "${DM_PREFIX}vge"
+	lv=/dev/mapper/${DM_PREFIX}vge-back
+	pm=$(c_slice le_pm "$C_CACHE_MIB")
+	create le "0 $(sectors "$lv") $TARGET $pm $lv"
+	dev=/dev/mapper/${DM_PREFIX}le
+	mkfs.ext4 -q -F "$dev" >/dev/null
+	mnt=$(mktemp -d -p "$T_TMP")
+	mount -t ext4 "$dev" "$mnt"
+	fio --name=lvfs --directory="$mnt" --nrfiles=4 --filesize=16M --rw=randwrite --bs=4k \
+		--ioengine=psync --fsync=32 --verify=crc32c --verify_fatal=1 --runtime=20 --time_based=0 \
+		--randseed=7 >"$T_TMP/lvfs.out" 2>&1 &
+	pid=$!
+	l_lvm "$acc" lvextend -y -L +128M "${DM_PREFIX}vge/back"
+	l_lvm "$acc" lvchange -y --refresh "${DM_PREFIX}vge/back"
+	tbl="0 $(sectors "$lv") $TARGET $pm $lv"
+	dms load "${DM_PREFIX}le" --table "$tbl"
+	dms suspend "${DM_PREFIX}le"
+	dms resume "${DM_PREFIX}le"
+	wait "$pid" || fail "fio on the filesystem failed across the reloads: $(tail -n 5 "$T_TMP/lvfs.out")"
+	expect_eq "cache device size after lvextend and reload" "$(sectors "$lv")" "$(sectors "$dev")"
+	umount "$mnt"
+	fsck.ext4 -fn "$dev" || fail "fsck.ext4 found errors after the reloads"
+	# -f: the read-only fsck above found it clean, but records no check time.
+	out=$(resize2fs -f "$dev" 2>&1) || fail "resize2fs failed: $out"
+	mount -t ext4 "$dev" "$mnt"
+	# More than the filesystem had free before it grew (256 MiB, 64 MiB of them fio files).
+	head -c 250M /dev/urandom >"$mnt/big"
+	sync
+	(cd "$mnt" && sha256sum big lvfs.* >"$T_TMP/lv.sums")
+	umount "$mnt"
+	dms remove "${DM_PREFIX}le"
+	create le "$tbl"
+	fsck.ext4 -fn "$dev" || fail "fsck.ext4 found errors after the reloads"
+	mount -t ext4 "$dev" "$mnt"
+	(cd "$mnt" && sha256sum -c --quiet "$T_TMP/lv.sums") || fail "files changed across the reloads"
+	umount "$mnt"
+	dms remove "${DM_PREFIX}le"
+	l_lvm "$acc" vgchange -an "${DM_PREFIX}vge"
+	l_lvm "$acc" vgremove -y "${DM_PREFIX}vge"
+	l_lvm "$acc" pvremove -y "$BACKING_DEV"
+}

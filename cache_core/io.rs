@@ -211,7 +211,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cache_misses: bool,
         cpu: usize,
     ) -> Result<ReadResult, CacheError> {
-        let misses = if cache_misses {
+        // Writeonly: what only reads want is not cached.
+        let writeonly = self.info.cache_mode() == crate::meta::cache_info::CACHE_MODE_WRITEONLY;
+        let misses = if cache_misses && !writeonly {
             Misses::ReadAndCache(cpu)
         } else {
             Misses::Read

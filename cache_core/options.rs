@@ -9,7 +9,9 @@ use crate::meta::cache_info::CACHE_MODE_WRITEBACK;
 /// Options given at table load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheOptions {
-    /// `PCACHE_CACHE_MODE_*`; only writeback is implemented (as upstream).
+    /// `PCACHE_CACHE_MODE_*`: writeback (upstream's only mode) or writeonly.
+    /// A cache recorded in another mode switches only when it is clean (see
+    /// [`super::Cache::start`]).
     pub cache_mode: u32,
     /// Whether data written from now on carries a CRC. It may differ from what
     /// the cache was created with: [`super::Cache::start`] switches to it.

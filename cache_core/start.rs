@@ -41,6 +41,16 @@ fn read_slot<P: Pmem, const N: usize>(pmem: &P, off: u64) -> Result<[u8; N], Cac
     Ok(b)
 }
 
+/// Why [`Cache::start`] refused a table whose cache mode differs from the cache's.
+pub const MODE_MISMATCH: &str =
+    "the table's cache_mode differs from the cache device's, which holds dirty data";
+
+/// The `PCACHE_CACHE_MODE_*` values the engine runs.
+fn mode_supported(mode: u32) -> bool {
+    mode == crate::meta::cache_info::CACHE_MODE_WRITEBACK
+        || mode == crate::meta::cache_info::CACHE_MODE_WRITEONLY
+}
+
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Attach: format the device if its superblock is blank, otherwise validate the
     /// metadata and replay the key log. `geo` is [`Geometry::UPSTREAM`] in the
@@ -58,9 +68,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if dev_size < geo.min_dev_size {
             return Err(CacheError::Invalid("cache device is too small"));
         }
-        if opts.cache_mode != crate::meta::cache_info::CACHE_MODE_WRITEBACK {
+        if !mode_supported(opts.cache_mode) {
             return Err(CacheError::Invalid(
-                "only cache_mode writeback is supported",
+                "only cache_mode writeback and writeonly are supported",
             ));
         }
         let sb_bytes: [u8; SB_STRUCT_SIZE] = read_slot(&pmem, SB_OFF)?;
@@ -162,6 +172,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         // IO — a table load that is cleared again while the old instance stays
         // — must not change the flag under the instance that owns the device.
         cache.crc_flag_pending = cache.media_crc_allowed() != cache.info.data_crc();
+        // Another mode than the one recorded: only for a clean cache, whose keys all
+        // match the backing device, so no mode has to take over data it would
+        // handle differently. (Both modes log the same keys; the check keeps the
+        // rule for the modes that write through, which never hold dirty data.)
+        if cache.info.cache_mode() != opts.cache_mode {
+            if !cache.is_clean() {
+                return Err(CacheError::Invalid(MODE_MISMATCH));
+            }
+            cache.info.set_cache_mode(opts.cache_mode);
+        }
         cache.info.flags |= CACHE_FLAGS_INIT_DONE;
         cache.cache_info_write();
         Ok(cache)
@@ -185,7 +205,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                         MetaError::new(CI, "flags.gc_percent", MetaErrorKind::OutOfRange).into(),
                     );
                 }
-                if info.cache_mode() != crate::meta::cache_info::CACHE_MODE_WRITEBACK {
+                if !mode_supported(info.cache_mode()) {
                     return Err(
                         MetaError::new(CI, "flags.cache_mode", MetaErrorKind::Unsupported).into(),
                     );

@@ -15,7 +15,7 @@ use super::{
     table::{self, TableError, TableOptions, MAX_ARGS},
     target_type::{CtrError, Target},
 };
-use crate::cache_core::{key_capacity, CacheError, CacheOptions};
+use crate::cache_core::{key_capacity, start::MODE_MISMATCH, CacheError, CacheOptions};
 use crate::meta::layout::{Geometry, CACHE_DEV_SIZE_MIN};
 use kernel::{prelude::*, sync::Arc};
 
@@ -43,6 +43,10 @@ fn cache_error(e: &CacheError) -> CtrError {
     match e {
         CacheError::Meta(_) => CtrError::new(c"Cache device metadata is invalid", EINVAL),
         CacheError::Io(_) => CtrError::new(c"Cache device IO error", EIO),
+        CacheError::Invalid(why) if *why == MODE_MISMATCH => CtrError::new(
+            c"Cache mode differs from the cache device's, which holds dirty data",
+            EINVAL,
+        ),
         CacheError::Invalid(_) => CtrError::new(c"Cache device does not match the table", EINVAL),
         CacheError::NoMem(_) | CacheError::Busy(_) => {
             CtrError::new(c"Cannot allocate cache memory", ENOMEM)
@@ -166,7 +170,7 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
     };
     let opts = CacheOptions {
         data_crc: options.data_crc,
-        ..CacheOptions::default()
+        cache_mode: options.cache_mode.bits(),
     };
     let engine = engine::start(
         DaxPmem(cache.clone()),

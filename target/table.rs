@@ -6,7 +6,7 @@
 //! and `message`, and the host crate fuzzes them. No input can make them panic or allocate.
 //!
 //! Table line (upstream dm-pcache syntax):
-//! `<cache_dev> <backing_dev> [<#opt_args> [cache_mode writeback] [data_crc true|false]]`
+//! `<cache_dev> <backing_dev> [<#opt_args> [cache_mode writeback|writeonly] [data_crc true|false]]`
 //!
 //! Messages: `gc_percent <0-90>`, `data_crc true|false`, `stats reset`.
 
@@ -25,12 +25,15 @@ pub const GC_PERCENT_MAX: u8 = 90;
 pub enum CacheMode {
     /// Writes complete once in pmem; written back to the backing device later.
     Writeback,
+    /// As writeback, but reads the cache does not hold are not cached.
+    Writeonly,
 }
 
 impl CacheMode {
     fn parse(s: &[u8]) -> Option<Self> {
         match s {
             b"writeback" => Some(Self::Writeback),
+            b"writeonly" => Some(Self::Writeonly),
             _ => None,
         }
     }
@@ -39,6 +42,15 @@ impl CacheMode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Writeback => "writeback",
+            Self::Writeonly => "writeonly",
+        }
+    }
+
+    /// The mode bits of `cache_flags` (upstream's `PCACHE_CACHE_MODE_*`).
+    pub fn bits(self) -> u32 {
+        match self {
+            Self::Writeback => crate::meta::cache_info::CACHE_MODE_WRITEBACK,
+            Self::Writeonly => crate::meta::cache_info::CACHE_MODE_WRITEONLY,
         }
     }
 }
@@ -86,7 +98,7 @@ pub enum TableError {
     MissingValue,
     /// An option given twice.
     DuplicateOption,
-    /// `cache_mode` other than `writeback`.
+    /// `cache_mode` other than `writeback` or `writeonly`.
     BadCacheMode,
     /// `data_crc` other than `true` or `false`.
     BadDataCrc,

@@ -114,6 +114,13 @@ fn table_and_messages_parse() {
     assert_eq!(err("a b 2 data_crc"), TableError::OptArgCount);
     assert_eq!(err("a b 2 data_crc yes"), TableError::BadDataCrc);
     assert_eq!(
+        parse_table(&words("a b 2 cache_mode writeonly"))
+            .unwrap()
+            .options
+            .cache_mode,
+        CacheMode::Writeonly
+    );
+    assert_eq!(
         err("a b 4 data_crc true data_crc false"),
         TableError::DuplicateOption
     );
@@ -152,9 +159,13 @@ fn table_and_messages_parse() {
 /// `dmsetup table` output (`write_table`) loads back as the same table.
 #[test]
 fn write_table_output_parses_back_to_the_same_options() {
-    for data_crc in [false, true] {
+    for (cache_mode, data_crc) in [
+        (CacheMode::Writeback, false),
+        (CacheMode::Writeback, true),
+        (CacheMode::Writeonly, true),
+    ] {
         let options = TableOptions {
-            cache_mode: CacheMode::Writeback,
+            cache_mode,
             data_crc,
         };
         let mut out = String::new();
@@ -538,6 +549,59 @@ fn discard_drops_keys_and_writeback_skips_them() {
     // Past the end of the 8 MiB backing device.
     assert!(c.discard((8 << 20) - 4096, 8192).is_err());
     c.check_invariants().unwrap();
+}
+
+/// `cache_mode writeonly`: recorded in the mode bits of `cache_flags`; reads
+/// that miss are not cached; a table naming another mode than the cache's
+/// attaches only when the cache is clean.
+#[test]
+fn writeonly_mode_is_recorded_and_switches_only_when_clean() {
+    use pcache_engine::cache_core::{start::MODE_MISMATCH, Cache, CacheError, CacheOptions};
+    use pcache_engine::meta::cache_info::{CACHE_MODE_WRITEBACK, CACHE_MODE_WRITEONLY};
+    use pcache_engine::sim::{SimBacking, SimPmem};
+    let (world, mut mem) = small_world();
+    let attach = |mem: &mut pcache_engine::sim::OwnedMem, mode: u32| {
+        let opts = CacheOptions {
+            cache_mode: mode,
+            ..Default::default()
+        };
+        Cache::start(
+            SimPmem(world.clone()),
+            SimBacking(world.clone()),
+            Geometry::small(SMALL_SEG).unwrap(),
+            mem.borrow(),
+            &opts,
+        )
+        .map(|mut c| {
+            c.check_invariants().unwrap();
+            let mode = (c.status().cache_flags >> 2) & 0xf;
+            let mut buf = vec![0u8; 4096];
+            // A read miss: cached in writeback mode, not in writeonly mode.
+            c.read(1 << 20, &mut buf, true, 0).unwrap();
+            (mode, c.holds_any(1 << 20, 4096))
+        })
+    };
+    {
+        let mut c = small_cache(&world, &mut mem);
+        c.write(0, &[7u8; 8192], false, 0).unwrap();
+        c.flush().unwrap();
+    }
+    // Dirty: another mode is refused, and the cache is left as it was.
+    let refused = attach(&mut mem, CACHE_MODE_WRITEONLY).err();
+    assert_eq!(refused, Some(CacheError::Invalid(MODE_MISMATCH)));
+    {
+        let mut c = small_cache(&world, &mut mem);
+        c.writeback_all().unwrap();
+        assert!(c.is_clean());
+    }
+    assert_eq!(
+        attach(&mut mem, CACHE_MODE_WRITEONLY).unwrap(),
+        (CACHE_MODE_WRITEONLY, false)
+    );
+    assert_eq!(
+        attach(&mut mem, CACHE_MODE_WRITEBACK).unwrap(),
+        (CACHE_MODE_WRITEBACK, true)
+    );
 }
 
 /// `read_cached` serves a range the cache holds entirely and stops at the first

@@ -263,6 +263,55 @@ test_cache_writeback_retries_backing_errors() {
 	c_fio verify "$BACKING_DEV" write 256M 16M 62
 }
 
+# cache_mode writeonly: reads the cache does not hold are not cached (a second read of the same
+# range misses again), while written data is read from the cache; data verifies as in writeback
+# mode, across remove and create; the mode is in the mode bits of cache_flags (3); a table naming
+# another mode is refused while the cache holds dirty data (the backing device fails writes, so it
+# stays dirty), and accepted once writeback has made it clean.
+test_cache_writeonly_mode() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream has only writeback"
+	local back=${DM_PREFIX}wo_back cache dev tbl sz before log
+	ensure_module
+	wipe_cache
+	sz=$(sectors "$BACKING_DEV")
+	dms create "$back" --table "0 $sz linear $BACKING_DEV 0"
+	cache=$(c_slice wo_pm "$C_CACHE_MIB")
+	tbl="0 $sz $TARGET $cache /dev/mapper/$back 2 cache_mode writeonly"
+	create wo "$tbl"
+	dev=/dev/mapper/${DM_PREFIX}wo
+	[[ $(dmsetup table "${DM_PREFIX}wo") == *"cache_mode writeonly"* ]] || fail "the table does not show cache_mode writeonly"
+	expect_eq "cache mode bits" 3 $(((0x$(c_status wo cache_flags) >> 2) & 15))
+	dd if=/dev/urandom of="$dev" bs=64k count=4 oflag=direct status=none
+	dd if="$dev" of=/dev/null bs=64k count=4 skip=10000 iflag=direct status=none
+	dd if="$dev" of=/dev/null bs=64k count=4 skip=10000 iflag=direct status=none
+	expect_eq "read misses of an uncached range read twice" 8 "$(c_stat wo read_misses)"
+	dd if="$dev" of=/dev/null bs=64k count=4 iflag=direct status=none
+	expect_eq "read hits of written data" 4 "$(c_stat wo read_hits)"
+	# Dirty data that stays dirty: the backing device fails from here on.
+	dms suspend "$back"
+	dms load "$back" --table "0 $sz error"
+	dms resume "$back"
+	c_fio write "$dev" randwrite 0 32M 95
+	dms remove "${DM_PREFIX}wo"
+	before=$(kernel_log_lines)
+	must_fail dms create "${DM_PREFIX}wo" --table "${tbl/cache_mode writeonly/cache_mode writeback}"
+	log=$(kernel_log_since "$before")
+	grep -q "Cache mode differs from the cache device's" <<<"$log" || fail "no cache mode error in the log: $log"
+	dms suspend "$back"
+	dms load "$back" --table "0 $sz linear $BACKING_DEV 0"
+	dms resume "$back"
+	create wo "$tbl"
+	c_fio verify "$dev" randwrite 0 32M 95
+	c_wait_drained wo 300
+	dms remove "${DM_PREFIX}wo"
+	# Clean now: writeback mode takes the cache over, and the data is all there.
+	create wo "${tbl/cache_mode writeonly/cache_mode writeback}"
+	expect_eq "cache mode bits after the switch" 0 $(((0x$(c_status wo cache_flags) >> 2) & 15))
+	c_fio verify "$dev" randwrite 0 32M 95
+	dms remove "${DM_PREFIX}wo"
+	dms remove "$back"
+}
+
 # dm_sysfs <dm name>: its sysfs directory (without udev, /dev/mapper/<name> is a node, not a link).
 dm_sysfs() {
 	echo "/sys/dev/block/$(dmsetup info -c --noheadings -o major,minor --separator : "$1")"

@@ -64,3 +64,25 @@ test_cache_compat_c_to_rs_data_crc() {
 test_cache_compat_rs_to_c_data_crc() {
 	x_handover pcache_rs pcache true
 }
+
+# A cache pcache_rs wrote in writeonly mode, with a write-zeroes and a discard among the writes,
+# attaches to the C module (the README's claim: the log holds only ordinary keys, and the C module
+# ignores the mode bits): the zeroed range reads as zeros there, and the data around it as it was.
+test_cache_compat_rs_writeonly_zeroes_discard_to_c() {
+	local pm dev=/dev/mapper/${DM_PREFIX}xz before
+	x_modules
+	wipe_cache
+	pm=$(c_slice xz_pm "$C_CACHE_MIB")
+	x_create xz pcache_rs "$pm" 2 cache_mode writeonly
+	c_fio write "$dev" randwrite 0 32M 96
+	blkdiscard -f -z -o 8M -l 8M "$dev" || fail "blkdiscard -z failed"
+	blkdiscard -f -o 24M -l 8M "$dev" || fail "blkdiscard failed"
+	before="$(region_sum "$dev" 0 8M) $(region_sum "$dev" 16M 8M)"
+	dms remove "${DM_PREFIX}xz"
+	x_create xz pcache "$pm"
+	cmp <(head -c 8M /dev/zero) <(dd if="$dev" bs=1M skip=8 count=8 iflag=direct status=none) ||
+		fail "the zeroed range does not read as zeros through the C module"
+	expect_eq "the data around it, through the C module" "$before" \
+		"$(region_sum "$dev" 0 8M) $(region_sum "$dev" 16M 8M)"
+	dms remove "${DM_PREFIX}xz"
+}

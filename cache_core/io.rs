@@ -32,6 +32,18 @@ enum Misses {
 const LOG_RESERVE_SEGS: u32 = 1;
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+    /// The subtree of `cur` and where the range up to `end` leaves it (keys and
+    /// requests are cut at subtree boundaries, every 4 MiB).
+    pub(crate) fn stripe(&self, cur: u64, end: u64) -> Result<(usize, u64), CacheError> {
+        let sub = self
+            .index
+            .subtree_of(cur)
+            .ok_or(CacheError::Invalid("offset beyond the backing device"))?;
+        let stripe_end =
+            ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1) << crate::meta::layout::SUBTREE_SHIFT;
+        Ok((sub, end.min(stripe_end)))
+    }
+
     fn check_range(&self, off: u64, len: usize) -> Result<(), CacheError> {
         let end = off
             .checked_add(len as u64)
@@ -177,13 +189,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             .ok_or(CacheError::Invalid("discard beyond the backing device"))?;
         let mut cur = off;
         while cur < end {
-            let sub = self
-                .index
-                .subtree_of(cur)
-                .ok_or(CacheError::Invalid("offset"))?;
-            let stripe_end = ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1)
-                << crate::meta::layout::SUBTREE_SHIFT;
-            let to = end.min(stripe_end);
+            let (sub, to) = self.stripe(cur, end)?;
             // A placeholder over the range resolves every overlap (trimming the
             // keys that stick out), then goes itself.
             let hole = Key {
@@ -245,13 +251,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let mut res = ReadResult::default();
         let mut cur = off;
         while cur < end {
-            let sub = self
-                .index
-                .subtree_of(cur)
-                .ok_or(CacheError::Invalid("offset"))?;
-            let stripe_end = ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1)
-                << crate::meta::layout::SUBTREE_SHIFT;
-            let to = end.min(stripe_end);
+            let (sub, to) = self.stripe(cur, end)?;
             let found = self.index.first_overlap(sub, cur, to);
             let (hit, seg_end) = match found {
                 Some(k) if k.off <= cur => (Some(k), to.min(k.end())),

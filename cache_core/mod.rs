@@ -162,12 +162,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let end = off.saturating_add(len);
         let mut cur = off;
         while cur < end {
-            let Some(sub) = self.index.subtree_of(cur) else {
+            let Ok((sub, to)) = self.stripe(cur, end) else {
                 return false;
             };
-            let stripe_end = ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1)
-                << crate::meta::layout::SUBTREE_SHIFT;
-            let to = end.min(stripe_end);
             if self.index.first_overlap(sub, cur, to).is_some() {
                 return true;
             }

@@ -399,20 +399,34 @@ fn small_cache<'a>(
     pcache_engine::sim::SimBacking,
     pcache_engine::cache_core::Borrowed<'a>,
 > {
-    use pcache_engine::cache_core::{Cache, CacheOptions};
-    use pcache_engine::sim::{SimBacking, SimPmem};
-    let opts = CacheOptions {
+    let opts = pcache_engine::cache_core::CacheOptions {
         data_crc: true,
         ..Default::default()
     };
-    Cache::start(
+    start_small(world, mem, &opts).unwrap()
+}
+
+/// Attaches a cache over [`small_world`] with `opts`.
+fn start_small<'a>(
+    world: &SharedWorld,
+    mem: &'a mut pcache_engine::sim::OwnedMem,
+    opts: &pcache_engine::cache_core::CacheOptions,
+) -> Result<
+    pcache_engine::cache_core::Cache<
+        pcache_engine::sim::SimPmem,
+        pcache_engine::sim::SimBacking,
+        pcache_engine::cache_core::Borrowed<'a>,
+    >,
+    pcache_engine::cache_core::CacheError,
+> {
+    use pcache_engine::sim::{SimBacking, SimPmem};
+    pcache_engine::cache_core::Cache::start(
         SimPmem(world.clone()),
         SimBacking(world.clone()),
         Geometry::small(SMALL_SEG).unwrap(),
         mem.borrow(),
-        &opts,
+        opts,
     )
-    .unwrap()
 }
 
 /// A backing device that fails and recovers gets every dirty byte: writeback
@@ -556,23 +570,15 @@ fn discard_drops_keys_and_writeback_skips_them() {
 /// attaches only when the cache is clean.
 #[test]
 fn writeonly_mode_is_recorded_and_switches_only_when_clean() {
-    use pcache_engine::cache_core::{start::MODE_MISMATCH, Cache, CacheError, CacheOptions};
+    use pcache_engine::cache_core::{start::MODE_MISMATCH, CacheError, CacheOptions};
     use pcache_engine::meta::cache_info::{CACHE_MODE_WRITEBACK, CACHE_MODE_WRITEONLY};
-    use pcache_engine::sim::{SimBacking, SimPmem};
     let (world, mut mem) = small_world();
     let attach = |mem: &mut pcache_engine::sim::OwnedMem, mode: u32| {
         let opts = CacheOptions {
             cache_mode: mode,
             ..Default::default()
         };
-        Cache::start(
-            SimPmem(world.clone()),
-            SimBacking(world.clone()),
-            Geometry::small(SMALL_SEG).unwrap(),
-            mem.borrow(),
-            &opts,
-        )
-        .map(|mut c| {
+        start_small(&world, mem, &opts).map(|mut c| {
             c.check_invariants().unwrap();
             let mode = (c.status().cache_flags >> 2) & 0xf;
             let mut buf = vec![0u8; 4096];

@@ -248,6 +248,12 @@ c_status() {
 	dmsetup status "$DM_PREFIX$1" | awk -v f="$f" '{ print $f }'
 }
 
+# dm_swap <dm device> <table>: replace its table in the order suspend, load, resume (the device
+# keeps its IO queued meanwhile).
+dm_swap() {
+	dms suspend "$1" && dms load "$1" --table "$2" && dms resume "$1"
+}
+
 # c_stat <name> <statistic>: one of the statistics pcache_rs appends to its status line: after
 # upstream's nine fields comes their count, then the values in the order of STATUS_STATS
 # (cache_core/stats.rs). Fails if the line does not have it.

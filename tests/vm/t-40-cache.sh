@@ -236,9 +236,7 @@ test_cache_writeback_retries_backing_errors() {
 	create wbe "0 $sz $TARGET $cache /dev/mapper/$back"
 	dev=/dev/mapper/${DM_PREFIX}wbe
 	# Nothing may reach the backing device before it fails: fail it first, then write.
-	dms suspend "$back"
-	dms load "$back" --table "0 $sz error"
-	dms resume "$back"
+	dm_swap "$back" "0 $sz error"
 	before=$(kernel_log_lines)
 	c_fio write "$dev" randwrite 0 32M 61
 	c_fio write "$dev" write 256M 16M 62
@@ -253,9 +251,7 @@ test_cache_writeback_retries_backing_errors() {
 		fail "no writeback error counted in the status: $(dmsetup status "$DM_PREFIX"wbe)"
 	# The cache still serves everything it holds.
 	c_fio verify "$dev" randwrite 0 32M 61
-	dms suspend "$back"
-	dms load "$back" --table "0 $sz linear $BACKING_DEV 0"
-	dms resume "$back"
+	dm_swap "$back" "0 $sz linear $BACKING_DEV 0"
 	c_wait_drained wbe 600
 	dms remove "${DM_PREFIX}wbe"
 	dms remove "$back"
@@ -288,18 +284,14 @@ test_cache_writeonly_mode() {
 	dd if="$dev" of=/dev/null bs=64k count=4 iflag=direct status=none
 	expect_eq "read hits of written data" 4 "$(c_stat wo read_hits)"
 	# Dirty data that stays dirty: the backing device fails from here on.
-	dms suspend "$back"
-	dms load "$back" --table "0 $sz error"
-	dms resume "$back"
+	dm_swap "$back" "0 $sz error"
 	c_fio write "$dev" randwrite 0 32M 95
 	dms remove "${DM_PREFIX}wo"
 	before=$(kernel_log_lines)
 	must_fail dms create "${DM_PREFIX}wo" --table "${tbl/cache_mode writeonly/cache_mode writeback}"
 	log=$(kernel_log_since "$before")
 	grep -q "Cache mode differs from the cache device's" <<<"$log" || fail "no cache mode error in the log: $log"
-	dms suspend "$back"
-	dms load "$back" --table "0 $sz linear $BACKING_DEV 0"
-	dms resume "$back"
+	dm_swap "$back" "0 $sz linear $BACKING_DEV 0"
 	create wo "$tbl"
 	c_fio verify "$dev" randwrite 0 32M 95
 	c_wait_drained wo 300

@@ -4,7 +4,7 @@
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
-use super::{Cache, Memory};
+use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 use crate::meta::layout::SUBTREE_SIZE;
@@ -98,9 +98,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         }
     }
 
-    /// Copy `data` into the cache as one or more keys and log them. With `fua` the
-    /// keys' ksets are persisted before returning. On `Err` some leading part of
-    /// the request may already be cached (as upstream).
+    /// Writes `data` at `off` as the cache mode says (see [`super::mode`]). In
+    /// writeback and writeonly mode: copies it into the cache as one or more
+    /// keys and logs them; with `fua` the keys' ksets are persisted before
+    /// returning; on `Err` some leading part may already be cached (as
+    /// upstream). In the modes that write through, the backing device holds the
+    /// data when this returns `Ok` (with `fua`, durably), and on `Err` the cache
+    /// holds none of the range.
     pub fn write(
         &mut self,
         off: u64,
@@ -109,7 +113,39 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cpu: usize,
     ) -> Result<(), CacheError> {
         self.check_range(off, data.len())?;
-        self.insert_data(off, data, 0, fua, cpu)
+        let len = data.len() as u64;
+        match self.mode() {
+            Mode::Writeback | Mode::Writeonly => self.insert_data(off, data, 0, fua, cpu),
+            Mode::Writethrough => {
+                // The cache first, so that a read meanwhile finds the new data; its keys
+                // are clean, and need no persisting (see `super::mode`).
+                if let Err(e) = self.insert_data(off, data, KEY_FLAGS_CLEAN, false, cpu) {
+                    self.drop_range(off, len)?;
+                    return Err(e);
+                }
+                self.write_backing(off, data, fua)
+            }
+            Mode::Writearound => {
+                self.drop_range(off, len)?;
+                self.write_backing(off, data, fua)
+            }
+        }
+    }
+
+    /// Writes through to the backing device (flushing it for `fua`). On a
+    /// failure the cache gives up what it holds of the range: it must not serve
+    /// data the backing device may not have.
+    fn write_backing(&mut self, off: u64, data: &[u8], fua: bool) -> Result<(), CacheError> {
+        let written =
+            self.backing
+                .write(off, data)
+                .and_then(|()| if fua { self.backing.flush() } else { Ok(()) });
+        if written.is_err() {
+            self.stats.backing_errors += 1;
+            self.drop_range(off, data.len() as u64)?;
+            return Err(CacheError::Io("backing device write failed"));
+        }
+        Ok(())
     }
 
     fn insert_data(
@@ -183,10 +219,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// upstream's: after a crash, replay brings the dropped keys back (and
     /// writeback then copies the dirty ones), which a discard allows.
     pub fn discard(&mut self, off: u64, len: u64) -> Result<(), CacheError> {
-        let end = off
-            .checked_add(len)
+        off.checked_add(len)
             .filter(|&e| e <= self.dev_bytes)
             .ok_or(CacheError::Invalid("discard beyond the backing device"))?;
+        self.drop_range(off, len)
+    }
+
+    /// Drops every key in `off..off + len` from the index (trimming the keys
+    /// that stick out); logs nothing.
+    fn drop_range(&mut self, off: u64, len: u64) -> Result<(), CacheError> {
+        let end = off.saturating_add(len).min(self.dev_bytes);
         let mut cur = off;
         while cur < end {
             let (sub, to) = self.stripe(cur, end)?;
@@ -217,9 +259,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cache_misses: bool,
         cpu: usize,
     ) -> Result<ReadResult, CacheError> {
-        // Writeonly: what only reads want is not cached.
-        let writeonly = self.info.cache_mode() == crate::meta::cache_info::CACHE_MODE_WRITEONLY;
-        let misses = if cache_misses && !writeonly {
+        let misses = if cache_misses && self.mode().caches_misses() {
             Misses::ReadAndCache(cpu)
         } else {
             Misses::Read

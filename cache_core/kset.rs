@@ -195,16 +195,24 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// REQ_PREFLUSH: persist every open kset (`pcache_cache_flush`).
+    /// In the modes that write through, the backing device holds the data: it
+    /// is flushed too.
     pub fn flush(&mut self) -> Result<(), CacheError> {
-        for id in 0..self.ksets.len() {
-            self.kset_close(id)?;
+        self.flush_idle()?;
+        if self.mode().writes_through() && self.backing.flush().is_err() {
+            self.stats.backing_errors += 1;
+            return Err(CacheError::Io("backing device flush failed"));
         }
         Ok(())
     }
 
-    /// The periodic kset flush (upstream's 1 s `kset_flush_fn`): same as `flush`.
+    /// The periodic kset flush (upstream's 1 s `kset_flush_fn`): persists the
+    /// open ksets.
     pub fn flush_idle(&mut self) -> Result<(), CacheError> {
-        self.flush()
+        for id in 0..self.ksets.len() {
+            self.kset_close(id)?;
+        }
+        Ok(())
     }
 
     /// CRC of a key's data as stored (`cache_key_data_crc`).

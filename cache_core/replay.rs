@@ -67,6 +67,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let mut cur = LogCursor::new(self.key_tail.pos);
         self.set_used(cur.pos.seg, true);
         let mut dirty_tail_seen = false;
+        let cold = self.mode().writes_through();
         loop {
             if cur.pos == self.dirty_tail.pos {
                 dirty_tail_seen = true;
@@ -108,6 +109,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 }
                 self.set_used(key.pos.seg, true);
                 self.seg_get(key.pos.seg);
+                // Recorded in a mode that writes through: the cache starts empty
+                // (see `super::mode`); the reference above is GC's to give back.
+                if cold {
+                    continue;
+                }
                 self.index
                     .insert(key, |_| {})
                     .map_err(|_| CacheError::NoMem("key pool too small to replay the log"))?;

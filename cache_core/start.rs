@@ -47,8 +47,7 @@ pub const MODE_MISMATCH: &str =
 
 /// The `PCACHE_CACHE_MODE_*` values the engine runs.
 fn mode_supported(mode: u32) -> bool {
-    mode == crate::meta::cache_info::CACHE_MODE_WRITEBACK
-        || mode == crate::meta::cache_info::CACHE_MODE_WRITEONLY
+    super::Mode::from_bits(mode).is_some()
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
@@ -69,9 +68,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             return Err(CacheError::Invalid("cache device is too small"));
         }
         if !mode_supported(opts.cache_mode) {
-            return Err(CacheError::Invalid(
-                "only cache_mode writeback and writeonly are supported",
-            ));
+            return Err(CacheError::Invalid("unknown cache_mode"));
         }
         let sb_bytes: [u8; SB_STRUCT_SIZE] = read_slot(&pmem, SB_OFF)?;
         let raw = Superblock::decode_raw(&sb_bytes)?;
@@ -172,12 +169,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         // IO — a table load that is cleared again while the old instance stays
         // — must not change the flag under the instance that owns the device.
         cache.crc_flag_pending = cache.media_crc_allowed() != cache.info.data_crc();
-        // Another mode than the one recorded: only for a clean cache, whose keys all
-        // match the backing device, so no mode has to take over data it would
-        // handle differently. (Both modes log the same keys; the check keeps the
-        // rule for the modes that write through, which never hold dirty data.)
+        // Another mode than the one recorded: only for a cache without dirty data,
+        // whose keys all match the backing device (the modes that write through
+        // never have any), so no mode takes over data it would handle otherwise.
         if cache.info.cache_mode() != opts.cache_mode {
-            if !cache.is_clean() {
+            if cache.dirty_bytes != 0 {
                 return Err(CacheError::Invalid(MODE_MISMATCH));
             }
             cache.info.set_cache_mode(opts.cache_mode);

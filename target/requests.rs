@@ -100,6 +100,20 @@ impl LiveCache {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
         let op = bio.op();
+        let writes = matches!(op, BioOp::Write | BioOp::WriteZeroes);
+        if at == ServeContext::Map {
+            // Every bio comes to `map` first: count a write there, before any of it is written
+            // (a write that waits for room or for the backing device is served on the worker).
+            if writes {
+                self.count_write(&core.engine, off, len);
+            }
+            // In the modes that write through, writes and flushes wait for the backing device.
+            if core.engine.writes_need_backing()
+                && (writes || bio.is_preflush() || op == BioOp::Flush)
+            {
+                return None;
+            }
+        }
         if bio.is_preflush() || op == BioOp::Flush {
             let done = outcome(core.engine.flush())?;
             if done.is_err() || op == BioOp::Flush {
@@ -115,9 +129,6 @@ impl LiveCache {
                 });
             }
             BioOp::WriteZeroes => {
-                if at == ServeContext::Map {
-                    self.count_write(&core.engine, off, len);
-                }
                 return self
                     .write_zeroes(core, off, len, bio.is_fua())
                     .map(Served::Done);
@@ -127,8 +138,7 @@ impl LiveCache {
         self.serve_data(core, bio, at, off, len).map(Served::Done)
     }
 
-    /// Counts a write bio as a hit or a miss, before any of it is written (a write that waits
-    /// for room is served again on the worker, and every bio comes to `map` first).
+    /// Counts a write bio as a hit or a miss.
     fn count_write(&self, engine: &PcacheEngine, off: u64, len: usize) {
         self.count(if engine.holds_any(off, len as u64) {
             Count::WriteHit
@@ -177,9 +187,6 @@ impl LiveCache {
                 };
                 if let Err(e) = bio.copy_to(buf) {
                     return Some(Err(e));
-                }
-                if at == ServeContext::Map {
-                    self.count_write(engine, off, len);
                 }
                 outcome(engine.write(off, buf, fua, 0))
             }

@@ -6,7 +6,7 @@
 //! and `message`, and the host crate fuzzes them. No input can make them panic or allocate.
 //!
 //! Table line (upstream dm-pcache syntax):
-//! `<cache_dev> <backing_dev> [<#opt_args> [cache_mode writeback|writeonly] [data_crc true|false]]`
+//! `<cache_dev> <backing_dev> [<#opt_args> [cache_mode writeback|writethrough|writearound|writeonly] [data_crc true|false]]`
 //!
 //! Messages: `gc_percent <0-90>`, `data_crc true|false`, `stats reset`.
 
@@ -25,6 +25,10 @@ pub const GC_PERCENT_MAX: u8 = 90;
 pub enum CacheMode {
     /// Writes complete once in pmem; written back to the backing device later.
     Writeback,
+    /// A write goes into the cache and to the backing device before it completes.
+    Writethrough,
+    /// A write goes to the backing device and drops what the cache held of it.
+    Writearound,
     /// As writeback, but reads the cache does not hold are not cached.
     Writeonly,
 }
@@ -33,6 +37,8 @@ impl CacheMode {
     fn parse(s: &[u8]) -> Option<Self> {
         match s {
             b"writeback" => Some(Self::Writeback),
+            b"writethrough" => Some(Self::Writethrough),
+            b"writearound" => Some(Self::Writearound),
             b"writeonly" => Some(Self::Writeonly),
             _ => None,
         }
@@ -42,6 +48,8 @@ impl CacheMode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Writeback => "writeback",
+            Self::Writethrough => "writethrough",
+            Self::Writearound => "writearound",
             Self::Writeonly => "writeonly",
         }
     }
@@ -50,6 +58,8 @@ impl CacheMode {
     pub fn bits(self) -> u32 {
         match self {
             Self::Writeback => crate::meta::cache_info::CACHE_MODE_WRITEBACK,
+            Self::Writethrough => crate::meta::cache_info::CACHE_MODE_WRITETHROUGH,
+            Self::Writearound => crate::meta::cache_info::CACHE_MODE_WRITEAROUND,
             Self::Writeonly => crate::meta::cache_info::CACHE_MODE_WRITEONLY,
         }
     }
@@ -98,7 +108,7 @@ pub enum TableError {
     MissingValue,
     /// An option given twice.
     DuplicateOption,
-    /// `cache_mode` other than `writeback` or `writeonly`.
+    /// `cache_mode` other than `writeback`, `writethrough`, `writearound` or `writeonly`.
     BadCacheMode,
     /// `data_crc` other than `true` or `false`.
     BadDataCrc,

@@ -491,7 +491,8 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
     let mut cfg = Cfg {
         opts: CacheOptions {
             data_crc: rng.chance(1, 2),
-            ..Default::default()
+            // Every cache mode, a seed each in turn (a seed keeps its mode across lives).
+            cache_mode: (seed % 4) as u32,
         },
         n_ksets: 1 + rng.below(3) as usize,
         n_heads: 1 + rng.below(2) as usize,

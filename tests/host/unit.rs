@@ -106,10 +106,7 @@ fn table_and_messages_parse() {
     assert!(!parse_table(&words("a b")).unwrap().options.data_crc);
     let err = |s: &str| parse_table(&words(s)).unwrap_err();
     assert_eq!(err("a"), TableError::ArgCount);
-    assert_eq!(
-        err("a b 2 cache_mode writethrough"),
-        TableError::BadCacheMode
-    );
+    assert_eq!(err("a b 2 cache_mode writeahead"), TableError::BadCacheMode);
     assert_eq!(err("a b 3 data_crc true x"), TableError::OptArgCount);
     assert_eq!(err("a b 2 data_crc"), TableError::OptArgCount);
     assert_eq!(err("a b 2 data_crc yes"), TableError::BadDataCrc);
@@ -608,6 +605,60 @@ fn writeonly_mode_is_recorded_and_switches_only_when_clean() {
         attach(&mut mem, CACHE_MODE_WRITEBACK).unwrap(),
         (CACHE_MODE_WRITEBACK, true)
     );
+}
+
+/// The modes that write through: the backing device holds every write when
+/// it returns, nothing is ever dirty, and a cache attached in such a mode
+/// starts empty. Writethrough caches what it writes; writearound drops what the
+/// cache held of a write's range and caches what reads bring in. A failed
+/// backing write leaves nothing of its range in the cache.
+#[test]
+fn writethrough_and_writearound_hold_every_write_on_the_backing_device() {
+    use pcache_engine::cache_core::{CacheOptions, Mode};
+    use pcache_engine::meta::cache_info::{CACHE_MODE_WRITEAROUND, CACHE_MODE_WRITETHROUGH};
+    for mode in [CACHE_MODE_WRITETHROUGH, CACHE_MODE_WRITEAROUND] {
+        let (world, mut mem) = small_world();
+        let opts = CacheOptions {
+            cache_mode: mode,
+            ..Default::default()
+        };
+        let a = vec![0x3cu8; 8192];
+        let b = vec![0x4du8; 4096];
+        let mut buf = vec![0u8; 4096];
+        {
+            let mut c = start_small(&world, &mut mem, &opts).unwrap();
+            assert!(c.writes_need_backing());
+            c.write(0, &a, false, 0).unwrap();
+            assert_eq!(&world.borrow().backing.read_sector(15)[..], &a[..512]);
+            let cached = c.read_cached(0, &mut buf).unwrap().is_some();
+            assert_eq!(cached, c.mode() == Mode::Writethrough, "{mode}");
+            // A read brings the range in (both modes cache misses).
+            c.read(0, &mut buf, true, 0).unwrap();
+            assert!(c.read_cached(0, &mut buf).unwrap().is_some());
+            assert_eq!(&buf[..], &a[..4096]);
+            c.write(0, &b, false, 0).unwrap();
+            assert_eq!(&world.borrow().backing.read_sector(0)[..], &b[..512]);
+            match c.read_cached(0, &mut buf).unwrap() {
+                Some(_) => assert_eq!((&buf[..], c.mode()), (&b[..], Mode::Writethrough)),
+                None => assert_eq!(c.mode(), Mode::Writearound),
+            }
+            // A failing backing device: the write fails, and the cache drops the range.
+            world.borrow_mut().backing_fails = true;
+            assert!(c.write(4096, &b, false, 0).is_err());
+            world.borrow_mut().backing_fails = false;
+            assert!(!c.holds_any(4096, 4096));
+            assert_eq!(c.status().stats.backing_errors, 1);
+            c.flush().unwrap();
+            assert_eq!(c.status().dirty_bytes, 0);
+            c.check_invariants().unwrap();
+        }
+        // Attached again: empty, and reads come from the backing device.
+        let mut c = start_small(&world, &mut mem, &opts).unwrap();
+        assert_eq!(c.status().keys, 0);
+        c.read(0, &mut buf, true, 0).unwrap();
+        assert_eq!(&buf[..], &b[..]);
+        c.check_invariants().unwrap();
+    }
 }
 
 /// `read_cached` serves a range the cache holds entirely and stops at the first

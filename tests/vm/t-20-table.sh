@@ -83,7 +83,7 @@ test_malformed_data_crc_missing_value() {
 }
 test_malformed_cache_mode_bad_value() {
 	malformed "Invalid cache_mode" "Invalid cache mode parameter" \
-		"$PMEM_DEV $BACKING_DEV 2 cache_mode writethrough"
+		"$PMEM_DEV $BACKING_DEV 2 cache_mode writeahead"
 }
 test_malformed_data_crc_bad_value() {
 	malformed "Invalid data_crc value" "Invalid data crc parameter" \

@@ -304,6 +304,45 @@ test_cache_writeonly_mode() {
 	dms remove "$back"
 }
 
+# The modes that write through: data written through the cache verifies, and the backing device
+# alone holds all of it while the cache runs (nothing is dirty: no dirty bytes, the dirty tail
+# reaches the key head); writethrough serves the written data from the cache, writearound does
+# not until a read brought it in; after remove and create the cache starts empty and every byte
+# still verifies; the mode is in cache_flags (1 and 2).
+test_cache_write_through_modes() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream has only writeback"
+	local mode bits dev hits
+	for mode in writethrough writearound; do
+		bits=1
+		[ "$mode" = writethrough ] || bits=2
+		dev=$(c_new wt 2 cache_mode "$mode")
+		expect_eq "$mode: cache mode bits" "$bits" $(((0x$(c_status wt cache_flags) >> 2) & 15))
+		c_fio write "$dev" randwrite 0 32M 97
+		c_fio write "$dev" write 64M 16M 98
+		c_fio verify "$BACKING_DEV" randwrite 0 32M 97
+		c_fio verify "$BACKING_DEV" write 64M 16M 98
+		expect_eq "$mode: dirty bytes" 0 "$(c_stat wt dirty_bytes)"
+		c_wait_drained wt 60
+		# fio's verify read the regions back (which fills the cache in both modes): write anew.
+		dd if=/dev/urandom of="$dev" bs=64k count=4 seek=2048 oflag=direct status=none
+		dms message "${DM_PREFIX}wt" 0 stats reset
+		dd if="$dev" of=/dev/null bs=64k count=4 skip=2048 iflag=direct status=none
+		hits=4
+		[ "$mode" = writethrough ] || hits=0
+		expect_eq "$mode: read hits of written data" "$hits" "$(c_stat wt read_hits)"
+		dd if="$dev" of=/dev/null bs=64k count=4 skip=2048 iflag=direct status=none
+		expect_eq "$mode: read hits once read" $((hits + 4)) "$(c_stat wt read_hits)"
+		dms remove "${DM_PREFIX}wt"
+		create wt "$(c_table "/dev/mapper/${DM_PREFIX}wt_pm" 2 cache_mode "$mode")"
+		dd if="$dev" of=/dev/null bs=64k count=4 skip=2048 iflag=direct status=none
+		expect_eq "$mode: read misses after create (the cache starts empty)" 4 "$(c_stat wt read_misses)"
+		c_fio verify "$dev" randwrite 0 32M 97
+		c_fio verify "$dev" write 64M 16M 98
+		dms remove "${DM_PREFIX}wt"
+		dms remove "${DM_PREFIX}wt_pm"
+	done
+}
+
 # dm_sysfs <dm name>: its sysfs directory (without udev, /dev/mapper/<name> is a node, not a link).
 dm_sysfs() {
 	echo "/sys/dev/block/$(dmsetup info -c --noheadings -o major,minor --separator : "$1")"

@@ -31,11 +31,12 @@ f_check_sums() {
 	(cd "$1" && sha256sum -c --quiet "$T_TMP/fs.sums") || fail "file contents changed"
 }
 
-# f_fs_test <fs type> <mkfs command...>
+# f_fs_test <fs type> <mkfs command...>; F_TABLE_ARGS: optional table arguments of the cache.
 f_fs_test() {
 	local fs=$1 dev mnt tbl
 	shift
-	dev=$(c_new "$fs")
+	# shellcheck disable=SC2086 # the arguments are words on purpose
+	dev=$(c_new "$fs" ${F_TABLE_ARGS:-})
 	tbl=$(dmsetup table "${DM_PREFIX}$fs")
 	"$@" "$dev" >/dev/null
 	mnt=$(mktemp -d -p "$T_TMP")
@@ -81,6 +82,22 @@ f_fsck() { # <fs type> <dev>
 
 test_cache_fs_ext4() {
 	f_fs_test ext4 mkfs.ext4 -q -F
+}
+
+# The filesystem test in the other cache modes (ext4).
+test_cache_fs_ext4_writethrough() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream has only writeback"
+	F_TABLE_ARGS="2 cache_mode writethrough" f_fs_test ext4 mkfs.ext4 -q -F
+}
+
+test_cache_fs_ext4_writearound() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream has only writeback"
+	F_TABLE_ARGS="2 cache_mode writearound" f_fs_test ext4 mkfs.ext4 -q -F
+}
+
+test_cache_fs_ext4_writeonly() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream has only writeback"
+	F_TABLE_ARGS="2 cache_mode writeonly" f_fs_test ext4 mkfs.ext4 -q -F
 }
 
 test_cache_fs_xfs() {

@@ -200,7 +200,11 @@ impl fmt::Display for Finding {
         };
         // Data findings name no on-media field ("data", "-").
         if self.field == "-" {
-            return write!(f, "{sev}: {} at {}: {}", self.structure, self.location, self.problem);
+            return write!(
+                f,
+                "{sev}: {} at {}: {}",
+                self.structure, self.location, self.problem
+            );
         }
         write!(
             f,

@@ -30,9 +30,9 @@ use target::{
     claim::{ActiveClaim, Held},
     construct::{self, Devices, MAX_IO_SECTORS},
     engine::PcacheEngine,
-    live::{ErrorText, LiveCache, RequestCounters},
+    live::{fill_misses, ErrorText, LiveCache, RequestCounters},
+    miss::MissQueue,
     report,
-    requests::Served,
     status::{StatusType, StatusWriter},
     table::{self, MAX_ARGS},
     target_type::{
@@ -79,8 +79,14 @@ impl Running {
         let started = construct::start(devices, claim)?;
         let counts = RequestCounters::new()
             .map_err(|e| CtrError::new(c"Cannot allocate the statistics counters", e))?;
+        let wq = WorkQueue::new(c"wq")
+            .and_then(|wq| Ok(Arc::new(wq, GFP_KERNEL)?))
+            .map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
+        let misses = MissQueue::new(&wq)
+            .map_err(|e| CtrError::new(c"Cannot allocate the read-miss bio set", e))?;
         let live = Arc::pin_init(
             LiveCache::new(
+                misses,
                 started.engine,
                 started.staging,
                 started.writer,
@@ -91,9 +97,12 @@ impl Running {
             GFP_KERNEL,
         )
         .map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))?;
-        let wq = WorkQueue::new(c"wq")
-            .and_then(|wq| Ok(Arc::new(wq, GFP_KERNEL)?))
-            .map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
+        // SAFETY: the queue is a field of `live`, which outlives it, and is bound before any
+        // bio reaches the instance.
+        unsafe {
+            live.misses
+                .bind(fill_misses, (&raw const *live).cast::<core::ffi::c_void>())
+        };
         let worker = Worker::new(&wq, live.clone(), LiveCache::run_requests)
             .map_err(|e| CtrError::new(c"Cannot allocate workqueue", e))?;
         let ticker = Ticker::new(&wq, live.clone(), LiveCache::tick, TICK_MS)
@@ -175,6 +184,7 @@ impl TargetOperations for Pcache {
         target.set_num_discard_bios(1);
         target.set_discards_supported(true);
         target.set_num_write_zeroes_bios(1);
+        target.set_per_io_data_size(target::miss::per_bio_data());
         KBox::pin(this, GFP_KERNEL).map_err(|_| CtrError::new(c"Cannot allocate target", ENOMEM))
     }
 
@@ -185,8 +195,7 @@ impl TargetOperations for Pcache {
         };
         let (mut held, taken) = bio.take();
         match run.live.serve_inline(&mut held) {
-            Some(Served::Done(result)) => held.end(result),
-            Some(Served::ToBacking) => run.live.pass_down(held),
+            Some(served) => run.live.dispatch(held, served),
             None => {
                 run.live.pending.lock().push(held);
                 run.worker.queue();
@@ -304,6 +313,10 @@ impl TargetOperations for Pcache {
         // Requests are staged at most `MAX_IO_SECTORS` at a time (device-mapper splits larger
         // bios): say so, so that upper layers build bios of that size to begin with.
         limits.limit_max_sectors(MAX_IO_SECTORS as u32);
+        // A write is copied into pmem straight from its bio's pages, with its CRC computed over
+        // the same bytes as they go: a page that changed meanwhile would leave a key whose data
+        // fails its CRC, and a read of it an error. Stable pages rule that out.
+        limits.set_stable_writes();
         // Write-zeroes are written as zeros through the cache, one staging buffer at a time.
         limits.limit_max_write_zeroes(MAX_IO_SECTORS as u32);
         // The backing device's discard limits came with the stacking; without them, take

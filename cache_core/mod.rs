@@ -15,6 +15,7 @@
 //! never allocates. `core` only, no `unsafe`, no panicking paths on media input.
 
 pub mod background;
+pub mod data;
 pub mod env;
 pub mod error;
 pub mod gc;
@@ -39,6 +40,7 @@ use crate::meta::header::SlotIndex;
 use crate::meta::kset::KSET_ONMEDIA_SIZE_MAX;
 use crate::meta::layout::Geometry;
 
+pub use data::{Sink, Source, Zeros};
 pub use env::{Backing, IoError, Locked, Pmem, Waiting};
 pub use error::CacheError;
 pub use index::{Index, Node};
@@ -134,6 +136,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) nocrc_until: u64,
     /// The table's data_crc differs from the media flag: sync before the next key.
     pub(crate) crc_flag_pending: bool,
+    /// The tag of the last read-miss placeholder (see [`io::Gap`]).
+    pub(crate) last_tag: u32,
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {

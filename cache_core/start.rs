@@ -156,6 +156,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             log_seq_head: 0,
             nocrc_until: 0,
             crc_flag_pending: false,
+            last_tag: 0,
         };
 
         cache.cache_info_init(opts, sb.seg_num)?;

@@ -3,7 +3,8 @@
 //! The view of a `struct bio` that a target's `map` and `end_io` get.
 
 use super::{bindings, device::TargetDevice};
-use core::{marker::PhantomData, ptr::NonNull};
+use crate::cache_core::{IoError, Sink, Source};
+use core::{ffi::c_void, marker::PhantomData, ptr::NonNull};
 use kernel::prelude::*;
 
 /// What a bio asks for.
@@ -184,6 +185,79 @@ impl HeldBio {
         Ok(())
     }
 
+    /// Gives the bio up as a raw pointer, neither ended nor touched: the caller ends it later
+    /// through [`HeldBio::from_raw`].
+    pub(crate) fn into_raw(self) -> NonNull<bindings::bio> {
+        let ptr = self.ptr;
+        core::mem::forget(self);
+        ptr
+    }
+
+    /// Takes back a bio given up by [`HeldBio::into_raw`].
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must come from [`HeldBio::into_raw`], and nothing else may use it afterwards.
+    pub(crate) unsafe fn from_raw(ptr: NonNull<bindings::bio>) -> Self {
+        // INVARIANT: ownership comes back from `into_raw` (caller).
+        Self { ptr }
+    }
+
+    /// Calls `f` on each mapped page piece of bytes `at..at + len` of `bio` (address, length).
+    ///
+    /// # Safety
+    ///
+    /// `bio` must be live for the call, with its `bi_iter` unchanged meanwhile.
+    unsafe fn for_each_piece(
+        bio: NonNull<bindings::bio>,
+        at: usize,
+        len: usize,
+        f: &mut dyn FnMut(*mut u8, usize) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        let (Ok(skip), Ok(len)) = (u32::try_from(at), u32::try_from(len)) else {
+            return Err(IoError);
+        };
+        let mut visit = Visit { f };
+        // SAFETY: the bio is live (caller); `visit` outlives the call, and `visit_piece` is the
+        // callback that expects it as `ctx`.
+        let ret = unsafe {
+            bindings::pcache_rs_bio_for_each_piece(
+                bio.as_ptr(),
+                skip,
+                len,
+                Some(visit_piece),
+                (&raw mut visit).cast(),
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(IoError)
+        }
+    }
+
+    /// [`Source::pieces`] of a bio nobody writes meanwhile.
+    ///
+    /// # Safety
+    ///
+    /// `bio` must be live for the call, and neither its `bi_iter` nor the bytes `at..at + len`
+    /// of its data may change meanwhile.
+    pub(crate) unsafe fn pieces_of(
+        bio: NonNull<bindings::bio>,
+        at: usize,
+        len: usize,
+        f: &mut dyn FnMut(&[u8]) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        // SAFETY: the bio is live (caller).
+        unsafe {
+            Self::for_each_piece(bio, at, len, &mut |p, n| {
+                // SAFETY: `p..p + n` is one piece of a page of the bio, mapped for the
+                // duration of the callback, and unchanged meanwhile (caller).
+                f(core::slice::from_raw_parts(p, n))
+            })
+        }
+    }
+
     /// Sends the bio on to `dev` at `sector` of it (`submit_bio_noacct`); it completes through
     /// device-mapper as if `map` had remapped it.
     pub(crate) fn submit_to(self, dev: &TargetDevice, sector: u64) {
@@ -209,6 +283,63 @@ impl HeldBio {
         // SAFETY: the bio is ours and ended exactly once: `self` is forgotten, so drop does not
         // end it again.
         unsafe { bindings::pcache_rs_bio_endio(ptr.as_ptr(), err) };
+    }
+}
+
+/// A write bio's data, for the engine to copy into pmem without staging.
+impl Source for HeldBio {
+    fn len(&self) -> usize {
+        self.size() as usize
+    }
+
+    fn pieces(
+        &self,
+        at: usize,
+        len: usize,
+        f: &mut dyn FnMut(&[u8]) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        // SAFETY: the bio is live and ours (type invariant). The target asks for stable pages
+        // (`io_hints`), so nobody changes a write bio's data while the bio is in flight.
+        unsafe { Self::pieces_of(self.ptr, at, len, f) }
+    }
+}
+
+/// A read bio's pages, for the engine to fill from pmem without staging.
+impl Sink for HeldBio {
+    fn pieces_mut(
+        &mut self,
+        at: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        // SAFETY: the bio is live and ours (type invariant).
+        unsafe {
+            Self::for_each_piece(self.ptr, at, len, &mut |p, n| {
+                // SAFETY: `p..p + n` is one piece of a page of the bio, mapped for the duration
+                // of the callback; a read bio's pages are the target's to fill until it ends
+                // the bio, and `&mut self` makes this the only access.
+                f(core::slice::from_raw_parts_mut(p, n))
+            })
+        }
+    }
+}
+
+/// The visitor behind `ctx` of [`visit_piece`].
+struct Visit<'a> {
+    f: &'a mut dyn FnMut(*mut u8, usize) -> Result<(), IoError>,
+}
+
+/// `pcache_rs_piece_fn`: hands one piece to the visitor.
+///
+/// # Safety
+///
+/// `ctx` points to a live [`Visit`] that nothing else uses during the call.
+unsafe extern "C" fn visit_piece(ctx: *mut c_void, piece: *mut c_void, len: usize) -> i32 {
+    // SAFETY: the caller (`HeldBio::for_each_piece`) passes its own `Visit`.
+    let visit = unsafe { &mut *ctx.cast::<Visit<'_>>() };
+    match (visit.f)(piece.cast(), len) {
+        Ok(()) => 0,
+        Err(IoError) => EIO.to_errno(),
     }
 }
 

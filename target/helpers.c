@@ -5,7 +5,10 @@
 #include <linux/bio.h>
 #include <linux/blkdev.h>
 #include <linux/dax.h>
+#include <linux/delay.h>
+#include <linux/device-mapper.h>
 #include <linux/libnvdimm.h>
+#include <linux/llist.h>
 #include <linux/mm.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
@@ -156,6 +159,34 @@ void pcache_rs_bio_copy_from_buf(struct bio *bio, const void *buf)
 		memcpy_to_bvec(&bv, buf);
 		buf += bv.bv_len;
 	}
+}
+
+int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned int len,
+				 pcache_rs_piece_fn fn, void *ctx)
+{
+	struct bvec_iter iter = bio->bi_iter;
+	struct bvec_iter it;
+	struct bio_vec bv;
+	int ret = 0;
+
+	if (skip > iter.bi_size || len > iter.bi_size - skip)
+		return -EINVAL;
+	bio_advance_iter(bio, &iter, skip);
+	iter.bi_size = len;
+	__bio_for_each_segment(bv, bio, it, iter) {
+		void *p = bvec_kmap_local(&bv);
+
+		ret = fn(ctx, p, bv.bv_len);
+		kunmap_local(p);
+		if (ret)
+			break;
+	}
+	return ret;
+}
+
+void pcache_rs_limits_set_stable_writes(struct queue_limits *lim)
+{
+	lim->features |= BLK_FEAT_STABLE_WRITES;
 }
 
 void pcache_rs_bio_endio(struct bio *bio, int err)
@@ -327,4 +358,170 @@ void pcache_rs_counters_zero(void *c, unsigned int n)
 	for_each_possible_cpu(cpu)
 		for (i = 0; i < n; i++)
 			WRITE_ONCE(*per_cpu_ptr(&pcache_rs_counters(c)[i], cpu), 0);
+}
+
+struct pcache_rs_miss {
+	struct llist_node node;
+	struct pcache_rs_missq *q;
+	struct bio *orig;
+	u64 off;		/* byte offset of the gap on the backing device */
+	u32 at;			/* where the gap starts in @orig's data */
+	u32 len;
+	u32 tag;		/* the gap's placeholder key, 0 for none */
+	/* must be last: allocated from the queue's bio_set with this struct as front pad */
+	struct bio clone;
+};
+
+struct pcache_rs_missq {
+	struct bio_set bs;
+	struct llist_head done;
+	struct work_struct work;
+	struct workqueue_struct *wq;
+	atomic_t inflight;
+	void (*fill)(void *ctx);
+	void *ctx;
+};
+
+/* Per-bio data of a read bio with misses in flight. */
+struct pcache_rs_io {
+	atomic_t remaining;
+	int error;
+};
+
+unsigned int pcache_rs_io_size(void)
+{
+	return sizeof(struct pcache_rs_io);
+}
+
+struct bio *pcache_rs_miss_info(struct pcache_rs_miss *m, u64 *off, u32 *at, u32 *len, u32 *tag)
+{
+	*off = m->off;
+	*at = m->at;
+	*len = m->len;
+	*tag = m->tag;
+	return m->orig;
+}
+
+static void pcache_rs_missq_work(struct work_struct *work)
+{
+	struct pcache_rs_missq *q = container_of(work, struct pcache_rs_missq, work);
+
+	if (q->fill)
+		q->fill(q->ctx);
+}
+
+struct pcache_rs_missq *pcache_rs_missq_create(struct workqueue_struct *wq)
+{
+	struct pcache_rs_missq *q = kzalloc(sizeof(*q), GFP_KERNEL);
+
+	if (!q)
+		return NULL;
+	/* A rescuer: clones are allocated in map, under the submitter's bio list. */
+	if (bioset_init(&q->bs, BIO_POOL_SIZE, offsetof(struct pcache_rs_miss, clone),
+			BIOSET_NEED_RESCUER)) {
+		kfree(q);
+		return NULL;
+	}
+	init_llist_head(&q->done);
+	INIT_WORK(&q->work, pcache_rs_missq_work);
+	q->wq = wq;
+	atomic_set(&q->inflight, 0);
+	return q;
+}
+
+void pcache_rs_missq_bind(struct pcache_rs_missq *q, void (*fill)(void *ctx), void *ctx)
+{
+	q->ctx = ctx;
+	q->fill = fill;
+}
+
+/* Waits for every clone in flight and its fill, then frees the queue. */
+void pcache_rs_missq_destroy(struct pcache_rs_missq *q)
+{
+	while (atomic_read(&q->inflight))
+		fsleep(1000);
+	cancel_work_sync(&q->work);
+	bioset_exit(&q->bs);
+	kfree(q);
+}
+
+static void pcache_rs_miss_endio(struct bio *clone)
+{
+	struct pcache_rs_miss *m = container_of(clone, struct pcache_rs_miss, clone);
+	struct pcache_rs_missq *q = m->q;
+
+	llist_add(&m->node, &q->done);
+	queue_work(q->wq, &q->work);
+}
+
+void pcache_rs_miss_submit(struct pcache_rs_missq *q, struct bio *orig,
+			   struct block_device *bdev, u64 off, u32 at, u32 len, u32 tag)
+{
+	struct bio *clone = bio_alloc_clone(bdev, orig, GFP_NOIO, &q->bs);
+	struct pcache_rs_miss *m = container_of(clone, struct pcache_rs_miss, clone);
+
+	m->q = q;
+	m->orig = orig;
+	m->off = off;
+	m->at = at;
+	m->len = len;
+	m->tag = tag;
+	bio_trim(clone, at >> SECTOR_SHIFT, len >> SECTOR_SHIFT);
+	clone->bi_iter.bi_sector = off >> SECTOR_SHIFT;
+	clone->bi_end_io = pcache_rs_miss_endio;
+	/* A read miss is not a flush: the flags of the original stay with it. */
+	clone->bi_opf &= ~(REQ_PREFLUSH | REQ_FUA);
+	atomic_inc(&q->inflight);
+	submit_bio_noacct(clone);
+}
+
+/* The completed misses, oldest last. */
+struct pcache_rs_miss *pcache_rs_missq_take(struct pcache_rs_missq *q)
+{
+	struct llist_node *n = llist_del_all(&q->done);
+
+	return n ? llist_entry(n, struct pcache_rs_miss, node) : NULL;
+}
+
+struct pcache_rs_miss *pcache_rs_miss_next(struct pcache_rs_miss *m)
+{
+	struct llist_node *n = m->node.next;
+
+	return n ? llist_entry(n, struct pcache_rs_miss, node) : NULL;
+}
+
+int pcache_rs_miss_error(struct pcache_rs_miss *m)
+{
+	return blk_status_to_errno(m->clone.bi_status);
+}
+
+/* Frees a filled miss. */
+void pcache_rs_miss_put(struct pcache_rs_miss *m)
+{
+	struct pcache_rs_missq *q = m->q;
+
+	bio_put(&m->clone);
+	atomic_dec(&q->inflight);
+}
+
+/* @n parts of @bio are to complete (the gaps in flight, and their submitter). */
+void pcache_rs_io_start(struct bio *bio, unsigned int n)
+{
+	struct pcache_rs_io *io = dm_per_bio_data(bio, sizeof(*io));
+
+	io->error = 0;
+	atomic_set(&io->remaining, n);
+}
+
+/* One part of @bio completed with @err; true for the last, with the first error in *@error. */
+bool pcache_rs_io_put(struct bio *bio, int err, int *error)
+{
+	struct pcache_rs_io *io = dm_per_bio_data(bio, sizeof(*io));
+
+	if (err)
+		cmpxchg(&io->error, 0, err);
+	if (!atomic_dec_and_test(&io->remaining))
+		return false;
+	*error = READ_ONCE(io->error);
+	return true;
 }

@@ -27,6 +27,7 @@ void pcache_rs_cond_resched(void);
 unsigned int pcache_rs_bio_op(const struct bio *bio);
 bool pcache_rs_op_is_write(unsigned int op);
 unsigned int pcache_rs_bio_max_sectors(struct block_device *bdev);
+void pcache_rs_limits_set_stable_writes(struct queue_limits *lim);
 
 /* Work items on the target's own workqueue. */
 struct workqueue_struct *pcache_rs_alloc_workqueue(const char *name);
@@ -42,11 +43,44 @@ void pcache_rs_bio_list_add(struct bio_list *bl, struct bio *bio);
 struct bio *pcache_rs_bio_list_pop(struct bio_list *bl);
 void pcache_rs_bio_copy_to_buf(struct bio *bio, void *buf);
 void pcache_rs_bio_copy_from_buf(struct bio *bio, const void *buf);
+/*
+ * Calls @fn(@ctx, piece, piece_len) on bytes @skip..@skip + @len of @bio's data, page by
+ * page (each mapped with kmap_local for the call); stops at the first non-zero return, which
+ * it returns. -EINVAL if the range is not all in the bio.
+ */
+typedef int (*pcache_rs_piece_fn)(void *ctx, void *piece, size_t len);
+int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned int len,
+				 pcache_rs_piece_fn fn, void *ctx);
 void pcache_rs_bio_endio(struct bio *bio, int err);
 void pcache_rs_bio_submit(struct bio *bio);
 int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool fua,
 		      sector_t sector, void *buf, size_t len);
 unsigned int pcache_rs_cpu_id(void);
+
+/*
+ * Read misses in flight: clones of a read bio, each over one gap the cache does not hold, sent
+ * to the backing device. A completed clone goes on a lock-free list and the queue's work item
+ * hands the list to @fill(@ctx) in process context, which fills the cache from the read bio's
+ * pages and ends it after its last gap.
+ */
+struct pcache_rs_miss;
+struct pcache_rs_missq;
+
+/* The per-bio data a target with misses in flight asks for. */
+unsigned int pcache_rs_io_size(void);
+struct pcache_rs_missq *pcache_rs_missq_create(struct workqueue_struct *wq);
+void pcache_rs_missq_bind(struct pcache_rs_missq *q, void (*fill)(void *ctx), void *ctx);
+void pcache_rs_missq_destroy(struct pcache_rs_missq *q);
+void pcache_rs_miss_submit(struct pcache_rs_missq *q, struct bio *orig,
+			   struct block_device *bdev, u64 off, u32 at, u32 len, u32 tag);
+struct pcache_rs_miss *pcache_rs_missq_take(struct pcache_rs_missq *q);
+struct pcache_rs_miss *pcache_rs_miss_next(struct pcache_rs_miss *m);
+/* The gap @m was for, and the read bio it belongs to. */
+struct bio *pcache_rs_miss_info(struct pcache_rs_miss *m, u64 *off, u32 *at, u32 *len, u32 *tag);
+int pcache_rs_miss_error(struct pcache_rs_miss *m);
+void pcache_rs_miss_put(struct pcache_rs_miss *m);
+void pcache_rs_io_start(struct bio *bio, unsigned int n);
+bool pcache_rs_io_put(struct bio *bio, int err, int *error);
 
 /*
  * Per-CPU event counters: @n u64s per CPU. The handle is the per-CPU pointer as a plain

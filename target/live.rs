@@ -12,6 +12,7 @@ use super::{
     counters::PerCpuCounters,
     device::TargetDevice,
     engine::{PcacheEngine, Writer},
+    miss::MissQueue,
 };
 use crate::cache_core::{CacheError, Locked, RequestCounts, Waiting};
 use core::sync::atomic::{AtomicBool, AtomicU32};
@@ -44,6 +45,9 @@ pub(crate) type RequestCounters = PerCpuCounters<4>;
 /// A running cache instance, shared by `map`, the request worker and the background work.
 #[pin_data]
 pub(crate) struct LiveCache {
+    /// Read misses in flight. First, so that it goes first: dropping it waits for the fills,
+    /// which use the rest.
+    pub(crate) misses: MissQueue,
     #[pin]
     pub(crate) core: Mutex<Core>,
     /// Bios `map` handed to the request worker.
@@ -75,6 +79,7 @@ pub(crate) struct LiveCache {
 
 impl LiveCache {
     pub(crate) fn new(
+        misses: MissQueue,
         engine: PcacheEngine,
         staging: KVVec<u8>,
         writer: Writer,
@@ -84,6 +89,7 @@ impl LiveCache {
     ) -> impl PinInit<Self> {
         let discard_passdown = backing.supports_discard();
         pin_init!(Self {
+            misses,
             core <- new_mutex!(Core { engine, staging }),
             pending <- new_spinlock!(BioQueue::new()),
             writer <- new_mutex!(writer),
@@ -170,6 +176,18 @@ impl Waiting for LiveCache {
             self.report(&round);
         }
     }
+}
+
+/// [`super::miss::FillFn`] of a running cache's miss queue.
+///
+/// # Safety
+///
+/// `ctx` must point to the live [`LiveCache`] that owns the queue.
+pub(crate) unsafe extern "C" fn fill_misses(ctx: *mut core::ffi::c_void) {
+    // SAFETY: the queue is bound to its `LiveCache` (`Running::start`), which drops the queue,
+    // waiting for this work, before anything else of it goes.
+    let live = unsafe { &*ctx.cast::<LiveCache>() };
+    live.run_fills();
 }
 
 /// Prints an engine error with the engine's own wording.

@@ -17,8 +17,9 @@
 //! And the glue of a running cache, which holds no policy of its own: [`claim`] (which pmem
 //! devices are in use), [`construct`] (parsing the table and opening the devices), [`engine`]
 //! (the engine over the DAX mapping and the backing device), [`live`] (the engine's lock and
-//! wait queue), [`requests`] (bios in and out of the engine), [`background`] (the work item
-//! that runs the engine's background rounds) and [`report`] (the status and table lines).
+//! wait queue), [`requests`] (bios in and out of the engine), [`miss`] (read misses in flight
+//! to the backing device), [`background`] (the work item that runs the engine's background
+//! rounds) and [`report`] (the status and table lines).
 
 // Parts of this API serve the cache data path, which the pass-through target does not use yet.
 #[allow(dead_code)]
@@ -56,6 +57,7 @@ pub(crate) mod dax;
 pub(crate) mod device;
 pub(crate) mod engine;
 pub(crate) mod live;
+pub(crate) mod miss;
 pub(crate) mod report;
 pub(crate) mod requests;
 pub(crate) mod status;

@@ -10,17 +10,32 @@ use super::{
     engine::PcacheEngine,
     live::{Core, Count, ErrorText, LiveCache},
 };
-use crate::cache_core::{request, CacheError};
+use crate::cache_core::{io::Gap, request, CacheError, Zeros};
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
 
 /// What serving a bio came to.
+// It lives on the stack for one call; boxing the gaps would allocate on the IO path.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Served {
     /// End it with this result.
     Done(Result),
     /// A discard whose cached keys are dropped: send it on to the backing device
     /// ([`LiveCache::pass_down`]).
     ToBacking,
+    /// A read whose hits are copied: send its gaps to the backing device
+    /// ([`super::miss::MissQueue::submit`]).
+    Misses(Gaps),
+}
+
+/// Most gaps a read sends to the backing device at once; a read with more is served on the
+/// worker, one staged backing read per gap.
+const MAX_GAPS: usize = 8;
+
+/// The gaps of a read (see [`Cache::read_start`](crate::cache_core::Cache::read_start)).
+pub(crate) struct Gaps {
+    gaps: [Gap; MAX_GAPS],
+    n: usize,
 }
 
 /// Where a request is served.
@@ -43,27 +58,57 @@ impl LiveCache {
             let Some(mut bio) = next else {
                 break;
             };
-            match self.handle(&mut bio) {
-                Served::Done(result) => bio.end(result),
-                Served::ToBacking => self.pass_down(bio),
-            }
+            let served = self.handle(&mut bio);
+            self.dispatch(bio, served);
         }
     }
 
     /// Serves a bio the worker took from the queue, waiting for room if the cache is full.
     fn handle(&self, bio: &mut HeldBio) -> Served {
-        let mut to_backing = false;
+        let mut onward = None;
         let result = self.with_room(|core| match self.serve(core, bio, ServeContext::Worker)? {
             Served::Done(r) => Some(r),
-            Served::ToBacking => {
-                to_backing = true;
+            other => {
+                onward = Some(other);
                 Some(Ok(()))
             }
         });
-        match result {
-            Ok(()) if to_backing => Served::ToBacking,
-            r => Served::Done(r),
+        match (result, onward) {
+            (Ok(()), Some(served)) => served,
+            (r, _) => Served::Done(r),
         }
+    }
+
+    /// Does what serving `bio` came to, with the engine lock let go.
+    pub(crate) fn dispatch(&self, bio: HeldBio, served: Served) {
+        match served {
+            Served::Done(result) => bio.end(result),
+            Served::ToBacking => self.pass_down(bio),
+            Served::Misses(g) => {
+                self.misses
+                    .submit(bio, &self.backing, g.gaps.get(..g.n).unwrap_or_default())
+            }
+        }
+    }
+
+    /// Fills the cache from the read misses that came back, and ends their bios.
+    pub(crate) fn run_fills(&self) {
+        while self.misses.complete(|gap, read| {
+            let mut core = self.core.lock();
+            match read {
+                Ok(data) => core.engine.read_fill(gap, data, 0),
+                Err(e) => {
+                    core.engine.read_failed(gap);
+                    drop(core);
+                    pr_err!(
+                        "pcache_rs: backing device read failed at {}+{}: {:?}\n",
+                        gap.off,
+                        gap.len,
+                        e
+                    );
+                }
+            }
+        }) {}
     }
 
     /// Sends a discard on to the backing device, at the same offset (the backing device
@@ -135,7 +180,7 @@ impl LiveCache {
             }
             _ => {}
         }
-        self.serve_data(core, bio, at, off, len).map(Served::Done)
+        self.serve_data(core, bio, at, off, len)
     }
 
     /// Counts a write bio as a hit or a miss.
@@ -153,6 +198,10 @@ impl LiveCache {
     /// back later, overwrite the zeros.)
     fn write_zeroes(&self, core: &mut Core, off: u64, len: usize, fua: bool) -> Option<Result> {
         let Core { engine, staging } = core;
+        if !engine.writes_need_backing() {
+            return outcome(engine.write_from(off, &Zeros(len), fua, 0));
+        }
+        // Through to the backing device: one staging buffer per write rather than a page.
         let mut done = 0usize;
         while done < len {
             let n = (len - done).min(staging.len());
@@ -168,7 +217,10 @@ impl LiveCache {
         Some(Ok(()))
     }
 
-    /// Reads, writes and flushes with data.
+    /// Reads, writes and flushes with data, copied once between the bio's pages and pmem. A
+    /// read sends what the cache does not hold to the backing device in clones of the bio, and
+    /// nothing waits for them ([`super::miss`]). The worker stages a write that goes through to
+    /// the backing device, and a read with more than [`MAX_GAPS`] gaps.
     fn serve_data(
         &self,
         core: &mut Core,
@@ -176,44 +228,53 @@ impl LiveCache {
         at: ServeContext,
         off: u64,
         len: usize,
-    ) -> Option<Result> {
+    ) -> Option<Served> {
         let fua = bio.is_fua();
         let Core { engine, staging } = core;
-        match bio.op() {
+        let done = match bio.op() {
             BioOp::Flush => Some(Ok(())),
+            BioOp::Write if !engine.writes_need_backing() => {
+                outcome(engine.write_from(off, &*bio, fua, 0))
+            }
             BioOp::Write => {
                 let Some(buf) = staging.get_mut(..len) else {
-                    return Some(Err(EINVAL));
+                    return Some(Served::Done(Err(EINVAL)));
                 };
                 if let Err(e) = bio.copy_to(buf) {
-                    return Some(Err(e));
+                    return Some(Served::Done(Err(e)));
                 }
                 outcome(engine.write(off, buf, fua, 0))
             }
             BioOp::Read => {
-                let Some(buf) = staging.get_mut(..len) else {
-                    return Some(Err(EINVAL));
-                };
-                let read = match at {
-                    ServeContext::Map => engine.read_cached(off, buf),
-                    ServeContext::Worker => engine.read(off, buf, true, 0).map(Some),
-                };
-                // Counted where the read completes: `map` serves only full hits.
-                if let Ok(Some(r)) = &read {
-                    self.count(if r.miss_bytes > 0 {
-                        Count::ReadMiss
-                    } else {
-                        Count::ReadHit
-                    });
-                }
-                match read {
-                    Ok(Some(_)) => Some(bio.copy_from(buf)),
-                    Ok(None) => None,
+                let mut gaps = [Gap::default(); MAX_GAPS];
+                match engine.read_start(off, bio, &mut gaps) {
+                    Ok(Some((_, 0))) => {
+                        self.count(Count::ReadHit);
+                        Some(Ok(()))
+                    }
+                    Ok(Some((_, n))) => {
+                        self.count(Count::ReadMiss);
+                        return Some(Served::Misses(Gaps { gaps, n }));
+                    }
+                    Ok(None) if at == ServeContext::Map => None,
+                    Ok(None) => {
+                        let Some(buf) = staging.get_mut(..len) else {
+                            return Some(Served::Done(Err(EINVAL)));
+                        };
+                        self.count(Count::ReadMiss);
+                        Some(
+                            engine
+                                .read(off, buf, true, 0)
+                                .map_err(|e| failed(&e))
+                                .and_then(|_| bio.copy_from(buf)),
+                        )
+                    }
                     Err(e) => Some(Err(failed(&e))),
                 }
             }
             BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => Some(Err(EOPNOTSUPP)),
-        }
+        };
+        done.map(Served::Done)
     }
 
     /// Persists everything acknowledged, so a later instance (reload) or a power cut finds it.

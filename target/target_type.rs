@@ -181,6 +181,13 @@ impl QueueLimits<'_> {
         self.0.max_write_zeroes_sectors = self.0.max_write_zeroes_sectors.min(sectors);
     }
 
+    /// Asks that a write bio's pages not change while it is in flight (upper layers wait for
+    /// it before touching a page under writeback).
+    pub(crate) fn set_stable_writes(&mut self) {
+        // SAFETY: `self.0` is the live limits device-mapper handed to `io_hints`.
+        unsafe { super::bindings::pcache_rs_limits_set_stable_writes(&mut *self.0) };
+    }
+
     /// Caps the size of bios the device accepts at `sectors`.
     pub(crate) fn limit_max_sectors(&mut self, sectors: u32) {
         self.0.max_hw_sectors = self.0.max_hw_sectors.min(sectors);

@@ -44,6 +44,11 @@ impl WorkQueue {
         })
     }
 
+    /// The C workqueue, for items queued from C.
+    pub(crate) fn raw(&self) -> *mut kernel::bindings::workqueue_struct {
+        self.wq.as_ptr()
+    }
+
     /// Waits until every queued work item has run, including ones queued meanwhile.
     pub(crate) fn drain(&self) {
         // SAFETY: `wq` is live (type invariant).

@@ -7,7 +7,8 @@
 //! - `PCACHE_THREADS=<n>`: worker threads (default 2).
 
 use pcache_engine::cache_core::request::{with_room, Stalled};
-use pcache_engine::cache_core::Locked;
+use pcache_engine::cache_core::io::Gap;
+use pcache_engine::cache_core::{Backing, Locked};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
 use pcache_engine::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
@@ -214,6 +215,49 @@ fn read_sectors(
 ) -> Result<Vec<u8>, CacheError> {
     let mut buf = vec![0u8; (n as usize) * SECTOR];
     cache.read(s0 * SECTOR as u64, &mut buf, cache_misses, 0)?;
+    Ok(buf)
+}
+
+/// A read miss in flight, as the module runs it: the read's hits were copied
+/// and each gap got a placeholder; the gap's backing data is read, and the
+/// cache is filled from it any number of operations later.
+struct PendingFill {
+    gap: Gap,
+    data: Vec<u8>,
+}
+
+/// A read through the module's split path ([`Cache::read_start`]): hits at
+/// once, each gap read from the backing device now and left to fill later.
+fn split_read(
+    cache: &mut Sim<'_>,
+    s0: u64,
+    n: u64,
+    pending: &mut Vec<PendingFill>,
+) -> Result<Vec<u8>, CacheError> {
+    let mut buf = vec![0u8; (n as usize) * SECTOR];
+    let off = s0 * SECTOR as u64;
+    let mut gaps = [Gap::default(); 8];
+    let Some((_, k)) = cache.read_start(off, &mut buf[..], &mut gaps)? else {
+        cache.read(off, &mut buf, true, 0)?;
+        return Ok(buf);
+    };
+    for g in &gaps[..k] {
+        let part = &mut buf[g.at..g.at + g.len];
+        if cache.backing_mut().read(g.off, part).is_err() {
+            // The module fails the read and gives up every placeholder of it.
+            cache.read_failed(g);
+            for rest in &gaps[..k] {
+                cache.read_abandon(rest);
+            }
+            return Err(CacheError::Io("backing device read failed"));
+        }
+    }
+    for g in &gaps[..k] {
+        pending.push(PendingFill {
+            gap: *g,
+            data: buf.clone(),
+        });
+    }
     Ok(buf)
 }
 
@@ -539,7 +583,12 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         };
         let mut last_crash: Option<Replayed> = None;
         let final_life = life + 1 == lives;
+        let mut pending: Vec<PendingFill> = Vec::new();
         for _ in 0..ops_per_life {
+            if !pending.is_empty() && rng.chance(1, 3) {
+                let p = pending.swap_remove(rng.below(pending.len() as u64) as usize);
+                engine.with(|c| c.read_fill(&p.gap, &p.data[..], rng.below(2) as usize));
+            }
             let op = rng.below(100);
             let now = || world.borrow().ops;
             match op {
@@ -577,10 +626,12 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                 }
                 60..=79 => {
                     let (s, n) = pick_range(&mut rng);
-                    let misses = rng.chance(1, 2);
-                    let buf = engine
-                        .with(|c| read_sectors(c, s, n, misses))
-                        .map_err(|e| format!("read: {e}"))?;
+                    let buf = match rng.below(4) {
+                        0 => engine.with(|c| read_sectors(c, s, n, false)),
+                        1 => engine.with(|c| read_sectors(c, s, n, true)),
+                        _ => engine.with(|c| split_read(c, s, n, &mut pending)),
+                    }
+                    .map_err(|e| format!("read: {e}"))?;
                     for i in 0..n {
                         let sec = s + i;
                         let d = &buf[i as usize * SECTOR..(i as usize + 1) * SECTOR];
@@ -648,6 +699,11 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             }
         }
         world.borrow_mut().crash_ppm = 0;
+        // The misses in flight come back before the instance goes (device-mapper
+        // ends every bio before a suspend completes).
+        for p in pending.drain(..) {
+            engine.with(|c| c.read_fill(&p.gap, &p.data[..], 0));
+        }
         // The background finishes the copy it had planned, as the module's
         // suspend or destroy waits for it.
         host.finish()?;

@@ -688,3 +688,78 @@ fn read_cached_serves_full_hits_and_never_reads_backing() {
     assert_eq!(r.miss_bytes, 2048);
     assert_eq!(&buf[..2048], &data[6144..]);
 }
+
+/// A read that misses leaves a tagged placeholder over each gap while the
+/// backing device is read; the fill caches the backing data only where the
+/// placeholder is still there, so a write that came meanwhile wins. Reads treat
+/// a placeholder as a miss, and no placeholder outlives its fill or abandon.
+#[test]
+fn split_reads_fill_only_what_no_write_replaced() {
+    use pcache_engine::cache_core::io::Gap;
+    use pcache_engine::cache_core::Backing;
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
+    // The backing device holds a pattern at 1 MiB..1 MiB + 16 KiB.
+    let old: Vec<u8> = (0..16384u32).map(|i| (i * 7 + 1) as u8).collect();
+    c.backing_mut().write(1 << 20, &old).unwrap();
+    let keys0 = c.status().keys;
+    // A cached 4 KiB in the middle: two gaps around one hit.
+    let mid = vec![0x5au8; 4096];
+    c.write((1 << 20) + 8192, &mid, false, 0).unwrap();
+    let mut buf = vec![0u8; 16384];
+    let mut gaps = [Gap::default(); 4];
+    let (r, n) = c
+        .read_start(1 << 20, &mut buf[..], &mut gaps)
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.hit_bytes, r.miss_bytes, n), (4096, 12288, 2));
+    assert_eq!(&buf[8192..12288], &mid[..]);
+    assert_eq!((gaps[0].off, gaps[0].at, gaps[0].len), (1 << 20, 0, 8192));
+    assert_eq!((gaps[1].at, gaps[1].len), (12288, 4096));
+    assert!(gaps[0].tag != 0 && gaps[1].tag != 0 && gaps[0].tag != gaps[1].tag);
+    // A placeholder is a miss to other reads.
+    let mut probe = vec![0u8; 4096];
+    assert_eq!(c.read_cached(1 << 20, &mut probe).unwrap(), None);
+    // A write lands in the first gap while it is out.
+    let new = vec![0xe1u8; 4096];
+    c.write((1 << 20) + 4096, &new, false, 0).unwrap();
+    // The backing reads complete: the caller put the data in its buffer.
+    c.backing_mut().read(1 << 20, &mut buf[..8192]).unwrap();
+    c.backing_mut()
+        .read((1 << 20) + 12288, &mut buf[12288..])
+        .unwrap();
+    for g in &gaps[..n] {
+        c.read_fill(g, &buf[..], 0);
+    }
+    // Everything is cached now, and the write came after the miss's data.
+    let mut all = vec![0u8; 16384];
+    let r = c.read_cached(1 << 20, &mut all).unwrap().unwrap();
+    assert_eq!(r.hit_bytes, 16384);
+    assert_eq!(&all[..4096], &old[..4096]);
+    assert_eq!(&all[4096..8192], &new[..]);
+    assert_eq!(&all[8192..12288], &mid[..]);
+    assert_eq!(&all[12288..], &old[12288..]);
+    let mut empties = 0;
+    c.for_each_key(|k| empties += usize::from(k.empty()));
+    assert_eq!(empties, 0);
+    c.check_invariants().unwrap();
+
+    // A failed miss gives its placeholder up and caches nothing.
+    let (_, n) = c
+        .read_start(2 << 20, &mut buf[..4096], &mut gaps)
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 1);
+    c.read_abandon(&gaps[0]);
+    assert!(!c.holds_any(2 << 20, 4096));
+    // More gaps than the caller has room for: nothing placed, nothing left.
+    let before = c.status().keys;
+    let (_, n) = c
+        .read_start(3 << 20, &mut buf[..4096], &mut [])
+        .map(|r| r.map_or((None, 0), |(r, n)| (Some(r), n)))
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(c.status().keys, before);
+    assert!(c.status().keys > keys0);
+    c.check_invariants().unwrap();
+}

@@ -116,10 +116,12 @@ where
     }
 
     /// One round of background work: persist open ksets if [`KSET_IDLE_MS`]
-    /// passed since the last time, write back and collect up to
+    /// passed since the last time, or at once when `urgent` (a request waits
+    /// for room, and the dirty keys of the open ksets cannot be written back
+    /// before they are persisted), write back and collect up to
     /// [`STEPS_PER_ROUND`] ksets each, and wake the requests waiting for room if
     /// anything moved.
-    pub fn run<CP, CB, M, L, W>(&mut self, engine: &L, waiting: &W) -> Round
+    pub fn run<CP, CB, M, L, W>(&mut self, engine: &L, waiting: &W, urgent: bool) -> Round
     where
         CP: Pmem,
         CB: Backing,
@@ -129,9 +131,10 @@ where
     {
         let mut round = Round::default();
         let now = waiting.now_ms();
-        let due = self
-            .last_kset_flush_ms
-            .is_none_or(|t| now.saturating_sub(t) >= KSET_IDLE_MS);
+        let due = urgent
+            || self
+                .last_kset_flush_ms
+                .is_none_or(|t| now.saturating_sub(t) >= KSET_IDLE_MS);
         if due {
             self.last_kset_flush_ms = Some(now);
             match engine.with(|c| {

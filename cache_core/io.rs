@@ -17,6 +17,46 @@ pub struct ReadResult {
     pub miss_bytes: u64,
 }
 
+/// Room in the cache for one chunk of a write (see [`Cache::write_reserve`]).
+/// The module copies into it without the engine lock, so writes on two CPUs
+/// copy at once; the engine takes it back in [`Cache::write_commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// Logical byte offset of the chunk.
+    pub off: u64,
+    pub len: u32,
+    /// Device offset of the room in the cache.
+    pub addr: u64,
+    pos: Pos,
+    gen: u64,
+    /// The key gets a data CRC ([`copy_in`] computes it).
+    pub crc: bool,
+    flags: u32,
+}
+
+/// Copies `src[at..at + r.len]` into the room of `r`, one piece at a time as
+/// `src` holds them, storing and flushing each (`memcpy_flushcache`) but not
+/// fencing; returns the data CRC over the same pieces (0 if `r` wants none).
+pub fn copy_in<P: Pmem, S: Source + ?Sized>(
+    pmem: &mut P,
+    r: &Reservation,
+    src: &S,
+    at: usize,
+) -> Result<u32, IoError> {
+    let mut crc = PCACHE_CRC_SEED;
+    let mut to = r.addr;
+    src.pieces(at, r.len as usize, &mut |p| {
+        pmem.write(to, p);
+        if r.crc {
+            crc = pmem.crc32c(crc, p);
+        }
+        to += p.len() as u64;
+        Ok(())
+    })?;
+    pmem.flush(r.addr, u64::from(r.len));
+    Ok(if r.crc { crc } else { 0 })
+}
+
 /// A part of a read that the cache does not hold (see [`Cache::read_start`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Gap {
@@ -207,7 +247,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         Ok(())
     }
 
-    /// Copies `src[at..]` into the cache as keys from `off` on, with `flags`.
+    /// Copies `src[at..]` into the cache as keys from `off` on, with `flags`:
+    /// reserve, copy and commit each chunk in turn (see [`Reservation`]).
     fn insert_data<S: Source + ?Sized>(
         &mut self,
         off: u64,
@@ -217,70 +258,110 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         fua: bool,
         cpu: usize,
     ) -> Result<(), CacheError> {
-        if self.crc_flag_pending {
-            self.sync_crc_flag();
-        }
         let total = src.len().saturating_sub(at);
         let mut done = 0usize;
         while done < total {
-            let koff = off + done as u64;
-            let to_stripe = SUBTREE_SIZE - (koff & (SUBTREE_SIZE - 1));
-            let want = ((total - done) as u64).min(to_stripe) as u32;
-            if self.index.free_nodes() < 2 {
-                return Err(CacheError::Busy("key pool exhausted"));
-            }
-            self.kset_room(koff)?;
-            let (pos, gen, len) = self.data_alloc(cpu, want)?;
-            let addr = self.pos_addr(pos);
-            // One copy, from where the data lives; the CRC is computed over the same
-            // pieces as they go. No fence here: only a kset makes the data reachable,
-            // and closing one fences before the kset is stored (see `kset_close`).
-            let with_crc = self.data_crc;
-            let mut crc = PCACHE_CRC_SEED;
-            let mut to = addr;
-            let pmem = &mut self.pmem;
-            let copied = src.pieces(at + done, len as usize, &mut |p| {
-                pmem.write(to, p);
-                if with_crc {
-                    crc = pmem.crc32c(crc, p);
-                }
-                to += p.len() as u64;
-                Ok(())
-            });
-            if copied.is_err() {
-                self.seg_put(pos.seg);
+            let r = self.write_reserve(off + done as u64, total - done, flags, cpu)?;
+            // No fence here: the copy and the commit run in one context, and
+            // closing a kset fences before the kset is stored (see `kset_close`).
+            let Ok(crc) = copy_in(&mut self.pmem, &r, src, at + done) else {
+                self.write_cancel(&r);
                 return Err(CacheError::Invalid("request data shorter than its length"));
-            }
-            self.pmem.flush(addr, u64::from(len));
-            let (crc, flags) = if with_crc {
-                (crc, flags | KEY_FLAGS_DATA_CRC)
-            } else {
-                (0, flags)
             };
-            let key = Key {
-                off: koff,
-                len,
-                flags,
-                pos,
-                gen,
-                crc,
-                crc_back: 0,
-                crc_len: len,
-            };
-            if self.index.insert(key, |_| {}).is_err() {
-                self.seg_put(pos.seg);
-                return Err(CacheError::Busy("key pool exhausted"));
-            }
-            done += len as usize;
-            let last = done == total;
-            self.key_append(&key, fua && last)?;
-            if fua && !last {
-                // FUA covers every key of the request.
-                let id = self.kset_id(koff);
-                self.kset_close(id)?;
-            }
+            done += r.len as usize;
+            self.write_commit(&r, crc, fua)?;
         }
         Ok(())
+    }
+
+    /// Takes room for the first chunk of a write of `len` bytes at `off`: up to
+    /// the end of the subtree, and of the data head's segment. The reservation
+    /// holds a reference on its segment, so nothing reclaims the room before
+    /// [`Cache::write_commit`] or [`Cache::write_cancel`].
+    pub fn write_reserve(
+        &mut self,
+        off: u64,
+        len: usize,
+        flags: u32,
+        cpu: usize,
+    ) -> Result<Reservation, CacheError> {
+        self.check_range(off, len)?;
+        if self.crc_flag_pending {
+            self.sync_crc_flag();
+        }
+        let to_stripe = SUBTREE_SIZE - (off & (SUBTREE_SIZE - 1));
+        let want = (len as u64).min(to_stripe) as u32;
+        if want == 0 {
+            return Err(CacheError::Invalid("empty write"));
+        }
+        if self.index.free_nodes() < 2 {
+            return Err(CacheError::Busy("key pool exhausted"));
+        }
+        self.kset_room(off)?;
+        let (pos, gen, len) = self.data_alloc(cpu, want)?;
+        Ok(Reservation {
+            off,
+            len,
+            addr: self.pos_addr(pos),
+            pos,
+            gen,
+            crc: self.data_crc,
+            flags,
+        })
+    }
+
+    /// Makes the data copied into `r` (with CRC `crc`, see [`copy_in`]) a key:
+    /// into the index, and logged; with `fua` its kset is persisted before this
+    /// returns. A caller that copied on another CPU fences first (`pmem_wmb` only
+    /// orders the stores of the CPU it runs on). On `Err` the room is given back.
+    pub fn write_commit(&mut self, r: &Reservation, crc: u32, fua: bool) -> Result<(), CacheError> {
+        // Other writes may have taken keys and filled the kset since the reservation.
+        if self.index.free_nodes() < 2 {
+            self.write_cancel(r);
+            return Err(CacheError::Busy("key pool exhausted"));
+        }
+        if let Err(e) = self.kset_room(r.off) {
+            self.write_cancel(r);
+            return Err(e);
+        }
+        // `data_crc` was switched on since the reservation, and the media flag may
+        // be set already: every key logged from now on needs its CRC.
+        let crc = if !r.crc && (self.data_crc || self.info.data_crc()) {
+            match self.data_crc_at(r.pos, r.len) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    self.write_cancel(r);
+                    return Err(e);
+                }
+            }
+        } else {
+            r.crc.then_some(crc)
+        };
+        let (crc, flags) = match crc {
+            Some(crc) => (crc, r.flags | KEY_FLAGS_DATA_CRC),
+            None => (0, r.flags),
+        };
+        let key = Key {
+            off: r.off,
+            len: r.len,
+            flags,
+            pos: r.pos,
+            gen: r.gen,
+            crc,
+            crc_back: 0,
+            crc_len: r.len,
+        };
+        if self.index.insert(key, |_| {}).is_err() {
+            self.write_cancel(r);
+            return Err(CacheError::Busy("key pool exhausted"));
+        }
+        // FUA covers every key of the request: each chunk's kset is persisted.
+        self.key_append(&key, fua)
+    }
+
+    /// Gives back the room of a reservation that will not be committed.
+    pub fn write_cancel(&mut self, r: &Reservation) {
+        self.seg_put(r.pos.seg);
     }
 
     /// `REQ_OP_DISCARD`: drops every cached key in `off..off + len`, dirty ones

@@ -163,7 +163,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.stats.reset();
     }
 
-    /// Whether the cache holds any of `off..off + len` (a write there is a write hit).
+    /// Whether the cache holds any of `off..off + len` (a write there is a write
+    /// hit). A read miss's placeholder holds nothing.
     pub fn holds_any(&self, off: u64, len: u64) -> bool {
         let end = off.saturating_add(len);
         let mut cur = off;
@@ -171,10 +172,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let Ok((sub, to)) = self.stripe(cur, end) else {
                 return false;
             };
-            if self.index.first_overlap(sub, cur, to).is_some() {
-                return true;
+            match self.index.first_overlap(sub, cur, to) {
+                Some(k) if !k.empty() => return true,
+                Some(k) => cur = k.end().max(cur + 1),
+                None => cur = to,
             }
-            cur = to;
         }
         false
     }

@@ -165,6 +165,11 @@ impl HeldBio {
         self.view().is_fua()
     }
 
+    /// Whether the bio asks for FUA, from a shared borrow.
+    pub(crate) fn view_fua(&self) -> bool {
+        self.raw().bi_opf & bindings::PCACHE_RS_REQ_FUA != 0
+    }
+
     /// Copies the bio's data into `buf`, which must be exactly [`HeldBio::size`] bytes.
     pub(crate) fn copy_to(&self, buf: &mut [u8]) -> Result {
         if buf.len() != self.size() as usize {

@@ -20,7 +20,11 @@ use kernel::{prelude::*, sync::Arc};
 /// The pmem side of the engine: byte copies into the DAX mapping.
 pub(crate) struct DaxPmem(pub(crate) Arc<DaxMapping>);
 
-impl Pmem for DaxPmem {
+/// The DAX mapping borrowed: what a request copies through without the engine lock (see
+/// [`crate::cache_core::io::Reservation`]).
+pub(crate) struct DaxRef<'a>(pub(crate) &'a DaxMapping);
+
+impl Pmem for DaxRef<'_> {
     fn size(&self) -> u64 {
         self.0.len()
     }
@@ -46,6 +50,30 @@ impl Pmem for DaxPmem {
 
     fn fence(&mut self) {
         self.0.fence();
+    }
+
+    fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
+        super::crc::crc32c(crc, data)
+    }
+}
+
+impl Pmem for DaxPmem {
+    fn size(&self) -> u64 {
+        DaxRef(&self.0).size()
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        DaxRef(&self.0).read(off, buf)
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) {
+        DaxRef(&self.0).write(off, data)
+    }
+
+    fn flush(&mut self, _off: u64, _len: u64) {}
+
+    fn fence(&mut self) {
+        DaxRef(&self.0).fence()
     }
 
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {

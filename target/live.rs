@@ -10,6 +10,7 @@
 use super::{
     bio::BioQueue,
     counters::PerCpuCounters,
+    dax::DaxMapping,
     device::TargetDevice,
     engine::{PcacheEngine, Writer},
     miss::MissQueue,
@@ -75,6 +76,11 @@ pub(crate) struct LiveCache {
     pub(crate) backing: Arc<TargetDevice>,
     /// The backing device takes discards: pass ours on after dropping the cached keys.
     pub(crate) discard_passdown: bool,
+    /// The cache device, for copies made without the engine lock.
+    pub(crate) dax: Arc<DaxMapping>,
+    /// The cache mode caches writes (writeback, writeonly): `map` copies them without the
+    /// engine lock. Fixed for the life of the instance (the table sets the mode).
+    pub(crate) caches_writes: bool,
 }
 
 impl LiveCache {
@@ -88,6 +94,8 @@ impl LiveCache {
         backing: Arc<TargetDevice>,
     ) -> impl PinInit<Self> {
         let discard_passdown = backing.supports_discard();
+        let dax = engine.pmem().0.clone();
+        let caches_writes = !engine.writes_need_backing();
         pin_init!(Self {
             misses,
             core <- new_mutex!(Core { engine, staging }),
@@ -103,6 +111,8 @@ impl LiveCache {
             counts,
             backing,
             discard_passdown,
+            dax,
+            caches_writes,
         })
     }
 
@@ -169,9 +179,11 @@ impl Waiting for LiveCache {
     }
 
     fn kick(&self) {
-        // Run a round here unless one is running (it wakes us when it makes progress).
+        // Run a round here unless one is running (it wakes us when it makes progress). A
+        // request waits for room: the open ksets are persisted at once, so that writeback can
+        // take their keys.
         if let Some(mut writer) = self.writer.try_lock() {
-            let round = writer.run(self, self);
+            let round = writer.run(self, self, true);
             drop(writer);
             self.report(&round);
         }

@@ -5,12 +5,16 @@
 //! ([`crate::cache_core::request::with_room`]); this file only moves bytes between bios and the
 //! engine.
 
+use super::engine::DaxRef;
 use super::{
     bio::{BioOp, HeldBio},
     engine::PcacheEngine,
     live::{Core, Count, ErrorText, LiveCache},
 };
-use crate::cache_core::{io::Gap, request, CacheError, Zeros};
+use crate::cache_core::{
+    io::{copy_in, Gap},
+    request, CacheError, Pmem, Zeros,
+};
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
 
@@ -134,8 +138,48 @@ impl LiveCache {
     /// write or flush with room in the cache, a read the cache holds entirely): no context
     /// switch to the worker, as upstream and dm-writecache do. `None` hands it to the worker.
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
+        if self.caches_writes && bio.op() == BioOp::Write && !bio.is_preflush() {
+            return self.write_unlocked(bio).map(Served::Done);
+        }
         let mut core = self.core.lock();
         self.serve(&mut core, bio, ServeContext::Map)
+    }
+
+    /// A write served in `map` with its copy outside the engine lock, so that writes on two
+    /// CPUs copy at once: the room for each chunk is reserved under the lock, filled from the
+    /// bio's pages on this CPU and fenced here (`pmem_wmb` orders only this CPU's stores), then
+    /// committed under the lock. `None`: the cache is full; the worker writes the bio again,
+    /// whole.
+    fn write_unlocked(&self, bio: &HeldBio) -> Option<Result> {
+        let off = (bio.sector().saturating_sub(self.begin)) << 9;
+        let len = bio.size() as usize;
+        let fua = bio.view_fua();
+        let mut done = 0usize;
+        while done < len {
+            let reserved = {
+                let mut core = self.core.lock();
+                if done == 0 {
+                    self.count_write(&core.engine, off, len);
+                }
+                core.engine
+                    .write_reserve(off + done as u64, len - done, 0, 0)
+            };
+            let r = match reserved {
+                Ok(r) => r,
+                Err(e) => return outcome(Err(e)),
+            };
+            let mut pmem = DaxRef(&self.dax);
+            let Ok(crc) = copy_in(&mut pmem, &r, bio, done) else {
+                self.core.lock().engine.write_cancel(&r);
+                return Some(Err(EIO));
+            };
+            pmem.fence();
+            if let Err(e) = self.core.lock().engine.write_commit(&r, crc, fua) {
+                return outcome(Err(e));
+            }
+            done += r.len as usize;
+        }
+        Some(Ok(()))
     }
 
     /// One attempt at `bio` under the engine lock. `None`: it cannot complete here and now:

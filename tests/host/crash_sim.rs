@@ -6,9 +6,9 @@
 //! - `PCACHE_SEED=<n>`: replay one seed (printed by every failure).
 //! - `PCACHE_THREADS=<n>`: worker threads (default 2).
 
+use pcache_engine::cache_core::io::{copy_in, Gap, Reservation};
 use pcache_engine::cache_core::request::{with_room, Stalled};
-use pcache_engine::cache_core::io::Gap;
-use pcache_engine::cache_core::{Backing, Locked};
+use pcache_engine::cache_core::{Backing, Locked, Pmem};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
 use pcache_engine::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
@@ -259,6 +259,60 @@ fn split_read(
         });
     }
     Ok(buf)
+}
+
+/// A write as the module serves it in `map`: the room for its first chunk is
+/// reserved under the engine lock, and the copy into it (without the lock) and
+/// the commit come any number of operations later.
+struct PendingWrite {
+    id: u64,
+    s: u64,
+    data: Vec<u8>,
+    fua: bool,
+    cpu: usize,
+    first: Reservation,
+}
+
+/// Copies and commits the rest of a pending write, chunk by chunk as `map`
+/// does; a chunk that finds the cache full hands the rest to `with_room` (the
+/// module's worker serves the bio again). Returns the write's id once acked.
+fn finish_write(
+    engine: &SimLock<Sim<'_>>,
+    host: &SimHost<'_, pcache_engine::cache_core::Borrowed<'_>>,
+    pmem: &mut SimPmem,
+    w: PendingWrite,
+) -> Result<u64, String> {
+    let off = w.s * SECTOR as u64;
+    let mut done = 0usize;
+    let mut r = Some(w.first);
+    while done < w.data.len() {
+        let Some(res) = r.take() else {
+            break;
+        };
+        let crc = copy_in(pmem, &res, &w.data[..], done).map_err(|_| "copy_in failed")?;
+        // The copier's own fence: the commit may run on another CPU.
+        pmem.fence();
+        if engine.with(|c| c.write_commit(&res, crc, w.fua)).is_err() {
+            break;
+        }
+        done += res.len as usize;
+        if done < w.data.len() {
+            r = engine
+                .with(|c| c.write_reserve(off + done as u64, w.data.len() - done, 0, w.cpu))
+                .ok();
+        }
+    }
+    if done < w.data.len() {
+        let rest = &w.data[done..];
+        match with_room(engine, host, |c: &mut Sim<'_>| {
+            busy_is_none(c.write(off + done as u64, rest, w.fua, w.cpu))
+        }) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("write failed: {e}")),
+            Err(Stalled) => return Err("write stalled waiting for room".into()),
+        }
+    }
+    Ok(w.id)
 }
 
 /// Sorted runs of touched sectors, so verification reads are large.
@@ -584,16 +638,35 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         let mut last_crash: Option<Replayed> = None;
         let final_life = life + 1 == lives;
         let mut pending: Vec<PendingFill> = Vec::new();
+        let mut pending_writes: Vec<PendingWrite> = Vec::new();
+        let mut copier = SimPmem(world.clone());
+        let cfg_writes_through = matches!(cfg.opts.cache_mode, 1 | 2);
         for _ in 0..ops_per_life {
             if !pending.is_empty() && rng.chance(1, 3) {
                 let p = pending.swap_remove(rng.below(pending.len() as u64) as usize);
                 engine.with(|c| c.read_fill(&p.gap, &p.data[..], rng.below(2) as usize));
+            }
+            if !pending_writes.is_empty() && rng.chance(1, 3) {
+                let w = pending_writes.swap_remove(rng.below(pending_writes.len() as u64) as usize);
+                let id = finish_write(&engine, &host, &mut copier, w)?;
+                let now = world.borrow().ops;
+                model.writes.get_mut(&id).unwrap().ack_op = Some(now);
             }
             let op = rng.below(100);
             let now = || world.borrow().ops;
             match op {
                 0..=59 => {
                     let (s, n) = pick_range(&mut rng);
+                    // Overlapping writes in flight together may land in either order;
+                    // the model orders writes by issue, so the older one finishes first.
+                    while let Some(i) = pending_writes
+                        .iter()
+                        .position(|w| w.s < s + n && s < w.s + (w.data.len() / SECTOR) as u64)
+                    {
+                        let w = pending_writes.swap_remove(i);
+                        let id = finish_write(&engine, &host, &mut copier, w)?;
+                        model.writes.get_mut(&id).unwrap().ack_op = Some(now());
+                    }
                     let fua = rng.chance(1, 8);
                     let id = next_id;
                     next_id += 1;
@@ -615,13 +688,34 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         },
                     );
                     let cpu = rng.below(2) as usize;
-                    let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
-                        busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
-                    });
-                    match r {
-                        Ok(Ok(())) => model.writes.get_mut(&id).unwrap().ack_op = Some(now()),
-                        Ok(Err(e)) => return Err(format!("write failed: {e}")),
-                        Err(Stalled) => return Err("write stalled waiting for room".into()),
+                    // As `map` does in the modes that cache writes: reserve now,
+                    // copy and commit later.
+                    let split = !cfg_writes_through && rng.chance(1, 3);
+                    let first = if split {
+                        engine
+                            .with(|c| c.write_reserve(s * SECTOR as u64, data.len(), 0, cpu))
+                            .ok()
+                    } else {
+                        None
+                    };
+                    if let Some(first) = first {
+                        pending_writes.push(PendingWrite {
+                            id,
+                            s,
+                            data,
+                            fua,
+                            cpu,
+                            first,
+                        });
+                    } else {
+                        let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
+                            busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
+                        });
+                        match r {
+                            Ok(Ok(())) => model.writes.get_mut(&id).unwrap().ack_op = Some(now()),
+                            Ok(Err(e)) => return Err(format!("write failed: {e}")),
+                            Err(Stalled) => return Err("write stalled waiting for room".into()),
+                        }
                     }
                 }
                 60..=79 => {
@@ -665,7 +759,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     host.finish()?;
                 }
                 92 => {
-                    host.round()?;
+                    host.round(false)?;
                 }
                 93..=97 => {
                     for _ in 0..1 + rng.below(8) {
@@ -703,6 +797,9 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         // ends every bio before a suspend completes).
         for p in pending.drain(..) {
             engine.with(|c| c.read_fill(&p.gap, &p.data[..], 0));
+        }
+        for w in pending_writes.drain(..) {
+            finish_write(&engine, &host, &mut copier, w)?;
         }
         // The background finishes the copy it had planned, as the module's
         // suspend or destroy waits for it.

@@ -93,7 +93,7 @@ fn run(seed: u64) -> Result<(), String> {
                     .map_err(|e| format!("gc: {e}"))?;
             }
             17 => {
-                sched.round()?;
+                sched.round(false)?;
             }
             _ => {
                 let len = 4096usize;

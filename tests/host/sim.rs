@@ -487,9 +487,10 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
         Ok(true)
     }
 
-    /// A background round, as the module's work item runs it.
-    pub fn round(&self) -> Result<crate::cache_core::background::Round, String> {
-        let r = self.writer.borrow_mut().run(self.engine, self);
+    /// A background round, as the module's work item runs it (`urgent`: for a
+    /// request waiting for room, as the module's `kick`).
+    pub fn round(&self, urgent: bool) -> Result<crate::cache_core::background::Round, String> {
+        let r = self.writer.borrow_mut().run(self.engine, self, urgent);
         if let Some(e) = &r.writeback_error {
             return Err(format!("background writeback: {e}"));
         }
@@ -511,7 +512,7 @@ impl<M: crate::cache_core::Memory> crate::cache_core::Waiting for SimHost<'_, M>
         if finish_first {
             let _ = self.finish();
         }
-        let _ = self.round();
+        let _ = self.round(true);
         if !finish_first && self.rng.borrow_mut().chance(1, 2) {
             let _ = self.finish();
         }

@@ -717,9 +717,11 @@ fn split_reads_fill_only_what_no_write_replaced() {
     assert_eq!((gaps[0].off, gaps[0].at, gaps[0].len), (1 << 20, 0, 8192));
     assert_eq!((gaps[1].at, gaps[1].len), (12288, 4096));
     assert!(gaps[0].tag != 0 && gaps[1].tag != 0 && gaps[0].tag != gaps[1].tag);
-    // A placeholder is a miss to other reads.
+    // A placeholder is a miss to other reads, and holds nothing for a write.
     let mut probe = vec![0u8; 4096];
     assert_eq!(c.read_cached(1 << 20, &mut probe).unwrap(), None);
+    assert!(!c.holds_any(1 << 20, 8192));
+    assert!(c.holds_any(1 << 20, 12288));
     // A write lands in the first gap while it is out.
     let new = vec![0xe1u8; 4096];
     c.write((1 << 20) + 4096, &new, false, 0).unwrap();

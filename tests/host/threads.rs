@@ -1,0 +1,363 @@
+//! The engine on real threads, as the module runs it: request threads write
+//! with the copy outside the engine lock (reserve, copy, fence, commit), read
+//! with their misses sent out without the lock (start, backing read, fill), and
+//! wait for room through `with_room`; a background thread runs the module's
+//! background round (idle kset flush, writeback with its copy outside the lock,
+//! GC) back to back. Each request thread owns a region and keeps a model of it:
+//! every read must return exactly the last data written there, and at the end
+//! a full writeback leaves the backing device equal to the models.
+//!
+//! The devices are plain memory behind a mutex per store, so copies of two
+//! threads interleave at the granularity of the pieces the engine hands them.
+
+use pcache_engine::cache_core::background::Background;
+use pcache_engine::cache_core::io::{copy_in, Gap};
+use pcache_engine::cache_core::request::with_room;
+use pcache_engine::cache_core::{
+    Backing, Cache, CacheError, CacheOptions, IoError, Locked, Pmem, Waiting, WbExtent,
+};
+use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
+use pcache_engine::sim::{OwnedMem, Rng};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+const SEG: u64 = 64 << 10;
+const N_SEGS: u64 = 24;
+const BACKING: u64 = 16 << 20;
+const SECTOR: usize = 512;
+/// Each request thread's region: 1 MiB, 4 MiB apart (a subtree each, and
+/// more than the cache holds together).
+const REGION: u64 = 1 << 20;
+const THREADS: u64 = 3;
+
+#[derive(Clone)]
+struct Mem(Arc<Mutex<Vec<u8>>>);
+
+impl Mem {
+    fn new(len: usize) -> Self {
+        Mem(Arc::new(Mutex::new(vec![0; len])))
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let m = self.0.lock().map_err(|_| IoError)?;
+        let at = off as usize;
+        buf.copy_from_slice(m.get(at..at + buf.len()).ok_or(IoError)?);
+        Ok(())
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        let mut m = self.0.lock().map_err(|_| IoError)?;
+        let at = off as usize;
+        m.get_mut(at..at + data.len())
+            .ok_or(IoError)?
+            .copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct TPmem(Mem);
+
+impl Pmem for TPmem {
+    fn size(&self) -> u64 {
+        self.0 .0.lock().map(|m| m.len() as u64).unwrap_or(0)
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.0.read_at(off, buf)
+    }
+    fn write(&mut self, off: u64, data: &[u8]) {
+        self.0.write_at(off, data).expect("pmem store in range");
+    }
+    fn flush(&mut self, _off: u64, _len: u64) {}
+    fn fence(&mut self) {}
+}
+
+#[derive(Clone)]
+struct TBacking(Mem);
+
+impl Backing for TBacking {
+    fn size(&self) -> u64 {
+        BACKING
+    }
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.0.read_at(off, buf)
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        self.0.write_at(off, data)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        Ok(())
+    }
+}
+
+type Engine<'a> = Cache<TPmem, TBacking, pcache_engine::cache_core::Borrowed<'a>>;
+
+/// The engine lock: a mutex, as in the module.
+struct Lock<T>(Mutex<T>);
+
+impl<T> Locked<T> for Lock<T> {
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self.0.lock().expect("engine lock poisoned"))
+    }
+}
+
+/// The module's wait queue for requests waiting for room.
+struct Room {
+    events: Mutex<u64>,
+    cv: Condvar,
+    start: Instant,
+    /// A request waits for room (the module's `kick`).
+    pressed: AtomicBool,
+}
+
+impl Waiting for Room {
+    fn ticket(&self) -> u64 {
+        *self.events.lock().unwrap()
+    }
+    fn wait(&self, ticket: u64, timeout_ms: u32) -> bool {
+        let g = self.events.lock().unwrap();
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, Duration::from_millis(u64::from(timeout_ms)), |e| {
+                *e == ticket
+            })
+            .unwrap();
+        *g != ticket
+    }
+    fn wake_all(&self) {
+        *self.events.lock().unwrap() += 1;
+        self.cv.notify_all();
+    }
+    // The background thread runs rounds back to back; this makes the next urgent.
+    fn kick(&self) {
+        self.pressed.store(true, Ordering::Release);
+    }
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// Sector `s` holding version `v`: both in every 8 bytes.
+fn fill(s: u64, v: u64, out: &mut [u8]) {
+    for w in out.chunks_mut(16) {
+        w[..8].copy_from_slice(&s.to_le_bytes());
+        w[8..].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn version_of(s: u64, d: &[u8]) -> Option<u64> {
+    let v = u64::from_le_bytes(d[8..16].try_into().ok()?);
+    let mut want = vec![0u8; SECTOR];
+    fill(s, v, &mut want);
+    (d == &want[..] || (v == 0 && d.iter().all(|&b| b == 0))).then_some(v)
+}
+
+/// A write as `map` serves it: each chunk reserved under the lock, copied and
+/// fenced without it, committed under it; a full cache sends the whole write
+/// through `with_room` (the module's worker).
+fn write(
+    lock: &Lock<Engine<'_>>,
+    room: &Room,
+    pmem: &mut TPmem,
+    off: u64,
+    data: &[u8],
+) -> Result<(), String> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let r = match lock.with(|c| c.write_reserve(off + done as u64, data.len() - done, 0, 0)) {
+            Ok(r) => r,
+            Err(CacheError::Busy(_)) => break,
+            Err(e) => return Err(format!("reserve: {e}")),
+        };
+        let crc = copy_in(pmem, &r, data, done).map_err(|_| "copy_in")?;
+        pmem.fence();
+        match lock.with(|c| c.write_commit(&r, crc, false)) {
+            Ok(()) => done += r.len as usize,
+            Err(CacheError::Busy(_)) => break,
+            Err(e) => return Err(format!("commit: {e}")),
+        }
+    }
+    if done == data.len() {
+        return Ok(());
+    }
+    match with_room(lock, room, |c: &mut Engine<'_>| {
+        match c.write(off, data, false, 0) {
+            Err(CacheError::Busy(_)) => None,
+            r => Some(r),
+        }
+    }) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write: {e}")),
+        Err(_) => Err("write stalled waiting for room".into()),
+    }
+}
+
+/// A read as `map` serves it: hits copied and gaps placeheld under the lock,
+/// the gaps read from the backing device without it, the fills under it.
+fn read(
+    lock: &Lock<Engine<'_>>,
+    backing: &mut TBacking,
+    off: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    let mut gaps = [Gap::default(); 8];
+    let started = lock
+        .with(|c| c.read_start(off, buf, &mut gaps))
+        .map_err(|e| format!("read_start: {e}"))?;
+    let Some((_, n)) = started else {
+        return lock
+            .with(|c| c.read(off, buf, true, 0))
+            .map(|_| ())
+            .map_err(|e| format!("read: {e}"));
+    };
+    for g in &gaps[..n] {
+        backing
+            .read(g.off, &mut buf[g.at..g.at + g.len])
+            .map_err(|_| "backing read")?;
+    }
+    for g in &gaps[..n] {
+        lock.with(|c| c.read_fill(g, &buf[..], 0));
+    }
+    Ok(())
+}
+
+fn request_thread(
+    t: u64,
+    lock: &Lock<Engine<'_>>,
+    room: &Room,
+    pmem: TPmem,
+    backing: TBacking,
+    ops: u64,
+) -> Result<Vec<u64>, String> {
+    let (mut pmem, mut backing) = (pmem, backing);
+    let mut rng = Rng(0x5eed ^ ((t + 1) * 0x9e37_79b9));
+    let base = t * 4 * REGION;
+    let sectors = REGION / SECTOR as u64;
+    let mut model = vec![0u64; sectors as usize];
+    let mut next = 1u64;
+    for _ in 0..ops {
+        let s = rng.below(sectors);
+        let n = (1 + rng.below(64)).min(sectors - s);
+        let off = base + s * SECTOR as u64;
+        let mut buf = vec![0u8; n as usize * SECTOR];
+        if rng.chance(1, 2) {
+            for i in 0..n {
+                let at = i as usize * SECTOR;
+                fill(
+                    base / SECTOR as u64 + s + i,
+                    next,
+                    &mut buf[at..at + SECTOR],
+                );
+                model[(s + i) as usize] = next;
+            }
+            next += 1;
+            write(lock, room, &mut pmem, off, &buf)?;
+        } else {
+            read(lock, &mut backing, off, &mut buf)?;
+            for i in 0..n {
+                let at = i as usize * SECTOR;
+                let sec = base / SECTOR as u64 + s + i;
+                let got = version_of(sec, &buf[at..at + SECTOR]);
+                if got != Some(model[(s + i) as usize]) {
+                    return Err(format!(
+                        "thread {t}: sector {sec} read {got:?}, last written {}",
+                        model[(s + i) as usize]
+                    ));
+                }
+            }
+        }
+    }
+    Ok(model)
+}
+
+#[test]
+fn request_and_background_threads_keep_every_write() {
+    let pmem = TPmem(Mem::new((SEGMENTS_OFF + N_SEGS * SEG) as usize));
+    let backing = TBacking(Mem::new(BACKING as usize));
+    let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
+    let opts = CacheOptions {
+        data_crc: true,
+        ..Default::default()
+    };
+    let cache = Cache::start(
+        pmem.clone(),
+        backing.clone(),
+        Geometry::small(SEG).unwrap(),
+        mem.borrow(),
+        &opts,
+    )
+    .unwrap();
+    let lock = Lock(Mutex::new(cache));
+    let room = Room {
+        events: Mutex::new(0),
+        cv: Condvar::new(),
+        start: Instant::now(),
+        pressed: AtomicBool::new(false),
+    };
+    let stop = AtomicBool::new(false);
+    let rounds = AtomicU64::new(0);
+    let ops = std::env::var("PCACHE_THREAD_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000u64);
+    let models = std::thread::scope(|sc| {
+        let bg = sc.spawn(|| {
+            let mut writer = Background::new(
+                pmem.clone(),
+                backing.clone(),
+                vec![WbExtent::default(); pcache_engine::meta::kset::KSET_KEYS_MAX],
+                vec![0u8; 16 << 10],
+            );
+            while !stop.load(Ordering::Acquire) {
+                let round = writer.run(&lock, &room, room.pressed.swap(false, Ordering::AcqRel));
+                assert_eq!(round.writeback_error, None);
+                assert_eq!(round.gc_error, None);
+                rounds.fetch_add(1, Ordering::Relaxed);
+                if !round.progress {
+                    // As the module's tick, only much sooner.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (p, b, lock, room) = (pmem.clone(), backing.clone(), &lock, &room);
+                sc.spawn(move || request_thread(t, lock, room, p, b, ops))
+            })
+            .collect();
+        let models: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        stop.store(true, Ordering::Release);
+        bg.join().unwrap();
+        models
+    });
+    let mut cache = lock.0.into_inner().unwrap();
+    cache.check_invariants().unwrap();
+    let st = cache.status();
+    assert!(
+        st.stats.ksets_gced > 0 && st.stats.bytes_written_back > 0,
+        "the cache never wrote back or collected: {st:?}"
+    );
+    cache.flush().unwrap();
+    cache.writeback_all().unwrap();
+    let mut b = backing.clone();
+    for (t, model) in models.iter().enumerate() {
+        let model = model.as_ref().unwrap_or_else(|e| panic!("{e}"));
+        let base = t as u64 * 4 * REGION;
+        let mut buf = vec![0u8; REGION as usize];
+        b.read(base, &mut buf).unwrap();
+        for (i, &v) in model.iter().enumerate() {
+            let sec = base / SECTOR as u64 + i as u64;
+            assert_eq!(
+                version_of(sec, &buf[i * SECTOR..(i + 1) * SECTOR]),
+                Some(v),
+                "backing sector {sec} after full writeback"
+            );
+        }
+    }
+    eprintln!(
+        "{} background rounds; {:?}",
+        rounds.load(Ordering::Relaxed),
+        cache.status().stats
+    );
+}

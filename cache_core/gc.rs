@@ -16,15 +16,17 @@ use crate::meta::kset::{KsetRead, KSET_KEYS_MAX};
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// GC runs while there is a written-back kset to consume and either the
-    /// used segments reach `gc_percent` or keys run short: small writes can use
-    /// up the key slab long before the data space, and only GC frees keys (a
-    /// segment it frees drops every key that points into it).
+    /// used segments reach `gc_percent`, or keys run short (small writes can use
+    /// up the key slab long before the data space, and only GC frees keys: a
+    /// segment it frees drops every key that points into it), or a write found
+    /// no data space (a write larger than the room `gc_percent` leaves would
+    /// otherwise wait for ever).
     fn need_gc(&self) -> bool {
         if self.key_tail.pos == self.dirty_tail.pos {
             return false;
         }
         let threshold = u64::from(self.n_segs) * u64::from(self.info.gc_percent()) / 100;
-        u64::from(self.used_segs) >= threshold || self.key_pressure()
+        u64::from(self.used_segs) >= threshold || self.key_pressure() || self.room_wanted
     }
 
     /// Fewer than an eighth of the key slab is free.
@@ -38,6 +40,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             return Err(CacheError::Io("gc stopped after an error"));
         }
         let r = self.gc_one();
+        if matches!(r, Ok(Step::Idle)) {
+            // Everything written back is collected: the write that wanted room
+            // now waits for writeback, which sets it again if need be.
+            self.room_wanted = false;
+        }
         if r.is_err() {
             self.stats.gc_errors += 1;
         }

@@ -132,6 +132,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         Ok(())
     }
 
+    /// A free segment for data, keeping [`LOG_RESERVE_SEGS`] for the key log.
+    fn get_data_segment(&mut self) -> Option<super::key::SegId> {
+        if self.free_segs() <= LOG_RESERVE_SEGS {
+            return None;
+        }
+        self.get_cache_segment()
+    }
+
     /// `cache_data_alloc`: room for up to `len` bytes from data head `cpu`; may be
     /// shorter when the head's segment runs out. Takes a segment reference.
     fn data_alloc(&mut self, cpu: usize, len: u32) -> Result<(Pos, u64, u32), CacheError> {
@@ -161,12 +169,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     return Ok((pos, gen, remain));
                 }
                 None => {
-                    if self.free_segs() <= LOG_RESERVE_SEGS {
-                        return Err(CacheError::Busy("cache full"));
-                    }
-                    let seg = self
-                        .get_cache_segment()
-                        .ok_or(CacheError::Busy("cache full"))?;
+                    let seg = match self.get_data_segment() {
+                        Some(seg) => seg,
+                        None => {
+                            self.room_wanted = true;
+                            return Err(CacheError::Busy("cache full"));
+                        }
+                    };
                     self.seg_get(seg);
                     if let Some(d) = self.heads.get_mut(h) {
                         d.pos = Some(Pos { seg, off: 0 });

@@ -138,6 +138,9 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) crc_flag_pending: bool,
     /// The tag of the last read-miss placeholder (see [`io::Gap`]).
     pub(crate) last_tag: u32,
+    /// A write found no data space: GC collects whatever is written back,
+    /// whatever `gc_percent` says (see `need_gc`).
+    pub(crate) room_wanted: bool,
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {

@@ -157,6 +157,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             nocrc_until: 0,
             crc_flag_pending: false,
             last_tag: 0,
+            room_wanted: false,
         };
 
         cache.cache_info_init(opts, sb.seg_num)?;

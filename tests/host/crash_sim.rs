@@ -270,42 +270,75 @@ struct PendingWrite {
     data: Vec<u8>,
     fua: bool,
     cpu: usize,
-    first: Reservation,
+    /// Bytes committed so far.
+    done: usize,
+    /// The room reserved for the next chunk, if any.
+    held: Option<Reservation>,
 }
 
-/// Copies and commits the rest of a pending write, chunk by chunk as `map`
-/// does; a chunk that finds the cache full hands the rest to `with_room` (the
-/// module's worker serves the bio again). Returns the write's id once acked.
+/// Copies and commits a pending write's reserved chunk, if it has one: in the
+/// module the copier runs on its own CPU and never waits for room, so before
+/// the simulation lets anything wait for room, every reservation is settled.
+/// A commit that finds the cache full gives the room back.
+fn settle_write(
+    engine: &SimLock<Sim<'_>>,
+    pmem: &mut SimPmem,
+    w: &mut PendingWrite,
+) -> Result<(), String> {
+    let Some(r) = w.held.take() else {
+        return Ok(());
+    };
+    let crc = copy_in(pmem, &r, &w.data[..], w.done).map_err(|_| "copy_in failed")?;
+    // The copier's own fence: the commit may run on another CPU.
+    pmem.fence();
+    match engine.with(|c| c.write_commit(&r, crc, w.fua)) {
+        Ok(()) => w.done += r.len as usize,
+        Err(CacheError::Busy(_)) => {}
+        Err(e) => return Err(format!("commit: {e}")),
+    }
+    Ok(())
+}
+
+/// Settles every pending write's reservation (see [`settle_write`]).
+fn settle_writes(
+    engine: &SimLock<Sim<'_>>,
+    pmem: &mut SimPmem,
+    pending: &mut [PendingWrite],
+) -> Result<(), String> {
+    for w in pending.iter_mut() {
+        settle_write(engine, pmem, w)?;
+    }
+    Ok(())
+}
+
+/// Finishes a pending write as `map` does, chunk by chunk; a chunk that finds
+/// the cache full hands the rest to `with_room` (the module's worker serves
+/// the bio again). The other pending writes must hold no reservation (see
+/// [`settle_write`]). Returns the write's id once acked.
 fn finish_write(
     engine: &SimLock<Sim<'_>>,
     host: &SimHost<'_, pcache_engine::cache_core::Borrowed<'_>>,
     pmem: &mut SimPmem,
-    w: PendingWrite,
+    mut w: PendingWrite,
 ) -> Result<u64, String> {
     let off = w.s * SECTOR as u64;
-    let mut done = 0usize;
-    let mut r = Some(w.first);
-    while done < w.data.len() {
-        let Some(res) = r.take() else {
-            break;
-        };
-        let crc = copy_in(pmem, &res, &w.data[..], done).map_err(|_| "copy_in failed")?;
-        // The copier's own fence: the commit may run on another CPU.
-        pmem.fence();
-        if engine.with(|c| c.write_commit(&res, crc, w.fua)).is_err() {
+    loop {
+        let (had, before) = (w.held.is_some(), w.done);
+        settle_write(engine, pmem, &mut w)?;
+        // Done, or the commit found the cache full.
+        if w.done == w.data.len() || (had && w.done == before) {
             break;
         }
-        done += res.len as usize;
-        if done < w.data.len() {
-            r = engine
-                .with(|c| c.write_reserve(off + done as u64, w.data.len() - done, 0, w.cpu))
-                .ok();
+        let left = w.data.len() - w.done;
+        match engine.with(|c| c.write_reserve(off + w.done as u64, left, 0, w.cpu)) {
+            Ok(r) => w.held = Some(r),
+            Err(_) => break,
         }
     }
-    if done < w.data.len() {
-        let rest = &w.data[done..];
+    if w.done < w.data.len() {
+        let rest = &w.data[w.done..];
         match with_room(engine, host, |c: &mut Sim<'_>| {
-            busy_is_none(c.write(off + done as u64, rest, w.fua, w.cpu))
+            busy_is_none(c.write(off + w.done as u64, rest, w.fua, w.cpu))
         }) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(format!("write failed: {e}")),
@@ -648,6 +681,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             }
             if !pending_writes.is_empty() && rng.chance(1, 3) {
                 let w = pending_writes.swap_remove(rng.below(pending_writes.len() as u64) as usize);
+                settle_writes(&engine, &mut copier, &mut pending_writes)?;
                 let id = finish_write(&engine, &host, &mut copier, w)?;
                 let now = world.borrow().ops;
                 model.writes.get_mut(&id).unwrap().ack_op = Some(now);
@@ -664,6 +698,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         .position(|w| w.s < s + n && s < w.s + (w.data.len() / SECTOR) as u64)
                     {
                         let w = pending_writes.swap_remove(i);
+                        settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let id = finish_write(&engine, &host, &mut copier, w)?;
                         model.writes.get_mut(&id).unwrap().ack_op = Some(now());
                     }
@@ -705,9 +740,11 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                             data,
                             fua,
                             cpu,
-                            first,
+                            done: 0,
+                            held: Some(first),
                         });
                     } else {
+                        settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
                             busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
                         });
@@ -747,6 +784,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         issue_op: now(),
                         complete_op: None,
                     });
+                    settle_writes(&engine, &mut copier, &mut pending_writes)?;
                     let r = with_room(&engine, &host, |c: &mut Sim<'_>| busy_is_none(c.flush()));
                     match r {
                         Ok(Ok(())) => model.flushes.last_mut().unwrap().complete_op = Some(now()),
@@ -798,6 +836,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         for p in pending.drain(..) {
             engine.with(|c| c.read_fill(&p.gap, &p.data[..], 0));
         }
+        settle_writes(&engine, &mut copier, &mut pending_writes)?;
         for w in pending_writes.drain(..) {
             finish_write(&engine, &host, &mut copier, w)?;
         }

@@ -165,7 +165,12 @@ where
                 break;
             }
             match engine.with(|c| c.gc_step()) {
-                Ok(Step::Progress) => round.progress = true,
+                Ok(Step::Progress) => {
+                    round.progress = true;
+                    // Requests waiting for room look again now, not at the end of the
+                    // round: a kset collected may have freed the segment they need.
+                    waiting.wake_all();
+                }
                 Ok(Step::Idle) => break,
                 Err(e) => {
                     round.gc_error = Some(e);

@@ -61,7 +61,7 @@ pub trait Backing {
 }
 
 /// Most writes in one [`Backing::write_batch`].
-pub const WRITE_BATCH_MAX: usize = 32;
+pub const WRITE_BATCH_MAX: usize = 64;
 
 impl<T: Pmem + ?Sized> Pmem for &mut T {
     fn size(&self) -> u64 {

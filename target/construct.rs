@@ -23,6 +23,9 @@ use kernel::{prelude::*, sync::Arc};
 /// request staging buffer and the writer's bounce buffer.
 pub(crate) const MAX_IO_SECTORS: u64 = 2048;
 
+/// Bytes of the writeback staging buffer.
+const WRITEBACK_BOUNCE: usize = 4 << 20;
+
 /// What a table line names, opened and checked.
 pub(crate) struct Devices {
     pub(crate) cache_dev: Arc<DaxMapping>,
@@ -191,11 +194,9 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
     })?;
     let staging = KVVec::from_elem(0u8, (MAX_IO_SECTORS << 9) as usize, GFP_KERNEL)
         .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
-    let writer = engine::writer(
-        cache.clone(),
-        backing.clone(),
-        (MAX_IO_SECTORS << 9) as usize,
-    )
+    // Writeback stages a batch of up to `WRITE_BATCH_MAX` extents that fit here and sends them
+    // all at once: 4 MiB holds a batch of 4 KiB keys and 32 of 128 KiB.
+    let writer = engine::writer(cache.clone(), backing.clone(), WRITEBACK_BOUNCE)
     .map_err(no_mem)?;
     Ok(Started {
         claim,

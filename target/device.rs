@@ -25,7 +25,7 @@ unsafe impl Send for TargetDevice {}
 unsafe impl Sync for TargetDevice {}
 
 /// Most writes one [`TargetDevice::write_batch`] takes.
-pub(crate) const WRITE_BATCH_MAX: usize = 32;
+pub(crate) const WRITE_BATCH_MAX: usize = 64;
 
 impl TargetDevice {
     /// Opens `path` (a device path or `major:minor`) for reading and writing on behalf of `ti`.

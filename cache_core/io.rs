@@ -636,34 +636,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if gap.tag == 0 {
             return;
         }
-        if self.key_pressure() {
-            self.read_abandon(gap);
-            return;
-        }
-        let end = gap.off + gap.len as u64;
-        let mut cur = gap.off;
-        while cur < end {
-            let Ok((sub, to)) = self.stripe(cur, end) else {
-                break;
-            };
-            let Some(k) = self.index.first_overlap(sub, cur, to) else {
-                break;
-            };
-            if self.placeholder_of(&k, gap.tag) {
-                let from = k.off.max(cur);
+        if !self.key_pressure() {
+            self.each_placeholder(gap, |c, _, k| {
+                let from = k.off.max(gap.off);
                 let part = Part {
                     data: src,
                     at: gap.at + (from - gap.off) as usize,
-                    len: (k.end().min(end) - from) as usize,
+                    len: (k.end().min(gap.off + gap.len as u64) - from) as usize,
                 };
-                if self
-                    .insert_data(from, &part, 0, KEY_FLAGS_CLEAN, false, cpu)
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            cur = k.end().max(cur + 1);
+                c.insert_data(from, &part, 0, KEY_FLAGS_CLEAN, false, cpu)
+                    .is_ok()
+            });
         }
         self.read_abandon(gap);
     }
@@ -677,6 +660,15 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Drops what is left of `gap`'s placeholder (the miss failed, or was filled).
     pub fn read_abandon(&mut self, gap: &Gap) {
+        self.each_placeholder(gap, |c, sub, k| {
+            c.index.remove(sub, k.off);
+            true
+        });
+    }
+
+    /// Calls `f(self, subtree, piece)` on each piece of `gap`'s placeholder still
+    /// in the index, in order, until it returns false.
+    fn each_placeholder(&mut self, gap: &Gap, mut f: impl FnMut(&mut Self, usize, &Key) -> bool) {
         if gap.tag == 0 {
             return;
         }
@@ -689,8 +681,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let Some(k) = self.index.first_overlap(sub, cur, to) else {
                 return;
             };
-            if self.placeholder_of(&k, gap.tag) {
-                self.index.remove(sub, k.off);
+            if self.placeholder_of(&k, gap.tag) && !f(self, sub, &k) {
+                return;
             }
             cur = k.end().max(cur + 1);
         }

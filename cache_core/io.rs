@@ -442,16 +442,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.read_with(off, buf, Misses::Stop)
     }
 
-    /// [`Cache::read_cached`] into `dst` wherever it lives (a bio's pages): each
-    /// hit is copied once, from pmem to `dst`.
-    pub fn read_cached_into<S: Sink + ?Sized>(
-        &mut self,
-        off: u64,
-        dst: &mut S,
-    ) -> Result<Option<ReadResult>, CacheError> {
-        self.read_with(off, dst, Misses::Stop)
-    }
-
     fn read_with<S: Sink + ?Sized>(
         &mut self,
         off: u64,

@@ -160,13 +160,8 @@ impl HeldBio {
         self.view().is_preflush()
     }
 
-    /// Whether the bio asks for FUA.
-    pub(crate) fn is_fua(&mut self) -> bool {
-        self.view().is_fua()
-    }
-
-    /// Whether the bio asks for FUA, from a shared borrow.
-    pub(crate) fn view_fua(&self) -> bool {
+    /// Whether the bio asks for FUA (see [`Bio::is_fua`]).
+    pub(crate) fn is_fua(&self) -> bool {
         self.raw().bi_opf & bindings::PCACHE_RS_REQ_FUA != 0
     }
 

@@ -153,7 +153,7 @@ impl LiveCache {
     fn write_unlocked(&self, bio: &HeldBio) -> Option<Result> {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
-        let fua = bio.view_fua();
+        let fua = bio.is_fua();
         let mut done = 0usize;
         while done < len {
             let reserved = {

@@ -4,7 +4,7 @@
 use super::data::{Sink, Source};
 use super::env::{Backing, IoError, Pmem};
 use super::error::CacheError;
-use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
+use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
 use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
@@ -55,6 +55,56 @@ pub fn copy_in<P: Pmem, S: Source + ?Sized>(
     })?;
     pmem.flush(r.addr, u64::from(r.len));
     Ok(if r.crc { crc } else { 0 })
+}
+
+/// A part of a read the cache holds, for the caller to copy without the
+/// engine lock (see [`Cache::read_start`]). It holds a reference on its
+/// segment, so nothing reclaims the data before [`Cache::read_done`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hit {
+    /// Device offset of the data in the cache.
+    pub addr: u64,
+    /// Where it goes in the read's data.
+    pub at: usize,
+    pub len: usize,
+    seg: Option<SegId>,
+}
+
+/// What [`Cache::read_start`] left to the caller.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Started {
+    pub res: ReadResult,
+    /// How many of the gaps to read from the backing device.
+    pub gaps: usize,
+    /// How many of the hits to copy ([`copy_hits`]), then give back
+    /// ([`Cache::read_done`]).
+    pub hits: usize,
+}
+
+impl Hit {
+    /// The segment it holds.
+    pub fn segment(&self) -> Option<SegId> {
+        self.seg
+    }
+}
+
+/// Copies each hit from the cache into `dst`, one piece at a time as `dst`
+/// holds them. A failed read of pmem (a media error) is an error; the caller
+/// gives the hits back either way.
+pub fn copy_hits<P: Pmem, S: Sink + ?Sized>(
+    pmem: &P,
+    hits: &[Hit],
+    dst: &mut S,
+) -> Result<(), IoError> {
+    for h in hits {
+        let mut from = h.addr;
+        dst.pieces_mut(h.at, h.len, &mut |p| {
+            pmem.read(from, p)?;
+            from += p.len() as u64;
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// A part of a read that the cache does not hold (see [`Cache::read_start`]).
@@ -516,9 +566,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Starts a read that may miss, for a caller that sends the misses to the
     /// backing device itself, all at once, without the engine (the kernel
-    /// clones the bio per gap). Copies every hit into `dst` and describes each
-    /// gap in `gaps`; returns how many, or `None` (with no placeholder left
-    /// behind) when there are more than `gaps` holds.
+    /// clones the bio per gap). Describes each gap in `gaps` and each hit in
+    /// `hits`, for the caller to copy without the engine lock; hits beyond
+    /// what `hits` holds, and hits of keys whose CRC is to be checked, are
+    /// copied into `dst` here. `None` (with no placeholder and no hit left
+    /// behind) when there are more gaps than `gaps` holds.
     ///
     /// When the mode caches misses, each gap gets a placeholder: an
     /// [`KEY_FLAGS_EMPTY`] key tagged with [`Gap::tag`], which reads treat as a
@@ -530,17 +582,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         off: u64,
         dst: &mut S,
         gaps: &mut [Gap],
-    ) -> Result<Option<(ReadResult, usize)>, CacheError> {
+        hits: &mut [Hit],
+    ) -> Result<Option<Started>, CacheError> {
         self.check_range(off, dst.len())?;
         let end = off + dst.len() as u64;
         let place = self.mode().caches_misses();
-        let mut res = ReadResult::default();
-        let mut n = 0usize;
+        let mut out = Started::default();
         let mut cur = off;
         while cur < end {
             let (sub, to) = match self.stripe(cur, end) {
                 Ok(s) => s,
-                Err(e) => return Err(self.read_unwind(gaps, n, e)),
+                Err(e) => return Err(self.read_unwind(gaps, hits, &out, e)),
             };
             let found = self.index.first_overlap(sub, cur, to);
             let (hit, seg_end) = match found {
@@ -556,14 +608,30 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     continue;
                 }
                 Some(k) if !k.empty() => {
-                    if let Err(e) = self.read_hit(&k, cur, dst, at, len) {
-                        return Err(self.read_unwind(gaps, n, e));
+                    // A key to check is copied here: the check marks it verified,
+                    // once, under the lock.
+                    match hits.get_mut(out.hits) {
+                        Some(h) if !k.unverified() => {
+                            *h = Hit {
+                                addr: self.pos_addr(k.pos) + (cur - k.off),
+                                at,
+                                len,
+                                seg: Some(k.pos.seg),
+                            };
+                            self.seg_get(k.pos.seg);
+                            out.hits += 1;
+                        }
+                        _ => {
+                            if let Err(e) = self.read_hit(&k, cur, dst, at, len) {
+                                return Err(self.read_unwind(gaps, hits, &out, e));
+                            }
+                        }
                     }
-                    res.hit_bytes += len as u64;
+                    out.res.hit_bytes += len as u64;
                 }
                 _ => {
-                    let Some(gap) = gaps.get_mut(n) else {
-                        self.read_unwind(gaps, n, CacheError::Busy("gaps"));
+                    let Some(gap) = gaps.get_mut(out.gaps) else {
+                        self.read_unwind(gaps, hits, &out, CacheError::Busy("gaps"));
                         return Ok(None);
                     };
                     let tag = if place && !self.key_pressure() {
@@ -577,27 +645,44 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                         len,
                         tag,
                     };
-                    n += 1;
-                    res.miss_bytes += len as u64;
+                    out.gaps += 1;
+                    out.res.miss_bytes += len as u64;
                 }
             }
             cur = seg_end;
         }
-        if res.hit_bytes > 0 {
+        if out.res.hit_bytes > 0 {
             self.stats.read_hits += 1;
         }
-        if res.miss_bytes > 0 {
+        if out.res.miss_bytes > 0 {
             self.stats.read_misses += 1;
         }
-        Ok(Some((res, n)))
+        Ok(Some(out))
     }
 
-    /// Gives up the placeholders of the first `n` gaps; returns `e`.
-    fn read_unwind(&mut self, gaps: &[Gap], n: usize, e: CacheError) -> CacheError {
-        for gap in gaps.iter().take(n) {
+    /// Gives back what a read started: the placeholders of its gaps and the
+    /// segment references of its hits; returns `e`.
+    fn read_unwind(
+        &mut self,
+        gaps: &[Gap],
+        hits: &[Hit],
+        started: &Started,
+        e: CacheError,
+    ) -> CacheError {
+        for gap in gaps.iter().take(started.gaps) {
             self.read_abandon(gap);
         }
+        self.read_done(hits.get(..started.hits).unwrap_or_default());
         e
+    }
+
+    /// The caller copied `hits` (or gave up): their segments may go.
+    pub fn read_done(&mut self, hits: &[Hit]) {
+        for h in hits {
+            if let Some(seg) = h.seg {
+                self.seg_put(seg);
+            }
+        }
     }
 
     /// A placeholder over `off..off + len` (one subtree); its tag, 0 if the key

@@ -12,7 +12,7 @@ use super::{
     live::{Core, Count, ErrorText, LiveCache},
 };
 use crate::cache_core::{
-    io::{copy_in, Gap},
+    io::{copy_hits, copy_in, Gap, Hit},
     request, CacheError, Pmem, Zeros,
 };
 use core::sync::atomic::Ordering;
@@ -35,6 +35,10 @@ pub(crate) enum Served {
 /// Most gaps a read sends to the backing device at once; a read with more is served on the
 /// worker, one staged backing read per gap.
 const MAX_GAPS: usize = 8;
+
+/// Most hits a read copies from pmem without the engine lock; the engine copies the rest of a
+/// read's hits under it.
+const MAX_HITS: usize = 8;
 
 /// The gaps of a read (see [`Cache::read_start`](crate::cache_core::Cache::read_start)).
 pub(crate) struct Gaps {
@@ -134,12 +138,16 @@ impl LiveCache {
         })
     }
 
-    /// Serves `bio` in `map` if that needs neither the backing device nor waiting for room (a
-    /// write or flush with room in the cache, a read the cache holds entirely): no context
-    /// switch to the worker, as upstream and dm-writecache do. `None` hands it to the worker.
+    /// Serves `bio` in `map` if that needs neither waiting for the backing device nor waiting
+    /// for room (a write or flush with room in the cache, a read with at most [`MAX_GAPS`]
+    /// gaps): no context switch to the worker, as upstream and dm-writecache do. `None` hands
+    /// it to the worker.
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
         if self.caches_writes && bio.op() == BioOp::Write && !bio.is_preflush() {
             return self.write_unlocked(bio).map(Served::Done);
+        }
+        if bio.op() == BioOp::Read && !bio.is_preflush() {
+            return self.read_unlocked(bio);
         }
         let mut core = self.core.lock();
         self.serve(&mut core, bio, ServeContext::Map)
@@ -180,6 +188,57 @@ impl LiveCache {
             done += r.len as usize;
         }
         Some(Ok(()))
+    }
+
+    /// A read served in `map` with its hits copied outside the engine lock, so that reads on
+    /// two CPUs copy at once: under the lock the engine pins the segments of the hits and
+    /// places the gaps; the hits are copied from pmem into the bio's pages on this CPU; the
+    /// pins are given back under the lock. The gaps go to the backing device after `map`
+    /// ([`Served::Misses`]). `None`: more gaps than [`MAX_GAPS`]; the worker serves the bio.
+    fn read_unlocked(&self, bio: &mut HeldBio) -> Option<Served> {
+        let off = (bio.sector().saturating_sub(self.begin)) << 9;
+        let mut gaps = [Gap::default(); MAX_GAPS];
+        let mut hits = [Hit::default(); MAX_HITS];
+        let started = self
+            .core
+            .lock()
+            .engine
+            .read_start(off, bio, &mut gaps, &mut hits);
+        let started = match started {
+            Ok(Some(s)) => s,
+            Ok(None) => return None,
+            Err(e) => return Some(Served::Done(Err(failed(&e)))),
+        };
+        let held = hits.get(..started.hits).unwrap_or_default();
+        let placed = gaps.get(..started.gaps).unwrap_or_default();
+        let copied = held.is_empty() || copy_hits(&DaxRef(&self.dax), held, bio).is_ok();
+        if !held.is_empty() || !copied {
+            let mut core = self.core.lock();
+            core.engine.read_done(held);
+            if !copied {
+                for gap in placed {
+                    core.engine.read_abandon(gap);
+                }
+            }
+        }
+        if !copied {
+            pr_err!(
+                "pcache_rs: pmem media error reading {}+{}\n",
+                off,
+                bio.size()
+            );
+            return Some(Served::Done(Err(EIO)));
+        }
+        Some(if placed.is_empty() {
+            self.count(Count::ReadHit);
+            Served::Done(Ok(()))
+        } else {
+            self.count(Count::ReadMiss);
+            Served::Misses(Gaps {
+                gaps,
+                n: started.gaps,
+            })
+        })
     }
 
     /// One attempt at `bio` under the engine lock. `None`: it cannot complete here and now:
@@ -290,15 +349,17 @@ impl LiveCache {
                 outcome(engine.write(off, buf, fua, 0))
             }
             BioOp::Read => {
+                // Hits copied under the lock: `map` serves reads in `read_unlocked`, and
+                // the worker only those with more gaps than it takes.
                 let mut gaps = [Gap::default(); MAX_GAPS];
-                match engine.read_start(off, bio, &mut gaps) {
-                    Ok(Some((_, 0))) => {
+                match engine.read_start(off, bio, &mut gaps, &mut []) {
+                    Ok(Some(s)) if s.gaps == 0 => {
                         self.count(Count::ReadHit);
                         Some(Ok(()))
                     }
-                    Ok(Some((_, n))) => {
+                    Ok(Some(s)) => {
                         self.count(Count::ReadMiss);
-                        return Some(Served::Misses(Gaps { gaps, n }));
+                        return Some(Served::Misses(Gaps { gaps, n: s.gaps }));
                     }
                     Ok(None) if at == ServeContext::Map => None,
                     Ok(None) => {

@@ -6,7 +6,7 @@
 //! - `PCACHE_SEED=<n>`: replay one seed (printed by every failure).
 //! - `PCACHE_THREADS=<n>`: worker threads (default 2).
 
-use pcache_engine::cache_core::io::{copy_in, Gap, Reservation};
+use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
 use pcache_engine::cache_core::request::{with_room, Stalled};
 use pcache_engine::cache_core::{Backing, Locked, Pmem};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
@@ -226,39 +226,135 @@ struct PendingFill {
     data: Vec<u8>,
 }
 
-/// A read through the module's split path ([`Cache::read_start`]): hits at
-/// once, each gap read from the backing device now and left to fill later.
+/// A read through the module's split path ([`Cache::read_start`]): each gap
+/// read from the backing device now and left to fill later; the hits pinned,
+/// to copy now or any number of operations later (`Pinned`). `hits_room`
+/// hits are pinned at most; the rest are copied by the engine at once.
 fn split_read(
     cache: &mut Sim<'_>,
     s0: u64,
     n: u64,
     pending: &mut Vec<PendingFill>,
-) -> Result<Vec<u8>, CacheError> {
+    hits_room: usize,
+) -> Result<SplitRead, CacheError> {
     let mut buf = vec![0u8; (n as usize) * SECTOR];
     let off = s0 * SECTOR as u64;
     let mut gaps = [Gap::default(); 8];
-    let Some((_, k)) = cache.read_start(off, &mut buf[..], &mut gaps)? else {
+    let mut hits = [Hit::default(); 8];
+    let room = hits_room.min(hits.len());
+    let Some(started) = cache.read_start(off, &mut buf[..], &mut gaps, &mut hits[..room])? else {
         cache.read(off, &mut buf, true, 0)?;
-        return Ok(buf);
+        return Ok(SplitRead::Done(buf));
     };
-    for g in &gaps[..k] {
+    let (gaps, held) = (&gaps[..started.gaps], &hits[..started.hits]);
+    for g in gaps {
         let part = &mut buf[g.at..g.at + g.len];
         if cache.backing_mut().read(g.off, part).is_err() {
-            // The module fails the read and gives up every placeholder of it.
+            // The module fails the read and gives up every placeholder and pin of it.
             cache.read_failed(g);
-            for rest in &gaps[..k] {
+            for rest in gaps {
                 cache.read_abandon(rest);
             }
+            cache.read_done(held);
             return Err(CacheError::Io("backing device read failed"));
         }
     }
-    for g in &gaps[..k] {
+    for g in gaps {
         pending.push(PendingFill {
             gap: *g,
             data: buf.clone(),
         });
     }
-    Ok(buf)
+    Ok(if held.is_empty() {
+        SplitRead::Done(buf)
+    } else {
+        SplitRead::Pinned(buf, held.to_vec())
+    })
+}
+
+enum SplitRead {
+    /// All of the read's data is in the buffer.
+    Done(Vec<u8>),
+    /// The hits are pinned and not copied yet.
+    Pinned(Vec<u8>, Vec<Hit>),
+}
+
+/// A read whose hits are pinned and not yet copied: in the module the
+/// submitting CPU copies them without the engine lock while the other CPUs go
+/// on. The pins must keep GC from handing the data's segment to new writes.
+struct PendingRead {
+    s: u64,
+    buf: Vec<u8>,
+    hits: Vec<Hit>,
+    /// Per sector, the oldest version the read may return: the newest one
+    /// acknowledged when it was issued.
+    floors: Vec<usize>,
+    /// Each hit's segment and its generation when it was pinned.
+    pins: Vec<(u32, u64)>,
+}
+
+/// A pinned segment stays allocated, in the same generation: GC may not hand
+/// it to a data head while a read is still to copy from it.
+fn check_pins(cache: &Sim<'_>, pending: &[PendingRead]) -> Result<(), String> {
+    for &(seg, gen) in pending.iter().flat_map(|r| &r.pins) {
+        let now = cache.segment(seg);
+        if !now.used || now.gen != gen {
+            return Err(format!(
+                "segment {seg} was reclaimed while a read was still to copy from it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Copies a pending read's hits, gives back their pins, and checks what it
+/// read against the model as it was when the read was issued.
+fn finish_read(engine: &SimLock<Sim<'_>>, model: &Model, mut r: PendingRead) -> Result<(), String> {
+    let copied = engine.with(|c| {
+        let copied = copy_hits(c.pmem(), &r.hits, &mut r.buf[..]);
+        c.read_done(&r.hits);
+        copied
+    });
+    copied.map_err(|_| "pinned read: pmem read failed")?;
+    check_live_read(model, r.s, &r.buf, |i| r.floors[i])
+}
+
+/// Copies every pending read's hits (see [`finish_read`]): in the module the
+/// copier never waits, so nothing waits for room while a pin is out.
+fn settle_reads(
+    engine: &SimLock<Sim<'_>>,
+    model: &Model,
+    pending: &mut Vec<PendingRead>,
+) -> Result<(), String> {
+    for r in pending.drain(..) {
+        finish_read(engine, model, r)?;
+    }
+    Ok(())
+}
+
+/// Checks that a live read of sectors `s..` returned, for each sector `i`, a
+/// version written there and no older than `floor(i)`.
+fn check_live_read(
+    model: &Model,
+    s: u64,
+    buf: &[u8],
+    floor: impl Fn(usize) -> usize,
+) -> Result<(), String> {
+    for (i, d) in buf.chunks(SECTOR).enumerate() {
+        let sec = s + i as u64;
+        let id = identify(sec, d).ok_or_else(|| format!("live read of sector {sec}: garbage"))?;
+        let v = model.versions(sec);
+        let j = v
+            .iter()
+            .rposition(|&x| x == id)
+            .ok_or_else(|| format!("live read of sector {sec}: write {id} never written there"))?;
+        if j < floor(i) {
+            return Err(format!(
+                "live read of sector {sec} returned a superseded version"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A write as the module serves it in `map`: the room for its first chunk is
@@ -672,6 +768,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         let final_life = life + 1 == lives;
         let mut pending: Vec<PendingFill> = Vec::new();
         let mut pending_writes: Vec<PendingWrite> = Vec::new();
+        let mut pending_reads: Vec<PendingRead> = Vec::new();
         let mut copier = SimPmem(world.clone());
         let cfg_writes_through = matches!(cfg.opts.cache_mode, 1 | 2);
         for _ in 0..ops_per_life {
@@ -679,8 +776,13 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                 let p = pending.swap_remove(rng.below(pending.len() as u64) as usize);
                 engine.with(|c| c.read_fill(&p.gap, &p.data[..], rng.below(2) as usize));
             }
+            if !pending_reads.is_empty() && rng.chance(1, 3) {
+                let r = pending_reads.swap_remove(rng.below(pending_reads.len() as u64) as usize);
+                finish_read(&engine, &model, r)?;
+            }
             if !pending_writes.is_empty() && rng.chance(1, 3) {
                 let w = pending_writes.swap_remove(rng.below(pending_writes.len() as u64) as usize);
+                settle_reads(&engine, &model, &mut pending_reads)?;
                 settle_writes(&engine, &mut copier, &mut pending_writes)?;
                 let id = finish_write(&engine, &host, &mut copier, w)?;
                 let now = world.borrow().ops;
@@ -698,6 +800,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         .position(|w| w.s < s + n && s < w.s + (w.data.len() / SECTOR) as u64)
                     {
                         let w = pending_writes.swap_remove(i);
+                        settle_reads(&engine, &model, &mut pending_reads)?;
                         settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let id = finish_write(&engine, &host, &mut copier, w)?;
                         model.writes.get_mut(&id).unwrap().ack_op = Some(now());
@@ -744,6 +847,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                             held: Some(first),
                         });
                     } else {
+                        settle_reads(&engine, &model, &mut pending_reads)?;
                         settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
                             busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
@@ -757,25 +861,40 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                 }
                 60..=79 => {
                     let (s, n) = pick_range(&mut rng);
-                    let buf = match rng.below(4) {
-                        0 => engine.with(|c| read_sectors(c, s, n, false)),
-                        1 => engine.with(|c| read_sectors(c, s, n, true)),
-                        _ => engine.with(|c| split_read(c, s, n, &mut pending)),
+                    let hits_room = [0, 1, 8][rng.below(3) as usize];
+                    let read = match rng.below(4) {
+                        0 => engine
+                            .with(|c| read_sectors(c, s, n, false))
+                            .map(SplitRead::Done),
+                        1 => engine
+                            .with(|c| read_sectors(c, s, n, true))
+                            .map(SplitRead::Done),
+                        _ => engine.with(|c| split_read(c, s, n, &mut pending, hits_room)),
                     }
                     .map_err(|e| format!("read: {e}"))?;
-                    for i in 0..n {
-                        let sec = s + i;
-                        let d = &buf[i as usize * SECTOR..(i as usize + 1) * SECTOR];
-                        let id = identify(sec, d)
-                            .ok_or_else(|| format!("live read of sector {sec}: garbage"))?;
-                        let v = model.versions(sec);
-                        let j = v.iter().rposition(|&x| x == id).ok_or_else(|| {
-                            format!("live read of sector {sec}: write {id} never written there")
-                        })?;
-                        if j < model.acked_floor(sec) {
-                            return Err(format!(
-                                "live read of sector {sec} returned a superseded version"
-                            ));
+                    match read {
+                        SplitRead::Done(buf) => {
+                            check_live_read(&model, s, &buf, |i| model.acked_floor(s + i as u64))?
+                        }
+                        SplitRead::Pinned(buf, hits) => {
+                            let pins = engine.with(|c| {
+                                hits.iter()
+                                    .filter_map(|h| h.segment())
+                                    .map(|id| (id.get(), c.segment(id.get()).gen))
+                                    .collect()
+                            });
+                            let r = PendingRead {
+                                s,
+                                buf,
+                                hits,
+                                floors: (0..n).map(|i| model.acked_floor(s + i)).collect(),
+                                pins,
+                            };
+                            if rng.chance(1, 2) {
+                                finish_read(&engine, &model, r)?;
+                            } else {
+                                pending_reads.push(r);
+                            }
                         }
                     }
                 }
@@ -784,6 +903,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         issue_op: now(),
                         complete_op: None,
                     });
+                    settle_reads(&engine, &model, &mut pending_reads)?;
                     settle_writes(&engine, &mut copier, &mut pending_writes)?;
                     let r = with_room(&engine, &host, |c: &mut Sim<'_>| busy_is_none(c.flush()));
                     match r {
@@ -823,6 +943,9 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             engine
                 .with(|c| c.check_invariants())
                 .map_err(|b| format!("life {life}: invariant broken: {}", b.0))?;
+            engine
+                .with(|c| check_pins(c, &pending_reads))
+                .map_err(|e| format!("life {life}: {e}"))?;
             let crashes: Vec<CrashImage> = std::mem::take(&mut world.borrow_mut().crashes);
             for img in crashes {
                 let r = check_crash(img, &model, &cfg).map_err(|e| format!("life {life}: {e}"))?;
@@ -836,6 +959,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         for p in pending.drain(..) {
             engine.with(|c| c.read_fill(&p.gap, &p.data[..], 0));
         }
+        settle_reads(&engine, &model, &mut pending_reads)?;
         settle_writes(&engine, &mut copier, &mut pending_writes)?;
         for w in pending_writes.drain(..) {
             finish_write(&engine, &host, &mut copier, w)?;

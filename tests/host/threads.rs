@@ -11,7 +11,7 @@
 //! threads interleave at the granularity of the pieces the engine hands them.
 
 use pcache_engine::cache_core::background::Background;
-use pcache_engine::cache_core::io::{copy_in, Gap};
+use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit};
 use pcache_engine::cache_core::request::with_room;
 use pcache_engine::cache_core::{
     Backing, Cache, CacheError, CacheOptions, IoError, Locked, Pmem, Waiting, WbExtent,
@@ -193,24 +193,32 @@ fn write(
     }
 }
 
-/// A read as `map` serves it: hits copied and gaps placeheld under the lock,
-/// the gaps read from the backing device without it, the fills under it.
+/// A read as `map` serves it: hits pinned and gaps placeheld under the lock,
+/// the hits copied and the gaps read from the backing device without it, the
+/// pins given back and the fills under it.
 fn read(
     lock: &Lock<Engine<'_>>,
+    pmem: &TPmem,
     backing: &mut TBacking,
     off: u64,
     buf: &mut [u8],
 ) -> Result<(), String> {
     let mut gaps = [Gap::default(); 8];
+    let mut hits = [Hit::default(); 8];
     let started = lock
-        .with(|c| c.read_start(off, buf, &mut gaps))
+        .with(|c| c.read_start(off, buf, &mut gaps, &mut hits))
         .map_err(|e| format!("read_start: {e}"))?;
-    let Some((_, n)) = started else {
+    let Some(started) = started else {
         return lock
             .with(|c| c.read(off, buf, true, 0))
             .map(|_| ())
             .map_err(|e| format!("read: {e}"));
     };
+    let hits = &hits[..started.hits];
+    let copied = copy_hits(pmem, hits, buf);
+    lock.with(|c| c.read_done(hits));
+    copied.map_err(|_| "pmem read")?;
+    let n = started.gaps;
     for g in &gaps[..n] {
         backing
             .read(g.off, &mut buf[g.at..g.at + g.len])
@@ -254,7 +262,7 @@ fn request_thread(
             next += 1;
             write(lock, room, &mut pmem, off, &buf)?;
         } else {
-            read(lock, &mut backing, off, &mut buf)?;
+            read(lock, &pmem, &mut backing, off, &mut buf)?;
             for i in 0..n {
                 let at = i as usize * SECTOR;
                 let sec = base / SECTOR as u64 + s + i;

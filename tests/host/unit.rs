@@ -695,7 +695,7 @@ fn read_cached_serves_full_hits_and_never_reads_backing() {
 /// a placeholder as a miss, and no placeholder outlives its fill or abandon.
 #[test]
 fn split_reads_fill_only_what_no_write_replaced() {
-    use pcache_engine::cache_core::io::Gap;
+    use pcache_engine::cache_core::io::{copy_hits, Gap, Hit};
     use pcache_engine::cache_core::Backing;
     let (world, mut mem) = small_world();
     let mut c = small_cache(&world, &mut mem);
@@ -708,12 +708,34 @@ fn split_reads_fill_only_what_no_write_replaced() {
     c.write((1 << 20) + 8192, &mid, false, 0).unwrap();
     let mut buf = vec![0u8; 16384];
     let mut gaps = [Gap::default(); 4];
-    let (r, n) = c
-        .read_start(1 << 20, &mut buf[..], &mut gaps)
+    let mut hits = [Hit::default(); 4];
+    let started = c
+        .read_start(1 << 20, &mut buf[..], &mut gaps, &mut hits)
         .unwrap()
         .unwrap();
-    assert_eq!((r.hit_bytes, r.miss_bytes, n), (4096, 12288, 2));
+    let (r, n) = (started.res, started.gaps);
+    // The key's CRC was not checked yet: the engine copies it, checking it.
+    assert_eq!(
+        (r.hit_bytes, r.miss_bytes, n, started.hits),
+        (4096, 12288, 2, 0)
+    );
     assert_eq!(&buf[8192..12288], &mid[..]);
+    // Checked now: the next read leaves the hit to the caller to copy, and
+    // holds its segment meanwhile.
+    let mut again = vec![0u8; 4096];
+    let pinned = c
+        .read_start((1 << 20) + 8192, &mut again[..], &mut [], &mut hits)
+        .unwrap()
+        .unwrap();
+    assert_eq!((pinned.gaps, pinned.hits), (0, 1));
+    assert_eq!((hits[0].at, hits[0].len), (0, 4096));
+    assert!(again.iter().all(|&b| b == 0));
+    let seg = hits[0].segment().unwrap().get();
+    let refs = c.segment(seg).refs;
+    copy_hits(c.pmem(), &hits[..1], &mut again[..]).unwrap();
+    c.read_done(&hits[..1]);
+    assert_eq!(c.segment(seg).refs, refs - 1);
+    assert_eq!(again, mid);
     assert_eq!((gaps[0].off, gaps[0].at, gaps[0].len), (1 << 20, 0, 8192));
     assert_eq!((gaps[1].at, gaps[1].len), (12288, 4096));
     assert!(gaps[0].tag != 0 && gaps[1].tag != 0 && gaps[0].tag != gaps[1].tag);
@@ -747,20 +769,19 @@ fn split_reads_fill_only_what_no_write_replaced() {
     c.check_invariants().unwrap();
 
     // A failed miss gives its placeholder up and caches nothing.
-    let (_, n) = c
-        .read_start(2 << 20, &mut buf[..4096], &mut gaps)
+    let started = c
+        .read_start(2 << 20, &mut buf[..4096], &mut gaps, &mut hits)
         .unwrap()
         .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!((started.gaps, started.hits), (1, 0));
     c.read_abandon(&gaps[0]);
     assert!(!c.holds_any(2 << 20, 4096));
     // More gaps than the caller has room for: nothing placed, nothing left.
     let before = c.status().keys;
-    let (_, n) = c
-        .read_start(3 << 20, &mut buf[..4096], &mut [])
-        .map(|r| r.map_or((None, 0), |(r, n)| (Some(r), n)))
+    let started = c
+        .read_start(3 << 20, &mut buf[..4096], &mut [], &mut hits)
         .unwrap();
-    assert_eq!(n, 0);
+    assert_eq!(started, None);
     assert_eq!(c.status().keys, before);
     assert!(c.status().keys > keys0);
     c.check_invariants().unwrap();

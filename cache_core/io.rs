@@ -373,7 +373,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// into the index, and logged; with `fua` its kset is persisted before this
     /// returns. A caller that copied on another CPU fences first (`pmem_wmb` only
     /// orders the stores of the CPU it runs on). On `Err` the room is given back.
-    pub fn write_commit(&mut self, r: &Reservation, crc: u32, fua: bool) -> Result<(), CacheError> {
+    /// `Ok(true)`: the key replaced data the cache held (the write was a hit).
+    pub fn write_commit(
+        &mut self,
+        r: &Reservation,
+        crc: u32,
+        fua: bool,
+    ) -> Result<bool, CacheError> {
         // Other writes may have taken keys and filled the kset since the reservation.
         if self.index.free_nodes() < 2 {
             self.write_cancel(r);
@@ -410,12 +416,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             crc_back: 0,
             crc_len: r.len,
         };
-        if self.index.insert(key, |_| {}).is_err() {
+        let mut replaced = false;
+        if self.index.insert(key, |k| replaced |= !k.empty()).is_err() {
             self.write_cancel(r);
             return Err(CacheError::Busy("key pool exhausted"));
         }
         // FUA covers every key of the request: each chunk's kset is persisted.
-        self.key_append(&key, fua)
+        self.key_append(&key, fua).map(|()| replaced)
     }
 
     /// Gives back the room of a reservation that will not be committed.

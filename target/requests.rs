@@ -163,31 +163,43 @@ impl LiveCache {
         let len = bio.size() as usize;
         let fua = bio.is_fua();
         let mut done = 0usize;
-        while done < len {
-            let reserved = {
-                let mut core = self.core.lock();
-                if done == 0 {
-                    self.count_write(&core.engine, off, len);
-                }
-                core.engine
-                    .write_reserve(off + done as u64, len - done, 0, 0)
-            };
+        // The commits tell whether the write replaced cached data (a hit); the part not
+        // committed here is looked up before the worker writes it.
+        let mut hit = false;
+        let result = loop {
+            if done == len {
+                break Some(Ok(()));
+            }
+            let reserved =
+                self.core
+                    .lock()
+                    .engine
+                    .write_reserve(off + done as u64, len - done, 0, 0);
             let r = match reserved {
                 Ok(r) => r,
-                Err(e) => return outcome(Err(e)),
+                Err(e) => break outcome(Err(e)),
             };
             let mut pmem = DaxRef(&self.dax);
             let Ok(crc) = copy_in(&mut pmem, &r, bio, done) else {
                 self.core.lock().engine.write_cancel(&r);
-                return Some(Err(EIO));
+                break Some(Err(EIO));
             };
             pmem.fence();
-            if let Err(e) = self.core.lock().engine.write_commit(&r, crc, fua) {
-                return outcome(Err(e));
+            match self.core.lock().engine.write_commit(&r, crc, fua) {
+                Ok(replaced) => hit |= replaced,
+                Err(e) => break outcome(Err(e)),
             }
             done += r.len as usize;
+        };
+        if !hit && result.is_none() {
+            hit = (self.core.lock().engine).holds_any(off + done as u64, (len - done) as u64);
         }
-        Some(Ok(()))
+        self.count(if hit {
+            Count::WriteHit
+        } else {
+            Count::WriteMiss
+        });
+        result
     }
 
     /// A read served in `map` with its hits copied outside the engine lock, so that reads on

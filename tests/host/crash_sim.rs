@@ -388,7 +388,7 @@ fn settle_write(
     // The copier's own fence: the commit may run on another CPU.
     pmem.fence();
     match engine.with(|c| c.write_commit(&r, crc, w.fua)) {
-        Ok(()) => w.done += r.len as usize,
+        Ok(_) => w.done += r.len as usize,
         Err(CacheError::Busy(_)) => {}
         Err(e) => return Err(format!("commit: {e}")),
     }

@@ -173,7 +173,7 @@ fn write(
         let crc = copy_in(pmem, &r, data, done).map_err(|_| "copy_in")?;
         pmem.fence();
         match lock.with(|c| c.write_commit(&r, crc, false)) {
-            Ok(()) => done += r.len as usize,
+            Ok(_) => done += r.len as usize,
             Err(CacheError::Busy(_)) => break,
             Err(e) => return Err(format!("commit: {e}")),
         }

@@ -786,3 +786,42 @@ fn split_reads_fill_only_what_no_write_replaced() {
     assert!(c.status().keys > keys0);
     c.check_invariants().unwrap();
 }
+
+/// A commit says whether its key replaced data the cache held: that is how
+/// `map` counts a write as a hit without a lookup of its own. A read miss's
+/// placeholder holds no data.
+#[test]
+fn write_commit_tells_a_hit() {
+    use pcache_engine::cache_core::io::{copy_in, Gap, Hit};
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
+    let data = vec![0x3cu8; 8192];
+    let commit = |c: &mut pcache_engine::cache_core::Cache<
+        pcache_engine::sim::SimPmem,
+        pcache_engine::sim::SimBacking,
+        Borrowed<'_>,
+    >,
+                  off: u64,
+                  len: usize| {
+        let r = c.write_reserve(off, len, 0, 0).unwrap();
+        let mut pmem = pcache_engine::sim::SimPmem(world.clone());
+        let crc = copy_in(&mut pmem, &r, &data[..], 0).unwrap();
+        c.write_commit(&r, crc, false).unwrap()
+    };
+    assert!(!commit(&mut c, 1 << 20, 4096));
+    assert!(commit(&mut c, 1 << 20, 4096));
+    // Half over cached data, half over nothing.
+    assert!(commit(&mut c, (1 << 20) + 2048, 4096));
+    assert!(!commit(&mut c, 2 << 20, 8192));
+    // Over a placeholder only: a miss.
+    let mut buf = vec![0u8; 4096];
+    let mut gaps = [Gap::default(); 2];
+    let s = c
+        .read_start(3 << 20, &mut buf[..], &mut gaps, &mut [Hit::default(); 2])
+        .unwrap()
+        .unwrap();
+    assert_eq!((s.gaps, gaps[0].tag != 0), (1, true));
+    assert!(!commit(&mut c, 3 << 20, 4096));
+    c.read_abandon(&gaps[0]);
+    c.check_invariants().unwrap();
+}

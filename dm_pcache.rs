@@ -88,7 +88,7 @@ impl Running {
             LiveCache::new(
                 misses,
                 started.engine,
-                started.staging,
+                started.buffers,
                 started.writer,
                 begin,
                 counts,

@@ -11,17 +11,22 @@ use super::{
     dax::{DaxError, DaxMapping},
     device::TargetDevice,
     engine::{self, BackingIo, DaxPmem, PcacheEngine, Sizing, StartError, Writer},
-    live::ErrorText,
+    live::{ErrorText, WorkerBuffers},
     table::{self, TableError, TableOptions, MAX_ARGS},
     target_type::{CtrError, Target},
 };
-use crate::cache_core::{key_capacity, start::MODE_MISMATCH, CacheError, CacheOptions};
+use crate::cache_core::{io::Gap, key_capacity, start::MODE_MISMATCH, CacheError, CacheOptions};
 use crate::meta::layout::{Geometry, CACHE_DEV_SIZE_MIN};
 use kernel::{prelude::*, sync::Arc};
 
 /// Largest bio the target handles at once; device-mapper splits larger ones. It sizes the
 /// request staging buffer and the writer's bounce buffer.
 pub(crate) const MAX_IO_SECTORS: u64 = 2048;
+
+/// Most gaps a read can have: keys are whole sectors, so at most every other sector of a
+/// [`MAX_IO_SECTORS`] bio is a gap, plus one where it crosses a subtree boundary. The worker
+/// takes every read with more gaps than `map` does ([`super::requests`]) with room for them all.
+pub(crate) const MAX_READ_GAPS: usize = (MAX_IO_SECTORS / 2 + 2) as usize;
 
 /// Bytes of the writeback staging buffer.
 const WRITEBACK_BOUNCE: usize = 4 << 20;
@@ -38,7 +43,8 @@ pub(crate) struct Devices {
 pub(crate) struct Started {
     pub(crate) claim: ActiveClaim,
     pub(crate) engine: PcacheEngine,
-    pub(crate) staging: KVVec<u8>,
+    /// The request worker's buffers (its gaps: [`MAX_READ_GAPS`]).
+    pub(crate) buffers: WorkerBuffers,
     pub(crate) writer: Writer,
 }
 
@@ -194,14 +200,16 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
     })?;
     let staging = KVVec::from_elem(0u8, (MAX_IO_SECTORS << 9) as usize, GFP_KERNEL)
         .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
+    let gaps = KVVec::from_elem(Gap::default(), MAX_READ_GAPS, GFP_KERNEL)
+        .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
     // Writeback stages a batch of up to `WRITE_BATCH_MAX` extents that fit here and sends them
     // all at once: 4 MiB holds a batch of 4 KiB keys and 32 of 128 KiB.
-    let writer = engine::writer(cache.clone(), backing.clone(), WRITEBACK_BOUNCE)
-    .map_err(no_mem)?;
+    let writer =
+        engine::writer(cache.clone(), backing.clone(), WRITEBACK_BOUNCE).map_err(no_mem)?;
     Ok(Started {
         claim,
         engine,
-        staging,
+        buffers: WorkerBuffers { staging, gaps },
         writer,
     })
 }

@@ -15,7 +15,7 @@ use super::{
     engine::{PcacheEngine, Writer},
     miss::MissQueue,
 };
-use crate::cache_core::{CacheError, Locked, RequestCounts, Waiting};
+use crate::cache_core::{io::Gap, CacheError, Locked, RequestCounts, Waiting};
 use core::sync::atomic::{AtomicBool, AtomicU32};
 use kernel::{
     new_condvar, new_mutex, new_spinlock,
@@ -29,6 +29,14 @@ use kernel::{
 pub(crate) struct Core {
     pub(crate) engine: PcacheEngine,
     pub(crate) staging: KVVec<u8>,
+}
+
+/// The request worker's buffers, reserved at construction so that serving never allocates.
+pub(crate) struct WorkerBuffers {
+    /// Writes that go through to the backing device are staged here (see [`Core`]).
+    pub(crate) staging: KVVec<u8>,
+    /// The gaps of a read, room for every gap a read can have.
+    pub(crate) gaps: KVVec<Gap>,
 }
 
 /// What the per-CPU request counters count (see [`RequestCounts`]).
@@ -51,6 +59,9 @@ pub(crate) struct LiveCache {
     pub(crate) misses: MissQueue,
     #[pin]
     pub(crate) core: Mutex<Core>,
+    /// The request worker's gaps of a read: room for every gap a read can have.
+    #[pin]
+    pub(crate) worker_gaps: Mutex<KVVec<Gap>>,
     /// Bios `map` handed to the request worker.
     #[pin]
     pub(crate) pending: SpinLock<BioQueue>,
@@ -87,7 +98,7 @@ impl LiveCache {
     pub(crate) fn new(
         misses: MissQueue,
         engine: PcacheEngine,
-        staging: KVVec<u8>,
+        buffers: WorkerBuffers,
         writer: Writer,
         begin: u64,
         counts: RequestCounters,
@@ -98,7 +109,11 @@ impl LiveCache {
         let caches_writes = !engine.writes_need_backing();
         pin_init!(Self {
             misses,
-            core <- new_mutex!(Core { engine, staging }),
+            core <- new_mutex!(Core {
+                engine,
+                staging: buffers.staging
+            }),
+            worker_gaps <- new_mutex!(buffers.gaps),
             pending <- new_spinlock!(BioQueue::new()),
             writer <- new_mutex!(writer),
             room_events <- new_mutex!(0),

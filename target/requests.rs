@@ -32,8 +32,8 @@ pub(crate) enum Served {
     Misses(Gaps),
 }
 
-/// Most gaps a read sends to the backing device at once; a read with more is served on the
-/// worker, one staged backing read per gap.
+/// Most gaps of a read `map` sends to the backing device; the worker takes a read with more
+/// (it has room for [`MAX_READ_GAPS`](super::construct::MAX_READ_GAPS)).
 const MAX_GAPS: usize = 8;
 
 /// Most hits a read copies from pmem without the engine lock; the engine copies the rest of a
@@ -44,6 +44,16 @@ const MAX_HITS: usize = 8;
 pub(crate) struct Gaps {
     gaps: [Gap; MAX_GAPS],
     n: usize,
+}
+
+/// What serving a read came to (see [`LiveCache::read_unlocked`]).
+enum ReadServed {
+    /// End it with this result.
+    Done(Result),
+    /// Its hits are copied; send this many gaps to the backing device.
+    Misses(usize),
+    /// It has more gaps than the caller has room for; nothing was done.
+    TooManyGaps,
 }
 
 /// Where a request is served.
@@ -66,8 +76,40 @@ impl LiveCache {
             let Some(mut bio) = next else {
                 break;
             };
+            if bio.op() == BioOp::Read {
+                self.read_on_worker(bio);
+                continue;
+            }
             let served = self.handle(&mut bio);
             self.dispatch(bio, served);
+        }
+    }
+
+    /// A read `map` could not serve: with a preflush (which may wait for room), or with more
+    /// gaps than `map` takes. The worker has room for every gap a read can have, so no read
+    /// waits for the backing device here either.
+    fn read_on_worker(&self, mut bio: HeldBio) {
+        if bio.is_preflush() {
+            if let Err(e) = self.with_room(|core| outcome(core.engine.flush())) {
+                bio.end(Err(e));
+                return;
+            }
+        }
+        let mut gaps = self.worker_gaps.lock();
+        match self.read_unlocked(&mut bio, &mut gaps) {
+            ReadServed::Done(r) => bio.end(r),
+            ReadServed::Misses(n) => {
+                self.misses
+                    .submit(bio, &self.backing, gaps.get(..n).unwrap_or_default())
+            }
+            ReadServed::TooManyGaps => {
+                pr_err!(
+                    "pcache_rs: read of {} bytes at sector {} has more gaps than a read can have\n",
+                    bio.size(),
+                    bio.sector()
+                );
+                bio.end(Err(EIO));
+            }
         }
     }
 
@@ -146,8 +188,16 @@ impl LiveCache {
         if self.caches_writes && bio.op() == BioOp::Write && !bio.is_preflush() {
             return self.write_unlocked(bio).map(Served::Done);
         }
-        if bio.op() == BioOp::Read && !bio.is_preflush() {
-            return self.read_unlocked(bio);
+        if bio.op() == BioOp::Read {
+            if bio.is_preflush() {
+                return None;
+            }
+            let mut gaps = [Gap::default(); MAX_GAPS];
+            return match self.read_unlocked(bio, &mut gaps) {
+                ReadServed::Done(r) => Some(Served::Done(r)),
+                ReadServed::Misses(n) => Some(Served::Misses(Gaps { gaps, n })),
+                ReadServed::TooManyGaps => None,
+            };
         }
         let mut core = self.core.lock();
         self.serve(&mut core, bio, ServeContext::Map)
@@ -202,24 +252,22 @@ impl LiveCache {
         result
     }
 
-    /// A read served in `map` with its hits copied outside the engine lock, so that reads on
-    /// two CPUs copy at once: under the lock the engine pins the segments of the hits and
-    /// places the gaps; the hits are copied from pmem into the bio's pages on this CPU; the
-    /// pins are given back under the lock. The gaps go to the backing device after `map`
-    /// ([`Served::Misses`]). `None`: more gaps than [`MAX_GAPS`]; the worker serves the bio.
-    fn read_unlocked(&self, bio: &mut HeldBio) -> Option<Served> {
+    /// A read with its hits copied outside the engine lock, so that reads on two CPUs copy at
+    /// once: under the lock the engine pins the segments of the hits and places the gaps; the
+    /// hits are copied from pmem into the bio's pages on this CPU; the pins are given back
+    /// under the lock. The caller sends the gaps, described in `gaps`, to the backing device.
+    fn read_unlocked(&self, bio: &mut HeldBio, gaps: &mut [Gap]) -> ReadServed {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
-        let mut gaps = [Gap::default(); MAX_GAPS];
         let mut hits = [Hit::default(); MAX_HITS];
         let started = self
             .core
             .lock()
             .engine
-            .read_start(off, bio, &mut gaps, &mut hits);
+            .read_start(off, bio, gaps, &mut hits);
         let started = match started {
             Ok(Some(s)) => s,
-            Ok(None) => return None,
-            Err(e) => return Some(Served::Done(Err(failed(&e)))),
+            Ok(None) => return ReadServed::TooManyGaps,
+            Err(e) => return ReadServed::Done(Err(failed(&e))),
         };
         let held = hits.get(..started.hits).unwrap_or_default();
         let placed = gaps.get(..started.gaps).unwrap_or_default();
@@ -239,18 +287,15 @@ impl LiveCache {
                 off,
                 bio.size()
             );
-            return Some(Served::Done(Err(EIO)));
+            return ReadServed::Done(Err(EIO));
         }
-        Some(if placed.is_empty() {
+        if placed.is_empty() {
             self.count(Count::ReadHit);
-            Served::Done(Ok(()))
+            ReadServed::Done(Ok(()))
         } else {
             self.count(Count::ReadMiss);
-            Served::Misses(Gaps {
-                gaps,
-                n: started.gaps,
-            })
-        })
+            ReadServed::Misses(started.gaps)
+        }
     }
 
     /// One attempt at `bio` under the engine lock. `None`: it cannot complete here and now:
@@ -295,7 +340,7 @@ impl LiveCache {
             }
             _ => {}
         }
-        self.serve_data(core, bio, at, off, len)
+        self.serve_data(core, bio, off, len)
     }
 
     /// Counts a write bio as a hit or a miss.
@@ -332,15 +377,12 @@ impl LiveCache {
         Some(Ok(()))
     }
 
-    /// Reads, writes and flushes with data, copied once between the bio's pages and pmem. A
-    /// read sends what the cache does not hold to the backing device in clones of the bio, and
-    /// nothing waits for them ([`super::miss`]). The worker stages a write that goes through to
-    /// the backing device, and a read with more than [`MAX_GAPS`] gaps.
+    /// Writes and flushes with data, copied once from the bio's pages to pmem. The worker
+    /// stages a write that goes through to the backing device.
     fn serve_data(
         &self,
         core: &mut Core,
         bio: &mut HeldBio,
-        at: ServeContext,
         off: u64,
         len: usize,
     ) -> Option<Served> {
@@ -360,36 +402,10 @@ impl LiveCache {
                 }
                 outcome(engine.write(off, buf, fua, 0))
             }
-            BioOp::Read => {
-                // Hits copied under the lock: `map` serves reads in `read_unlocked`, and
-                // the worker only those with more gaps than it takes.
-                let mut gaps = [Gap::default(); MAX_GAPS];
-                match engine.read_start(off, bio, &mut gaps, &mut []) {
-                    Ok(Some(s)) if s.gaps == 0 => {
-                        self.count(Count::ReadHit);
-                        Some(Ok(()))
-                    }
-                    Ok(Some(s)) => {
-                        self.count(Count::ReadMiss);
-                        return Some(Served::Misses(Gaps { gaps, n: s.gaps }));
-                    }
-                    Ok(None) if at == ServeContext::Map => None,
-                    Ok(None) => {
-                        let Some(buf) = staging.get_mut(..len) else {
-                            return Some(Served::Done(Err(EINVAL)));
-                        };
-                        self.count(Count::ReadMiss);
-                        Some(
-                            engine
-                                .read(off, buf, true, 0)
-                                .map_err(|e| failed(&e))
-                                .and_then(|_| bio.copy_from(buf)),
-                        )
-                    }
-                    Err(e) => Some(Err(failed(&e))),
-                }
+            // Reads are served by `read_unlocked`, from `map` or the worker.
+            BioOp::Read | BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => {
+                Some(Err(EOPNOTSUPP))
             }
-            BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => Some(Err(EOPNOTSUPP)),
         };
         done.map(Served::Done)
     }

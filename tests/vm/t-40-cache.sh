@@ -406,6 +406,37 @@ test_cache_discard_drops_dirty_data_and_passes_down() {
 # REQ_OP_WRITE_ZEROES (blkdiscard -z) over cached data: the range reads as zeros, and still does
 # after remove and create (the zeros are cached as data, so no older key can come back over
 # them); the data around it is untouched.
+# A 1 MiB read of which the cache holds every other 4 KiB has 128 gaps, more than `map` takes at
+# once: the request worker sends them all to the backing device together. The read returns each
+# block from where it lives, counts once as a miss, and fills the cache: read again, it is a hit.
+test_cache_read_with_many_gaps() {
+	local dev base=8 i misses hits
+	ensure_module
+	dd if=/dev/urandom of="$T_TMP/gaps-old" bs=1M count=1 status=none
+	dd if="$T_TMP/gaps-old" of="$BACKING_DEV" bs=1M seek=$base oflag=direct conv=notrunc status=none ||
+		fail "cannot write the backing device"
+	dev=$(c_new gaps)
+	dd if=/dev/urandom of="$T_TMP/gaps-new" bs=4k count=128 status=none
+	cp "$T_TMP/gaps-old" "$T_TMP/gaps-want"
+	for ((i = 0; i < 256; i += 2)); do
+		dd if="$T_TMP/gaps-new" of="$dev" bs=4k skip=$((i / 2)) seek=$((base * 256 + i)) count=1 \
+			oflag=direct conv=notrunc status=none || fail "write of block $i failed"
+		dd if="$T_TMP/gaps-new" of="$T_TMP/gaps-want" bs=4k skip=$((i / 2)) seek=$i count=1 \
+			conv=notrunc status=none
+	done
+	[ "$TARGET" = pcache_rs ] && misses=$(c_stat gaps read_misses)
+	dd if="$dev" of="$T_TMP/gaps-got" bs=1M skip=$base count=1 iflag=direct status=none ||
+		fail "the read with many gaps failed"
+	cmp "$T_TMP/gaps-want" "$T_TMP/gaps-got" || fail "the read with many gaps returned wrong data"
+	[ "$TARGET" = pcache_rs ] || return 0
+	[ "$(c_stat gaps read_misses)" -gt "$misses" ] || fail "the read was not counted as a miss"
+	hits=$(c_stat gaps read_hits)
+	dd if="$dev" of="$T_TMP/gaps-got" bs=1M skip=$base count=1 iflag=direct status=none ||
+		fail "the second read failed"
+	cmp "$T_TMP/gaps-want" "$T_TMP/gaps-got" || fail "the second read returned wrong data"
+	[ "$(c_stat gaps read_hits)" -gt "$hits" ] || fail "the misses did not fill the cache"
+}
+
 test_cache_write_zeroes_read_back_as_zeros() {
 	[ "$TARGET" = pcache_rs ] || skip "upstream does not take write-zeroes"
 	local dev tbl wz before after when

@@ -15,6 +15,8 @@
 //! code. The `cpu` argument of `write` picks the data head, so the per-CPU data
 //! layout is already the upstream one.
 
+use super::writeback::WbExtent;
+
 /// A device error (media poison on pmem, a failed bio on the backing device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IoError;
@@ -49,19 +51,35 @@ pub trait Backing {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError>;
     /// REQ_PREFLUSH: make every completed write durable.
     fn flush(&mut self) -> Result<(), IoError>;
-    /// Write each `(off, data)`, at most [`WRITE_BATCH_MAX`] of them, which never
-    /// overlap: the kernel glue submits them all at once and waits, so that
-    /// writeback overlaps the backing device's latency. In any order.
-    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
-        for (off, data) in writes {
-            self.write(*off, data)?;
-        }
-        Ok(())
+    /// Write each of `extents` (at most [`WRITE_BATCH_MAX`], never overlapping)
+    /// at its `off`, their data one after another in `data` (see
+    /// [`each_batch_write`]): the kernel glue submits them all at once and
+    /// waits, so that writeback overlaps the backing device's latency. In any
+    /// order.
+    fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+        each_batch_write(data, extents, |off, d| self.write(off, d))
     }
 }
 
-/// Most writes in one [`Backing::write_batch`].
-pub const WRITE_BATCH_MAX: usize = 64;
+/// Most writes in one [`Backing::write_batch`]: a kset's worth of keys, so that
+/// a kset of small keys goes out in one round trip.
+pub const WRITE_BATCH_MAX: usize = crate::meta::kset::KSET_KEYS_MAX;
+
+/// Calls `f(off, data)` for each extent of a [`Backing::write_batch`], in
+/// order; an error if `data` is shorter than the extents.
+pub fn each_batch_write(
+    data: &[u8],
+    extents: &[WbExtent],
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), IoError>,
+) -> Result<(), IoError> {
+    let mut rest = data;
+    for e in extents {
+        let (this, more) = rest.split_at_checked(e.len as usize).ok_or(IoError)?;
+        f(e.off, this)?;
+        rest = more;
+    }
+    Ok(())
+}
 
 impl<T: Pmem + ?Sized> Pmem for &mut T {
     fn size(&self) -> u64 {
@@ -97,8 +115,8 @@ impl<T: Backing + ?Sized> Backing for &mut T {
     fn flush(&mut self) -> Result<(), IoError> {
         (**self).flush()
     }
-    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
-        (**self).write_batch(writes)
+    fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+        (**self).write_batch(data, extents)
     }
 }
 

@@ -131,15 +131,8 @@ pub fn writeback_extents<P: Pmem, B: Backing>(
             }
             at += e.len as usize;
         }
-        let mut writes: [(u64, &[u8]); WRITE_BATCH_MAX] = [(0, &[]); WRITE_BATCH_MAX];
-        let mut data: &[u8] = bounce;
-        for (w, e) in writes.iter_mut().zip(batch) {
-            let (this, more) = data.split_at_checked(e.len as usize).ok_or(WbError::Pmem)?;
-            *w = (e.off, this);
-            data = more;
-        }
         backing
-            .write_batch(writes.get(..n).unwrap_or_default())
+            .write_batch(bounce.get(..at).unwrap_or_default(), batch)
             .map_err(|_| WbError::Backing)?;
         rest = next;
     }

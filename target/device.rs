@@ -3,6 +3,10 @@
 //! A device that a target holds open: `dm_get_device` on creation, `dm_put_device` on drop.
 
 use super::bindings;
+use crate::cache_core::{
+    env::{each_batch_write, WRITE_BATCH_MAX},
+    IoError, WbExtent,
+};
 use core::ptr::NonNull;
 use kernel::prelude::*;
 
@@ -23,9 +27,6 @@ pub(crate) struct TargetDevice {
 unsafe impl Send for TargetDevice {}
 // SAFETY: all methods take `&self` and only read immutable fields of the `dm_dev`.
 unsafe impl Sync for TargetDevice {}
-
-/// Most writes one [`TargetDevice::write_batch`] takes.
-pub(crate) const WRITE_BATCH_MAX: usize = 64;
 
 impl TargetDevice {
     /// Opens `path` (a device path or `major:minor`) for reading and writing on behalf of `ti`.
@@ -166,30 +167,35 @@ impl TargetDevice {
         )
     }
 
-    /// Writes each `(off, data)` (sector aligned) at once and waits for all of them; sleeps.
-    /// They must not overlap: they may land in any order. At most [`WRITE_BATCH_MAX`].
-    pub(crate) fn write_batch(&self, writes: &[(u64, &[u8])]) -> Result {
+    /// Writes each of `extents` (sector aligned; their data one after another in `data`) at
+    /// once and waits for all of them; sleeps. They must not overlap: they may land in any
+    /// order. At most [`WRITE_BATCH_MAX`].
+    pub(crate) fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result {
         let mut c: [bindings::pcache_rs_write; WRITE_BATCH_MAX] =
             core::array::from_fn(|_| bindings::pcache_rs_write::default());
-        if writes.len() > WRITE_BATCH_MAX {
+        if extents.len() > WRITE_BATCH_MAX {
             return Err(EINVAL);
         }
-        for (slot, (off, data)) in c.iter_mut().zip(writes) {
-            let end = off.checked_add(data.len() as u64).ok_or(EINVAL)?;
-            if off % 512 != 0 || data.len() % 512 != 0 || end > self.size_bytes() {
-                return Err(EINVAL);
+        let mut slots = c.iter_mut();
+        each_batch_write(data, extents, |off, d| {
+            let end = off.checked_add(d.len() as u64).ok_or(IoError)?;
+            let slot = slots.next().ok_or(IoError)?;
+            if off % 512 != 0 || d.len() % 512 != 0 || end > self.size_bytes() {
+                return Err(IoError);
             }
             *slot = bindings::pcache_rs_write {
                 sector: off >> 9,
-                buf: data.as_ptr().cast(),
-                len: data.len(),
+                buf: d.as_ptr().cast(),
+                len: d.len(),
             };
-        }
-        // SAFETY: the block device is open (type invariant); the first `writes.len()` entries
-        // of `c` describe buffers borrowed for the duration of the call, which waits for every
-        // write to finish and only reads them.
+            Ok(())
+        })
+        .map_err(|_| EINVAL)?;
+        // SAFETY: the block device is open (type invariant); the first `extents.len()` entries
+        // of `c` describe pieces of `data`, borrowed for the duration of the call, which waits
+        // for every write to finish and only reads them.
         let ret = unsafe {
-            bindings::pcache_rs_write_batch(self.bdev(), c.as_ptr(), writes.len() as u32)
+            bindings::pcache_rs_write_batch(self.bdev(), c.as_ptr(), extents.len() as u32)
         };
         kernel::error::to_result(ret)
     }

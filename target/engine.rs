@@ -6,10 +6,7 @@
 //! the backing `dm_dev`. [`start`] reserves the memory the engine works in (once, at
 //! construction, so the IO path never allocates) and hands it to the engine, which owns it.
 
-use super::{
-    dax::DaxMapping,
-    device::{TargetDevice, WRITE_BATCH_MAX},
-};
+use super::{dax::DaxMapping, device::TargetDevice};
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
     IoError, KsetBuf, Memory, Node, Pmem, SegState, WbExtent,
@@ -101,11 +98,8 @@ impl Backing for BackingIo {
         self.0.flush().map_err(|_| IoError)
     }
 
-    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
-        for part in writes.chunks(WRITE_BATCH_MAX) {
-            self.0.write_batch(part).map_err(|_| IoError)?;
-        }
-        Ok(())
+    fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+        self.0.write_batch(data, extents).map_err(|_| IoError)
     }
 }
 

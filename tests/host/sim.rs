@@ -342,8 +342,17 @@ impl Backing for SimBacking {
     }
     /// The kernel submits a batch at once, so its writes may land in any order:
     /// model the worst by writing it backwards (the engine promises no overlaps).
-    fn write_batch(&mut self, writes: &[(u64, &[u8])]) -> Result<(), IoError> {
-        assert!(writes.len() <= crate::cache_core::env::WRITE_BATCH_MAX);
+    fn write_batch(
+        &mut self,
+        data: &[u8],
+        extents: &[crate::cache_core::WbExtent],
+    ) -> Result<(), IoError> {
+        assert!(extents.len() <= crate::cache_core::env::WRITE_BATCH_MAX);
+        let mut writes = Vec::new();
+        crate::cache_core::env::each_batch_write(data, extents, |off, d| {
+            writes.push((off, d.to_vec()));
+            Ok(())
+        })?;
         for (i, (off, data)) in writes.iter().enumerate() {
             for (off2, data2) in writes.iter().take(i) {
                 assert!(

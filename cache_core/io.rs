@@ -676,11 +676,20 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         started: &Started,
         e: CacheError,
     ) -> CacheError {
-        for gap in gaps.iter().take(started.gaps) {
+        self.read_cancel(
+            gaps.get(..started.gaps).unwrap_or_default(),
+            hits.get(..started.hits).unwrap_or_default(),
+        );
+        e
+    }
+
+    /// A started read fails (its hits could not be copied, or a gap could not
+    /// be read): gives up the placeholders of `gaps` and the pins of `hits`.
+    pub fn read_cancel(&mut self, gaps: &[Gap], hits: &[Hit]) {
+        for gap in gaps {
             self.read_abandon(gap);
         }
-        self.read_done(hits.get(..started.hits).unwrap_or_default());
-        e
+        self.read_done(hits);
     }
 
     /// The caller copied `hits` (or gave up): their segments may go.

@@ -175,16 +175,6 @@ impl HeldBio {
         Ok(())
     }
 
-    /// Fills the bio's pages from `buf`, which must be exactly [`HeldBio::size`] bytes.
-    pub(crate) fn copy_from(&mut self, buf: &[u8]) -> Result {
-        if buf.len() != self.size() as usize {
-            return Err(EINVAL);
-        }
-        // SAFETY: the bio is ours; `buf` holds exactly the bio's `bi_size` bytes.
-        unsafe { bindings::pcache_rs_bio_copy_from_buf(self.ptr.as_ptr(), buf.as_ptr().cast()) };
-        Ok(())
-    }
-
     /// Gives the bio up as a raw pointer, neither ended nor touched: the caller ends it later
     /// through [`HeldBio::from_raw`].
     pub(crate) fn into_raw(self) -> NonNull<bindings::bio> {

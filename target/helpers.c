@@ -149,18 +149,6 @@ void pcache_rs_bio_copy_to_buf(struct bio *bio, void *buf)
 	}
 }
 
-/* Copies bi_iter.bi_size bytes from @buf into the pages of @bio. */
-void pcache_rs_bio_copy_from_buf(struct bio *bio, const void *buf)
-{
-	struct bio_vec bv;
-	struct bvec_iter iter;
-
-	bio_for_each_segment(bv, bio, iter) {
-		memcpy_to_bvec(&bv, buf);
-		buf += bv.bv_len;
-	}
-}
-
 int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned int len,
 				 pcache_rs_piece_fn fn, void *ctx)
 {

@@ -272,22 +272,17 @@ impl LiveCache {
         let held = hits.get(..started.hits).unwrap_or_default();
         let placed = gaps.get(..started.gaps).unwrap_or_default();
         let copied = held.is_empty() || copy_hits(&DaxRef(&self.dax), held, bio).is_ok();
-        if !held.is_empty() || !copied {
-            let mut core = self.core.lock();
-            core.engine.read_done(held);
-            if !copied {
-                for gap in placed {
-                    core.engine.read_abandon(gap);
-                }
-            }
-        }
         if !copied {
+            self.core.lock().engine.read_cancel(placed, held);
             pr_err!(
                 "pcache_rs: pmem media error reading {}+{}\n",
                 off,
                 bio.size()
             );
             return ReadServed::Done(Err(EIO));
+        }
+        if !held.is_empty() {
+            self.core.lock().engine.read_done(held);
         }
         if placed.is_empty() {
             self.count(Count::ReadHit);

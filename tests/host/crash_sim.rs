@@ -252,10 +252,7 @@ fn split_read(
         if cache.backing_mut().read(g.off, part).is_err() {
             // The module fails the read and gives up every placeholder and pin of it.
             cache.read_failed(g);
-            for rest in gaps {
-                cache.read_abandon(rest);
-            }
-            cache.read_done(held);
+            cache.read_cancel(gaps, held);
             return Err(CacheError::Io("backing device read failed"));
         }
     }

@@ -5,6 +5,7 @@ use super::data::{Sink, Source};
 use super::env::{Backing, IoError, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
+use super::through::THROUGH_TAG;
 use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
@@ -172,7 +173,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         Ok((sub, end.min(stripe_end)))
     }
 
-    fn check_range(&self, off: u64, len: usize) -> Result<(), CacheError> {
+    pub(crate) fn check_range(&self, off: u64, len: usize) -> Result<(), CacheError> {
         let end = off
             .checked_add(len as u64)
             .ok_or(CacheError::Invalid("range overflows"))?;
@@ -264,6 +265,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let len = src.len() as u64;
         match self.mode() {
             Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, 0, fua, cpu),
+            // Next to a write through in flight to an overlapping range, neither
+            // caches its data (see `super::through`).
+            Mode::Writethrough if self.in_flight.contest(off, off + len) => {
+                self.drop_range(off, len)?;
+                self.write_backing(off, src, fua)
+            }
             Mode::Writethrough => {
                 // The cache first, so that a read meanwhile finds the new data; its keys
                 // are clean, and need no persisting (see `super::mode`).
@@ -274,6 +281,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 self.write_backing(off, src, fua)
             }
             Mode::Writearound => {
+                self.in_flight.contest(off, off + len);
                 self.drop_range(off, len)?;
                 self.write_backing(off, src, fua)
             }
@@ -308,7 +316,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Copies `src[at..]` into the cache as keys from `off` on, with `flags`:
     /// reserve, copy and commit each chunk in turn (see [`Reservation`]).
-    fn insert_data<S: Source + ?Sized>(
+    pub(crate) fn insert_data<S: Source + ?Sized>(
         &mut self,
         off: u64,
         src: &S,
@@ -441,12 +449,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         off.checked_add(len)
             .filter(|&e| e <= self.dev_bytes)
             .ok_or(CacheError::Invalid("discard beyond the backing device"))?;
+        self.in_flight.contest(off, off + len);
         self.drop_range(off, len)
     }
 
     /// Drops every key in `off..off + len` from the index (trimming the keys
     /// that stick out); logs nothing.
-    fn drop_range(&mut self, off: u64, len: u64) -> Result<(), CacheError> {
+    pub(crate) fn drop_range(&mut self, off: u64, len: u64) -> Result<(), CacheError> {
         let end = off.saturating_add(len).min(self.dev_bytes);
         let mut cur = off;
         while cur < end {
@@ -549,7 +558,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     if let Misses::ReadAndCache(cpu) = misses {
                         // Best effort: a full cache simply does not cache this read,
                         // and clean data never takes the last keys from writes.
-                        if !self.key_pressure() {
+                        if !self.key_pressure() && !self.in_flight.overlaps(cur, seg_end) {
                             let part = Part {
                                 data: &*buf,
                                 at: b0,
@@ -641,7 +650,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                         self.read_unwind(gaps, hits, &out, CacheError::Busy("gaps"));
                         return Ok(None);
                     };
-                    let tag = if place && !self.key_pressure() {
+                    // A write through in flight may or may not be on the
+                    // backing device yet: what the read brings back is not cached.
+                    let tag = if place
+                        && !self.key_pressure()
+                        && !self.in_flight.overlaps(cur, seg_end)
+                    {
                         self.place(cur, len as u32)
                     } else {
                         0
@@ -704,7 +718,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// A placeholder over `off..off + len` (one subtree); its tag, 0 if the key
     /// pool has no room.
     fn place(&mut self, off: u64, len: u32) -> u32 {
-        self.last_tag = self.last_tag.wrapping_add(1).max(1);
+        // Tags with THROUGH_TAG name writes in flight (see `through`).
+        self.last_tag = (self.last_tag.wrapping_add(1) & !THROUGH_TAG).max(1);
         let hole = Key {
             off,
             len,

@@ -33,6 +33,7 @@ pub mod request;
 pub mod segment;
 pub mod start;
 pub mod stats;
+pub mod through;
 pub mod writeback;
 
 use crate::meta::cache_info::CacheInfo;
@@ -141,6 +142,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     /// A write found no data space: GC collects whatever is written back,
     /// whatever `gc_percent` says (see `need_gc`).
     pub(crate) room_wanted: bool,
+    /// Writes through to the backing device in flight (see [`through`]).
+    pub(crate) in_flight: through::InFlight,
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {

@@ -158,6 +158,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             crc_flag_pending: false,
             last_tag: 0,
             room_wanted: false,
+            in_flight: Default::default(),
         };
 
         cache.cache_info_init(opts, sb.seg_num)?;

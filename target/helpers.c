@@ -457,8 +457,12 @@ void pcache_rs_miss_submit(struct pcache_rs_missq *q, struct bio *orig,
 	bio_trim(clone, at >> SECTOR_SHIFT, len >> SECTOR_SHIFT);
 	clone->bi_iter.bi_sector = off >> SECTOR_SHIFT;
 	clone->bi_end_io = pcache_rs_miss_endio;
-	/* A read miss is not a flush: the flags of the original stay with it. */
-	clone->bi_opf &= ~(REQ_PREFLUSH | REQ_FUA);
+	/*
+	 * A read miss is not a flush: the flags of the original stay with it. A write through
+	 * to the backing device is the original, whole: its flush and FUA go with it.
+	 */
+	if (!op_is_write(bio_op(orig)))
+		clone->bi_opf &= ~(REQ_PREFLUSH | REQ_FUA);
 	atomic_inc(&q->inflight);
 	submit_bio_noacct(clone);
 }

@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Read misses in flight: each gap of a read bio that the cache does not hold goes to the
-//! backing device as a clone of the bio, trimmed to the gap, and nothing waits for it. The
-//! clone's completion puts it on a lock-free list and queues the [`MissQueue`]'s work item,
-//! which hands the list back to Rust in process context ([`MissQueue::bind`]): there the cache
-//! is filled from the read bio's pages, and the read bio ends after its last gap.
+//! Read misses and writes through in flight: each gap of a read bio that the cache does not
+//! hold goes to the backing device as a clone of the bio, trimmed to the gap, and so does a
+//! write in the modes that write through (one gap, the whole bio, with its flush and FUA
+//! flags); nothing waits for them. The clone's completion puts it on a lock-free list and
+//! queues the [`MissQueue`]'s work item, which hands the list back to Rust in process context
+//! ([`MissQueue::bind`]): there the cache is filled from the bio's pages, and the bio ends
+//! after its last gap.
 //!
-//! The read bio stays the target's while its gaps are out: its per-bio data counts them (one
-//! more for the submitter, so that a gap completing during submission cannot end the bio).
+//! The bio stays the target's while its gaps are out: its per-bio data counts them (one more
+//! for the submitter, so that a gap completing during submission cannot end the bio).
 
 use super::{bindings, bio::HeldBio, device::TargetDevice, work::WorkQueue};
 use crate::cache_core::{io::Gap, IoError, Source};
@@ -64,7 +66,8 @@ impl MissQueue {
     }
 
     /// Sends the gaps of `bio` to `backing` (whose offsets are the target's) and gives the bio
-    /// up until they complete; ends it at once if there are none.
+    /// up until they complete; ends it at once if there are none. A read's gaps go as reads
+    /// without the bio's flush flags; a write's one gap goes with them.
     pub(crate) fn submit(&self, bio: HeldBio, backing: &TargetDevice, gaps: &[Gap]) {
         let n = gaps.len() as u32;
         let raw = bio.into_raw();
@@ -91,10 +94,10 @@ impl MissQueue {
         unsafe { part_done(raw, 0) };
     }
 
-    /// Takes the completed misses, each with its read bio, and passes them to `fill`: `Ok`
-    /// with the gap to fill, or the error the backing device returned. Ends each read bio
-    /// after its last gap, with the first error of its gaps. Returns whether any came.
-    pub(crate) fn complete(&self, mut fill: impl FnMut(&Gap, Result<&ReadBio, Error>)) -> bool {
+    /// Takes the completed gaps, each with its bio, and passes them to `fill`: `Ok` with the
+    /// gap to fill, or the error the backing device returned. Ends each bio after its last
+    /// gap, with the first error of its gaps. Returns whether any came.
+    pub(crate) fn complete(&self, mut fill: impl FnMut(&Gap, Result<&SplitBio, Error>)) -> bool {
         // SAFETY: the queue is live.
         let mut next = unsafe { bindings::pcache_rs_missq_take(self.q.as_ptr()) };
         let any = !next.is_null();
@@ -126,13 +129,13 @@ impl MissQueue {
             let Some(orig) = orig else {
                 continue;
             };
-            let read = ReadBio(orig);
+            let data = SplitBio(orig);
             if err == 0 {
-                fill(&gap, Ok(&read));
+                fill(&gap, Ok(&data));
             } else {
                 fill(&gap, Err(Error::from_errno(err)));
             }
-            // SAFETY: the read bio is ours until its last part is done; this gap's part is.
+            // SAFETY: the bio is ours until its last part is done; this gap's part is.
             unsafe { part_done(orig, err) };
         }
         any
@@ -145,7 +148,7 @@ impl MissQueue {
 
 impl Drop for MissQueue {
     fn drop(&mut self) {
-        // Device-mapper ends every bio before a suspend completes, and a read bio ends only
+        // Device-mapper ends every bio before a suspend completes, and a split bio ends only
         // after the fill of its last gap, so normally nothing is in flight here.
         // SAFETY: the queue is live (type invariant) and destroyed once; the C side waits for
         // the clones in flight and cancels the work item first.
@@ -153,11 +156,11 @@ impl Drop for MissQueue {
     }
 }
 
-/// One part of read bio `bio` is done with `err`; ends the bio after the last one.
+/// One part of `bio` is done with `err`; ends the bio after the last one.
 ///
 /// # Safety
 ///
-/// `bio` must be a read bio given up by [`MissQueue::submit`] with this part still open.
+/// `bio` must be a bio given up by [`MissQueue::submit`] with this part still open.
 unsafe fn part_done(bio: NonNull<bindings::bio>, err: i32) {
     let mut first = 0;
     // SAFETY: the bio is live: this part is still open (caller).
@@ -172,15 +175,17 @@ unsafe fn part_done(bio: NonNull<bindings::bio>, err: i32) {
     }
 }
 
-/// A read bio with gaps in flight, as the data a completed gap brought back.
+/// A bio with gaps in flight, as the data of a completed gap: what a read brought back, or
+/// what a write through wrote.
 ///
 /// # Invariants
 ///
 /// The bio is live and its data is not changed by anyone while this exists: the backing
-/// device has completed the gap (its clone is done), and the other gaps write other bytes.
-pub(crate) struct ReadBio(NonNull<bindings::bio>);
+/// device has completed the gap (its clone is done), the other gaps of a read write other
+/// bytes, and a write's pages are stable (the target asks for stable writes).
+pub(crate) struct SplitBio(NonNull<bindings::bio>);
 
-impl Source for ReadBio {
+impl Source for SplitBio {
     fn len(&self) -> usize {
         // SAFETY: the bio is live (type invariant).
         unsafe { self.0.as_ref().bi_iter.bi_size as usize }

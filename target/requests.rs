@@ -13,7 +13,9 @@ use super::{
 };
 use crate::cache_core::{
     io::{copy_hits, copy_in, Gap, Hit},
-    request, CacheError, Pmem, Zeros,
+    request,
+    through::THROUGH_TAG,
+    CacheError, Pmem, Zeros,
 };
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -24,10 +26,10 @@ use kernel::prelude::*;
 pub(crate) enum Served {
     /// End it with this result.
     Done(Result),
-    /// A discard whose cached keys are dropped: send it on to the backing device
-    /// ([`LiveCache::pass_down`]).
+    /// A discard whose cached keys are dropped, or a flush in the modes that write through:
+    /// send it on to the backing device ([`LiveCache::pass_down`]).
     ToBacking,
-    /// A read whose hits are copied: send its gaps to the backing device
+    /// A read whose hits are copied, or a write through: send its gaps to the backing device
     /// ([`super::miss::MissQueue::submit`]).
     Misses(Gaps),
 }
@@ -44,6 +46,15 @@ const MAX_HITS: usize = 8;
 pub(crate) struct Gaps {
     gaps: [Gap; MAX_GAPS],
     n: usize,
+}
+
+impl Gaps {
+    /// A write through's one gap.
+    fn one(gap: Gap) -> Self {
+        let mut gaps = [Gap::default(); MAX_GAPS];
+        gaps[0] = gap;
+        Self { gaps, n: 1 }
+    }
 }
 
 /// What serving a read came to (see [`LiveCache::read_unlocked`]).
@@ -141,11 +152,25 @@ impl LiveCache {
         }
     }
 
-    /// Fills the cache from the read misses that came back, and ends their bios.
+    /// Fills the cache from the read misses that came back and the writes through that
+    /// completed, and ends their bios.
     pub(crate) fn run_fills(&self) {
-        while self.misses.complete(|gap, read| {
+        while self.misses.complete(|gap, done| {
             let mut core = self.core.lock();
-            match read {
+            if gap.tag & THROUGH_TAG != 0 {
+                let failed = done.is_err();
+                core.engine.through_done(gap, done.ok(), 0);
+                drop(core);
+                if failed {
+                    pr_err!(
+                        "pcache_rs: backing device write failed at {}+{}\n",
+                        gap.off,
+                        gap.len
+                    );
+                }
+                return;
+            }
+            match done {
                 Ok(data) => core.engine.read_fill(gap, data, 0),
                 Err(e) => {
                     core.engine.read_failed(gap);
@@ -161,8 +186,8 @@ impl LiveCache {
         }) {}
     }
 
-    /// Sends a discard on to the backing device, at the same offset (the backing device
-    /// starts where the target does).
+    /// Sends a discard, or a flush in the modes that write through, on to the backing device,
+    /// at the same offset (the backing device starts where the target does).
     pub(crate) fn pass_down(&self, bio: HeldBio) {
         let sector = bio.sector().saturating_sub(self.begin);
         bio.submit_to(&self.backing, sector);
@@ -187,6 +212,16 @@ impl LiveCache {
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
         if self.caches_writes && bio.op() == BioOp::Write && !bio.is_preflush() {
             return self.write_unlocked(bio).map(Served::Done);
+        }
+        if !self.caches_writes {
+            match bio.op() {
+                BioOp::Write if bio.size() > 0 => return self.write_through(bio),
+                // Every write completed on the backing device, and a cache in these modes
+                // starts empty on attach (see `cache_core::mode`): a flush is the backing
+                // device's alone.
+                BioOp::Flush => return Some(Served::ToBacking),
+                _ => {}
+            }
         }
         if bio.op() == BioOp::Read {
             if bio.is_preflush() {
@@ -250,6 +285,24 @@ impl LiveCache {
             Count::WriteMiss
         });
         result
+    }
+
+    /// A write in the modes that write through, sent to the backing device without the
+    /// engine lock: under it the engine drops the cached range and records the write in flight
+    /// ([`Cache::through_start`](crate::cache_core::Cache::through_start)); the bio goes to
+    /// the backing device whole, with its flush and FUA flags, and its completion caches the
+    /// data in writethrough mode ([`LiveCache::run_fills`]). `None` when the engine has no
+    /// room to record it: the worker writes it synchronously.
+    fn write_through(&self, bio: &HeldBio) -> Option<Served> {
+        let off = (bio.sector().saturating_sub(self.begin)) << 9;
+        let len = bio.size() as usize;
+        let mut core = self.core.lock();
+        self.count_write(&core.engine, off, len);
+        match core.engine.through_start(off, len) {
+            Ok(gap) => Some(Served::Misses(Gaps::one(gap))),
+            Err(CacheError::Busy(_)) => None,
+            Err(e) => Some(Served::Done(Err(failed(&e)))),
+        }
     }
 
     /// A read with its hits copied outside the engine lock, so that reads on two CPUs copy at

@@ -60,3 +60,42 @@ test_cache_stress_all_at_once() {
 	create "$name" "$tbl"
 	c_fio_verify_all "$dev" "${regions[@]}" "write ${base}M ${S_MIB}M 4500"
 }
+
+# test_cache_write_through_racing: in each mode that writes through, four jobs write and read the
+# same 4 MiB at random at once, three reads to a write (writes through in flight overlap each other
+# and the reads' misses),
+# beside a verified writer of a region of its own and `dmsetup status` in a loop. Overlapping
+# writes in flight may land in either order, and a read beside a write may bring back either
+# version; whatever landed, the cache must hold only what the backing device holds: the region
+# reads the same through the cache (which serves some of it, counted as hits) and from the backing
+# device. Then the verified region reads back what was written.
+test_cache_write_through_racing() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream has only writeback"
+	local mode dev stop=$T_TMP/wt.stop pid job all region="randwrite 16M 8M 4600" via raw
+	for mode in writethrough writearound; do
+		dev=$(c_new wtr 2 cache_mode "$mode")
+		rm -f "$stop"
+		(while [ ! -e "$stop" ]; do dmsetup status "${DM_PREFIX}wtr" >/dev/null || exit 1; done) &
+		pid=$!
+		# shellcheck disable=SC2086 # region is "<rw> <offset> <size> <seed>"
+		c_job "$dev" $region
+		all=("${job[@]}" --do_verify=1)
+		all+=(--name=race --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 --rw=randrw --rwmixread=75
+			--bsrange=4k-64k --blockalign=4k --offset=0 --size=4M --numjobs=4 --time_based
+			--runtime=5 --randseed=4601)
+		c_fio_run "$mode: 4 racing jobs on one region beside a verified writer" "${all[@]}"
+		touch "$stop"
+		wait "$pid" || fail "$mode: dmsetup status failed during the race"
+		dms message "${DM_PREFIX}wtr" 0 stats reset
+		# In 4 KiB reads, so that each one the cache holds whole counts as a hit.
+		via=$(dd if="$dev" bs=4k count=1024 iflag=direct status=none | cksum)
+		[ "$(c_stat wtr read_hits)" -gt 0 ] || fail "$mode: the cache held none of the raced region"
+		raw=$(dd if="$BACKING_DEV" bs=4k count=1024 iflag=direct status=none | cksum)
+		expect_eq "$mode: the raced region through the cache and on the backing device" "$raw" "$via"
+		expect_eq "$mode: it again, once the misses filled" "$raw" "$(region_sum "$dev" 0 4M)"
+		c_sum_record "$dev" "$region"
+		c_fio_verify_all "$BACKING_DEV" "$region"
+		dms remove "${DM_PREFIX}wtr"
+		dms remove "${DM_PREFIX}wtr_pm"
+	done
+}

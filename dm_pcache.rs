@@ -317,10 +317,11 @@ impl TargetOperations for Pcache {
         // the same bytes as they go: a page that changed meanwhile would leave a key whose data
         // fails its CRC, and a read of it an error. Stable pages rule that out.
         limits.set_stable_writes();
-        // Write-zeroes are written as zeros through the cache, one staging buffer at a time.
+        // Write-zeroes are written as zeros through the cache (or the backing device's zeroing),
+        // as much at a time as any bio.
         limits.limit_max_write_zeroes(MAX_IO_SECTORS as u32);
         // The backing device's discard limits came with the stacking; without them, take
-        // discards anyway (they drop cached keys) in pages, one staging size at a time.
+        // discards anyway (they drop cached keys) in pages, as much at a time as any bio.
         if !limits.takes_discards() {
             limits.set_discard(MAX_IO_SECTORS as u32, 4096);
         }

@@ -20,7 +20,7 @@ use crate::meta::layout::{Geometry, CACHE_DEV_SIZE_MIN};
 use kernel::{prelude::*, sync::Arc};
 
 /// Largest bio the target handles at once; device-mapper splits larger ones. It sizes the
-/// request staging buffer and the writer's bounce buffer.
+/// worker's room for a read's gaps.
 pub(crate) const MAX_IO_SECTORS: u64 = 2048;
 
 /// Most gaps a read can have: keys are whole sectors, so at most every other sector of a
@@ -198,8 +198,6 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
             cache_error(&e)
         }
     })?;
-    let staging = KVVec::from_elem(0u8, (MAX_IO_SECTORS << 9) as usize, GFP_KERNEL)
-        .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
     let gaps = KVVec::from_elem(Gap::default(), MAX_READ_GAPS, GFP_KERNEL)
         .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
     // Writeback stages a batch of up to `WRITE_BATCH_MAX` extents that fit here and sends them
@@ -209,7 +207,7 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
     Ok(Started {
         claim,
         engine,
-        buffers: WorkerBuffers { staging, gaps },
+        buffers: WorkerBuffers { gaps },
         writer,
     })
 }

@@ -200,6 +200,14 @@ impl TargetDevice {
         kernel::error::to_result(ret)
     }
 
+    /// Zeroes `len` bytes at `off` (sector aligned), with the device's write-zeroes where it
+    /// has one; sleeps.
+    pub(crate) fn zero_out(&self, off: u64, len: u64) -> Result {
+        // SAFETY: the block device is open while the device is held (type invariant); the
+        // caller is in process context, where the C side may sleep.
+        kernel::error::to_result(unsafe { bindings::pcache_rs_bdev_zeroout(self.bdev(), off, len) })
+    }
+
     /// Makes every completed write durable (an empty `REQ_PREFLUSH` write); sleeps.
     pub(crate) fn flush(&self) -> Result {
         self.sync_io(true, (true, false), 0, core::ptr::null_mut(), 0)

@@ -26,6 +26,15 @@ u64 pcache_rs_bdev_nr_bytes(struct block_device *bdev)
 	return bdev_nr_bytes(bdev);
 }
 
+/*
+ * Zeroes @len bytes at @off (sector aligned) and waits: with the device's write-zeroes if it has
+ * one, else by writing zero pages.
+ */
+int pcache_rs_bdev_zeroout(struct block_device *bdev, u64 off, u64 len)
+{
+	return blkdev_issue_zeroout(bdev, off >> SECTOR_SHIFT, len >> SECTOR_SHIFT, GFP_NOIO, 0);
+}
+
 unsigned int pcache_rs_bdev_max_discard_sectors(struct block_device *bdev)
 {
 	return bdev_max_discard_sectors(bdev);

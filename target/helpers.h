@@ -14,6 +14,7 @@
 
 void pcache_rs_bio_set_dev(struct bio *bio, struct block_device *bdev);
 u64 pcache_rs_bdev_nr_bytes(struct block_device *bdev);
+int pcache_rs_bdev_zeroout(struct block_device *bdev, u64 off, u64 len);
 unsigned int pcache_rs_bdev_max_discard_sectors(struct block_device *bdev);
 bool pcache_rs_bdev_is_same(struct block_device *a, struct block_device *b);
 void *pcache_rs_vmalloc_array(size_t n, size_t size);

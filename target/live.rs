@@ -24,17 +24,13 @@ use kernel::{
     time::{Instant, Monotonic},
 };
 
-/// What the engine lock guards: the engine, and the staging buffer requests copy bios through
-/// (bios are scattered pages; the engine takes slices).
+/// What the engine lock guards.
 pub(crate) struct Core {
     pub(crate) engine: PcacheEngine,
-    pub(crate) staging: KVVec<u8>,
 }
 
 /// The request worker's buffers, reserved at construction so that serving never allocates.
 pub(crate) struct WorkerBuffers {
-    /// Writes that go through to the backing device are staged here (see [`Core`]).
-    pub(crate) staging: KVVec<u8>,
     /// The gaps of a read, room for every gap a read can have.
     pub(crate) gaps: KVVec<Gap>,
 }
@@ -109,10 +105,7 @@ impl LiveCache {
         let caches_writes = !engine.writes_need_backing();
         pin_init!(Self {
             misses,
-            core <- new_mutex!(Core {
-                engine,
-                staging: buffers.staging
-            }),
+            core <- new_mutex!(Core { engine }),
             worker_gaps <- new_mutex!(buffers.gaps),
             pending <- new_spinlock!(BioQueue::new()),
             writer <- new_mutex!(writer),

@@ -14,8 +14,8 @@ use super::{
 use crate::cache_core::{
     io::{copy_hits, copy_in, Gap, Hit},
     request,
-    through::THROUGH_TAG,
-    CacheError, Pmem, Zeros,
+    through::{THROUGH_MAX, THROUGH_TAG},
+    CacheError, Pmem, Waiting, Zeros,
 };
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -126,6 +126,12 @@ impl LiveCache {
 
     /// Serves a bio the worker took from the queue, waiting for room if the cache is full.
     fn handle(&self, bio: &mut HeldBio) -> Served {
+        if !self.caches_writes
+            && matches!(bio.op(), BioOp::Write | BioOp::WriteZeroes)
+            && bio.size() > 0
+        {
+            return self.through_on_worker(bio);
+        }
         let mut onward = None;
         let result = self.with_room(|core| match self.serve(core, bio, ServeContext::Worker)? {
             Served::Done(r) => Some(r),
@@ -160,7 +166,12 @@ impl LiveCache {
             if gap.tag & THROUGH_TAG != 0 {
                 let failed = done.is_err();
                 core.engine.through_done(gap, done.ok(), 0);
+                let was_full = core.engine.in_flight().len() + 1 == THROUGH_MAX;
                 drop(core);
+                if was_full {
+                    // The worker may be waiting for a slot (`through_on_worker`).
+                    self.wake_all();
+                }
                 if failed {
                     pr_err!(
                         "pcache_rs: backing device write failed at {}+{}\n",
@@ -305,6 +316,60 @@ impl LiveCache {
         }
     }
 
+    /// A write or write-zeroes in the modes that write through, on the worker: `map` found no
+    /// slot for it, or it is a write-zeroes (whose zeroing waits). Waits for a slot (a
+    /// completion frees one, [`LiveCache::run_fills`]), then goes to the backing device as in
+    /// `map` ([`LiveCache::write_through`]), never under the engine lock.
+    fn through_on_worker(&self, bio: &mut HeldBio) -> Served {
+        let off = (bio.sector().saturating_sub(self.begin)) << 9;
+        let len = bio.size() as usize;
+        let mut started = None;
+        // A flush goes to the backing device with the write, or before the zeroing below: the
+        // cache's own keys need no persisting in these modes (they start empty on attach).
+        let r = self.with_room(|core| match core.engine.through_start(off, len) {
+            Ok(gap) => {
+                started = Some(gap);
+                Some(Ok(()))
+            }
+            Err(CacheError::Busy(_)) => None,
+            Err(e) => Some(Err(failed(&e))),
+        });
+        let gap = match (r, started) {
+            (Ok(()), Some(gap)) => gap,
+            (r, _) => return Served::Done(r),
+        };
+        if bio.op() == BioOp::Write {
+            return Served::Misses(Gaps::one(gap));
+        }
+        let flushed = if bio.is_preflush() {
+            self.backing.flush()
+        } else {
+            Ok(())
+        };
+        let zeroed = flushed
+            .and_then(|()| self.backing.zero_out(off, len as u64))
+            .and_then(|()| {
+                if bio.is_fua() {
+                    self.backing.flush()
+                } else {
+                    Ok(())
+                }
+            });
+        let mut core = self.core.lock();
+        core.engine
+            .through_done(&gap, zeroed.is_ok().then_some(&Zeros(len)), 0);
+        drop(core);
+        if let Err(e) = zeroed {
+            pr_err!(
+                "pcache_rs: zeroing the backing device at {}+{} failed: {:?}\n",
+                off,
+                len,
+                e
+            );
+        }
+        Served::Done(zeroed)
+    }
+
     /// A read with its hits copied outside the engine lock, so that reads on two CPUs copy at
     /// once: under the lock the engine pins the segments of the hits and places the gaps; the
     /// hits are copied from pmem into the bio's pages on this CPU; the pins are given back
@@ -388,7 +453,7 @@ impl LiveCache {
             }
             _ => {}
         }
-        self.serve_data(core, bio, off, len)
+        self.serve_data(core, bio, off)
     }
 
     /// Counts a write bio as a hit or a miss.
@@ -400,56 +465,23 @@ impl LiveCache {
         });
     }
 
-    /// `REQ_OP_WRITE_ZEROES`, served as writes of zeros through the cache: the zeros are data
-    /// like any other, so they read back after a remove and a crash, and the cache stays in
-    /// upstream's format. (Passing the bio down instead would let an older dirty key, written
-    /// back later, overwrite the zeros.)
+    /// `REQ_OP_WRITE_ZEROES` in the modes that cache writes, served as writes of zeros through
+    /// the cache: the zeros are data like any other, so they read back after a remove and a
+    /// crash, and the cache stays in upstream's format. (Passing the bio down instead would let
+    /// an older dirty key, written back later, overwrite the zeros.) In the modes that write
+    /// through, the worker zeroes the backing device ([`LiveCache::through_on_worker`]).
     fn write_zeroes(&self, core: &mut Core, off: u64, len: usize, fua: bool) -> Option<Result> {
-        let Core { engine, staging } = core;
-        if !engine.writes_need_backing() {
-            return outcome(engine.write_from(off, &Zeros(len), fua, 0));
-        }
-        // Through to the backing device: one staging buffer per write rather than a page.
-        let mut done = 0usize;
-        while done < len {
-            let n = (len - done).min(staging.len());
-            let Some(zeros) = staging.get_mut(..n) else {
-                return Some(Err(EINVAL));
-            };
-            zeros.fill(0);
-            match outcome(engine.write(off + done as u64, zeros, fua, 0))? {
-                Ok(()) => done += n,
-                Err(e) => return Some(Err(e)),
-            }
-        }
-        Some(Ok(()))
+        outcome(core.engine.write_from(off, &Zeros(len), fua, 0))
     }
 
-    /// Writes and flushes with data, copied once from the bio's pages to pmem. The worker
-    /// stages a write that goes through to the backing device.
-    fn serve_data(
-        &self,
-        core: &mut Core,
-        bio: &mut HeldBio,
-        off: u64,
-        len: usize,
-    ) -> Option<Served> {
+    /// Writes and flushes with data, copied once from the bio's pages to pmem. (In the modes
+    /// that write through, writes go to the backing device without the engine lock:
+    /// [`LiveCache::write_through`].)
+    fn serve_data(&self, core: &mut Core, bio: &mut HeldBio, off: u64) -> Option<Served> {
         let fua = bio.is_fua();
-        let Core { engine, staging } = core;
         let done = match bio.op() {
             BioOp::Flush => Some(Ok(())),
-            BioOp::Write if !engine.writes_need_backing() => {
-                outcome(engine.write_from(off, &*bio, fua, 0))
-            }
-            BioOp::Write => {
-                let Some(buf) = staging.get_mut(..len) else {
-                    return Some(Served::Done(Err(EINVAL)));
-                };
-                if let Err(e) = bio.copy_to(buf) {
-                    return Some(Served::Done(Err(e)));
-                }
-                outcome(engine.write(off, buf, fua, 0))
-            }
+            BioOp::Write => outcome(core.engine.write_from(off, &*bio, fua, 0)),
             // Reads are served by `read_unlocked`, from `map` or the worker.
             BioOp::Read | BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => {
                 Some(Err(EOPNOTSUPP))

@@ -307,11 +307,12 @@ test_cache_writeonly_mode() {
 # The modes that write through: data written through the cache verifies, and the backing device
 # alone holds all of it while the cache runs (nothing is dirty: no dirty bytes, the dirty tail
 # reaches the key head); writethrough serves the written data from the cache, writearound does
-# not until a read brought it in; after remove and create the cache starts empty and every byte
-# still verifies; the mode is in cache_flags (1 and 2).
+# not until a read brought it in; a write-zeroes over cached data reads as zeros through the cache
+# and on the backing device; after remove and create the cache starts empty and every byte still
+# verifies; the mode is in cache_flags (1 and 2).
 test_cache_write_through_modes() {
 	[ "$TARGET" = pcache_rs ] || skip "upstream has only writeback"
-	local mode bits dev hits
+	local mode bits dev hits zeros
 	for mode in writethrough writearound; do
 		bits=1
 		[ "$mode" = writethrough ] || bits=2
@@ -332,6 +333,12 @@ test_cache_write_through_modes() {
 		expect_eq "$mode: read hits of written data" "$hits" "$(c_stat wt read_hits)"
 		dd if="$dev" of=/dev/null bs=64k count=4 skip=2048 iflag=direct status=none
 		expect_eq "$mode: read hits once read" $((hits + 4)) "$(c_stat wt read_hits)"
+		# A write-zeroes over cached data: the worker zeroes the backing device, and the range
+		# reads as zeros through the cache (which dropped or replaced what it held) and there.
+		blkdiscard -f -z -o 128M -l 256K "$dev" || fail "$mode: write-zeroes failed"
+		zeros=$(head -c 256K /dev/zero | cksum | cut -d' ' -f1,2)
+		expect_eq "$mode: a zeroed range on the backing device" "$zeros" "$(region_sum "$BACKING_DEV" 128M 256K)"
+		expect_eq "$mode: a zeroed range through the cache" "$zeros" "$(region_sum "$dev" 128M 256K)"
 		dms remove "${DM_PREFIX}wt"
 		create wt "$(c_table "/dev/mapper/${DM_PREFIX}wt_pm" 2 cache_mode "$mode")"
 		dd if="$dev" of=/dev/null bs=64k count=4 skip=2048 iflag=direct status=none

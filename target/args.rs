@@ -35,11 +35,6 @@ impl<'a> Args<'a> {
         }
     }
 
-    /// Number of arguments.
-    pub(crate) fn len(&self) -> usize {
-        self.argc
-    }
-
     /// The `i`-th argument, or `None` past the end.
     pub(crate) fn get(&self, i: usize) -> Option<&'a CStr> {
         if i >= self.argc {

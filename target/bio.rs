@@ -50,16 +50,6 @@ impl Bio<'_> {
         unsafe { self.ptr.as_ref() }
     }
 
-    fn raw_mut(&mut self) -> &mut bindings::bio {
-        // SAFETY: as in `raw`, and `&mut self` makes this access exclusive.
-        unsafe { self.ptr.as_mut() }
-    }
-
-    /// First sector addressed, relative to the start of the mapped device.
-    pub(crate) fn sector(&self) -> u64 {
-        self.raw().bi_iter.bi_sector
-    }
-
     /// Bytes of data the bio carries (zero for an empty flush).
     pub(crate) fn size(&self) -> u32 {
         self.raw().bi_iter.bi_size
@@ -85,19 +75,6 @@ impl Bio<'_> {
     /// The bio asks that everything acknowledged before it be made durable first.
     pub(crate) fn is_preflush(&self) -> bool {
         self.raw().bi_opf & bindings::PCACHE_RS_REQ_PREFLUSH != 0
-    }
-
-    /// The bio's own data must be durable when it completes.
-    pub(crate) fn is_fua(&self) -> bool {
-        self.raw().bi_opf & bindings::PCACHE_RS_REQ_FUA != 0
-    }
-
-    /// Points the bio at `dev`, starting at `sector` of that device.
-    pub(crate) fn remap(&mut self, dev: &TargetDevice, sector: u64) {
-        // SAFETY: the bio is valid and exclusively ours (type invariant); `dev` holds an open
-        // block device for as long as the target that owns it lives, which outlives its bios.
-        unsafe { bindings::pcache_rs_bio_set_dev(self.ptr.as_ptr(), dev.bdev()) };
-        self.raw_mut().bi_iter.bi_sector = sector;
     }
 }
 
@@ -163,16 +140,6 @@ impl HeldBio {
     /// Whether the bio asks for FUA (see [`Bio::is_fua`]).
     pub(crate) fn is_fua(&self) -> bool {
         self.raw().bi_opf & bindings::PCACHE_RS_REQ_FUA != 0
-    }
-
-    /// Copies the bio's data into `buf`, which must be exactly [`HeldBio::size`] bytes.
-    pub(crate) fn copy_to(&self, buf: &mut [u8]) -> Result {
-        if buf.len() != self.size() as usize {
-            return Err(EINVAL);
-        }
-        // SAFETY: the bio is ours; `buf` holds exactly the bio's `bi_size` bytes.
-        unsafe { bindings::pcache_rs_bio_copy_to_buf(self.ptr.as_ptr(), buf.as_mut_ptr().cast()) };
-        Ok(())
     }
 
     /// Gives the bio up as a raw pointer, neither ended nor touched: the caller ends it later
@@ -379,11 +346,6 @@ impl BioQueue {
         let ptr = NonNull::new(unsafe { bindings::pcache_rs_bio_list_pop(&mut self.list) })?;
         // INVARIANT: the bio was a `HeldBio` whose ownership moved into the list.
         Some(HeldBio { ptr })
-    }
-
-    /// Whether the queue is empty.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.list.head.is_null()
     }
 }
 

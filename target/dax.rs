@@ -185,11 +185,6 @@ impl DaxMapping {
         &self.dev
     }
 
-    /// Whether the mapping needed the `vmap` fallback.
-    pub(crate) fn is_vmapped(&self) -> bool {
-        self.vmapped
-    }
-
     fn range(&self, off: u64, len: usize) -> Result<*mut u8> {
         let end = off.checked_add(len as u64).ok_or(EINVAL)?;
         if end > self.len {

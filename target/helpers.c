@@ -146,18 +146,6 @@ struct bio *pcache_rs_bio_list_pop(struct bio_list *bl)
 	return bio_list_pop(bl);
 }
 
-/* Copies the data of @bio (bi_iter.bi_size bytes) to @buf. */
-void pcache_rs_bio_copy_to_buf(struct bio *bio, void *buf)
-{
-	struct bio_vec bv;
-	struct bvec_iter iter;
-
-	bio_for_each_segment(bv, bio, iter) {
-		memcpy_from_bvec(buf, &bv);
-		buf += bv.bv_len;
-	}
-}
-
 int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned int len,
 				 pcache_rs_piece_fn fn, void *ctx)
 {

@@ -42,7 +42,6 @@ bool pcache_rs_queue_delayed_work(struct workqueue_struct *wq, struct delayed_wo
 void pcache_rs_bio_list_init(struct bio_list *bl);
 void pcache_rs_bio_list_add(struct bio_list *bl, struct bio *bio);
 struct bio *pcache_rs_bio_list_pop(struct bio_list *bl);
-void pcache_rs_bio_copy_to_buf(struct bio *bio, void *buf);
 /*
  * Calls @fn(@ctx, piece, piece_len) on bytes @skip..@skip + @len of @bio's data, page by
  * page (each mapped with kmap_local for the call); stops at the first non-zero return, which

@@ -21,8 +21,6 @@
 //! to the backing device), [`background`] (the work item that runs the engine's background
 //! rounds) and [`report`] (the status and table lines).
 
-// Parts of this API serve the cache data path, which the pass-through target does not use yet.
-#[allow(dead_code)]
 pub(crate) mod args;
 pub(crate) mod background;
 #[allow(
@@ -44,15 +42,11 @@ pub(crate) mod background;
     rustdoc::all
 )]
 pub(crate) mod bindings;
-// Parts of this API serve the cache data path, which the pass-through target does not use yet.
-#[allow(dead_code)]
 pub(crate) mod bio;
 pub(crate) mod claim;
 pub(crate) mod construct;
 pub(crate) mod counters;
 pub(crate) mod crc;
-// Parts of this API serve the cache data path, which the pass-through target does not use yet.
-#[allow(dead_code)]
 pub(crate) mod dax;
 pub(crate) mod device;
 pub(crate) mod engine;
@@ -64,7 +58,5 @@ pub(crate) mod status;
 // `pub` so that the host crate can fuzz it; inside the module nothing outside the crate sees it.
 #[allow(unreachable_pub)]
 pub(crate) mod table;
-// Parts of this API serve the cache data path, which the pass-through target does not use yet.
-#[allow(dead_code)]
 pub(crate) mod target_type;
 pub(crate) mod work;

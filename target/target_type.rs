@@ -35,23 +35,17 @@ impl CtrError {
 
 /// What `map` did with a bio.
 pub(crate) enum MapResult {
-    /// The bio was pointed at another device; device-mapper submits it.
-    Remapped,
     /// The target took the bio ([`super::bio::Bio::take`]) and will end it itself.
     Submitted(super::bio::Taken),
     /// Fail the bio with an IO error.
     Kill,
-    /// Give the bio back to device-mapper to be sent again later.
-    Requeue,
 }
 
 impl MapResult {
     fn into_raw(self) -> c_int {
         (match self {
-            Self::Remapped => bindings::DM_MAPIO_REMAPPED,
             Self::Submitted(_) => bindings::DM_MAPIO_SUBMITTED,
             Self::Kill => bindings::DM_MAPIO_KILL,
-            Self::Requeue => bindings::DM_MAPIO_REQUEUE,
         }) as c_int
     }
 }
@@ -158,11 +152,6 @@ impl Target<'_> {
 pub(crate) struct QueueLimits<'a>(&'a mut kernel::bindings::queue_limits);
 
 impl QueueLimits<'_> {
-    /// Smallest unit the device can address.
-    pub(crate) fn logical_block_size(&self) -> u32 {
-        self.0.logical_block_size
-    }
-
     /// Whether the stacked limits let discards through.
     pub(crate) fn takes_discards(&self) -> bool {
         self.0.max_hw_discard_sectors != 0

@@ -40,6 +40,20 @@ pub trait Pmem {
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
         crate::meta::crc32c::crc32c(crc, data)
     }
+    /// A read is to copy from cache segment `seg` without the engine lock
+    /// ([`super::io::Hit`]): until as many [`Pmem::unpin`]s, the engine does not
+    /// hand the segment out again (the data stays where the read finds it, even
+    /// if GC invalidates the segment meanwhile). `pin` and [`Pmem::pinned`] run
+    /// under the engine lock; `unpin` runs wherever the read copied, without
+    /// it, so the kernel counts in atomics. The defaults count nothing: for a
+    /// pmem whose reads all copy under the engine lock (images, tools).
+    fn pin(&self, _seg: u32) {}
+    /// See [`Pmem::pin`]; after the read's last access to the segment.
+    fn unpin(&self, _seg: u32) {}
+    /// Whether a read still holds a pin on segment `seg` (see [`Pmem::pin`]).
+    fn pinned(&self, _seg: u32) -> bool {
+        false
+    }
 }
 
 /// The backing block device, addressed by byte offset (sector aligned by callers).
@@ -99,6 +113,15 @@ impl<T: Pmem + ?Sized> Pmem for &mut T {
     }
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
         (**self).crc32c(crc, data)
+    }
+    fn pin(&self, seg: u32) {
+        (**self).pin(seg)
+    }
+    fn unpin(&self, seg: u32) {
+        (**self).unpin(seg)
+    }
+    fn pinned(&self, seg: u32) -> bool {
+        (**self).pinned(seg)
     }
 }
 

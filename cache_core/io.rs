@@ -59,8 +59,9 @@ pub fn copy_in<P: Pmem, S: Source + ?Sized>(
 }
 
 /// A part of a read the cache holds, for the caller to copy without the
-/// engine lock (see [`Cache::read_start`]). It holds a reference on its
-/// segment, so nothing reclaims the data before [`Cache::read_done`].
+/// engine lock (see [`Cache::read_start`]). It holds a pin on its segment
+/// ([`Pmem::pin`]), so the segment is not handed out again, and its data not
+/// overwritten, before [`release_hits`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hit {
     /// Device offset of the data in the cache.
@@ -83,7 +84,7 @@ pub struct Started {
 }
 
 impl Hit {
-    /// The segment it holds.
+    /// The segment it pins.
     pub fn segment(&self) -> Option<SegId> {
         self.seg
     }
@@ -106,6 +107,14 @@ pub fn copy_hits<P: Pmem, S: Sink + ?Sized>(
         })?;
     }
     Ok(())
+}
+
+/// Gives back the pins of `hits` once they are copied (or the read gave up):
+/// without the engine lock, on the CPU that copied them (see [`Pmem::pin`]).
+pub fn release_hits<P: Pmem + ?Sized>(pmem: &P, hits: &[Hit]) {
+    for seg in hits.iter().filter_map(|h| h.seg) {
+        pmem.unpin(seg.get());
+    }
 }
 
 /// A part of a read that the cache does not hold (see [`Cache::read_start`]).
@@ -634,7 +643,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                                 len,
                                 seg: Some(k.pos.seg),
                             };
-                            self.seg_get(k.pos.seg);
+                            self.pmem.pin(k.pos.seg.get());
                             out.hits += 1;
                         }
                         _ => {
@@ -706,13 +715,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.read_done(hits);
     }
 
-    /// The caller copied `hits` (or gave up): their segments may go.
+    /// The caller copied `hits` (or gave up): their segments may go (see
+    /// [`release_hits`], which needs no engine lock).
     pub fn read_done(&mut self, hits: &[Hit]) {
-        for h in hits {
-            if let Some(seg) = h.seg {
-                self.seg_put(seg);
-            }
-        }
+        release_hits(&self.pmem, hits);
     }
 
     /// A placeholder over `off..off + len` (one subtree); its tag, 0 if the key

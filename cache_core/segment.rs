@@ -123,12 +123,13 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
         }
     }
 
-    /// `get_cache_segment`: a free segment, searched from the last hint.
+    /// `get_cache_segment`: a free segment, searched from the last hint. A
+    /// segment a read still copies from is not free yet (see [`Pmem::pin`]).
     pub(crate) fn get_cache_segment(&mut self) -> Option<SegId> {
         let n = self.n_segs;
         for step in 0..n {
             let id = self.seg_id((self.last_seg + step) % n)?;
-            if !self.seg(id).used {
+            if !self.seg(id).used && !self.pmem.pinned(id.get()) {
                 self.set_used(id, true);
                 self.last_seg = id.get();
                 return Some(id);

@@ -10,7 +10,7 @@ use super::{
     claim::ActiveClaim,
     dax::{DaxError, DaxMapping},
     device::TargetDevice,
-    engine::{self, BackingIo, DaxPmem, PcacheEngine, Sizing, StartError, Writer},
+    engine::{self, BackingIo, PcacheEngine, Sizing, StartError, Writer},
     live::{ErrorText, WorkerBuffers},
     table::{self, TableError, TableOptions, MAX_ARGS},
     target_type::{CtrError, Target},
@@ -181,29 +181,26 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
         data_crc: options.data_crc,
         cache_mode: options.cache_mode.bits(),
     };
-    let engine = engine::start(
-        DaxPmem(cache.clone()),
-        BackingIo(backing.clone()),
-        &sizing,
-        &opts,
-    )
-    .map_err(|e| match e {
-        StartError::NoMem => CtrError::new(c"Cannot allocate cache memory", ENOMEM),
-        StartError::Cache(e) => {
-            pr_err!(
-                "pcache_rs: cannot attach cache device {}: {}\n",
-                cache.device().name(),
-                ErrorText(&e)
-            );
-            cache_error(&e)
-        }
-    })?;
+    let engine =
+        engine::start(cache.clone(), BackingIo(backing.clone()), &sizing, &opts).map_err(|e| {
+            match e {
+                StartError::NoMem => CtrError::new(c"Cannot allocate cache memory", ENOMEM),
+                StartError::Cache(e) => {
+                    pr_err!(
+                        "pcache_rs: cannot attach cache device {}: {}\n",
+                        cache.device().name(),
+                        ErrorText(&e)
+                    );
+                    cache_error(&e)
+                }
+            }
+        })?;
     let gaps = KVVec::from_elem(Gap::default(), MAX_READ_GAPS, GFP_KERNEL)
         .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
     // Writeback stages a batch of up to `WRITE_BATCH_MAX` extents that fit here and sends them
     // all at once: 4 MiB holds a whole kset of 4 KiB keys, and 32 keys of 128 KiB.
     let writer =
-        engine::writer(cache.clone(), backing.clone(), WRITEBACK_BOUNCE).map_err(no_mem)?;
+        engine::writer(engine.pmem(), backing.clone(), WRITEBACK_BOUNCE).map_err(no_mem)?;
     Ok(Started {
         claim,
         engine,

@@ -12,29 +12,81 @@ use crate::cache_core::{
     IoError, KsetBuf, Memory, Node, Pmem, SegState, WbExtent,
 };
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
+use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{prelude::*, sync::Arc};
 
-/// The pmem side of the engine: byte copies into the DAX mapping.
-pub(crate) struct DaxPmem(pub(crate) Arc<DaxMapping>);
+/// The pins of reads copying from cache segments without the engine lock (see [`Pmem::pin`]):
+/// a counter per segment, in atomics, since a read gives its pins back on its own CPU.
+pub(crate) struct SegmentPins(KVVec<AtomicU32>);
 
-/// The DAX mapping borrowed: what a request copies through without the engine lock (see
-/// [`crate::cache_core::io::Reservation`]).
-pub(crate) struct DaxRef<'a>(pub(crate) &'a DaxMapping);
+impl SegmentPins {
+    fn new(n_segs: usize) -> Result<Self, StartError> {
+        let mut pins = KVVec::with_capacity(n_segs, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
+        for _ in 0..n_segs {
+            pins.push(AtomicU32::new(0), GFP_KERNEL)
+                .map_err(|_| StartError::NoMem)?;
+        }
+        Ok(Self(pins))
+    }
+
+    fn pin(&self, seg: u32) {
+        // Taken under the engine lock, which orders it before any `pinned` that could see it.
+        if let Some(p) = self.0.get(seg as usize) {
+            p.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn unpin(&self, seg: u32) {
+        // Release: the read's copy out of the segment happens before a new owner's stores.
+        if let Some(p) = self.0.get(seg as usize) {
+            p.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    fn pinned(&self, seg: u32) -> bool {
+        self.0
+            .get(seg as usize)
+            .is_some_and(|p| p.load(Ordering::Acquire) != 0)
+    }
+}
+
+/// The pmem side of the engine: byte copies into the DAX mapping, and the pins of reads.
+pub(crate) struct DaxPmem {
+    pub(crate) map: Arc<DaxMapping>,
+    pub(crate) pins: Arc<SegmentPins>,
+}
+
+impl DaxPmem {
+    /// What a request copies through without the engine lock.
+    pub(crate) fn borrow(&self) -> DaxRef<'_> {
+        DaxRef {
+            map: &self.map,
+            pins: &self.pins,
+        }
+    }
+}
+
+/// The DAX mapping and the pins borrowed: what a request copies through without the engine
+/// lock (see [`crate::cache_core::io::Reservation`] and [`crate::cache_core::io::Hit`]).
+pub(crate) struct DaxRef<'a> {
+    pub(crate) map: &'a DaxMapping,
+    pub(crate) pins: &'a SegmentPins,
+}
 
 impl Pmem for DaxRef<'_> {
     fn size(&self) -> u64 {
-        self.0.len()
+        self.map.len()
     }
 
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.0.read(off, buf).map_err(|_| IoError)
+        self.map.read(off, buf).map_err(|_| IoError)
     }
 
     fn write(&mut self, off: u64, data: &[u8]) {
         // `memcpy_flushcache` both stores and writes back the cache lines, so `flush` has
         // nothing left to do; `fence` orders it. The engine never writes out of range; if it
         // did, dropping the store is safer than scribbling, and the log says so.
-        if self.0.write(off, data).is_err() {
+        if self.map.write(off, data).is_err() {
             pr_err!(
                 "pcache_rs: engine store out of range: {}+{}\n",
                 off,
@@ -46,35 +98,59 @@ impl Pmem for DaxRef<'_> {
     fn flush(&mut self, _off: u64, _len: u64) {}
 
     fn fence(&mut self) {
-        self.0.fence();
+        self.map.fence();
     }
 
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
         super::crc::crc32c(crc, data)
+    }
+
+    fn pin(&self, seg: u32) {
+        self.pins.pin(seg)
+    }
+
+    fn unpin(&self, seg: u32) {
+        self.pins.unpin(seg)
+    }
+
+    fn pinned(&self, seg: u32) -> bool {
+        self.pins.pinned(seg)
     }
 }
 
 impl Pmem for DaxPmem {
     fn size(&self) -> u64 {
-        DaxRef(&self.0).size()
+        self.borrow().size()
     }
 
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        DaxRef(&self.0).read(off, buf)
+        self.borrow().read(off, buf)
     }
 
     fn write(&mut self, off: u64, data: &[u8]) {
-        DaxRef(&self.0).write(off, data)
+        self.borrow().write(off, data)
     }
 
     fn flush(&mut self, _off: u64, _len: u64) {}
 
     fn fence(&mut self) {
-        DaxRef(&self.0).fence()
+        self.borrow().fence()
     }
 
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
         super::crc::crc32c(crc, data)
+    }
+
+    fn pin(&self, seg: u32) {
+        self.pins.pin(seg)
+    }
+
+    fn unpin(&self, seg: u32) {
+        self.pins.unpin(seg)
+    }
+
+    fn pinned(&self, seg: u32) -> bool {
+        self.pins.pinned(seg)
     }
 }
 
@@ -141,16 +217,18 @@ fn filled<T: Clone>(n: usize, v: T) -> Result<KVVec<T>, StartError> {
     KVVec::from_elem(v, n, GFP_KERNEL).map_err(|_| StartError::NoMem)
 }
 
-/// Reserves the engine's memory and attaches it to the cache device: formats a blank device,
-/// or validates and replays an existing one.
+/// Reserves the engine's memory and attaches it to the cache device `map`: formats a blank
+/// device, or validates and replays an existing one.
 pub(crate) fn start(
-    pmem: DaxPmem,
+    map: Arc<DaxMapping>,
     backing: BackingIo,
     sizing: &Sizing,
     opts: &CacheOptions,
 ) -> Result<PcacheEngine, StartError> {
     let geo = Geometry::UPSTREAM;
-    let n_segs = geo.max_segs(pmem.size()) as usize;
+    let n_segs = geo.max_segs(map.len()) as usize;
+    let pins = Arc::new(SegmentPins::new(n_segs)?, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
+    let pmem = DaxPmem { map, pins };
     let mut ksets =
         KVVec::with_capacity(sizing.ksets, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     for _ in 0..sizing.ksets {
@@ -171,15 +249,18 @@ pub(crate) fn start(
     Cache::start(pmem, backing, geo, mem, opts).map_err(StartError::Cache)
 }
 
-/// A background writer over the two devices; `bounce` bytes of staging (extents that fit go
-/// out together).
+/// A background writer over the two devices (`pmem` as the engine has it, whose pins it
+/// shares but never takes); `bounce` bytes of staging (extents that fit go out together).
 pub(crate) fn writer(
-    cache: Arc<DaxMapping>,
+    pmem: &DaxPmem,
     backing: Arc<TargetDevice>,
     bounce: usize,
 ) -> Result<Writer, StartError> {
     Ok(Background::new(
-        DaxPmem(cache),
+        DaxPmem {
+            map: pmem.map.clone(),
+            pins: pmem.pins.clone(),
+        },
         BackingIo(backing),
         filled(KSET_KEYS_MAX, WbExtent::default())?,
         filled(bounce, 0u8)?,

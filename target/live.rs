@@ -12,7 +12,7 @@ use super::{
     counters::PerCpuCounters,
     dax::DaxMapping,
     device::TargetDevice,
-    engine::{PcacheEngine, Writer},
+    engine::{DaxRef, PcacheEngine, SegmentPins, Writer},
     miss::MissQueue,
 };
 use crate::cache_core::{io::Gap, CacheError, Locked, RequestCounts, Waiting};
@@ -83,8 +83,10 @@ pub(crate) struct LiveCache {
     pub(crate) backing: Arc<TargetDevice>,
     /// The backing device takes discards: pass ours on after dropping the cached keys.
     pub(crate) discard_passdown: bool,
-    /// The cache device, for copies made without the engine lock.
+    /// The cache device, and the pins of reads on its segments, for copies made without the
+    /// engine lock.
     pub(crate) dax: Arc<DaxMapping>,
+    pub(crate) pins: Arc<SegmentPins>,
     /// The cache mode caches writes (writeback, writeonly): `map` copies them without the
     /// engine lock. Fixed for the life of the instance (the table sets the mode).
     pub(crate) caches_writes: bool,
@@ -101,7 +103,8 @@ impl LiveCache {
         backing: Arc<TargetDevice>,
     ) -> impl PinInit<Self> {
         let discard_passdown = backing.supports_discard();
-        let dax = engine.pmem().0.clone();
+        let dax = engine.pmem().map.clone();
+        let pins = engine.pmem().pins.clone();
         let caches_writes = !engine.writes_need_backing();
         pin_init!(Self {
             misses,
@@ -120,8 +123,17 @@ impl LiveCache {
             backing,
             discard_passdown,
             dax,
+            pins,
             caches_writes,
         })
+    }
+
+    /// The cache device as requests copy through it without the engine lock.
+    pub(crate) fn pmem(&self) -> DaxRef<'_> {
+        DaxRef {
+            map: &self.dax,
+            pins: &self.pins,
+        }
     }
 
     /// Counts one request of kind `c`.

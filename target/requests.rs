@@ -5,14 +5,13 @@
 //! ([`crate::cache_core::request::with_room`]); this file only moves bytes between bios and the
 //! engine.
 
-use super::engine::DaxRef;
 use super::{
     bio::{BioOp, HeldBio},
     engine::PcacheEngine,
     live::{Core, Count, ErrorText, LiveCache},
 };
 use crate::cache_core::{
-    io::{copy_hits, copy_in, Gap, Hit},
+    io::{copy_hits, copy_in, release_hits, Gap, Hit},
     request,
     through::{THROUGH_MAX, THROUGH_TAG},
     CacheError, Pmem, Waiting, Zeros,
@@ -275,7 +274,7 @@ impl LiveCache {
                 Ok(r) => r,
                 Err(e) => break outcome(Err(e)),
             };
-            let mut pmem = DaxRef(&self.dax);
+            let mut pmem = self.pmem();
             let Ok(crc) = copy_in(&mut pmem, &r, bio, done) else {
                 self.core.lock().engine.write_cancel(&r);
                 break Some(Err(EIO));
@@ -389,7 +388,8 @@ impl LiveCache {
         };
         let held = hits.get(..started.hits).unwrap_or_default();
         let placed = gaps.get(..started.gaps).unwrap_or_default();
-        let copied = held.is_empty() || copy_hits(&DaxRef(&self.dax), held, bio).is_ok();
+        let pmem = self.pmem();
+        let copied = held.is_empty() || copy_hits(&pmem, held, bio).is_ok();
         if !copied {
             self.core.lock().engine.read_cancel(placed, held);
             pr_err!(
@@ -399,9 +399,8 @@ impl LiveCache {
             );
             return ReadServed::Done(Err(EIO));
         }
-        if !held.is_empty() {
-            self.core.lock().engine.read_done(held);
-        }
+        // The pins go back without the engine lock (`Pmem::unpin`).
+        release_hits(&pmem, held);
         if placed.is_empty() {
             self.count(Count::ReadHit);
             ReadServed::Done(Ok(()))

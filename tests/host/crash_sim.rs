@@ -290,14 +290,16 @@ struct PendingRead {
     pins: Vec<(u32, u64)>,
 }
 
-/// A pinned segment stays allocated, in the same generation: GC may not hand
-/// it to a data head while a read is still to copy from it.
+/// A pinned segment is not handed out again while a read is still to copy
+/// from it: GC may invalidate and free it (its data stays), but no data head
+/// or key log may take it, which would show as the segment in use in a newer
+/// generation.
 fn check_pins(cache: &Sim<'_>, pending: &[PendingRead]) -> Result<(), String> {
     for &(seg, gen) in pending.iter().flat_map(|r| &r.pins) {
         let now = cache.segment(seg);
-        if !now.used || now.gen != gen {
+        if now.used && now.gen != gen {
             return Err(format!(
-                "segment {seg} was reclaimed while a read was still to copy from it"
+                "segment {seg} was handed out again while a read was still to copy from it"
             ));
         }
     }

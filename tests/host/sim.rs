@@ -213,6 +213,8 @@ pub struct World {
     pub crashes: Vec<CrashImage>,
     /// When set, every backing-device IO fails (error-path testing).
     pub backing_fails: bool,
+    /// Reads' pins per cache segment (see `Pmem::pin`).
+    pub pins: std::collections::BTreeMap<u32, u32>,
 }
 
 impl World {
@@ -225,6 +227,7 @@ impl World {
             rng: Rng(seed),
             crashes: Vec::new(),
             backing_fails: false,
+            pins: Default::default(),
         }))
     }
 
@@ -245,6 +248,7 @@ impl World {
             rng: Rng(0),
             crashes: Vec::new(),
             backing_fails: false,
+            pins: Default::default(),
         }))
     }
 
@@ -292,6 +296,22 @@ impl Pmem for SimPmem {
         let mut w = self.0.borrow_mut();
         w.tick();
         w.pmem.fence();
+    }
+    fn pin(&self, seg: u32) {
+        *self.0.borrow_mut().pins.entry(seg).or_default() += 1;
+    }
+    fn unpin(&self, seg: u32) {
+        let mut w = self.0.borrow_mut();
+        match w.pins.get_mut(&seg) {
+            Some(1) => {
+                w.pins.remove(&seg);
+            }
+            Some(n) => *n -= 1,
+            None => panic!("segment {seg}: unpinned more often than pinned"),
+        }
+    }
+    fn pinned(&self, seg: u32) -> bool {
+        self.0.borrow().pins.contains_key(&seg)
     }
 }
 

@@ -11,14 +11,14 @@
 //! threads interleave at the granularity of the pieces the engine hands them.
 
 use pcache_engine::cache_core::background::Background;
-use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit};
+use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
 use pcache_engine::cache_core::request::with_room;
 use pcache_engine::cache_core::{
     Backing, Cache, CacheError, CacheOptions, IoError, Locked, Pmem, Waiting, WbExtent,
 };
 use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
 use pcache_engine::sim::{OwnedMem, Rng};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,8 +56,10 @@ impl Mem {
     }
 }
 
+/// The pmem, and the pins of reads copying from it without the engine lock
+/// (counted per segment in atomics, as the kernel does).
 #[derive(Clone)]
-struct TPmem(Mem);
+struct TPmem(Mem, Arc<Vec<AtomicU32>>);
 
 impl Pmem for TPmem {
     fn size(&self) -> u64 {
@@ -71,6 +73,21 @@ impl Pmem for TPmem {
     }
     fn flush(&mut self, _off: u64, _len: u64) {}
     fn fence(&mut self) {}
+    fn pin(&self, seg: u32) {
+        if let Some(p) = self.1.get(seg as usize) {
+            p.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn unpin(&self, seg: u32) {
+        if let Some(p) = self.1.get(seg as usize) {
+            p.fetch_sub(1, Ordering::Release);
+        }
+    }
+    fn pinned(&self, seg: u32) -> bool {
+        self.1
+            .get(seg as usize)
+            .is_some_and(|p| p.load(Ordering::Acquire) != 0)
+    }
 }
 
 #[derive(Clone)]
@@ -216,7 +233,7 @@ fn read(
     };
     let hits = &hits[..started.hits];
     let copied = copy_hits(pmem, hits, buf);
-    lock.with(|c| c.read_done(hits));
+    release_hits(pmem, hits);
     copied.map_err(|_| "pmem read")?;
     let n = started.gaps;
     for g in &gaps[..n] {
@@ -281,7 +298,10 @@ fn request_thread(
 
 #[test]
 fn request_and_background_threads_keep_every_write() {
-    let pmem = TPmem(Mem::new((SEGMENTS_OFF + N_SEGS * SEG) as usize));
+    let pmem = TPmem(
+        Mem::new((SEGMENTS_OFF + N_SEGS * SEG) as usize),
+        Arc::new((0..N_SEGS).map(|_| AtomicU32::new(0)).collect()),
+    );
     let backing = TBacking(Mem::new(BACKING as usize));
     let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
     let opts = CacheOptions {

@@ -12,6 +12,7 @@ use crate::cache_core::{
     IoError, KsetBuf, Memory, Node, Pmem, SegState, WbExtent,
 };
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
+use core::ops::Deref;
 use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{prelude::*, sync::Arc};
 
@@ -50,30 +51,22 @@ impl SegmentPins {
     }
 }
 
-/// The pmem side of the engine: byte copies into the DAX mapping, and the pins of reads.
-pub(crate) struct DaxPmem {
-    pub(crate) map: Arc<DaxMapping>,
-    pub(crate) pins: Arc<SegmentPins>,
+/// The pmem side of the engine: byte copies into the DAX mapping, and the pins of reads. The
+/// engine owns one over `Arc`s ([`DaxPmem`]); a request copies through a borrowed one
+/// ([`DaxRef`], [`super::live::LiveCache::pmem`]) without the engine lock.
+pub(crate) struct Dax<D, S> {
+    pub(crate) map: D,
+    pub(crate) pins: S,
 }
 
-impl DaxPmem {
-    /// What a request copies through without the engine lock.
-    pub(crate) fn borrow(&self) -> DaxRef<'_> {
-        DaxRef {
-            map: &self.map,
-            pins: &self.pins,
-        }
-    }
-}
+/// The engine's pmem.
+pub(crate) type DaxPmem = Dax<Arc<DaxMapping>, Arc<SegmentPins>>;
 
-/// The DAX mapping and the pins borrowed: what a request copies through without the engine
-/// lock (see [`crate::cache_core::io::Reservation`] and [`crate::cache_core::io::Hit`]).
-pub(crate) struct DaxRef<'a> {
-    pub(crate) map: &'a DaxMapping,
-    pub(crate) pins: &'a SegmentPins,
-}
+/// The pmem borrowed: what a request copies through without the engine lock (see
+/// [`crate::cache_core::io::Reservation`] and [`crate::cache_core::io::Hit`]).
+pub(crate) type DaxRef<'a> = Dax<&'a DaxMapping, &'a SegmentPins>;
 
-impl Pmem for DaxRef<'_> {
+impl<D: Deref<Target = DaxMapping>, S: Deref<Target = SegmentPins>> Pmem for Dax<D, S> {
     fn size(&self) -> u64 {
         self.map.len()
     }
@@ -99,42 +92,6 @@ impl Pmem for DaxRef<'_> {
 
     fn fence(&mut self) {
         self.map.fence();
-    }
-
-    fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
-        super::crc::crc32c(crc, data)
-    }
-
-    fn pin(&self, seg: u32) {
-        self.pins.pin(seg)
-    }
-
-    fn unpin(&self, seg: u32) {
-        self.pins.unpin(seg)
-    }
-
-    fn pinned(&self, seg: u32) -> bool {
-        self.pins.pinned(seg)
-    }
-}
-
-impl Pmem for DaxPmem {
-    fn size(&self) -> u64 {
-        self.borrow().size()
-    }
-
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.borrow().read(off, buf)
-    }
-
-    fn write(&mut self, off: u64, data: &[u8]) {
-        self.borrow().write(off, data)
-    }
-
-    fn flush(&mut self, _off: u64, _len: u64) {}
-
-    fn fence(&mut self) {
-        self.borrow().fence()
     }
 
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
@@ -228,7 +185,7 @@ pub(crate) fn start(
     let geo = Geometry::UPSTREAM;
     let n_segs = geo.max_segs(map.len()) as usize;
     let pins = Arc::new(SegmentPins::new(n_segs)?, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
-    let pmem = DaxPmem { map, pins };
+    let pmem = Dax { map, pins };
     let mut ksets =
         KVVec::with_capacity(sizing.ksets, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     for _ in 0..sizing.ksets {
@@ -257,7 +214,7 @@ pub(crate) fn writer(
     bounce: usize,
 ) -> Result<Writer, StartError> {
     Ok(Background::new(
-        DaxPmem {
+        Dax {
             map: pmem.map.clone(),
             pins: pmem.pins.clone(),
         },

@@ -12,7 +12,7 @@ use super::{
     counters::PerCpuCounters,
     dax::DaxMapping,
     device::TargetDevice,
-    engine::{DaxRef, PcacheEngine, SegmentPins, Writer},
+    engine::{Dax, DaxRef, PcacheEngine, SegmentPins, Writer},
     miss::MissQueue,
 };
 use crate::cache_core::{io::Gap, CacheError, Locked, RequestCounts, Waiting};
@@ -130,9 +130,9 @@ impl LiveCache {
 
     /// The cache device as requests copy through it without the engine lock.
     pub(crate) fn pmem(&self) -> DaxRef<'_> {
-        DaxRef {
-            map: &self.dax,
-            pins: &self.pins,
+        Dax {
+            map: &*self.dax,
+            pins: &*self.pins,
         }
     }
 

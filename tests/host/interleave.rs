@@ -12,10 +12,8 @@
 
 use pcache_engine::cache_core::request::{with_room, Stalled};
 use pcache_engine::cache_core::{Borrowed, Cache, CacheError, CacheOptions, Locked};
-use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
-use pcache_engine::sim::{
-    BackingModel, OwnedMem, Rng, SimBacking, SimHost, SimLock, SimPmem, World,
-};
+use pcache_engine::meta::layout::Geometry;
+use pcache_engine::sim::{OwnedMem, Rng, SimBacking, SimHost, SimLock, SimPmem, World};
 use std::cell::RefCell;
 
 const SEG: u64 = 64 * 1024;
@@ -26,10 +24,7 @@ type Engine<'a> = Cache<SimPmem, SimBacking, Borrowed<'a>>;
 
 fn run(seed: u64) -> Result<(), String> {
     let mut rng = Rng(seed);
-    let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
-        BackingModel::new(BACKING, Default::default()),
-    );
+    let world = World::blank(N_SEGS, SEG, BACKING);
     // Few keys as well as few segments, so both kinds of pressure happen.
     let mut mem = OwnedMem::new(
         N_SEGS as usize,
@@ -155,10 +150,7 @@ fn writeback_planned_before_make_room_never_writes_reused_segments() {
 /// and, after a full writeback, is on the backing device.
 #[test]
 fn small_writes_past_the_key_pool_complete() {
-    let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
-        BackingModel::new(BACKING, Default::default()),
-    );
+    let world = World::blank(N_SEGS, SEG, BACKING);
     let mut mem = OwnedMem::new(N_SEGS as usize, 256, BACKING, 2, 1);
     let cache = Cache::start(
         SimPmem(world.clone()),

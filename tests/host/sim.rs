@@ -238,6 +238,16 @@ impl World {
         }
     }
 
+    /// A zeroed pmem of `n_segs` segments of `seg` bytes (after the metadata
+    /// area) and a zeroed backing device of `backing` bytes, untracked.
+    pub fn blank(n_segs: u64, seg: u64, backing: u64) -> Rc<RefCell<World>> {
+        let pmem = crate::meta::layout::SEGMENTS_OFF + n_segs * seg;
+        World::untracked(
+            vec![0u8; pmem as usize],
+            BackingModel::new(backing, HashMap::new()),
+        )
+    }
+
     /// A world for checking a crash image: no further crashes, no store tracking.
     pub fn untracked(pmem: Vec<u8>, backing: BackingModel) -> Rc<RefCell<World>> {
         Rc::new(RefCell::new(World {

@@ -14,8 +14,8 @@
 use pcache_engine::cache_core::io::{Gap, Hit};
 use pcache_engine::cache_core::{Backing, Borrowed, Cache, CacheError, CacheOptions};
 use pcache_engine::meta::cache_info::{CACHE_MODE_WRITEAROUND, CACHE_MODE_WRITETHROUGH};
-use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
-use pcache_engine::sim::{BackingModel, OwnedMem, Rng, SimBacking, SimPmem, World};
+use pcache_engine::meta::layout::Geometry;
+use pcache_engine::sim::{OwnedMem, Rng, SimBacking, SimPmem, World};
 
 const SEG: u64 = 64 * 1024;
 const N_SEGS: u64 = 8;
@@ -67,10 +67,7 @@ fn check_coherent(c: &mut Engine<'_>, step: usize) -> Result<(), String> {
 /// One seeded run; how many writes through completed with their data.
 fn run(seed: u64, mode: u32) -> Result<usize, String> {
     let mut rng = Rng(seed);
-    let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
-        BackingModel::new(BACKING, Default::default()),
-    );
+    let world = World::blank(N_SEGS, SEG, BACKING);
     let mut mem = OwnedMem::new(
         N_SEGS as usize,
         512 + rng.below(1024) as usize,

@@ -274,24 +274,20 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let len = src.len() as u64;
         match self.mode() {
             Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, 0, fua, cpu),
-            // Next to a write through in flight to an overlapping range, neither
-            // caches its data (see `super::through`).
-            Mode::Writethrough if self.in_flight.contest(off, off + len) => {
-                self.drop_range(off, len)?;
-                self.write_backing(off, src, fua)
-            }
-            Mode::Writethrough => {
-                // The cache first, so that a read meanwhile finds the new data; its keys
-                // are clean, and need no persisting (see `super::mode`).
-                if let Err(e) = self.insert_data(off, src, 0, KEY_FLAGS_CLEAN, false, cpu) {
+            mode => {
+                // Next to a write through in flight to an overlapping range, neither
+                // caches its data (see `super::through`).
+                let contested = self.in_flight.contest(off, off + len);
+                if mode == Mode::Writethrough && !contested {
+                    // The cache first, so that a read meanwhile finds the new data; its
+                    // keys are clean, and need no persisting (see `super::mode`).
+                    if let Err(e) = self.insert_data(off, src, 0, KEY_FLAGS_CLEAN, false, cpu) {
+                        self.drop_range(off, len)?;
+                        return Err(e);
+                    }
+                } else {
                     self.drop_range(off, len)?;
-                    return Err(e);
                 }
-                self.write_backing(off, src, fua)
-            }
-            Mode::Writearound => {
-                self.in_flight.contest(off, off + len);
-                self.drop_range(off, len)?;
                 self.write_backing(off, src, fua)
             }
         }

@@ -19,8 +19,8 @@
 //! a later read that misses fills it from there.
 //!
 //! The record of writes in flight is a fixed table ([`THROUGH_MAX`] slots), so
-//! the IO path never allocates; a write that finds it full is served
-//! synchronously.
+//! the IO path never allocates; a write that finds it full waits for a slot
+//! (the kernel target) or is served synchronously ([`Cache::write_from`]).
 
 use super::data::Source;
 use super::env::{Backing, Pmem};
@@ -130,9 +130,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// [`Cache::through_done`] when the backing device completes it.
     ///
     /// `Busy` when [`THROUGH_MAX`] writes are in flight or the key pool has no
-    /// room to drop the range (the caller serves the write synchronously,
-    /// [`Cache::write_from`]); `Invalid` outside the writethrough and
-    /// writearound modes.
+    /// room to drop the range (the caller waits and tries again, or serves the
+    /// write synchronously, [`Cache::write_from`]); `Invalid` outside the
+    /// writethrough and writearound modes.
     pub fn through_start(&mut self, off: u64, len: usize) -> Result<Gap, CacheError> {
         if !self.mode().writes_through() {
             return Err(CacheError::Invalid(

@@ -74,10 +74,9 @@ impl MissQueue {
         // SAFETY: `raw` came through `map`, so it has the per-bio data `per_bio_data` asks for.
         unsafe { bindings::pcache_rs_io_start(raw.as_ptr(), n + 1) };
         for g in gaps {
-            // SAFETY: the queue is live; `raw` is ours until its count drops to zero, which
-            // takes this function's own part too; the gap lies within the bio (the engine cut
-            // it from the bio's range) and is sector aligned, as the bio is; `backing` is held
-            // by the target for longer than any bio of it.
+            // SAFETY: the queue is live; `raw` is ours until its count (this function's part
+            // too) drops to zero; the gap is a sector-aligned part of the bio (the engine cut it
+            // from the bio's range); `backing` is held by the target longer than any bio of it.
             unsafe {
                 bindings::pcache_rs_miss_submit(
                     self.q.as_ptr(),

@@ -14,7 +14,7 @@ use crate::cache_core::{
     io::{copy_hits, copy_in, release_hits, Gap, Hit},
     request,
     through::{THROUGH_MAX, THROUGH_TAG},
-    CacheError, Pmem, Waiting, Zeros,
+    CacheError, Pmem, Source, Waiting, Zeros,
 };
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -161,17 +161,9 @@ impl LiveCache {
     /// completed, and ends their bios.
     pub(crate) fn run_fills(&self) {
         while self.misses.complete(|gap, done| {
-            let mut core = self.core.lock();
             if gap.tag & THROUGH_TAG != 0 {
-                let failed = done.is_err();
-                core.engine.through_done(gap, done.ok(), 0);
-                let was_full = core.engine.in_flight().len() + 1 == THROUGH_MAX;
-                drop(core);
-                if was_full {
-                    // The worker may be waiting for a slot (`through_on_worker`).
-                    self.wake_all();
-                }
-                if failed {
+                self.through_complete(gap, done.ok());
+                if done.is_err() {
                     pr_err!(
                         "pcache_rs: backing device write failed at {}+{}\n",
                         gap.off,
@@ -180,6 +172,7 @@ impl LiveCache {
                 }
                 return;
             }
+            let mut core = self.core.lock();
             match done {
                 Ok(data) => core.engine.read_fill(gap, data, 0),
                 Err(e) => {
@@ -302,7 +295,7 @@ impl LiveCache {
     /// ([`Cache::through_start`](crate::cache_core::Cache::through_start)); the bio goes to
     /// the backing device whole, with its flush and FUA flags, and its completion caches the
     /// data in writethrough mode ([`LiveCache::run_fills`]). `None` when the engine has no
-    /// room to record it: the worker writes it synchronously.
+    /// room to record it: the worker waits for room ([`LiveCache::through_on_worker`]).
     fn write_through(&self, bio: &HeldBio) -> Option<Served> {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
@@ -354,10 +347,7 @@ impl LiveCache {
                     Ok(())
                 }
             });
-        let mut core = self.core.lock();
-        core.engine
-            .through_done(&gap, zeroed.is_ok().then_some(&Zeros(len)), 0);
-        drop(core);
+        self.through_complete(&gap, zeroed.is_ok().then_some(&Zeros(len)));
         if let Err(e) = zeroed {
             pr_err!(
                 "pcache_rs: zeroing the backing device at {}+{} failed: {:?}\n",
@@ -367,6 +357,19 @@ impl LiveCache {
             );
         }
         Served::Done(zeroed)
+    }
+
+    /// A write through completed: `Some` with its data, `None` if it failed (see
+    /// [`Cache::through_done`](crate::cache_core::Cache::through_done)). Wakes the worker if it
+    /// may be waiting for the slot this frees ([`LiveCache::through_on_worker`]).
+    fn through_complete<S: Source + ?Sized>(&self, gap: &Gap, data: Option<&S>) {
+        let mut core = self.core.lock();
+        core.engine.through_done(gap, data, 0);
+        let was_full = core.engine.in_flight().len() + 1 == THROUGH_MAX;
+        drop(core);
+        if was_full {
+            self.wake_all();
+        }
     }
 
     /// A read with its hits copied outside the engine lock, so that reads on two CPUs copy at

@@ -739,24 +739,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Caches it as clean keys through data head `cpu` wherever the gap's
     /// placeholder is still in the index (best effort: a full cache leaves the
     /// rest uncached, and clean data never takes the last keys from writes),
-    /// and gives up the placeholder.
+    /// and gives up the placeholder. All under the lock: the module copies
+    /// without it ([`Cache::fill_start`]).
     pub fn read_fill<S: Source + ?Sized>(&mut self, gap: &Gap, src: &S, cpu: usize) {
-        if gap.tag == 0 {
-            return;
+        let mut fill = self.fill_start(gap, cpu);
+        if fill.is_open() {
+            super::fill::fill_copy(&mut self.pmem, &mut fill, src);
+            self.fill_end(&fill);
         }
-        if !self.key_pressure() {
-            self.each_placeholder(gap, |c, _, k| {
-                let from = k.off.max(gap.off);
-                let part = Part {
-                    data: src,
-                    at: gap.at + (from - gap.off) as usize,
-                    len: (k.end().min(gap.off + gap.len as u64) - from) as usize,
-                };
-                c.insert_data(from, &part, 0, KEY_FLAGS_CLEAN, false, cpu)
-                    .is_ok()
-            });
-        }
-        self.read_abandon(gap);
     }
 
     /// The backing device failed to read `gap`: counts the error and gives the
@@ -776,7 +766,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Calls `f(self, subtree, piece)` on each piece of `gap`'s placeholder still
     /// in the index, in order, until it returns false.
-    fn each_placeholder(&mut self, gap: &Gap, mut f: impl FnMut(&mut Self, usize, &Key) -> bool) {
+    pub(crate) fn each_placeholder(
+        &mut self,
+        gap: &Gap,
+        mut f: impl FnMut(&mut Self, usize, &Key) -> bool,
+    ) {
         if gap.tag == 0 {
             return;
         }
@@ -798,6 +792,20 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     fn placeholder_of(&self, k: &Key, tag: u32) -> bool {
         k.empty() && k.crc == tag
+    }
+
+    /// Whether the placeholder tagged `tag` still covers all of `off..off + len`
+    /// (within one subtree): no write or discard replaced any of it.
+    pub(crate) fn placeholder_covers(&self, tag: u32, off: u64, len: u32) -> bool {
+        let end = off + u64::from(len);
+        let Ok((sub, to)) = self.stripe(off, end) else {
+            return false;
+        };
+        to == end
+            && self
+                .index
+                .first_overlap(sub, off, end)
+                .is_some_and(|k| self.placeholder_of(&k, tag) && k.off <= off && k.end() >= end)
     }
 
     pub(crate) fn key_stale(&self, k: &Key) -> bool {

@@ -18,6 +18,7 @@ pub mod background;
 pub mod data;
 pub mod env;
 pub mod error;
+pub mod fill;
 pub mod gc;
 pub mod index;
 pub mod invariants;

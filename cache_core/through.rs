@@ -1,6 +1,7 @@
 //! Writes in flight to the backing device, in the modes that write through
 //! (see [`super::mode`]), for a caller that sends them itself without the
-//! engine lock ([`Cache::through_start`], then [`Cache::through_done`]).
+//! engine lock ([`Cache::through_start`], then [`Cache::fill_start`] and
+//! [`Cache::fill_end`], or [`Cache::through_failed`]).
 //!
 //! While such a write is out, the backing device may hold the old data of its
 //! range or the new, and what a read of the range brings back is either. So:
@@ -25,10 +26,9 @@
 use super::data::Source;
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
+use super::fill::fill_copy;
 use super::io::Gap;
-use super::mode::Mode;
 use super::{Cache, Memory};
-use crate::meta::kset::KEY_FLAGS_CLEAN;
 
 /// Most writes through to the backing device in flight at once.
 pub const THROUGH_MAX: usize = 32;
@@ -104,12 +104,18 @@ impl InFlight {
         Some(slot)
     }
 
-    /// Ends the write in `slot`; what it was, if it was live.
-    fn release(&mut self, slot: usize) -> Option<Through> {
+    /// Whether the write in `slot` was contested; `None` if it is not live.
+    pub(crate) fn get(&self, slot: usize) -> Option<bool> {
+        self.slots.get(slot).filter(|t| t.live).map(|t| t.contested)
+    }
+
+    /// Ends the write in `slot`; whether it was contested, `None` if it was
+    /// not live.
+    pub(crate) fn release(&mut self, slot: usize) -> Option<bool> {
         let t = self.slots.get_mut(slot).filter(|t| t.live)?;
         t.live = false;
         self.live -= 1;
-        Some(*t)
+        Some(t.contested)
     }
 
     /// How many writes are in flight.
@@ -163,27 +169,25 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// them, and writethrough caches them as clean keys through data head
     /// `cpu` unless the write was contested (best effort, as a read fill);
     /// with `None` it failed, which is counted. Either way the write is no
-    /// longer in flight.
+    /// longer in flight. All under the lock: the module copies the data without
+    /// it ([`Cache::fill_start`]).
     pub fn through_done<S: Source + ?Sized>(&mut self, gap: &Gap, data: Option<&S>, cpu: usize) {
-        let slot = (gap.tag & !THROUGH_TAG) as usize;
-        let Some(t) = self.in_flight.release(slot) else {
-            debug_assert!(false, "write through {gap:?} is not in flight");
-            return;
-        };
-        let Some(data) = data else {
-            self.stats.backing_errors += 1;
-            return;
-        };
-        if t.contested
-            || self.mode() != Mode::Writethrough
-            || data.len() != gap.at + gap.len
-            || self.key_pressure()
-        {
-            return;
+        match data {
+            Some(data) => {
+                let mut fill = self.fill_start(gap, cpu);
+                fill_copy(&mut self.pmem, &mut fill, data);
+                self.fill_end(&fill);
+            }
+            None => self.through_failed(gap),
         }
-        // Nothing else put data in the range meanwhile: reads placed nothing
-        // there and other writes contested this one.
-        let _ = self.insert_data(gap.off, data, gap.at, KEY_FLAGS_CLEAN, false, cpu);
+    }
+
+    /// The write `gap` came from failed ([`Cache::through_start`]): counts the
+    /// error; the write is no longer in flight.
+    pub fn through_failed(&mut self, gap: &Gap) {
+        let released = self.in_flight.release((gap.tag & !THROUGH_TAG) as usize);
+        debug_assert!(released.is_some(), "write through {gap:?} is not in flight");
+        self.stats.backing_errors += 1;
     }
 
     /// The writes through to the backing device in flight.

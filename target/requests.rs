@@ -11,6 +11,7 @@ use super::{
     live::{Core, Count, ErrorText, LiveCache},
 };
 use crate::cache_core::{
+    fill::fill_copy,
     io::{copy_hits, copy_in, release_hits, Gap, Hit},
     request,
     through::{THROUGH_MAX, THROUGH_TAG},
@@ -161,31 +162,25 @@ impl LiveCache {
     /// completed, and ends their bios.
     pub(crate) fn run_fills(&self) {
         while self.misses.complete(|gap, done| {
-            if gap.tag & THROUGH_TAG != 0 {
-                self.through_complete(gap, done.ok());
-                if done.is_err() {
-                    pr_err!(
-                        "pcache_rs: backing device write failed at {}+{}\n",
-                        gap.off,
-                        gap.len
-                    );
-                }
-                return;
-            }
-            let mut core = self.core.lock();
-            match done {
-                Ok(data) => core.engine.read_fill(gap, data, 0),
+            let data = match done {
+                Ok(data) => Some(data),
                 Err(e) => {
-                    core.engine.read_failed(gap);
-                    drop(core);
+                    let what = if gap.tag & THROUGH_TAG != 0 {
+                        "write"
+                    } else {
+                        "read"
+                    };
                     pr_err!(
-                        "pcache_rs: backing device read failed at {}+{}: {:?}\n",
+                        "pcache_rs: backing device {} failed at {}+{}: {:?}\n",
+                        what,
                         gap.off,
                         gap.len,
                         e
                     );
+                    None
                 }
-            }
+            };
+            self.gap_complete(gap, data);
         }) {}
     }
 
@@ -347,7 +342,7 @@ impl LiveCache {
                     Ok(())
                 }
             });
-        self.through_complete(&gap, zeroed.is_ok().then_some(&Zeros(len)));
+        self.gap_complete(&gap, zeroed.is_ok().then_some(&Zeros(len)));
         if let Err(e) = zeroed {
             pr_err!(
                 "pcache_rs: zeroing the backing device at {}+{} failed: {:?}\n",
@@ -359,15 +354,36 @@ impl LiveCache {
         Served::Done(zeroed)
     }
 
-    /// A write through completed: `Some` with its data, `None` if it failed (see
-    /// [`Cache::through_done`](crate::cache_core::Cache::through_done)). Wakes the worker if it
-    /// may be waiting for the slot this frees ([`LiveCache::through_on_worker`]).
-    fn through_complete<S: Source + ?Sized>(&self, gap: &Gap, data: Option<&S>) {
+    /// A read miss or a write through came back from the backing device: `Some` with the data
+    /// it returned or took, `None` if it failed. Caches the data with its copy into pmem outside
+    /// the engine lock, as a write copies (see [`crate::cache_core::fill`]), and gives up the
+    /// read's placeholder or the write's slot. Wakes the worker if that freed a slot it may be
+    /// waiting for ([`LiveCache::through_on_worker`]).
+    fn gap_complete<S: Source + ?Sized>(&self, gap: &Gap, data: Option<&S>) {
+        let through = gap.tag & THROUGH_TAG != 0;
+        if gap.tag == 0 && data.is_some() {
+            // A read that caches nothing (no placeholder): nothing to give up either.
+            return;
+        }
+        // The slot is given up under the lock taken last: was the table full then?
         let mut core = self.core.lock();
-        core.engine.through_done(gap, data, 0);
-        let was_full = core.engine.in_flight().len() + 1 == THROUGH_MAX;
+        let mut full = core.engine.in_flight().len() == THROUGH_MAX;
+        match data {
+            None if through => core.engine.through_failed(gap),
+            None => core.engine.read_failed(gap),
+            Some(data) => {
+                let mut fill = core.engine.fill_start(gap, 0);
+                if fill.is_open() {
+                    drop(core);
+                    fill_copy(&mut self.pmem(), &mut fill, data);
+                    core = self.core.lock();
+                    full = core.engine.in_flight().len() == THROUGH_MAX;
+                    core.engine.fill_end(&fill);
+                }
+            }
+        }
         drop(core);
-        if was_full {
+        if through && full {
             self.wake_all();
         }
     }

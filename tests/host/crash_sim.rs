@@ -6,6 +6,7 @@
 //! - `PCACHE_SEED=<n>`: replay one seed (printed by every failure).
 //! - `PCACHE_THREADS=<n>`: worker threads (default 2).
 
+use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
 use pcache_engine::cache_core::request::{with_room, Stalled};
 use pcache_engine::cache_core::{Backing, Locked, Pmem};
@@ -395,6 +396,15 @@ fn settle_write(
 }
 
 /// Settles every pending write's reservation (see [`settle_write`]).
+/// Ends the fills copied and not yet committed, before anything waits for
+/// room: their reservations hold segments GC cannot take (in the module they
+/// end on their own).
+fn settle_fills(engine: &SimLock<Sim<'_>>, filling: &mut Vec<Fill>) {
+    for f in filling.drain(..) {
+        engine.with(|c| c.fill_end(&f));
+    }
+}
+
 fn settle_writes(
     engine: &SimLock<Sim<'_>>,
     pmem: &mut SimPmem,
@@ -766,6 +776,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         let mut last_crash: Option<Replayed> = None;
         let final_life = life + 1 == lives;
         let mut pending: Vec<PendingFill> = Vec::new();
+        let mut filling: Vec<Fill> = Vec::new();
         let mut pending_writes: Vec<PendingWrite> = Vec::new();
         let mut pending_reads: Vec<PendingRead> = Vec::new();
         let mut copier = SimPmem(world.clone());
@@ -773,7 +784,22 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         for _ in 0..ops_per_life {
             if !pending.is_empty() && rng.chance(1, 3) {
                 let p = pending.swap_remove(rng.below(pending.len() as u64) as usize);
-                engine.with(|c| c.read_fill(&p.gap, &p.data[..], rng.below(2) as usize));
+                let cpu = rng.below(2) as usize;
+                if rng.chance(1, 2) {
+                    engine.with(|c| c.read_fill(&p.gap, &p.data[..], cpu));
+                } else {
+                    // As the module: room under the lock, the copy without it,
+                    // the commit at some later point.
+                    let mut f = engine.with(|c| c.fill_start(&p.gap, cpu));
+                    if f.is_open() {
+                        fill_copy(&mut copier, &mut f, &p.data[..]);
+                        filling.push(f);
+                    }
+                }
+            }
+            if !filling.is_empty() && rng.chance(1, 3) {
+                let f = filling.swap_remove(rng.below(filling.len() as u64) as usize);
+                engine.with(|c| c.fill_end(&f));
             }
             if !pending_reads.is_empty() && rng.chance(1, 3) {
                 let r = pending_reads.swap_remove(rng.below(pending_reads.len() as u64) as usize);
@@ -781,6 +807,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             }
             if !pending_writes.is_empty() && rng.chance(1, 3) {
                 let w = pending_writes.swap_remove(rng.below(pending_writes.len() as u64) as usize);
+                settle_fills(&engine, &mut filling);
                 settle_reads(&engine, &model, &mut pending_reads)?;
                 settle_writes(&engine, &mut copier, &mut pending_writes)?;
                 let id = finish_write(&engine, &host, &mut copier, w)?;
@@ -799,6 +826,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         .position(|w| w.s < s + n && s < w.s + (w.data.len() / SECTOR) as u64)
                     {
                         let w = pending_writes.swap_remove(i);
+                        settle_fills(&engine, &mut filling);
                         settle_reads(&engine, &model, &mut pending_reads)?;
                         settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let id = finish_write(&engine, &host, &mut copier, w)?;
@@ -846,6 +874,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                             held: Some(first),
                         });
                     } else {
+                        settle_fills(&engine, &mut filling);
                         settle_reads(&engine, &model, &mut pending_reads)?;
                         settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
@@ -902,6 +931,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         issue_op: now(),
                         complete_op: None,
                     });
+                    settle_fills(&engine, &mut filling);
                     settle_reads(&engine, &model, &mut pending_reads)?;
                     settle_writes(&engine, &mut copier, &mut pending_writes)?;
                     let r = with_room(&engine, &host, |c: &mut Sim<'_>| busy_is_none(c.flush()));
@@ -958,6 +988,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         for p in pending.drain(..) {
             engine.with(|c| c.read_fill(&p.gap, &p.data[..], 0));
         }
+        settle_fills(&engine, &mut filling);
         settle_reads(&engine, &model, &mut pending_reads)?;
         settle_writes(&engine, &mut copier, &mut pending_writes)?;
         for w in pending_writes.drain(..) {

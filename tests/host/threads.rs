@@ -11,6 +11,7 @@
 //! threads interleave at the granularity of the pieces the engine hands them.
 
 use pcache_engine::cache_core::background::Background;
+use pcache_engine::cache_core::fill::fill_copy;
 use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
 use pcache_engine::cache_core::request::with_room;
 use pcache_engine::cache_core::{
@@ -241,8 +242,14 @@ fn read(
             .read(g.off, &mut buf[g.at..g.at + g.len])
             .map_err(|_| "backing read")?;
     }
+    // As the module: room under the lock, the copy without it, the commit
+    // under it.
     for g in &gaps[..n] {
-        lock.with(|c| c.read_fill(g, &buf[..], 0));
+        let mut f = lock.with(|c| c.fill_start(g, 0));
+        if f.is_open() {
+            fill_copy(&mut pmem.clone(), &mut f, &buf[..]);
+            lock.with(|c| c.fill_end(&f));
+        }
     }
     Ok(())
 }

@@ -4,13 +4,17 @@
 //! any order, completed later ([`Cache::through_done`]); beside them, reads
 //! whose gaps are read from the device at one moment and filled at another,
 //! writes served synchronously, and discards, all interleaved by a seeded
-//! scheduler.
+//! scheduler. A completion or a fill copies its data into reserved room at one
+//! step ([`Cache::fill_start`], [`fill_copy`]), as the module does without the
+//! engine lock, and commits it at the same step or a later one
+//! ([`Cache::fill_end`]).
 //!
 //! The property, checked after every step: every byte the cache holds is the
 //! byte the backing device holds now. (A write in flight may be on the device
 //! or not, so a read of its range may bring back either; caching either could
 //! make the range read one way now and the other once the key is gone.)
 
+use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{Gap, Hit};
 use pcache_engine::cache_core::{Backing, Borrowed, Cache, CacheError, CacheOptions};
 use pcache_engine::meta::cache_info::{CACHE_MODE_WRITEAROUND, CACHE_MODE_WRITETHROUGH};
@@ -39,6 +43,22 @@ struct ReadGap {
     data: Option<Vec<u8>>,
 }
 
+/// Caches what the device returned or took for `gap`: copied now, committed
+/// now (`now`) or left in `fills` for a later step; whether it was left.
+fn fill(c: &mut Engine<'_>, gap: &Gap, data: &[u8], now: bool, fills: &mut Vec<Fill>) -> bool {
+    let mut f = c.fill_start(gap, 0);
+    if !f.is_open() {
+        return false;
+    }
+    fill_copy(c.pmem_mut(), &mut f, data);
+    if now {
+        c.fill_end(&f);
+        return false;
+    }
+    fills.push(f);
+    true
+}
+
 fn span_io(rng: &mut Rng) -> (u64, usize) {
     let len = 512 * (1 + rng.below(16)) as usize;
     let off = rng.below((SPAN - len as u64) / 512) * 512;
@@ -64,8 +84,9 @@ fn check_coherent(c: &mut Engine<'_>, step: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// One seeded run; how many writes through completed with their data.
-fn run(seed: u64, mode: u32) -> Result<usize, String> {
+/// One seeded run; how many writes through completed with their data, and
+/// how many parts of fills ended at a later step than they were copied.
+fn run(seed: u64, mode: u32) -> Result<(usize, usize), String> {
     let mut rng = Rng(seed);
     let world = World::blank(N_SEGS, SEG, BACKING);
     let mut mem = OwnedMem::new(
@@ -89,11 +110,14 @@ fn run(seed: u64, mode: u32) -> Result<usize, String> {
     .map_err(|e| format!("start: {e}"))?;
     let mut out: Vec<Out> = Vec::new();
     let mut reads: Vec<ReadGap> = Vec::new();
+    let mut fills: Vec<Fill> = Vec::new();
     let mut completed = 0usize;
+    // Parts of fills committed (or given back) at a later step than their copy.
+    let mut late = 0usize;
     let mut value = 1u8;
     for step in 0..1500 {
         value = value.wrapping_add(1).max(1);
-        match rng.below(20) {
+        match rng.below(22) {
             0..=4 => {
                 let (off, len) = span_io(&mut rng);
                 let data = vec![value; len];
@@ -127,13 +151,13 @@ fn run(seed: u64, mode: u32) -> Result<usize, String> {
                 let o = out.swap_remove(i);
                 if o.applied {
                     let before = c.in_flight().len();
-                    c.through_done(&o.gap, Some(&o.data[..]), 0);
-                    if c.in_flight().len() + 1 != before {
+                    let left = fill(&mut c, &o.gap, &o.data, rng.chance(1, 2), &mut fills);
+                    if c.in_flight().len() + 1 != before + usize::from(left) {
                         return Err(format!("step {step}: completion left the write in flight"));
                     }
                     completed += 1;
                 } else {
-                    c.through_done::<[u8]>(&o.gap, None, 0);
+                    c.through_failed(&o.gap);
                 }
             }
             10..=12 => {
@@ -172,7 +196,7 @@ fn run(seed: u64, mode: u32) -> Result<usize, String> {
                 if reads[i].data.is_some() {
                     let r = reads.swap_remove(i);
                     if let Some(d) = r.data {
-                        c.read_fill(&r.gap, &d[..], 0);
+                        fill(&mut c, &r.gap, &d, rng.chance(1, 2), &mut fills);
                     }
                 }
             }
@@ -191,6 +215,12 @@ fn run(seed: u64, mode: u32) -> Result<usize, String> {
                     .write(off, &vec![0u8; len])
                     .map_err(|_| format!("step {step}: backing write failed"))?;
             }
+            19..=20 if !fills.is_empty() => {
+                let i = rng.below(fills.len() as u64) as usize;
+                let f = fills.swap_remove(i);
+                c.fill_end(&f);
+                late += f.parts();
+            }
             _ => {
                 let _ = c.gc_step();
             }
@@ -200,6 +230,9 @@ fn run(seed: u64, mode: u32) -> Result<usize, String> {
             .map_err(|b| format!("step {step}: invariant broken: {}", b.0))?;
     }
     // Everything lands and completes, every read fills.
+    for f in fills.drain(..) {
+        c.fill_end(&f);
+    }
     for mut o in out.drain(..) {
         if !o.applied {
             c.backing_mut()
@@ -220,7 +253,7 @@ fn run(seed: u64, mode: u32) -> Result<usize, String> {
     if !c.in_flight().is_empty() {
         return Err("writes still in flight after they all completed".into());
     }
-    Ok(completed)
+    Ok((completed, late))
 }
 
 fn seeds(default: std::ops::RangeInclusive<u64>) -> Vec<u64> {
@@ -234,13 +267,20 @@ fn seeds(default: std::ops::RangeInclusive<u64>) -> Vec<u64> {
 #[test]
 fn writes_through_in_flight_keep_the_cache_coherent() {
     for mode in [CACHE_MODE_WRITETHROUGH, CACHE_MODE_WRITEAROUND] {
-        let mut total = 0;
+        let (mut total, mut late) = (0, 0);
         for seed in seeds(1..=100) {
             match run(seed, mode) {
-                Ok(n) => total += n,
+                Ok((n, l)) => {
+                    total += n;
+                    late += l;
+                }
                 Err(e) => panic!("mode {mode} seed {seed}: {e}"),
             }
         }
         assert!(total > 0, "mode {mode}: no write through completed");
+        assert!(
+            late > 0,
+            "mode {mode}: no fill was committed at a later step"
+        );
     }
 }

@@ -81,6 +81,9 @@ pub struct Started {
     /// How many of the hits to copy ([`copy_hits`]), then give back
     /// ([`Cache::read_done`]).
     pub hits: usize,
+    /// Where [`Cache::read_resume`] stopped because `hits` was full: the
+    /// next call starts there. The end of the read once it is all started.
+    pub next: u64,
 }
 
 impl Hit {
@@ -605,11 +608,45 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         gaps: &mut [Gap],
         hits: &mut [Hit],
     ) -> Result<Option<Started>, CacheError> {
+        self.read_from(off, off, dst, gaps, hits, false)
+    }
+
+    /// [`Cache::read_start`] of `dst` (at `off`) from `from` on, that stops
+    /// once `hits` is full rather than copy more hits under the engine lock
+    /// ([`Started::next`]): the caller copies them, gives them back, and
+    /// resumes there, with the room left in its gaps. Each call's gaps and
+    /// hits are its own: a call that fails or returns `None` gives up only
+    /// those, and the caller gives up what earlier calls placed
+    /// ([`Cache::read_cancel`]). A key whose CRC is still to be checked is
+    /// copied and checked here, under the lock, as in `read_start`.
+    pub fn read_resume<S: Sink + ?Sized>(
+        &mut self,
+        off: u64,
+        from: u64,
+        dst: &mut S,
+        gaps: &mut [Gap],
+        hits: &mut [Hit],
+    ) -> Result<Option<Started>, CacheError> {
+        self.read_from(off, from, dst, gaps, hits, !hits.is_empty())
+    }
+
+    fn read_from<S: Sink + ?Sized>(
+        &mut self,
+        off: u64,
+        from: u64,
+        dst: &mut S,
+        gaps: &mut [Gap],
+        hits: &mut [Hit],
+        stop_when_full: bool,
+    ) -> Result<Option<Started>, CacheError> {
         self.check_range(off, dst.len())?;
         let end = off + dst.len() as u64;
+        if from < off || from > end {
+            return Err(CacheError::Invalid("read resumed outside the read"));
+        }
         let place = self.mode().caches_misses();
         let mut out = Started::default();
-        let mut cur = off;
+        let mut cur = from;
         while cur < end {
             let (sub, to) = match self.stripe(cur, end) {
                 Ok(s) => s,
@@ -629,6 +666,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     continue;
                 }
                 Some(k) if !k.empty() => {
+                    if stop_when_full && out.hits == hits.len() && !k.unverified() {
+                        break;
+                    }
                     // A key to check is copied here: the check marks it verified,
                     // once, under the lock.
                     match hits.get_mut(out.hits) {
@@ -677,6 +717,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             }
             cur = seg_end;
         }
+        out.next = cur;
         if out.res.hit_bytes > 0 {
             self.stats.read_hits += 1;
         }

@@ -26,6 +26,8 @@ pub struct Stats {
     /// Bytes of dirty keys written back to the backing device.
     pub bytes_written_back: u64,
     pub ksets_gced: u64,
+    /// Reads that hit, and that missed: each call of [`super::Cache::read_resume`]
+    /// counts as a read.
     pub read_hits: u64,
     pub read_misses: u64,
 }

@@ -38,8 +38,8 @@ pub(crate) enum Served {
 /// (it has room for [`MAX_READ_GAPS`](super::construct::MAX_READ_GAPS)).
 const MAX_GAPS: usize = 8;
 
-/// Most hits a read copies from pmem without the engine lock; the engine copies the rest of a
-/// read's hits under it.
+/// Most hits a read pins at once; it copies them without the engine lock, gives them back,
+/// and goes on with the next ones ([`LiveCache::read_unlocked`]).
 const MAX_HITS: usize = 8;
 
 /// The gaps of a read (see [`Cache::read_start`](crate::cache_core::Cache::read_start)).
@@ -389,43 +389,68 @@ impl LiveCache {
     }
 
     /// A read with its hits copied outside the engine lock, so that reads on two CPUs copy at
-    /// once: under the lock the engine pins the segments of the hits and places the gaps; the
-    /// hits are copied from pmem into the bio's pages on this CPU; the pins are given back
-    /// under the lock. The caller sends the gaps, described in `gaps`, to the backing device.
+    /// once: under the lock the engine pins the segments of up to [`MAX_HITS`] hits and places
+    /// the gaps; the hits are copied from pmem into the bio's pages on this CPU and their pins
+    /// given back without the lock; then the engine goes on from there, until the read is all
+    /// started ([`Cache::read_resume`](crate::cache_core::Cache::read_resume)). The caller
+    /// sends the gaps, described in `gaps`, to the backing device.
     fn read_unlocked(&self, bio: &mut HeldBio, gaps: &mut [Gap]) -> ReadServed {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
+        let end = off + u64::from(bio.size());
         let mut hits = [Hit::default(); MAX_HITS];
-        let started = self
-            .core
-            .lock()
-            .engine
-            .read_start(off, bio, gaps, &mut hits);
-        let started = match started {
-            Ok(Some(s)) => s,
-            Ok(None) => return ReadServed::TooManyGaps,
-            Err(e) => return ReadServed::Done(Err(failed(&e))),
-        };
-        let held = hits.get(..started.hits).unwrap_or_default();
-        let placed = gaps.get(..started.gaps).unwrap_or_default();
+        let mut from = off;
+        let mut placed = 0usize;
         let pmem = self.pmem();
-        let copied = held.is_empty() || copy_hits(&pmem, held, bio).is_ok();
-        if !copied {
-            self.core.lock().engine.read_cancel(placed, held);
-            pr_err!(
-                "pcache_rs: pmem media error reading {}+{}\n",
-                off,
-                bio.size()
-            );
-            return ReadServed::Done(Err(EIO));
+        loop {
+            let room = gaps.get_mut(placed..).unwrap_or_default();
+            let started = self
+                .core
+                .lock()
+                .engine
+                .read_resume(off, from, bio, room, &mut hits);
+            let started = match started {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    self.abandon(gaps.get(..placed).unwrap_or_default());
+                    return ReadServed::TooManyGaps;
+                }
+                Err(e) => {
+                    self.abandon(gaps.get(..placed).unwrap_or_default());
+                    return ReadServed::Done(Err(failed(&e)));
+                }
+            };
+            let held = hits.get(..started.hits).unwrap_or_default();
+            placed += started.gaps;
+            if !held.is_empty() && copy_hits(&pmem, held, bio).is_err() {
+                let placed = gaps.get(..placed).unwrap_or_default();
+                self.core.lock().engine.read_cancel(placed, held);
+                pr_err!(
+                    "pcache_rs: pmem media error reading {}+{}\n",
+                    off,
+                    bio.size()
+                );
+                return ReadServed::Done(Err(EIO));
+            }
+            // The pins go back without the engine lock (`Pmem::unpin`).
+            release_hits(&pmem, held);
+            if started.next >= end {
+                break;
+            }
+            from = started.next;
         }
-        // The pins go back without the engine lock (`Pmem::unpin`).
-        release_hits(&pmem, held);
-        if placed.is_empty() {
+        if placed == 0 {
             self.count(Count::ReadHit);
             ReadServed::Done(Ok(()))
         } else {
             self.count(Count::ReadMiss);
-            ReadServed::Misses(started.gaps)
+            ReadServed::Misses(placed)
+        }
+    }
+
+    /// Gives up the placeholders of gaps a read placed and will not send.
+    fn abandon(&self, gaps: &[Gap]) {
+        if !gaps.is_empty() {
+            self.core.lock().engine.read_cancel(gaps, &[]);
         }
     }
 

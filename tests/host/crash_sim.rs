@@ -227,10 +227,12 @@ struct PendingFill {
     data: Vec<u8>,
 }
 
-/// A read through the module's split path ([`Cache::read_start`]): each gap
-/// read from the backing device now and left to fill later; the hits pinned,
-/// to copy now or any number of operations later (`Pinned`). `hits_room`
-/// hits are pinned at most; the rest are copied by the engine at once.
+/// A read through the module's split path ([`Cache::read_resume`]): each gap
+/// read from the backing device now and left to fill later; the hits pinned
+/// `hits_room` at a time, as the module does. The hits of every round but the
+/// last are copied and given back before the next round; the last round's are
+/// copied now or any number of operations later (`Pinned`). With no room the
+/// engine copies every hit itself.
 fn split_read(
     cache: &mut Sim<'_>,
     s0: u64,
@@ -240,14 +242,38 @@ fn split_read(
 ) -> Result<SplitRead, CacheError> {
     let mut buf = vec![0u8; (n as usize) * SECTOR];
     let off = s0 * SECTOR as u64;
+    let end = off + buf.len() as u64;
     let mut gaps = [Gap::default(); 8];
     let mut hits = [Hit::default(); 8];
     let room = hits_room.min(hits.len());
-    let Some(started) = cache.read_start(off, &mut buf[..], &mut gaps, &mut hits[..room])? else {
-        cache.read(off, &mut buf, true, 0)?;
-        return Ok(SplitRead::Done(buf));
+    let (mut from, mut placed) = (off, 0usize);
+    let held = loop {
+        let started = cache.read_resume(
+            off,
+            from,
+            &mut buf[..],
+            &mut gaps[placed..],
+            &mut hits[..room],
+        )?;
+        let Some(started) = started else {
+            cache.read_cancel(&gaps[..placed], &[]);
+            cache.read(off, &mut buf, true, 0)?;
+            return Ok(SplitRead::Done(buf));
+        };
+        placed += started.gaps;
+        let held = &hits[..started.hits];
+        if started.next >= end {
+            break held.to_vec();
+        }
+        let copied = copy_hits(cache.pmem(), held, &mut buf[..]);
+        cache.read_done(held);
+        if copied.is_err() {
+            cache.read_cancel(&gaps[..placed], &[]);
+            return Err(CacheError::Io("pmem media error"));
+        }
+        from = started.next;
     };
-    let (gaps, held) = (&gaps[..started.gaps], &hits[..started.hits]);
+    let (gaps, held) = (&gaps[..placed], &held[..]);
     for g in gaps {
         let part = &mut buf[g.at..g.at + g.len];
         if cache.backing_mut().read(g.off, part).is_err() {

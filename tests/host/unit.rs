@@ -890,3 +890,63 @@ fn a_pinned_segment_is_not_handed_out_again() {
     );
     c.check_invariants().unwrap();
 }
+
+/// A read with more hits than the caller pins at once is started in rounds
+/// (`Cache::read_resume`): each round pins up to the caller's room, stops at
+/// the next hit, and says where; the gaps of every round add up; no hit is
+/// copied by the engine itself, and the data read is the data written.
+#[test]
+fn a_read_with_many_hits_is_started_in_rounds() {
+    use pcache_engine::cache_core::io::{copy_hits, release_hits, Gap, Hit};
+    use pcache_engine::cache_core::CacheOptions;
+    let (world, mut mem) = small_world();
+    let opts = CacheOptions {
+        data_crc: false,
+        ..Default::default()
+    };
+    let mut c = start_small(&world, &mut mem, &opts).unwrap();
+    // 20 cached blocks of 4 KiB, each followed by a hole of 4 KiB.
+    let base = 1u64 << 20;
+    for i in 0..20u64 {
+        c.write(base + i * 8192, &vec![i as u8 + 1; 4096], false, 0)
+            .unwrap();
+    }
+    let mut buf = vec![0u8; 20 * 8192];
+    let mut gaps = [Gap::default(); 24];
+    let mut hits = [Hit::default(); 8];
+    let (mut from, mut placed, mut rounds) = (base, 0usize, 0);
+    let end = base + buf.len() as u64;
+    while from < end {
+        let s = c
+            .read_resume(base, from, &mut buf[..], &mut gaps[placed..], &mut hits)
+            .unwrap()
+            .unwrap();
+        rounds += 1;
+        assert!(s.next > from, "round {rounds} made no progress");
+        // Nothing was copied into the buffer by the engine.
+        assert!(buf.iter().all(|&b| b == 0));
+        assert!(s.hits <= hits.len());
+        let held = &hits[..s.hits];
+        let mut copy = vec![0u8; buf.len()];
+        copy_hits(c.pmem(), held, &mut copy[..]).unwrap();
+        release_hits(c.pmem(), held);
+        for h in held {
+            let i = h.at / 8192;
+            assert_eq!((h.at % 8192, h.len), (0, 4096));
+            assert!(copy[h.at..h.at + h.len].iter().all(|&b| b == i as u8 + 1));
+        }
+        placed += s.gaps;
+        from = s.next;
+    }
+    // 8 + 8 + 4 hits; one gap after each block.
+    assert_eq!((rounds, placed), (3, 20));
+    for (i, g) in gaps[..placed].iter().enumerate() {
+        assert_eq!((g.at, g.len), (i * 8192 + 4096, 4096));
+    }
+    c.read_cancel(&gaps[..placed], &[]);
+    // Resuming outside the read is refused.
+    assert!(c
+        .read_resume(base, base - 512, &mut buf[..], &mut gaps, &mut hits)
+        .is_err());
+    c.check_invariants().unwrap();
+}

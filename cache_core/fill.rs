@@ -39,7 +39,8 @@ pub const FILL_MAX: usize = 8;
 
 /// A fill between [`Cache::fill_start`] and [`Cache::fill_end`]: the room
 /// reserved for it and, once [`fill_copy`] ran, the data CRC of each part.
-#[derive(Debug, Clone, Copy)]
+/// Not `Copy`: `fill_end` takes it, so no fill ends twice.
+#[derive(Debug)]
 pub struct Fill {
     gap: Gap,
     rooms: [Option<Reservation>; FILL_MAX],
@@ -99,8 +100,8 @@ impl Fill {
 
 /// Copies the data of `fill` from `src` (the gap's bytes at [`Gap::at`]) into
 /// its room, without the engine lock, and fences, so that the commit finds the
-/// data durable whichever CPU it runs on. A source shorter than the gap, or a
-/// part already copied, leaves the fill uncopied: its end commits nothing.
+/// data durable whichever CPU it runs on. A source shorter than the gap
+/// leaves the fill uncopied: its end commits nothing.
 pub fn fill_copy<P: Pmem, S: Source + ?Sized>(pmem: &mut P, fill: &mut Fill, src: &S) {
     let gap = fill.gap;
     let copied = fill
@@ -144,18 +145,18 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             });
         }
         fill.open = true;
-        if fill.parts() == 0 {
-            self.fill_end(&fill);
-            fill.open = false;
+        if fill.parts() > 0 {
+            return fill;
         }
-        fill
+        self.fill_end(fill);
+        Fill::new(*gap)
     }
 
     /// Ends `fill` (see [`Cache::fill_start`]): commits each part, as clean
     /// keys, that is still wanted, and gives back the room of the others; the
     /// read's placeholder is given up, or the write is no longer in flight.
     /// Nothing to do when the fill is not open.
-    pub fn fill_end(&mut self, fill: &Fill) {
+    pub fn fill_end(&mut self, fill: Fill) {
         if !fill.open {
             return;
         }
@@ -177,8 +178,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     self.placeholder_covers(gap.tag, r.off, r.len)
                 };
             if wanted {
-                // Best effort: a commit that finds no key or kset room gives
-                // the room back itself.
+                // Best effort: a commit that fails gives the room back, or
+                // leaves it to the key it inserted (see `write_commit`).
                 let _ = self.write_commit(r, *crc, false);
             } else {
                 self.write_cancel(r);

@@ -786,7 +786,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let mut fill = self.fill_start(gap, cpu);
         if fill.is_open() {
             super::fill::fill_copy(&mut self.pmem, &mut fill, src);
-            self.fill_end(&fill);
+            self.fill_end(fill);
         }
     }
 

@@ -176,7 +176,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             Some(data) => {
                 let mut fill = self.fill_start(gap, cpu);
                 fill_copy(&mut self.pmem, &mut fill, data);
-                self.fill_end(&fill);
+                self.fill_end(fill);
             }
             None => self.through_failed(gap),
         }

@@ -378,7 +378,7 @@ impl LiveCache {
                     fill_copy(&mut self.pmem(), &mut fill, data);
                     core = self.core.lock();
                     full = core.engine.in_flight().len() == THROUGH_MAX;
-                    core.engine.fill_end(&fill);
+                    core.engine.fill_end(fill);
                 }
             }
         }

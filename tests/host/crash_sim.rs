@@ -427,7 +427,7 @@ fn settle_write(
 /// end on their own).
 fn settle_fills(engine: &SimLock<Sim<'_>>, filling: &mut Vec<Fill>) {
     for f in filling.drain(..) {
-        engine.with(|c| c.fill_end(&f));
+        engine.with(|c| c.fill_end(f));
     }
 }
 
@@ -825,7 +825,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             }
             if !filling.is_empty() && rng.chance(1, 3) {
                 let f = filling.swap_remove(rng.below(filling.len() as u64) as usize);
-                engine.with(|c| c.fill_end(&f));
+                engine.with(|c| c.fill_end(f));
             }
             if !pending_reads.is_empty() && rng.chance(1, 3) {
                 let r = pending_reads.swap_remove(rng.below(pending_reads.len() as u64) as usize);

@@ -248,7 +248,7 @@ fn read(
         let mut f = lock.with(|c| c.fill_start(g, 0));
         if f.is_open() {
             fill_copy(&mut pmem.clone(), &mut f, &buf[..]);
-            lock.with(|c| c.fill_end(&f));
+            lock.with(|c| c.fill_end(f));
         }
     }
     Ok(())

@@ -52,7 +52,7 @@ fn fill(c: &mut Engine<'_>, gap: &Gap, data: &[u8], now: bool, fills: &mut Vec<F
     }
     fill_copy(c.pmem_mut(), &mut f, data);
     if now {
-        c.fill_end(&f);
+        c.fill_end(f);
         return false;
     }
     fills.push(f);
@@ -218,8 +218,8 @@ fn run(seed: u64, mode: u32) -> Result<(usize, usize), String> {
             19..=20 if !fills.is_empty() => {
                 let i = rng.below(fills.len() as u64) as usize;
                 let f = fills.swap_remove(i);
-                c.fill_end(&f);
                 late += f.parts();
+                c.fill_end(f);
             }
             _ => {
                 let _ = c.gc_step();
@@ -231,7 +231,7 @@ fn run(seed: u64, mode: u32) -> Result<(usize, usize), String> {
     }
     // Everything lands and completes, every read fills.
     for f in fills.drain(..) {
-        c.fill_end(&f);
+        c.fill_end(f);
     }
     for mut o in out.drain(..) {
         if !o.applied {

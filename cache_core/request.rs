@@ -34,10 +34,20 @@ where
     L: Locked<T>,
     W: Waiting,
 {
+    until_room(waiting, || engine.with(&mut attempt))
+}
+
+/// [`with_room`] for an attempt that takes the engine lock itself, as often as
+/// it needs: a write that copies into reserved room without the lock and
+/// commits under it, chunk by chunk, and goes on where it stopped.
+pub fn until_room<W, R>(waiting: &W, mut attempt: impl FnMut() -> Option<R>) -> Result<R, Stalled>
+where
+    W: Waiting,
+{
     let mut idle_ms = 0u32;
     loop {
         let ticket = waiting.ticket();
-        if let Some(r) = engine.with(&mut attempt) {
+        if let Some(r) = attempt() {
             return Ok(r);
         }
         waiting.kick();

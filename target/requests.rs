@@ -132,6 +132,9 @@ impl LiveCache {
         {
             return self.through_on_worker(bio);
         }
+        if self.caches_writes && bio.op() == BioOp::Write {
+            return Served::Done(self.write_on_worker(bio));
+        }
         let mut onward = None;
         let result = self.with_room(|core| match self.serve(core, bio, ServeContext::Worker)? {
             Served::Done(r) => Some(r),
@@ -194,13 +197,12 @@ impl LiveCache {
     /// Runs `attempt` until it completes, waiting for room while the cache is full; fails
     /// with `EIO` only when writeback has made no progress for [`request::STALL_MS`].
     pub(crate) fn with_room(&self, attempt: impl FnMut(&mut Core) -> Option<Result>) -> Result {
-        request::with_room(self, self, attempt).unwrap_or_else(|request::Stalled| {
-            pr_err!(
-                "pcache_rs: cache full and writeback made no progress for {} s (backing device failing?); failing the request\n",
-                request::STALL_MS / 1000
-            );
-            Err(EIO)
-        })
+        request::with_room(self, self, attempt).unwrap_or_else(stalled)
+    }
+
+    /// [`LiveCache::with_room`] for an attempt that takes the engine lock itself.
+    fn until_room(&self, attempt: impl FnMut() -> Option<Result>) -> Result {
+        request::until_room(self, attempt).unwrap_or_else(stalled)
     }
 
     /// Serves `bio` in `map` if that needs neither waiting for the backing device nor waiting
@@ -208,7 +210,19 @@ impl LiveCache {
     /// gaps): no context switch to the worker, as upstream and dm-writecache do. `None` hands
     /// it to the worker.
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
-        if self.caches_writes && bio.op() == BioOp::Write && !bio.is_preflush() {
+        if self.caches_writes && bio.op() == BioOp::Write {
+            if bio.is_preflush() {
+                let mut core = self.core.lock();
+                match outcome(core.engine.flush()) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => return Some(Served::Done(Err(e))),
+                    None => {
+                        // The worker persists and writes it; it is counted here, in `map`.
+                        self.count_write(&core.engine, self.offset_of(bio), bio.size() as usize);
+                        return None;
+                    }
+                }
+            }
             return self.write_unlocked(bio).map(Served::Done);
         }
         if !self.caches_writes {
@@ -236,45 +250,16 @@ impl LiveCache {
         self.serve(&mut core, bio, ServeContext::Map)
     }
 
-    /// A write served in `map` with its copy outside the engine lock, so that writes on two
-    /// CPUs copy at once: the room for each chunk is reserved under the lock, filled from the
-    /// bio's pages on this CPU and fenced here (`pmem_wmb` orders only this CPU's stores), then
-    /// committed under the lock. `None`: the cache is full; the worker writes the bio again,
-    /// whole.
+    /// A write served in `map` with its copy outside the engine lock (see
+    /// [`LiveCache::write_chunks`]). `None`: the cache is full; the worker writes the rest
+    /// ([`LiveCache::write_on_worker`]).
     fn write_unlocked(&self, bio: &HeldBio) -> Option<Result> {
-        let off = (bio.sector().saturating_sub(self.begin)) << 9;
-        let len = bio.size() as usize;
-        let fua = bio.is_fua();
-        let mut done = 0usize;
-        // The commits tell whether the write replaced cached data (a hit); the part not
-        // committed here is looked up before the worker writes it.
-        let mut hit = false;
-        let result = loop {
-            if done == len {
-                break Some(Ok(()));
-            }
-            let reserved =
-                self.core
-                    .lock()
-                    .engine
-                    .write_reserve(off + done as u64, len - done, 0, 0);
-            let r = match reserved {
-                Ok(r) => r,
-                Err(e) => break outcome(Err(e)),
-            };
-            let mut pmem = self.pmem();
-            let Ok(crc) = copy_in(&mut pmem, &r, bio, done) else {
-                self.core.lock().engine.write_cancel(&r);
-                break Some(Err(EIO));
-            };
-            pmem.fence();
-            match self.core.lock().engine.write_commit(&r, crc, fua) {
-                Ok(replaced) => hit |= replaced,
-                Err(e) => break outcome(Err(e)),
-            }
-            done += r.len as usize;
-        };
+        let (mut done, mut hit) = (0usize, false);
+        let result = self.write_chunks(bio, &mut done, &mut hit);
         if !hit && result.is_none() {
+            // The commits tell whether the write replaced cached data (a hit); the part not
+            // committed here is looked up before the worker writes it.
+            let (off, len) = (self.offset_of(bio), bio.size() as usize);
             hit = (self.core.lock().engine).holds_any(off + done as u64, (len - done) as u64);
         }
         self.count(if hit {
@@ -283,6 +268,59 @@ impl LiveCache {
             Count::WriteMiss
         });
         result
+    }
+
+    /// A write `map` found no room for (or one with a preflush, persisted first): copied as in
+    /// `map`, without the engine lock, waiting for room whenever a chunk finds none and going
+    /// on from there. Before, the worker copied such writes under the lock.
+    fn write_on_worker(&self, bio: &mut HeldBio) -> Result {
+        if bio.is_preflush() {
+            self.with_room(|core| outcome(core.engine.flush()))?;
+        }
+        let (mut done, mut hit) = (0usize, false);
+        self.until_room(|| self.write_chunks(bio, &mut done, &mut hit))
+    }
+
+    /// Copies `bio` into the cache from byte `*done` on, so that writes on two CPUs copy at
+    /// once: the room for each chunk is reserved under the lock, filled from the bio's pages on
+    /// this CPU and fenced here (`pmem_wmb` orders only this CPU's stores), then committed
+    /// under the lock. `*done` counts the bytes committed and `*hit` whether a commit replaced
+    /// cached data. `None`: the cache is full (what is committed stays).
+    fn write_chunks(&self, bio: &HeldBio, done: &mut usize, hit: &mut bool) -> Option<Result> {
+        let off = self.offset_of(bio);
+        let len = bio.size() as usize;
+        let fua = bio.is_fua();
+        loop {
+            if *done >= len {
+                return Some(Ok(()));
+            }
+            let at = *done;
+            let reserved = self
+                .core
+                .lock()
+                .engine
+                .write_reserve(off + at as u64, len - at, 0, 0);
+            let r = match reserved {
+                Ok(r) => r,
+                Err(e) => return outcome(Err(e)),
+            };
+            let mut pmem = self.pmem();
+            let Ok(crc) = copy_in(&mut pmem, &r, bio, at) else {
+                self.core.lock().engine.write_cancel(&r);
+                return Some(Err(EIO));
+            };
+            pmem.fence();
+            match self.core.lock().engine.write_commit(&r, crc, fua) {
+                Ok(replaced) => *hit |= replaced,
+                Err(e) => return outcome(Err(e)),
+            }
+            *done += r.len as usize;
+        }
+    }
+
+    /// The byte offset of `bio` on the backing device.
+    fn offset_of(&self, bio: &HeldBio) -> u64 {
+        (bio.sector().saturating_sub(self.begin)) << 9
     }
 
     /// A write in the modes that write through, sent to the backing device without the
@@ -496,7 +534,14 @@ impl LiveCache {
             }
             _ => {}
         }
-        self.serve_data(core, bio, off)
+        // A flush is done (above). Reads are served by `read_unlocked`, writes by
+        // `write_chunks` (from `map` or the worker) or as writes through, all without the
+        // engine lock; nothing else gets here.
+        Some(Served::Done(if op == BioOp::Flush {
+            Ok(())
+        } else {
+            Err(EOPNOTSUPP)
+        }))
     }
 
     /// Counts a write bio as a hit or a miss.
@@ -517,22 +562,6 @@ impl LiveCache {
         outcome(core.engine.write_from(off, &Zeros(len), fua, 0))
     }
 
-    /// Writes and flushes with data, copied once from the bio's pages to pmem. (In the modes
-    /// that write through, writes go to the backing device without the engine lock:
-    /// [`LiveCache::write_through`].)
-    fn serve_data(&self, core: &mut Core, bio: &mut HeldBio, off: u64) -> Option<Served> {
-        let fua = bio.is_fua();
-        let done = match bio.op() {
-            BioOp::Flush => Some(Ok(())),
-            BioOp::Write => outcome(core.engine.write_from(off, &*bio, fua, 0)),
-            // Reads are served by `read_unlocked`, from `map` or the worker.
-            BioOp::Read | BioOp::Discard | BioOp::WriteZeroes | BioOp::Other => {
-                Some(Err(EOPNOTSUPP))
-            }
-        };
-        done.map(Served::Done)
-    }
-
     /// Persists everything acknowledged, so a later instance (reload) or a power cut finds it.
     pub(crate) fn quiesce(&self) {
         self.quiesced.store(true, Ordering::Release);
@@ -549,6 +578,15 @@ fn outcome(r: Result<(), CacheError>) -> Option<Result> {
         Err(CacheError::Busy(_)) => None,
         Err(e) => Some(Err(failed(&e))),
     }
+}
+
+/// A request waited for room and writeback made no progress for [`request::STALL_MS`].
+fn stalled(_: request::Stalled) -> Result {
+    pr_err!(
+        "pcache_rs: cache full and writeback made no progress for {} s (backing device failing?); failing the request\n",
+        request::STALL_MS / 1000
+    );
+    Err(EIO)
 }
 
 fn failed(e: &CacheError) -> Error {

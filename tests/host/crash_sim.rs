@@ -8,7 +8,7 @@
 
 use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
-use pcache_engine::cache_core::request::{with_room, Stalled};
+use pcache_engine::cache_core::request::{until_room, with_room, Stalled};
 use pcache_engine::cache_core::{Backing, Locked, Pmem};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
@@ -421,7 +421,6 @@ fn settle_write(
     Ok(())
 }
 
-/// Settles every pending write's reservation (see [`settle_write`]).
 /// Ends the fills copied and not yet committed, before anything waits for
 /// room: their reservations hold segments GC cannot take (in the module they
 /// end on their own).
@@ -431,6 +430,7 @@ fn settle_fills(engine: &SimLock<Sim<'_>>, filling: &mut Vec<Fill>) {
     }
 }
 
+/// Settles every pending write's reservation (see [`settle_write`]).
 fn settle_writes(
     engine: &SimLock<Sim<'_>>,
     pmem: &mut SimPmem,
@@ -442,10 +442,11 @@ fn settle_writes(
     Ok(())
 }
 
-/// Finishes a pending write as `map` does, chunk by chunk; a chunk that finds
-/// the cache full hands the rest to `with_room` (the module's worker serves
-/// the bio again). The other pending writes must hold no reservation (see
-/// [`settle_write`]). Returns the write's id once acked.
+/// Finishes a pending write as `map` does, chunk by chunk; once a chunk finds
+/// the cache full, the rest is written as the module's worker writes it
+/// (`until_room`: chunk by chunk, waiting for room, from where it stopped). The
+/// other pending writes must hold no reservation (see [`settle_write`]).
+/// Returns the write's id once acked.
 fn finish_write(
     engine: &SimLock<Sim<'_>>,
     host: &SimHost<'_, pcache_engine::cache_core::Borrowed<'_>>,
@@ -466,17 +467,35 @@ fn finish_write(
             Err(_) => break,
         }
     }
-    if w.done < w.data.len() {
-        let rest = &w.data[w.done..];
-        match with_room(engine, host, |c: &mut Sim<'_>| {
-            busy_is_none(c.write(off + w.done as u64, rest, w.fua, w.cpu))
-        }) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(format!("write failed: {e}")),
-            Err(Stalled) => return Err("write stalled waiting for room".into()),
+    // The rest as the module's worker writes it: chunk by chunk, each copied
+    // without the lock, waiting for room whenever a chunk finds none and going
+    // on from there.
+    let rest = until_room(host, || loop {
+        if w.done == w.data.len() {
+            return Some(Ok(()));
         }
+        let left = w.data.len() - w.done;
+        let r = match engine.with(|c| c.write_reserve(off + w.done as u64, left, 0, w.cpu)) {
+            Ok(r) => r,
+            Err(CacheError::Busy(_)) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let Ok(crc) = copy_in(pmem, &r, &w.data[..], w.done) else {
+            engine.with(|c| c.write_cancel(&r));
+            return Some(Err(CacheError::Invalid("copy_in failed")));
+        };
+        pmem.fence();
+        match engine.with(|c| c.write_commit(&r, crc, w.fua)) {
+            Ok(_) => w.done += r.len as usize,
+            Err(CacheError::Busy(_)) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+    });
+    match rest {
+        Ok(Ok(())) => Ok(w.id),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(Stalled) => Err("write stalled waiting for room".into()),
     }
-    Ok(w.id)
 }
 
 /// Sorted runs of touched sectors, so verification reads are large.

@@ -152,6 +152,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         Fill::new(*gap)
     }
 
+    /// The three steps of a fill in one go, all under the lock (callers that
+    /// copy under it: the simulator's and the engine's own paths).
+    pub fn fill_now<S: Source + ?Sized>(&mut self, gap: &Gap, src: &S, cpu: usize) {
+        let mut fill = self.fill_start(gap, cpu);
+        if fill.is_open() {
+            fill_copy(&mut self.pmem, &mut fill, src);
+            self.fill_end(fill);
+        }
+    }
+
     /// Ends `fill` (see [`Cache::fill_start`]): commits each part, as clean
     /// keys, that is still wanted, and gives back the room of the others; the
     /// read's placeholder is given up, or the write is no longer in flight.

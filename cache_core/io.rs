@@ -783,11 +783,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// and gives up the placeholder. All under the lock: the module copies
     /// without it ([`Cache::fill_start`]).
     pub fn read_fill<S: Source + ?Sized>(&mut self, gap: &Gap, src: &S, cpu: usize) {
-        let mut fill = self.fill_start(gap, cpu);
-        if fill.is_open() {
-            super::fill::fill_copy(&mut self.pmem, &mut fill, src);
-            self.fill_end(fill);
-        }
+        self.fill_now(gap, src, cpu);
     }
 
     /// The backing device failed to read `gap`: counts the error and gives the

@@ -26,7 +26,6 @@
 use super::data::Source;
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
-use super::fill::fill_copy;
 use super::io::Gap;
 use super::{Cache, Memory};
 
@@ -173,11 +172,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// it ([`Cache::fill_start`]).
     pub fn through_done<S: Source + ?Sized>(&mut self, gap: &Gap, data: Option<&S>, cpu: usize) {
         match data {
-            Some(data) => {
-                let mut fill = self.fill_start(gap, cpu);
-                fill_copy(&mut self.pmem, &mut fill, data);
-                self.fill_end(fill);
-            }
+            Some(data) => self.fill_now(gap, data, cpu),
             None => self.through_failed(gap),
         }
     }

@@ -12,13 +12,17 @@
 
 use super::env::{Backing, Locked, Pmem, Waiting};
 use super::error::CacheError;
-use super::writeback::{writeback_extents, Step, WbBatch, WbExtent, WbPlan};
+use super::writeback::{writeback_extents, Step, WbBatch, WbExtent, WbPlan, WB_KSETS_MAX};
 use super::{Cache, Memory};
 use core::ops::DerefMut;
 
-/// Most writeback steps, and most GC steps, in one round, so that a round ends
-/// and a caller that stops the work (suspend) does not wait long.
+/// Most writeback steps in one round, so that a round ends and a caller that
+/// stops the work (suspend) does not wait long.
 pub const STEPS_PER_ROUND: u32 = 16;
+
+/// Most GC steps in one round: a GC step collects one kset and a writeback step
+/// writes back up to [`WB_KSETS_MAX`], so GC keeps up with a round's writeback.
+pub const GC_STEPS_PER_ROUND: u32 = STEPS_PER_ROUND * WB_KSETS_MAX as u32;
 
 /// How long an open kset waits for more keys before a round persists it
 /// (upstream: 1 s). Rounds come back to back while writeback has work, and
@@ -58,7 +62,9 @@ where
     E: DerefMut<Target = [WbExtent]>,
     U: DerefMut<Target = [u8]>,
 {
-    /// `extents` holds at least `KSET_KEYS_MAX`; `bounce` at least 4 KiB (extents
+    /// `extents` holds at least `KSET_KEYS_MAX` (up to
+    /// [`super::writeback::WB_EXTENTS_MAX`]: more ksets a step); `bounce` at
+    /// least 4 KiB (extents
     /// that fit in it together go out as one batch).
     pub fn new(pmem: P, backing: B, extents: E, bounce: U) -> Self {
         Background {
@@ -91,7 +97,7 @@ where
     /// Copies a planned batch to the backing device and flushes it (engine not
     /// locked: the batch pins the data it reads).
     pub fn copy(&mut self, batch: &WbBatch) -> Result<(), super::writeback::WbError> {
-        let planned = self.extents.get(..batch.n).unwrap_or_default();
+        let planned = self.extents.get_mut(..batch.n).unwrap_or_default();
         writeback_extents(&self.pmem, &mut self.backing, &mut self.bounce, planned)
     }
 
@@ -118,9 +124,9 @@ where
     /// One round of background work: persist open ksets if [`KSET_IDLE_MS`]
     /// passed since the last time, or at once when `urgent` (a request waits
     /// for room, and the dirty keys of the open ksets cannot be written back
-    /// before they are persisted), write back and collect up to
-    /// [`STEPS_PER_ROUND`] ksets each, and wake the requests waiting for room if
-    /// anything moved.
+    /// before they are persisted), run up to [`STEPS_PER_ROUND`] writeback
+    /// steps and collect up to [`GC_STEPS_PER_ROUND`] ksets, and wake the
+    /// requests waiting for room if anything moved.
     pub fn run<CP, CB, M, L, W>(&mut self, engine: &L, waiting: &W, urgent: bool) -> Round
     where
         CP: Pmem,
@@ -159,8 +165,8 @@ where
                 }
             }
         }
-        for i in 0..=STEPS_PER_ROUND {
-            if i == STEPS_PER_ROUND {
+        for i in 0..=GC_STEPS_PER_ROUND {
+            if i == GC_STEPS_PER_ROUND {
                 round.more = true;
                 break;
             }

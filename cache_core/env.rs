@@ -75,9 +75,9 @@ pub trait Backing {
     }
 }
 
-/// Most writes in one [`Backing::write_batch`]: a kset's worth of keys, so that
-/// a kset of small keys goes out in one round trip.
-pub const WRITE_BATCH_MAX: usize = crate::meta::kset::KSET_KEYS_MAX;
+/// Most writes in one [`Backing::write_batch`]: a writeback step's worth of
+/// keys, so that a step of small keys goes out in one round trip.
+pub const WRITE_BATCH_MAX: usize = super::writeback::WB_EXTENTS_MAX;
 
 /// Calls `f(off, data)` for each extent of a [`Backing::write_batch`], in
 /// order; an error if `data` is shorter than the extents.

@@ -199,6 +199,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// is flushed too.
     pub fn flush(&mut self) -> Result<(), CacheError> {
         self.flush_idle()?;
+        // Writeback may not put a kset from before this FLUSH and one from
+        // after it in one batch.
+        self.barriers.record(self.log_seq_head);
         if self.mode().writes_through() && self.backing.flush().is_err() {
             self.stats.backing_errors += 1;
             return Err(CacheError::Io("backing device flush failed"));

@@ -15,6 +15,7 @@
 //! never allocates. `core` only, no `unsafe`, no panicking paths on media input.
 
 pub mod background;
+pub mod barriers;
 pub mod data;
 pub mod env;
 pub mod error;
@@ -132,6 +133,12 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     /// finds from 0; GC consumes them in the same order.
     pub(crate) log_seq_tail: u64,
     pub(crate) log_seq_head: u64,
+    /// Ordinal of the key-carrying kset at (or, past a LAST kset, after) the
+    /// dirty tail.
+    pub(crate) dirty_seq: u64,
+    /// The application's FLUSHes ahead of the dirty tail: writeback batches
+    /// ksets between them.
+    pub(crate) barriers: barriers::Barriers,
     /// One past the ordinal of the newest logged kset holding a key without a
     /// CRC (0: none). The on-media `DATA_CRC` flag may only be set once the key
     /// tail has passed it.

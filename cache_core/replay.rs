@@ -69,13 +69,15 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let mut dirty_tail_seen = false;
         let cold = self.mode().writes_through();
         loop {
-            if cur.pos == self.dirty_tail.pos {
+            if cur.pos == self.dirty_tail.pos && !dirty_tail_seen {
                 dirty_tail_seen = true;
+                self.dirty_seq = self.log_seq_head;
             }
             // A LAST kset leads to the next segment of the log, which is in use.
             let entry = self.log_next(&mut cur, |c, pos| {
-                if pos == c.dirty_tail.pos {
+                if pos == c.dirty_tail.pos && !dirty_tail_seen {
                     dirty_tail_seen = true;
+                    c.dirty_seq = c.log_seq_head;
                 }
                 c.set_used(pos.seg, true);
             })?;

@@ -1,6 +1,7 @@
 //! Attaching a cache device: format a blank one or load and validate an existing
 //! one, then replay (upstream `cache_dev_start` + `pcache_cache_start`).
 
+use super::barriers::Barriers;
 use super::env::{persist, Backing, Pmem};
 use super::error::CacheError;
 use super::index::Index;
@@ -154,6 +155,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             data_crc: opts.data_crc,
             log_seq_tail: 0,
             log_seq_head: 0,
+            dirty_seq: 0,
+            barriers: Default::default(),
             nocrc_until: 0,
             crc_flag_pending: false,
             last_tag: 0,
@@ -166,6 +169,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cache.segs_init(new_cache, sb.seg_num)?;
         cache.tail_init(new_cache)?;
         cache.replay()?;
+        cache.barriers = Barriers::attached(cache.log_seq_head);
         // The table's data_crc applies from now on; the media flag follows it as
         // far as the keys already in the log allow (see `set_data_crc`), but only
         // from the first write (or GC step) on: a constructor that never serves

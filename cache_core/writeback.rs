@@ -1,15 +1,16 @@
 //! Writing dirty keys back to the backing device in log order (upstream
 //! `cache_writeback.c`).
 //!
-//! One step handles the kset at the dirty tail: its dirty keys are written to the
-//! backing device in log order (a later key of the kset overwrites an earlier
-//! one), the backing device is flushed, and only then is the dirty tail advanced
-//! and persisted. So the backing device always holds a prefix of the log plus at
-//! most part of the kset being written back, and writes the application
-//! separated by a FLUSH (different ksets) reach it in order.
+//! One step handles the ksets from the dirty tail up to the next FLUSH barrier
+//! (see [`super::barriers`]), at most [`WB_KSETS_MAX`] of them: their dirty keys
+//! are written to the backing device, a later key's write never overtaken by an
+//! earlier one it overlaps, the backing device is flushed once, and only then is
+//! the dirty tail advanced past them and persisted. So the backing device always
+//! holds a prefix of the log plus part of the ksets being written back, and the
+//! writes the application separated by a FLUSH reach it in order.
 //!
 //! A step is three parts so that a caller can run the slow middle one without
-//! the engine's lock: [`Cache::writeback_plan`] resolves the kset's dirty keys
+//! the engine's lock: [`Cache::writeback_plan`] resolves the ksets' dirty keys
 //! into extents, [`writeback_extents`] copies them and flushes the backing
 //! device, [`Cache::writeback_commit`] moves the dirty tail.
 
@@ -19,7 +20,15 @@ use super::key::Pos;
 use super::{Cache, Memory};
 use crate::meta::cache_info::CtrlPos;
 use crate::meta::crc32c::PCACHE_CRC_SEED;
-use crate::meta::kset::KsetRead;
+use crate::meta::kset::{KsetRead, KSET_KEYS_MAX};
+
+/// Most ksets one writeback step takes: their extents go out together and the
+/// backing device is flushed once for all of them.
+pub const WB_KSETS_MAX: usize = 8;
+
+/// Room for the extents of a full step (the size of the writeback extent
+/// buffers; smaller ones, down to one kset's worth, take fewer ksets a step).
+pub const WB_EXTENTS_MAX: usize = WB_KSETS_MAX * KSET_KEYS_MAX;
 
 /// What one writeback or GC step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +39,7 @@ pub enum Step {
     Progress,
 }
 
-/// One dirty extent of the kset being written back, resolved under the engine's
+/// One dirty extent of the ksets being written back, resolved under the engine's
 /// lock so that the copy can run without it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WbExtent {
@@ -41,25 +50,46 @@ pub struct WbExtent {
     pub len: u32,
     /// The key's data CRC, checked before anything is written back.
     pub crc: Option<u32>,
+    /// Its place in log order within the step (a later key overwrites an
+    /// earlier one it overlaps).
+    pub order: u32,
 }
 
-/// The kset at the dirty tail, planned for writeback: its first `n` extents in
-/// the buffer [`Cache::writeback_plan`] filled.
+impl WbExtent {
+    fn end(&self) -> u64 {
+        self.off + u64::from(self.len)
+    }
+
+    fn overlaps(&self, o: &WbExtent) -> bool {
+        self.off < o.end() && o.off < self.end()
+    }
+
+    fn covers(&self, o: &WbExtent) -> bool {
+        self.off <= o.off && o.end() <= self.end()
+    }
+}
+
+/// The ksets from the dirty tail on, planned for writeback: `n` extents in the
+/// buffer [`Cache::writeback_plan`] filled.
 ///
 /// A batch is the one right to move the dirty tail, and it is not `Clone`: while
 /// it is out, [`Cache::writeback_plan`] plans nothing else, so no second writer
-/// can commit the same kset, and the dirty tail (which GC never passes) stays on
-/// it. The kset's data segments are therefore pinned until the batch is handed
-/// back to [`Cache::writeback_commit`] or [`Cache::writeback_failed`], and the
-/// copy in between, which runs without the engine's lock, reads only the data
-/// the plan resolved.
+/// can commit the same ksets, and the dirty tail (which GC never passes) stays
+/// on the first. Their data segments are therefore pinned until the batch is
+/// handed back to [`Cache::writeback_commit`] or [`Cache::writeback_failed`],
+/// and the copy in between, which runs without the engine's lock, reads only
+/// the data the plan resolved.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a planned batch pins the dirty tail until it is committed or failed"]
 pub struct WbBatch {
     tail: Pos,
-    size: u32,
+    /// Where the dirty tail goes on commit: past the last kset of the batch, in
+    /// the same key-log segment.
+    end: Pos,
+    /// Ksets in the batch.
+    ksets: u32,
     pub n: usize,
-    /// Bytes of the kset's dirty keys (see [`super::Status::dirty_bytes`]).
+    /// Bytes of the ksets' dirty keys (see [`super::Status::dirty_bytes`]).
     dirty: u64,
     /// Bytes of the planned extents.
     bytes: u64,
@@ -97,20 +127,32 @@ impl From<WbError> for CacheError {
 /// Copies planned extents from the cache to the backing device and flushes it.
 /// Needs no engine state, so the target runs it without the engine's lock: the
 /// data stays put, because only GC frees segments and it never passes the dirty
-/// tail. Extents go out in batches ([`Backing::write_batch`]) of ones that fit in
-/// `bounce` together and overlap no other of the batch; a later extent that
-/// overlaps an earlier one starts a new batch, so log order holds where it
-/// matters (a later key overwrites an earlier one). Every extent's CRC is checked
-/// before its batch is written. `bounce` is at least 4 KiB.
+/// tail. `bounce` is at least 4 KiB.
+///
+/// An extent that a later one of the step covers whole is not written: the
+/// step's ksets lie between two FLUSH barriers, so the backing device may end up
+/// with any of their writes before the flush, and after it holds the later one
+/// either way. What is left goes out in batches ([`Backing::write_batch`]) of
+/// extents that fit in `bounce` together, in offset order when none of them
+/// overlap (the block layer merges neighbours), and otherwise in log order with
+/// a new batch at each extent that overlaps an earlier one of its batch, so that
+/// a later key is never overtaken by an earlier one it overwrites. Every
+/// extent's CRC is checked before its batch is written. The extents are
+/// reordered in place.
 pub fn writeback_extents<P: Pmem, B: Backing>(
     pmem: &P,
     backing: &mut B,
     bounce: &mut [u8],
-    extents: &[WbExtent],
+    extents: &mut [WbExtent],
 ) -> Result<(), WbError> {
-    let mut rest = extents;
+    let (n, overlap) = drop_overwritten(extents);
+    let extents = extents.get_mut(..n).unwrap_or_default();
+    if overlap {
+        extents.sort_unstable_by_key(|e| e.order);
+    }
+    let mut rest: &[WbExtent] = extents;
     while let Some(first) = rest.first() {
-        let n = batch_len(rest, bounce.len());
+        let n = batch_len(rest, bounce.len(), overlap);
         if n == 0 {
             // Larger than the bounce buffer: on its own, in pieces.
             writeback_large(pmem, backing, bounce, first)?;
@@ -139,15 +181,57 @@ pub fn writeback_extents<P: Pmem, B: Backing>(
     backing.flush().map_err(|_| WbError::Backing)
 }
 
+/// Sorts `ext` by offset and drops (moves past the returned count) every
+/// extent that a later one in log order covers whole. Returns how many are
+/// left, and whether any two of those still overlap.
+fn drop_overwritten(ext: &mut [WbExtent]) -> (usize, bool) {
+    ext.sort_unstable_by_key(|e| (e.off, e.order));
+    let mut overlap = false;
+    let mut kept = 0usize;
+    for i in 0..ext.len() {
+        let Some(&e) = ext.get(i) else { break };
+        if e.len == 0 {
+            // A later extent that covers it was seen first.
+            continue;
+        }
+        let mut dropped = false;
+        // Sorted by offset: the extents overlapping `e` from above follow it.
+        for j in i + 1..ext.len() {
+            let Some(&o) = ext.get(j) else { break };
+            if o.off >= e.end() {
+                break;
+            }
+            if o.len == 0 || !e.overlaps(&o) {
+                continue;
+            }
+            if o.order > e.order && o.covers(&e) {
+                dropped = true;
+                break;
+            } else if e.order > o.order && e.covers(&o) {
+                if let Some(x) = ext.get_mut(j) {
+                    x.len = 0;
+                }
+            } else {
+                overlap = true;
+            }
+        }
+        if dropped {
+            continue;
+        }
+        ext.swap(kept, i);
+        kept += 1;
+    }
+    (kept, overlap)
+}
+
 /// How many leading extents of `ext` form one batch (0 if the first alone does
-/// not fit in `room` bytes).
-fn batch_len(ext: &[WbExtent], room: usize) -> usize {
+/// not fit in `room` bytes). With `overlap`, a batch ends before an extent that
+/// overlaps an earlier one of it.
+fn batch_len(ext: &[WbExtent], room: usize, overlap: bool) -> usize {
     let mut used = 0usize;
     for (i, e) in ext.iter().enumerate().take(WRITE_BATCH_MAX) {
-        let overlaps =
-            |p: &WbExtent| p.off < e.off + u64::from(e.len) && e.off < p.off + u64::from(p.len);
         used += e.len as usize;
-        if used > room || ext.iter().take(i).any(overlaps) {
+        if used > room || (overlap && ext.iter().take(i).any(|p| p.overlaps(e))) {
             return i;
         }
     }
@@ -202,17 +286,17 @@ fn for_chunks(
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
-    /// Write back the kset at the dirty tail (`cache_writeback_fn`) in one go:
+    /// Write back the ksets at the dirty tail (`cache_writeback_fn`) in one go:
     /// [`Self::writeback_plan`], [`writeback_extents`] and
     /// [`Self::writeback_commit`] with the engine's own buffers, for callers
     /// that hold the engine throughout (tests, the offline tool). An error is
     /// counted and leaves the dirty tail where it was, so the next step retries
-    /// the same kset (its writes are idempotent): a backing device that recovers
-    /// gets every dirty byte. Data that failed its CRC fails again each time and
-    /// is never written back. While a batch planned by someone else is out,
-    /// there is nothing to do (`Idle`).
+    /// the same ksets (their writes are idempotent): a backing device that
+    /// recovers gets every dirty byte. Data that failed its CRC fails again each
+    /// time and is never written back. While a batch planned by someone else is
+    /// out, there is nothing to do (`Idle`).
     pub fn writeback_step(&mut self) -> Result<Step, CacheError> {
-        let batch = match self.plan_pinned()? {
+        let batch = match self.plan_pinned(usize::MAX)? {
             WbPlan::Idle => return Ok(Step::Idle),
             WbPlan::Moved => return Ok(Step::Progress),
             WbPlan::Batch(b) => b,
@@ -224,7 +308,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             wb_extents,
             ..
         } = self;
-        let planned = wb_extents.get(..batch.n).unwrap_or_default();
+        let planned = wb_extents.get_mut(..batch.n).unwrap_or_default();
         if let Err(e) = writeback_extents(pmem, backing, bounce, planned) {
             return Err(self.writeback_failed(batch, e));
         }
@@ -233,11 +317,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Looks at the kset at the dirty tail: an end-of-segment marker moves the
-    /// tail on at once; a kset of keys has its dirty, live keys resolved into
-    /// `out` (at least `KSET_KEYS_MAX` long) for [`writeback_extents`], and the
-    /// returned [`WbBatch`] pins the dirty tail until it is committed or failed.
+    /// tail on at once; ksets of keys have their dirty, live keys resolved into
+    /// `out` (at least `KSET_KEYS_MAX` long; each further `KSET_KEYS_MAX` lets a
+    /// step take one more kset) for [`writeback_extents`], and the returned
+    /// [`WbBatch`] pins the dirty tail until it is committed or failed.
     pub fn writeback_plan(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
-        let plan = self.plan_pinned()?;
+        let plan = self.plan_pinned(out.len())?;
         if let WbPlan::Batch(b) = &plan {
             let copied = match (self.wb_extents.get(..b.n), out.get_mut(..b.n)) {
                 (Some(planned), Some(o)) => {
@@ -257,12 +342,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         Ok(plan)
     }
 
-    /// Plans into `self.wb_extents` and pins the dirty tail for a batch.
-    fn plan_pinned(&mut self) -> Result<WbPlan, CacheError> {
+    /// Plans into `self.wb_extents`, at most `room` extents, and pins the dirty
+    /// tail for a batch.
+    fn plan_pinned(&mut self, room: usize) -> Result<WbPlan, CacheError> {
         if self.wb_pinned.is_some() {
             return Ok(WbPlan::Idle);
         }
-        let r = self.plan_one();
+        let r = self.plan_ksets(room.min(self.wb_extents.len()));
         match &r {
             Ok(WbPlan::Batch(b)) => self.wb_pinned = Some(b.tail),
             Ok(_) => {}
@@ -271,66 +357,98 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         r
     }
 
-    fn plan_one(&mut self) -> Result<WbPlan, CacheError> {
+    /// Plans the kset at the dirty tail and the ones after it that may join it
+    /// (see [`super::barriers`]): up to [`WB_KSETS_MAX`], while `room` holds
+    /// another kset's keys, within one key-log segment, short of the key head.
+    fn plan_ksets(&mut self, room: usize) -> Result<WbPlan, CacheError> {
         let tail = self.dirty_tail.pos;
         if tail == self.key_head {
             return Ok(WbPlan::Idle);
         }
-        match self.read_kset(tail)? {
-            KsetRead::End => Ok(WbPlan::Idle),
+        let (mut key_num, mut size) = match self.read_kset(tail)? {
+            KsetRead::End => return Ok(WbPlan::Idle),
             KsetRead::Last { next_cache_seg_id } => {
                 self.dirty_tail.pos = Pos {
                     seg: self.next_log_seg(next_cache_seg_id)?,
                     off: 0,
                 };
                 self.encode_tail(CtrlPos::DirtyTail);
-                Ok(WbPlan::Moved)
+                return Ok(WbPlan::Moved);
             }
-            KsetRead::Keys { key_num, size } => {
-                let mut n = 0;
-                let mut dirty = 0u64;
-                let mut bytes = 0u64;
-                for i in 0..key_num as usize {
-                    let key = self.scratch_key(i)?;
-                    if !key.dirty() {
-                        continue;
-                    }
-                    // Counted as `key_append` and replay counted it, stale or not.
-                    dirty += u64::from(key.len);
-                    // Stale: GC reclaimed it (never past the dirty tail). Not held
-                    // at all: discarded. A key that a later write overwrote is
-                    // still copied (the later key covers the range), so the backing
-                    // device only ever holds a prefix of the write history.
-                    if self.key_stale(&key) || !self.holds_any(key.off, u64::from(key.len)) {
-                        continue;
-                    }
-                    let e = WbExtent {
-                        off: key.off,
-                        addr: self.pos_addr(key.pos),
-                        len: key.len,
-                        crc: key.has_crc().then_some(key.crc),
-                    };
-                    let slot = self
-                        .wb_extents
-                        .get_mut(n)
-                        .ok_or(CacheError::NoMem("writeback extents"))?;
-                    *slot = e;
-                    n += 1;
-                    bytes += u64::from(key.len);
-                }
-                Ok(WbPlan::Batch(WbBatch {
-                    tail,
-                    size,
-                    n,
-                    dirty,
-                    bytes,
-                }))
+            KsetRead::Keys { key_num, size } => (key_num, size),
+        };
+        let mut batch = WbBatch {
+            tail,
+            end: tail,
+            ksets: 0,
+            n: 0,
+            dirty: 0,
+            bytes: 0,
+        };
+        loop {
+            self.plan_kset(key_num, &mut batch)?;
+            batch.end.off += size;
+            batch.ksets += 1;
+            let next_seq = self.dirty_seq + u64::from(batch.ksets);
+            if batch.ksets as usize >= WB_KSETS_MAX
+                || batch.end == self.key_head
+                || room.saturating_sub(batch.n) < KSET_KEYS_MAX
+                || !self.barriers.joins(next_seq)
+            {
+                break;
+            }
+            // A LAST kset ends the batch (the next step moves the tail past
+            // it), and so does one that does not read back: the next step
+            // plans it alone and reports what is wrong.
+            match self.read_kset(batch.end) {
+                Ok(KsetRead::Keys {
+                    key_num: k,
+                    size: s,
+                }) => (key_num, size) = (k, s),
+                _ => break,
             }
         }
+        Ok(WbPlan::Batch(batch))
+    }
+
+    /// Resolves the dirty, live keys of the kset in the scratch buffer into
+    /// `self.wb_extents` after the batch's.
+    fn plan_kset(&mut self, key_num: u32, batch: &mut WbBatch) -> Result<(), CacheError> {
+        for i in 0..key_num as usize {
+            let key = self.scratch_key(i)?;
+            if !key.dirty() {
+                continue;
+            }
+            // Counted as `key_append` and replay counted it, stale or not.
+            batch.dirty += u64::from(key.len);
+            // Stale: GC reclaimed it (never past the dirty tail). Not held at
+            // all: discarded. A key that a later write overwrote is still
+            // planned: [`writeback_extents`] drops it only if a later key of
+            // the same step covers it, so the backing device only ever holds
+            // a prefix of the write history across FLUSHes.
+            if self.key_stale(&key) || !self.holds_any(key.off, u64::from(key.len)) {
+                continue;
+            }
+            let e = WbExtent {
+                off: key.off,
+                addr: self.pos_addr(key.pos),
+                len: key.len,
+                crc: key.has_crc().then_some(key.crc),
+                order: batch.n as u32,
+            };
+            let slot = self
+                .wb_extents
+                .get_mut(batch.n)
+                .ok_or(CacheError::NoMem("writeback extents"))?;
+            *slot = e;
+            batch.n += 1;
+            batch.bytes += u64::from(key.len);
+        }
+        Ok(())
     }
 
     /// Takes back a batch whose copy failed and counts the error; the dirty
-    /// tail stays, so the kset is planned again.
+    /// tail stays, so the ksets are planned again.
     pub fn writeback_failed(&mut self, batch: WbBatch, e: WbError) -> CacheError {
         debug_assert_eq!(self.wb_pinned, Some(batch.tail));
         self.wb_pinned = None;
@@ -342,7 +460,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// After [`writeback_extents`] succeeded (the backing device flushed),
-    /// advances and persists the dirty tail past the batch's kset.
+    /// advances and persists the dirty tail past the batch's ksets.
     pub fn writeback_commit(&mut self, batch: WbBatch) {
         // The batch pinned the dirty tail: nothing else could have moved it.
         debug_assert_eq!(self.wb_pinned, Some(batch.tail));
@@ -351,9 +469,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if self.dirty_tail.pos != batch.tail {
             return;
         }
-        self.dirty_tail.pos.off += batch.size;
+        self.dirty_tail.pos = batch.end;
         self.encode_tail(CtrlPos::DirtyTail);
-        self.stats.ksets_written_back += 1;
+        self.dirty_seq += u64::from(batch.ksets);
+        self.barriers.passed(self.dirty_seq);
+        self.stats.ksets_written_back += u64::from(batch.ksets);
         self.stats.bytes_written_back += batch.bytes;
         debug_assert!(self.dirty_bytes >= batch.dirty);
         self.dirty_bytes = self.dirty_bytes.saturating_sub(batch.dirty);

@@ -198,7 +198,8 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
     let gaps = KVVec::from_elem(Gap::default(), MAX_READ_GAPS, GFP_KERNEL)
         .map_err(|_| CtrError::new(c"Cannot allocate cache memory", ENOMEM))?;
     // Writeback stages a batch of up to `WRITE_BATCH_MAX` extents that fit here and sends them
-    // all at once: 4 MiB holds a whole kset of 4 KiB keys, and 32 keys of 128 KiB.
+    // all at once: 4 MiB holds a whole step of 4 KiB keys (eight ksets), and 32 keys of
+    // 128 KiB.
     let writer =
         engine::writer(engine.pmem(), backing.clone(), WRITEBACK_BOUNCE).map_err(no_mem)?;
     Ok(Started {

@@ -3,10 +3,7 @@
 //! A device that a target holds open: `dm_get_device` on creation, `dm_put_device` on drop.
 
 use super::bindings;
-use crate::cache_core::{
-    env::{each_batch_write, WRITE_BATCH_MAX},
-    IoError, WbExtent,
-};
+use crate::cache_core::{env::each_batch_write, IoError, WbExtent};
 use core::ptr::NonNull;
 use kernel::prelude::*;
 
@@ -27,6 +24,25 @@ pub(crate) struct TargetDevice {
 unsafe impl Send for TargetDevice {}
 // SAFETY: all methods take `&self` and only read immutable fields of the `dm_dev`.
 unsafe impl Sync for TargetDevice {}
+
+/// Room to describe the writes of one [`TargetDevice::write_batch`] to the C side, reserved
+/// once by the background writer: a writeback step's worth is too large for the stack.
+pub(crate) struct WriteSlots(KVVec<bindings::pcache_rs_write>);
+
+// SAFETY: the slots hold pointers into a batch's data only while `write_batch` runs, which
+// borrows that data and waits for every write; in between they are never read.
+unsafe impl Send for WriteSlots {}
+
+impl WriteSlots {
+    /// Room for `n` writes.
+    pub(crate) fn new(n: usize) -> Result<Self> {
+        let mut v = KVVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            v.push(bindings::pcache_rs_write::default(), GFP_KERNEL)?;
+        }
+        Ok(Self(v))
+    }
+}
 
 impl TargetDevice {
     /// Opens `path` (a device path or `major:minor`) for reading and writing on behalf of `ti`.
@@ -169,13 +185,14 @@ impl TargetDevice {
 
     /// Writes each of `extents` (sector aligned; their data one after another in `data`) at
     /// once and waits for all of them; sleeps. They must not overlap: they may land in any
-    /// order. At most [`WRITE_BATCH_MAX`].
-    pub(crate) fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result {
-        let mut c: [bindings::pcache_rs_write; WRITE_BATCH_MAX] =
-            core::array::from_fn(|_| bindings::pcache_rs_write::default());
-        if extents.len() > WRITE_BATCH_MAX {
-            return Err(EINVAL);
-        }
+    /// order. At most as many as `slots` holds.
+    pub(crate) fn write_batch(
+        &self,
+        data: &[u8],
+        extents: &[WbExtent],
+        slots: &mut WriteSlots,
+    ) -> Result {
+        let c = slots.0.get_mut(..extents.len()).ok_or(EINVAL)?;
         let mut slots = c.iter_mut();
         each_batch_write(data, extents, |off, d| {
             let end = off.checked_add(d.len() as u64).ok_or(IoError)?;

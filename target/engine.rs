@@ -6,12 +6,16 @@
 //! the backing `dm_dev`. [`start`] reserves the memory the engine works in (once, at
 //! construction, so the IO path never allocates) and hands it to the engine, which owns it.
 
-use super::{dax::DaxMapping, device::TargetDevice};
+use super::{
+    dax::DaxMapping,
+    device::{TargetDevice, WriteSlots},
+};
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
     IoError, KsetBuf, Memory, Node, Pmem, SegState, WbExtent,
 };
-use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
+use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
+use crate::meta::layout::Geometry;
 use core::ops::Deref;
 use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{prelude::*, sync::Arc};
@@ -130,9 +134,37 @@ impl Backing for BackingIo {
     fn flush(&mut self) -> Result<(), IoError> {
         self.0.flush().map_err(|_| IoError)
     }
+}
+
+/// The background writer's side of the backing device: [`BackingIo`], and room to send a
+/// writeback step's extents to the device all at once.
+pub(crate) struct WritebackIo {
+    dev: BackingIo,
+    slots: WriteSlots,
+}
+
+impl Backing for WritebackIo {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.dev.read(off, buf)
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        self.dev.write(off, data)
+    }
+
+    fn flush(&mut self) -> Result<(), IoError> {
+        self.dev.flush()
+    }
 
     fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
-        self.0.write_batch(data, extents).map_err(|_| IoError)
+        self.dev
+            .0
+            .write_batch(data, extents, &mut self.slots)
+            .map_err(|_| IoError)
     }
 }
 
@@ -148,7 +180,7 @@ pub(crate) type PcacheEngine = Cache<DaxPmem, BackingIo, KernelMem>;
 
 /// The background writer: its own handles on both devices, its writeback plan and bounce
 /// buffer (see [`cache_core::background`]).
-pub(crate) type Writer = Background<DaxPmem, BackingIo, KVVec<WbExtent>, KVVec<u8>>;
+pub(crate) type Writer = Background<DaxPmem, WritebackIo, KVVec<WbExtent>, KVVec<u8>>;
 
 /// How much memory an engine gets.
 pub(crate) struct Sizing {
@@ -201,7 +233,7 @@ pub(crate) fn start(
         heads: filled(sizing.heads, DataHead::default())?,
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,
         bounce: filled(sizing.bounce, 0u8)?,
-        wb_extents: filled(KSET_KEYS_MAX, WbExtent::default())?,
+        wb_extents: filled(WB_EXTENTS_MAX, WbExtent::default())?,
     };
     Cache::start(pmem, backing, geo, mem, opts).map_err(StartError::Cache)
 }
@@ -218,8 +250,11 @@ pub(crate) fn writer(
             map: pmem.map.clone(),
             pins: pmem.pins.clone(),
         },
-        BackingIo(backing),
-        filled(KSET_KEYS_MAX, WbExtent::default())?,
+        WritebackIo {
+            dev: BackingIo(backing),
+            slots: WriteSlots::new(WRITE_BATCH_MAX).map_err(|_| StartError::NoMem)?,
+        },
+        filled(WB_EXTENTS_MAX, WbExtent::default())?,
         filled(bounce, 0u8)?,
     ))
 }

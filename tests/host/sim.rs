@@ -422,7 +422,7 @@ impl OwnedMem {
             // Small enough that large keys take the piecewise path, large enough
             // that writeback batches several extents.
             bounce: vec![0; 16 << 10],
-            wb_extents: vec![Default::default(); crate::meta::kset::KSET_KEYS_MAX],
+            wb_extents: vec![Default::default(); crate::cache_core::writeback::WB_EXTENTS_MAX],
         }
     }
 
@@ -483,7 +483,7 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
             writer: RefCell::new(crate::cache_core::background::Background::new(
                 SimPmem(world.clone()),
                 SimBacking(world.clone()),
-                vec![Default::default(); crate::meta::kset::KSET_KEYS_MAX],
+                vec![Default::default(); crate::cache_core::writeback::WB_EXTENTS_MAX],
                 vec![0u8; 16 << 10],
             )),
             held: RefCell::new(None),

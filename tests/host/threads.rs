@@ -341,7 +341,7 @@ fn request_and_background_threads_keep_every_write() {
             let mut writer = Background::new(
                 pmem.clone(),
                 backing.clone(),
-                vec![WbExtent::default(); pcache_engine::meta::kset::KSET_KEYS_MAX],
+                vec![WbExtent::default(); pcache_engine::cache_core::writeback::WB_EXTENTS_MAX],
                 vec![0u8; 16 << 10],
             );
             while !stop.load(Ordering::Acquire) {

@@ -2,6 +2,9 @@
 
 use pcache_engine::cache_core::index::{Index, Node};
 use pcache_engine::cache_core::key::{Key, Pos, SegId};
+use pcache_engine::cache_core::writeback::{
+    writeback_extents, Step, WbExtent, WbPlan, WB_EXTENTS_MAX,
+};
 use pcache_engine::cache_core::{Borrowed, Pmem};
 use pcache_engine::meta::crc32c::{crc32c, pcache_crc};
 use pcache_engine::meta::header::{find_latest, seq_after, SlotIndex};
@@ -375,14 +378,19 @@ type SharedWorld = std::rc::Rc<std::cell::RefCell<pcache_engine::sim::World>>;
 
 /// A small simulated device: eight 64 KiB segments of pmem, 8 MiB of backing.
 fn small_world() -> (SharedWorld, pcache_engine::sim::OwnedMem) {
+    sized_world(8, 256)
+}
+
+/// [`small_world`] with `segs` segments and `keys` keys.
+fn sized_world(segs: u64, keys: usize) -> (SharedWorld, pcache_engine::sim::OwnedMem) {
     use pcache_engine::meta::layout::SEGMENTS_OFF;
     use pcache_engine::sim::{BackingModel, OwnedMem, World};
     let backing = 8u64 << 20;
     let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + 8 * SMALL_SEG) as usize],
+        vec![0u8; (SEGMENTS_OFF + segs * SMALL_SEG) as usize],
         BackingModel::new(backing, std::collections::HashMap::new()),
     );
-    (world, OwnedMem::new(8, 256, backing, 1, 1))
+    (world, OwnedMem::new(segs as usize, keys, backing, 1, 1))
 }
 
 const SMALL_SEG: u64 = 64 * 1024;
@@ -949,4 +957,136 @@ fn a_read_with_many_hits_is_started_in_rounds() {
         .read_resume(base, base - 512, &mut buf[..], &mut gaps, &mut hits)
         .is_err());
     c.check_invariants().unwrap();
+}
+
+/// Writes `n` 512-byte keys at sectors `first..first + n`, sector `s` filled
+/// with `s as u8 ^ tag`.
+fn write_sectors(
+    c: &mut pcache_engine::cache_core::Cache<
+        pcache_engine::sim::SimPmem,
+        pcache_engine::sim::SimBacking,
+        pcache_engine::cache_core::Borrowed<'_>,
+    >,
+    first: u64,
+    n: u64,
+    tag: u8,
+) {
+    for s in first..first + n {
+        c.write(s * 512, &[s as u8 ^ tag; 512], false, 0).unwrap();
+    }
+}
+
+/// Writeback takes the ksets between two FLUSHes in one step, with one backing
+/// flush, and never a kset from each side of a FLUSH; the ksets found by replay,
+/// whose FLUSHes nobody recorded, go one a step.
+#[test]
+fn writeback_batches_the_ksets_between_flushes() {
+    use pcache_engine::meta::kset::KSET_KEYS_MAX;
+    let keys = KSET_KEYS_MAX as u64;
+    let room = || sized_world(16, 4 * KSET_KEYS_MAX);
+    let (world, mut mem) = room();
+    let mut c = small_cache(&world, &mut mem);
+    // Two full ksets, a FLUSH, a third kset, a FLUSH.
+    write_sectors(&mut c, 0, 2 * keys, 0x11);
+    c.flush().unwrap();
+    write_sectors(&mut c, 2 * keys, keys, 0x22);
+    c.flush().unwrap();
+    let back = |c: &pcache_engine::cache_core::Cache<_, _, _>| c.status().stats.ksets_written_back;
+    assert_eq!(c.writeback_step().unwrap(), Step::Progress);
+    assert_eq!(back(&c), 2, "the ksets before the first FLUSH, together");
+    assert_eq!(c.writeback_step().unwrap(), Step::Progress);
+    assert_eq!(back(&c), 3, "the kset after it, alone");
+    assert!(c.is_clean());
+    for s in 0..3 * keys {
+        let tag = if s < 2 * keys { 0x11 } else { 0x22 };
+        assert_eq!(world.borrow().backing.read_sector(s), [s as u8 ^ tag; 512]);
+    }
+    // Two more full ksets, not written back before the cache goes away.
+    write_sectors(&mut c, 0, 2 * keys, 0x33);
+    c.flush().unwrap();
+    drop(c);
+    let mut mem2 = room().1;
+    let mut c = small_cache(&world, &mut mem2);
+    assert_eq!(c.writeback_step().unwrap(), Step::Progress);
+    assert_eq!(back(&c), 1, "a replayed kset goes alone");
+    c.writeback_all().unwrap();
+    assert_eq!(back(&c), 2);
+    for s in 0..2 * keys {
+        assert_eq!(world.borrow().backing.read_sector(s), [s as u8 ^ 0x33; 512]);
+    }
+    c.check_invariants().unwrap();
+}
+
+/// A backing device that records the writes it is given.
+struct Writes<B>(B, Vec<(u64, usize)>);
+
+impl<B: pcache_engine::cache_core::Backing> pcache_engine::cache_core::Backing for Writes<B> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), pcache_engine::cache_core::IoError> {
+        self.0.read(off, buf)
+    }
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), pcache_engine::cache_core::IoError> {
+        self.1.push((off, data.len()));
+        self.0.write(off, data)
+    }
+    fn flush(&mut self) -> Result<(), pcache_engine::cache_core::IoError> {
+        self.0.flush()
+    }
+}
+
+/// Within one step, a key that a later key of the step overwrites whole is not
+/// written back at all (the later one lands either way); one the later key
+/// overwrites in part is, before it.
+#[test]
+fn writeback_skips_keys_a_later_key_of_the_step_covers() {
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
+    c.write(0, &[1u8; 4096], false, 0).unwrap();
+    c.write(0, &[2u8; 4096], false, 0).unwrap();
+    c.write(8192, &[3u8; 8192], false, 0).unwrap();
+    c.write(12288, &[4u8; 8192], false, 0).unwrap();
+    c.flush().unwrap();
+    let mut ext = vec![WbExtent::default(); WB_EXTENTS_MAX];
+    let WbPlan::Batch(batch) = c.writeback_plan(&mut ext).unwrap() else {
+        panic!("nothing planned");
+    };
+    assert_eq!(batch.n, 4);
+    let mut backing = Writes(pcache_engine::sim::SimBacking(world.clone()), Vec::new());
+    let mut bounce = vec![0u8; 64 << 10];
+    writeback_extents(c.pmem(), &mut backing, &mut bounce, &mut ext[..batch.n]).unwrap();
+    c.writeback_commit(batch);
+    assert!(c.is_clean());
+    // The first 4 KiB once, then the two that overlap in part, in log order.
+    let mut writes = backing.1;
+    writes[..2].sort();
+    assert_eq!(writes, [(0, 4096), (8192, 8192), (12288, 8192)]);
+    let w = world.borrow();
+    assert_eq!(w.backing.read_sector(0), [2u8; 512]);
+    assert_eq!(w.backing.read_sector(16), [3u8; 512]);
+    assert_eq!(w.backing.read_sector(24), [4u8; 512]);
+    assert_eq!(w.backing.read_sector(39), [4u8; 512]);
+}
+
+/// The barrier record: a kset joins the one before it unless a FLUSH fell
+/// between them; ksets up to the floor (from replay, or forgotten barriers)
+/// never join; barriers behind the dirty tail are let go, and forgetting one
+/// when the record is full raises the floor past it.
+#[test]
+fn barriers_split_batches_at_flushes_only() {
+    use pcache_engine::cache_core::barriers::{Barriers, BARRIERS_MAX};
+    let mut b = Barriers::attached(3);
+    assert!(!b.joins(3) && b.joins(4));
+    b.record(6);
+    b.record(6);
+    assert!(b.joins(5) && !b.joins(6) && b.joins(7));
+    b.passed(6);
+    assert!(b.joins(6));
+    for i in 0..BARRIERS_MAX as u64 + 1 {
+        b.record(10 + 2 * i);
+    }
+    // The oldest two (10, 12) went under the floor; every barrier after stays.
+    assert!(!b.joins(11) && !b.joins(12) && b.joins(13) && !b.joins(14));
+    assert!(!b.joins(10 + 2 * BARRIERS_MAX as u64) && b.joins(11 + 2 * BARRIERS_MAX as u64));
 }

@@ -26,8 +26,8 @@ pub const GC_STEPS_PER_ROUND: u32 = STEPS_PER_ROUND * WB_KSETS_MAX as u32;
 
 /// How long an open kset waits for more keys before a round persists it
 /// (upstream: 1 s). Rounds come back to back while writeback has work, and
-/// closing half-empty ksets at each would cost log space and a backing flush
-/// per kset written back.
+/// closing half-empty ksets at each would cost log space and keys per step
+/// written back.
 pub const KSET_IDLE_MS: u64 = 200;
 
 /// What one round did.
@@ -76,7 +76,7 @@ where
         }
     }
 
-    /// Plans the writeback of the kset at the dirty tail (engine locked).
+    /// Plans the writeback of the ksets at the dirty tail (engine locked).
     /// `Ok(None)`: nothing to copy now.
     pub fn plan<CP, CB, M, L>(&mut self, engine: &L) -> Result<Option<WbBatch>, CacheError>
     where
@@ -101,7 +101,7 @@ where
         writeback_extents(&self.pmem, &mut self.backing, &mut self.bounce, planned)
     }
 
-    /// Writes back the kset at the dirty tail: plan, copy, commit.
+    /// Writes back the ksets at the dirty tail: plan, copy, commit.
     pub fn writeback_step<CP, CB, M, L>(&mut self, engine: &L) -> Result<Step, CacheError>
     where
         CP: Pmem,

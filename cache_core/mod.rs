@@ -7,8 +7,9 @@
 //! segment changes) the head position — by [`Cache::flush`] (REQ_PREFLUSH), by a
 //! FUA write, when it fills, or by [`Cache::flush_idle`]. [`Cache::start`] formats a
 //! new device or validates and replays an existing one ([`replay`]).
-//! [`Cache::writeback_step`] writes one kset's dirty keys back in log order and
-//! advances the dirty tail only after a backing flush ([`writeback`]);
+//! [`Cache::writeback_step`] writes the dirty keys of the ksets up to the next
+//! application FLUSH back ([`barriers`]) and advances the dirty tail only after a
+//! backing flush ([`writeback`]);
 //! [`Cache::gc_step`] reclaims from the key tail ([`gc`]).
 //!
 //! Memory: everything is handed in at construction ([`CacheMem`]); the IO path

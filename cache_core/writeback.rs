@@ -26,6 +26,11 @@ use crate::meta::kset::{KsetRead, KSET_KEYS_MAX};
 /// backing device is flushed once for all of them.
 pub const WB_KSETS_MAX: usize = 8;
 
+/// A step takes no further kset once it holds this many bytes to write back:
+/// a step of large keys moves the dirty tail, and so frees room, as often as
+/// a step of small ones (the module's staging buffer holds this much).
+pub const WB_STEP_BYTES: u64 = 4 << 20;
+
 /// Room for the extents of a full step (the size of the writeback extent
 /// buffers; smaller ones, down to one kset's worth, take fewer ksets a step).
 pub const WB_EXTENTS_MAX: usize = WB_KSETS_MAX * KSET_KEYS_MAX;
@@ -358,8 +363,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Plans the kset at the dirty tail and the ones after it that may join it
-    /// (see [`super::barriers`]): up to [`WB_KSETS_MAX`], while `room` holds
-    /// another kset's keys, within one key-log segment, short of the key head.
+    /// (see [`super::barriers`]): up to [`WB_KSETS_MAX`] and [`WB_STEP_BYTES`],
+    /// while `room` holds another kset's keys, within one key-log segment,
+    /// short of the key head.
     fn plan_ksets(&mut self, room: usize) -> Result<WbPlan, CacheError> {
         let tail = self.dirty_tail.pos;
         if tail == self.key_head {
@@ -391,6 +397,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             batch.ksets += 1;
             let next_seq = self.dirty_seq + u64::from(batch.ksets);
             if batch.ksets as usize >= WB_KSETS_MAX
+                || batch.bytes >= WB_STEP_BYTES
                 || batch.end == self.key_head
                 || room.saturating_sub(batch.n) < KSET_KEYS_MAX
                 || !self.barriers.joins(next_seq)

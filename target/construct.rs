@@ -15,7 +15,9 @@ use super::{
     table::{self, TableError, TableOptions, MAX_ARGS},
     target_type::{CtrError, Target},
 };
-use crate::cache_core::{io::Gap, key_capacity, start::MODE_MISMATCH, CacheError, CacheOptions};
+use crate::cache_core::{
+    io::Gap, key_capacity, start::MODE_MISMATCH, writeback::WB_STEP_BYTES, CacheError, CacheOptions,
+};
 use crate::meta::layout::{Geometry, CACHE_DEV_SIZE_MIN};
 use kernel::{prelude::*, sync::Arc};
 
@@ -28,8 +30,8 @@ pub(crate) const MAX_IO_SECTORS: u64 = 2048;
 /// takes every read with more gaps than `map` does ([`super::requests`]) with room for them all.
 pub(crate) const MAX_READ_GAPS: usize = (MAX_IO_SECTORS / 2 + 2) as usize;
 
-/// Bytes of the writeback staging buffer.
-const WRITEBACK_BOUNCE: usize = 4 << 20;
+/// Bytes of the writeback staging buffer: a whole step of small keys goes out at once.
+const WRITEBACK_BOUNCE: usize = WB_STEP_BYTES as usize;
 
 /// What a table line names, opened and checked.
 pub(crate) struct Devices {

@@ -153,7 +153,7 @@ pub fn writeback_extents<P: Pmem, B: Backing>(
     let (n, overlap) = drop_overwritten(extents);
     let extents = extents.get_mut(..n).unwrap_or_default();
     if overlap {
-        extents.sort_unstable_by_key(|e| e.order);
+        heap_sort_by_key(extents, |e| (u64::from(e.order), 0));
     }
     let mut rest: &[WbExtent] = extents;
     while let Some(first) = rest.first() {
@@ -190,7 +190,7 @@ pub fn writeback_extents<P: Pmem, B: Backing>(
 /// extent that a later one in log order covers whole. Returns how many are
 /// left, and whether any two of those still overlap.
 fn drop_overwritten(ext: &mut [WbExtent]) -> (usize, bool) {
-    ext.sort_unstable_by_key(|e| (e.off, e.order));
+    heap_sort_by_key(ext, |e| (e.off, e.order));
     let mut overlap = false;
     let mut kept = 0usize;
     for i in 0..ext.len() {
@@ -227,6 +227,45 @@ fn drop_overwritten(ext: &mut [WbExtent]) -> (usize, bool) {
         kept += 1;
     }
     (kept, overlap)
+}
+
+/// Sorts `v` by `key` in place, with a heapsort: its stack use does not grow
+/// with the input. `core`'s sorts keep scratch arrays in recursive frames (over
+/// 1.5 KiB each here), which overran the 16 KiB stack of the kernel's
+/// writeback worker on a step of a thousand extents.
+fn heap_sort_by_key(v: &mut [WbExtent], key: impl Fn(&WbExtent) -> (u64, u32)) {
+    let n = v.len();
+    for root in (0..n / 2).rev() {
+        sift_down(v, root, n, &key);
+    }
+    for end in (1..n).rev() {
+        v.swap(0, end);
+        sift_down(v, 0, end, &key);
+    }
+}
+
+/// Moves `v[root]` down the max-heap `v[..end]` to its place.
+fn sift_down(
+    v: &mut [WbExtent],
+    mut root: usize,
+    end: usize,
+    key: &impl Fn(&WbExtent) -> (u64, u32),
+) {
+    let at = |v: &[WbExtent], i: usize| v.get(i).map(key);
+    loop {
+        let mut child = 2 * root + 1;
+        if child >= end {
+            return;
+        }
+        if child + 1 < end && at(v, child) < at(v, child + 1) {
+            child += 1;
+        }
+        if at(v, root) >= at(v, child) {
+            return;
+        }
+        v.swap(root, child);
+        root = child;
+    }
 }
 
 /// How many leading extents of `ext` form one batch (0 if the first alone does

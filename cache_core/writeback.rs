@@ -153,7 +153,7 @@ pub fn writeback_extents<P: Pmem, B: Backing>(
     let (n, overlap) = drop_overwritten(extents);
     let extents = extents.get_mut(..n).unwrap_or_default();
     if overlap {
-        heap_sort_by_key(extents, |e| (u64::from(e.order), 0));
+        heap_sort_by_key(extents, |e| e.order);
     }
     let mut rest: &[WbExtent] = extents;
     while let Some(first) = rest.first() {
@@ -196,17 +196,19 @@ fn drop_overwritten(ext: &mut [WbExtent]) -> (usize, bool) {
     for i in 0..ext.len() {
         let Some(&e) = ext.get(i) else { break };
         if e.len == 0 {
-            // A later extent that covers it was seen first.
+            // Dropped by an extent before it in offset order, later in log
+            // order, that covers it.
             continue;
         }
         let mut dropped = false;
-        // Sorted by offset: the extents overlapping `e` from above follow it.
+        // Sorted by offset: the extents that start inside `e` follow it, and
+        // each of them overlaps it.
         for j in i + 1..ext.len() {
             let Some(&o) = ext.get(j) else { break };
             if o.off >= e.end() {
                 break;
             }
-            if o.len == 0 || !e.overlaps(&o) {
+            if o.len == 0 {
                 continue;
             }
             if o.order > e.order && o.covers(&e) {
@@ -233,7 +235,7 @@ fn drop_overwritten(ext: &mut [WbExtent]) -> (usize, bool) {
 /// with the input. `core`'s sorts keep scratch arrays in recursive frames (over
 /// 1.5 KiB each here), which overran the 16 KiB stack of the kernel's
 /// writeback worker on a step of a thousand extents.
-fn heap_sort_by_key(v: &mut [WbExtent], key: impl Fn(&WbExtent) -> (u64, u32)) {
+fn heap_sort_by_key<K: Ord>(v: &mut [WbExtent], key: impl Fn(&WbExtent) -> K) {
     let n = v.len();
     for root in (0..n / 2).rev() {
         sift_down(v, root, n, &key);
@@ -245,11 +247,11 @@ fn heap_sort_by_key(v: &mut [WbExtent], key: impl Fn(&WbExtent) -> (u64, u32)) {
 }
 
 /// Moves `v[root]` down the max-heap `v[..end]` to its place.
-fn sift_down(
+fn sift_down<K: Ord>(
     v: &mut [WbExtent],
     mut root: usize,
     end: usize,
-    key: &impl Fn(&WbExtent) -> (u64, u32),
+    key: &impl Fn(&WbExtent) -> K,
 ) {
     let at = |v: &[WbExtent], i: usize| v.get(i).map(key);
     loop {

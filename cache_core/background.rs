@@ -2,8 +2,8 @@
 //! waking the requests that wait for room (upstream's `kset_flush_fn`,
 //! `cache_writeback_fn` and `pcache_cache_gc_fn`, in one round).
 //!
-//! There is one writeback path. [`Background::writeback_step`] plans the kset at
-//! the dirty tail under the engine's lock, copies its extents to the backing
+//! There is one writeback path. [`Background::writeback_step`] plans the ksets at
+//! the dirty tail under the engine's lock (taken once per kset), copies their extents to the backing
 //! device with the lock let go (the copy waits for the backing device, and
 //! requests are served meanwhile), and commits under the lock. The plan's
 //! [`WbBatch`] pins the dirty tail while the copy runs, so no other writer
@@ -76,9 +76,27 @@ where
         }
     }
 
-    /// Plans the writeback of the ksets at the dirty tail (engine locked).
-    /// `Ok(None)`: nothing to copy now.
+    /// Plans the writeback of the ksets at the dirty tail, taking the engine's
+    /// lock once per kset: resolving a kset's keys is an index lookup each, and
+    /// a step of up to [`WB_KSETS_MAX`] ksets in one hold kept requests out for
+    /// milliseconds. `Ok(None)`: nothing to copy now.
     pub fn plan<CP, CB, M, L>(&mut self, engine: &L) -> Result<Option<WbBatch>, CacheError>
+    where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        L: Locked<Cache<CP, CB, M>>,
+    {
+        let Some(mut batch) = self.plan_start(engine)? else {
+            return Ok(None);
+        };
+        while self.plan_more(engine, &mut batch)? {}
+        Ok(Some(batch))
+    }
+
+    /// The first part of [`Self::plan`]: the kset at the dirty tail, in one
+    /// hold of the engine's lock.
+    pub fn plan_start<CP, CB, M, L>(&mut self, engine: &L) -> Result<Option<WbBatch>, CacheError>
     where
         CP: Pmem,
         CB: Backing,
@@ -92,6 +110,23 @@ where
                 WbPlan::Batch(b) => return Ok(Some(b)),
             }
         }
+    }
+
+    /// The rest of [`Self::plan`], a kset per call and per hold of the engine's
+    /// lock: false once `batch` is complete. After an error the batch is
+    /// failed (see [`Cache::writeback_plan_more`]) and is dropped.
+    pub fn plan_more<CP, CB, M, L>(
+        &mut self,
+        engine: &L,
+        batch: &mut WbBatch,
+    ) -> Result<bool, CacheError>
+    where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        L: Locked<Cache<CP, CB, M>>,
+    {
+        engine.with(|c| c.writeback_plan_more(batch, &mut self.extents))
     }
 
     /// Copies a planned batch to the backing device and flushes it (engine not

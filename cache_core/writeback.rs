@@ -342,7 +342,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// time and is never written back. While a batch planned by someone else is
     /// out, there is nothing to do (`Idle`).
     pub fn writeback_step(&mut self) -> Result<Step, CacheError> {
-        let batch = match self.plan_pinned(usize::MAX)? {
+        let batch = match self.plan_pinned()? {
             WbPlan::Idle => return Ok(Step::Idle),
             WbPlan::Moved => return Ok(Step::Progress),
             WbPlan::Batch(b) => b,
@@ -363,38 +363,92 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Looks at the kset at the dirty tail: an end-of-segment marker moves the
-    /// tail on at once; ksets of keys have their dirty, live keys resolved into
-    /// `out` (at least `KSET_KEYS_MAX` long; each further `KSET_KEYS_MAX` lets a
-    /// step take one more kset) for [`writeback_extents`], and the returned
-    /// [`WbBatch`] pins the dirty tail until it is committed or failed.
+    /// tail on at once; a kset of keys has its dirty, live keys resolved into
+    /// `out` (at least `KSET_KEYS_MAX` long) for [`writeback_extents`], and the
+    /// returned [`WbBatch`] pins the dirty tail until it is committed or failed.
+    /// [`Self::writeback_plan_more`] adds the ksets after it, one per call, so
+    /// that a caller can let the engine's lock go between them.
     pub fn writeback_plan(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
-        let plan = self.plan_pinned(out.len())?;
-        if let WbPlan::Batch(b) = &plan {
-            let copied = match (self.wb_extents.get(..b.n), out.get_mut(..b.n)) {
-                (Some(planned), Some(o)) => {
-                    // Not `copy_from_slice`: its length check panics (the lengths match).
-                    for (d, s) in o.iter_mut().zip(planned) {
-                        *d = *s;
-                    }
-                    true
-                }
-                _ => false,
-            };
-            if !copied {
-                self.wb_pinned = None;
-                return Err(CacheError::NoMem("writeback extents"));
-            }
-        }
-        Ok(plan)
-    }
-
-    /// Plans into `self.wb_extents`, at most `room` extents, and pins the dirty
-    /// tail for a batch.
-    fn plan_pinned(&mut self, room: usize) -> Result<WbPlan, CacheError> {
         if self.wb_pinned.is_some() {
             return Ok(WbPlan::Idle);
         }
-        let r = self.plan_ksets(room.min(self.wb_extents.len()));
+        let r = self.plan_first(0);
+        match &r {
+            Ok(WbPlan::Batch(b)) => {
+                if let Err(e) = self.copy_planned(b, 0, out) {
+                    self.stats.writeback_errors += 1;
+                    return Err(e);
+                }
+                self.wb_pinned = Some(b.tail);
+            }
+            Ok(_) => {}
+            Err(_) => self.stats.writeback_errors += 1,
+        }
+        r
+    }
+
+    /// Adds the kset after `batch` to it if it may join (see
+    /// [`Self::plan_next`]), its extents in `out` after the batch's. False when
+    /// the batch is complete. On an error the batch is failed: the dirty tail
+    /// is free again and the next plan starts over from it.
+    pub fn writeback_plan_more(
+        &mut self,
+        batch: &mut WbBatch,
+        out: &mut [WbExtent],
+    ) -> Result<bool, CacheError> {
+        debug_assert_eq!(self.wb_pinned, Some(batch.tail));
+        let room = out.len();
+        let from = batch.n;
+        let r = self
+            .plan_next(batch, room, 0)
+            .and_then(|more| self.copy_planned(batch, from, out).map(|()| more));
+        if r.is_err() {
+            self.wb_pinned = None;
+            self.stats.writeback_errors += 1;
+        }
+        r
+    }
+
+    /// Copies the extents of `batch` from `from` on, which the last plan put at
+    /// the start of `self.wb_extents`, to the same places in `out`.
+    fn copy_planned(
+        &self,
+        batch: &WbBatch,
+        from: usize,
+        out: &mut [WbExtent],
+    ) -> Result<(), CacheError> {
+        let n = batch.n - from;
+        match (self.wb_extents.get(..n), out.get_mut(from..batch.n)) {
+            (Some(planned), Some(o)) => {
+                // Not `copy_from_slice`: its length check panics (the lengths match).
+                for (d, s) in o.iter_mut().zip(planned) {
+                    *d = *s;
+                }
+                Ok(())
+            }
+            _ => Err(CacheError::NoMem("writeback extents")),
+        }
+    }
+
+    /// Plans a whole step into `self.wb_extents` in one go, and pins the dirty
+    /// tail for it.
+    fn plan_pinned(&mut self) -> Result<WbPlan, CacheError> {
+        if self.wb_pinned.is_some() {
+            return Ok(WbPlan::Idle);
+        }
+        let room = self.wb_extents.len();
+        let r = self.plan_first(0).and_then(|plan| {
+            if let WbPlan::Batch(mut b) = plan {
+                loop {
+                    let at = b.n;
+                    if !self.plan_next(&mut b, room, at)? {
+                        break;
+                    }
+                }
+                return Ok(WbPlan::Batch(b));
+            }
+            Ok(plan)
+        });
         match &r {
             Ok(WbPlan::Batch(b)) => self.wb_pinned = Some(b.tail),
             Ok(_) => {}
@@ -403,16 +457,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         r
     }
 
-    /// Plans the kset at the dirty tail and the ones after it that may join it
-    /// (see [`super::barriers`]): up to [`WB_KSETS_MAX`] and [`WB_STEP_BYTES`],
-    /// while `room` holds another kset's keys, within one key-log segment,
-    /// short of the key head.
-    fn plan_ksets(&mut self, room: usize) -> Result<WbPlan, CacheError> {
+    /// Plans the kset at the dirty tail into `self.wb_extents` from `at` on.
+    fn plan_first(&mut self, at: usize) -> Result<WbPlan, CacheError> {
         let tail = self.dirty_tail.pos;
         if tail == self.key_head {
             return Ok(WbPlan::Idle);
         }
-        let (mut key_num, mut size) = match self.read_kset(tail)? {
+        let (key_num, size) = match self.read_kset(tail)? {
             KsetRead::End => return Ok(WbPlan::Idle),
             KsetRead::Last { next_cache_seg_id } => {
                 self.dirty_tail.pos = Pos {
@@ -432,36 +483,55 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             dirty: 0,
             bytes: 0,
         };
-        loop {
-            self.plan_kset(key_num, &mut batch)?;
-            batch.end.off += size;
-            batch.ksets += 1;
-            let next_seq = self.dirty_seq + u64::from(batch.ksets);
-            if batch.ksets as usize >= WB_KSETS_MAX
-                || batch.bytes >= WB_STEP_BYTES
-                || batch.end == self.key_head
-                || room.saturating_sub(batch.n) < KSET_KEYS_MAX
-                || !self.barriers.joins(next_seq)
-            {
-                break;
-            }
-            // A LAST kset ends the batch (the next step moves the tail past
-            // it), and so does one that does not read back: the next step
-            // plans it alone and reports what is wrong.
-            match self.read_kset(batch.end) {
-                Ok(KsetRead::Keys {
-                    key_num: k,
-                    size: s,
-                }) => (key_num, size) = (k, s),
-                _ => break,
-            }
-        }
+        self.plan_kset(key_num, size, &mut batch, at)?;
         Ok(WbPlan::Batch(batch))
     }
 
+    /// Plans the kset after `batch` into `self.wb_extents` from `at` on, if it
+    /// may join (see [`super::barriers`]): up to [`WB_KSETS_MAX`] and
+    /// [`WB_STEP_BYTES`], while `room` holds another kset's keys, within one
+    /// key-log segment, short of the key head. False if it may not.
+    ///
+    /// Between two calls the engine may have served requests: the key head and
+    /// the barriers are read afresh, and the ksets already planned lie behind
+    /// the key head, so a FLUSH meanwhile only ever ends the batch.
+    fn plan_next(
+        &mut self,
+        batch: &mut WbBatch,
+        room: usize,
+        at: usize,
+    ) -> Result<bool, CacheError> {
+        let next_seq = self.dirty_seq + u64::from(batch.ksets);
+        if batch.ksets as usize >= WB_KSETS_MAX
+            || batch.bytes >= WB_STEP_BYTES
+            || batch.end == self.key_head
+            || room.saturating_sub(batch.n) < KSET_KEYS_MAX
+            || !self.barriers.joins(next_seq)
+        {
+            return Ok(false);
+        }
+        // A LAST kset ends the batch (the next step moves the tail past it),
+        // and so does one that does not read back: the next step plans it
+        // alone and reports what is wrong.
+        match self.read_kset(batch.end) {
+            Ok(KsetRead::Keys { key_num, size }) => {
+                self.plan_kset(key_num, size, batch, at)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Resolves the dirty, live keys of the kset in the scratch buffer into
-    /// `self.wb_extents` after the batch's.
-    fn plan_kset(&mut self, key_num: u32, batch: &mut WbBatch) -> Result<(), CacheError> {
+    /// `self.wb_extents` from `at` on, and adds the kset to the batch.
+    fn plan_kset(
+        &mut self,
+        key_num: u32,
+        size: u32,
+        batch: &mut WbBatch,
+        at: usize,
+    ) -> Result<(), CacheError> {
+        let mut slot_at = at;
         for i in 0..key_num as usize {
             let key = self.scratch_key(i)?;
             if !key.dirty() {
@@ -486,12 +556,15 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             };
             let slot = self
                 .wb_extents
-                .get_mut(batch.n)
+                .get_mut(slot_at)
                 .ok_or(CacheError::NoMem("writeback extents"))?;
             *slot = e;
+            slot_at += 1;
             batch.n += 1;
             batch.bytes += u64::from(key.len);
         }
+        batch.end.off += size;
+        batch.ksets += 1;
         Ok(())
     }
 

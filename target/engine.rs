@@ -15,7 +15,7 @@ use crate::cache_core::{
     IoError, KsetBuf, Memory, Node, Pmem, SegState, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
-use crate::meta::layout::Geometry;
+use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
 use core::ops::Deref;
 use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{prelude::*, sync::Arc};
@@ -233,7 +233,9 @@ pub(crate) fn start(
         heads: filled(sizing.heads, DataHead::default())?,
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,
         bounce: filled(sizing.bounce, 0u8)?,
-        wb_extents: filled(WB_EXTENTS_MAX, WbExtent::default())?,
+        // The writer plans a kset at a time into the engine's buffer and copies it out
+        // ([`Background::plan`]): one kset's worth is enough.
+        wb_extents: filled(KSET_KEYS_MAX, WbExtent::default())?,
     };
     Cache::start(pmem, backing, geo, mem, opts).map_err(StartError::Cache)
 }

@@ -457,8 +457,9 @@ impl<T> crate::cache_core::Locked<T> for SimLock<T> {
 pub struct SimHost<'e, M: crate::cache_core::Memory> {
     pub engine: &'e SimLock<crate::cache_core::Cache<SimPmem, SimBacking, M>>,
     pub writer: RefCell<SimWriter>,
-    /// A batch the background planned and has not copied yet.
-    pub held: RefCell<Option<crate::cache_core::writeback::WbBatch>>,
+    /// A batch the background is planning or planned (true) and has not
+    /// copied yet.
+    pub held: RefCell<Option<(crate::cache_core::writeback::WbBatch, bool)>>,
     pub rng: RefCell<Rng>,
     pub wakes: std::cell::Cell<u64>,
     pub clock_ms: std::cell::Cell<u64>,
@@ -493,27 +494,40 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
         }
     }
 
-    /// The background's writeback, stopped between plan and copy.
+    /// The background's writeback, stopped after planning one more kset (the
+    /// module takes the engine's lock once per kset, and requests run between):
+    /// the first call plans the kset at the dirty tail, each further one adds
+    /// the next kset that may join, until the batch is complete.
     pub fn plan(&self) -> Result<(), String> {
-        if self.held.borrow().is_some() {
-            return Ok(());
-        }
-        let b = self
-            .writer
-            .borrow_mut()
-            .plan(self.engine)
-            .map_err(|e| format!("plan: {e}"))?;
-        *self.held.borrow_mut() = b;
+        let held = self.held.borrow_mut().take();
+        let mut writer = self.writer.borrow_mut();
+        let next = match held {
+            None => writer
+                .plan_start(self.engine)
+                .map(|b| b.map(|b| (b, false))),
+            Some((b, true)) => Ok(Some((b, true))),
+            Some((mut b, false)) => writer
+                .plan_more(self.engine, &mut b)
+                .map(|more| Some((b, !more))),
+        };
+        *self.held.borrow_mut() = next.map_err(|e| format!("plan: {e}"))?;
         Ok(())
     }
 
-    /// The background's writeback, resumed: copy, then commit. True if a batch
-    /// was held.
+    /// The background's writeback, resumed: the rest of the plan, copy, then
+    /// commit. True if a batch was held.
     pub fn finish(&self) -> Result<bool, String> {
         use crate::cache_core::Locked;
-        let Some(batch) = self.held.borrow_mut().take() else {
+        let Some((mut batch, planned)) = self.held.borrow_mut().take() else {
             return Ok(false);
         };
+        if !planned {
+            let mut writer = self.writer.borrow_mut();
+            while writer
+                .plan_more(self.engine, &mut batch)
+                .map_err(|e| format!("plan: {e}"))?
+            {}
+        }
         let copied = self.writer.borrow_mut().copy(&batch);
         match copied {
             Ok(()) => self.engine.with(|c| c.writeback_commit(batch)),

@@ -1017,6 +1017,51 @@ fn writeback_batches_the_ksets_between_flushes() {
     c.check_invariants().unwrap();
 }
 
+/// The module plans a step a kset per hold of the engine's lock, and requests
+/// run between: each call adds one kset, its extents after the ones before in
+/// log order, and a FLUSH that comes between two calls ends the batch there.
+#[test]
+fn writeback_plans_a_kset_per_call_and_a_flush_between_ends_the_batch() {
+    use pcache_engine::meta::kset::KSET_KEYS_MAX;
+    let keys = KSET_KEYS_MAX as u64;
+    let (world, mut mem) = sized_world(16, 4 * KSET_KEYS_MAX);
+    let mut c = small_cache(&world, &mut mem);
+    // Two full ksets with no FLUSH between them.
+    write_sectors(&mut c, 0, 2 * keys, 0x11);
+    let mut ext = vec![WbExtent::default(); WB_EXTENTS_MAX];
+    let WbPlan::Batch(mut batch) = c.writeback_plan(&mut ext).unwrap() else {
+        panic!("nothing planned");
+    };
+    assert_eq!(batch.n, KSET_KEYS_MAX, "the first call plans one kset");
+    assert_eq!(c.writeback_plan(&mut ext).unwrap(), WbPlan::Idle);
+    // Between the calls: a FLUSH, then a kset that overwrites the first.
+    c.flush().unwrap();
+    write_sectors(&mut c, 0, keys, 0x22);
+    assert!(c.writeback_plan_more(&mut batch, &mut ext).unwrap());
+    assert_eq!(batch.n, 2 * KSET_KEYS_MAX, "the second kset joins");
+    assert!(
+        !c.writeback_plan_more(&mut batch, &mut ext).unwrap(),
+        "the kset after the FLUSH does not"
+    );
+    for (i, e) in ext[..batch.n].iter().enumerate() {
+        assert_eq!((e.off, e.order), (i as u64 * 512, i as u32));
+    }
+    let mut backing = pcache_engine::sim::SimBacking(world.clone());
+    let mut bounce = vec![0u8; 64 << 10];
+    writeback_extents(c.pmem(), &mut backing, &mut bounce, &mut ext[..batch.n]).unwrap();
+    c.writeback_commit(batch);
+    assert_eq!(c.status().stats.ksets_written_back, 2);
+    for s in 0..2 * keys {
+        assert_eq!(world.borrow().backing.read_sector(s), [s as u8 ^ 0x11; 512]);
+    }
+    c.writeback_all().unwrap();
+    assert_eq!(c.status().stats.ksets_written_back, 3);
+    for s in 0..keys {
+        assert_eq!(world.borrow().backing.read_sector(s), [s as u8 ^ 0x22; 512]);
+    }
+    c.check_invariants().unwrap();
+}
+
 /// A backing device that records the writes it is given.
 struct Writes<B>(B, Vec<(u64, usize)>);
 

@@ -70,6 +70,39 @@ pub struct Hit {
     pub at: usize,
     pub len: usize,
     seg: Option<SegId>,
+    /// The key's data was not checked against its CRC since attach:
+    /// [`copy_hits`] checks it.
+    check: Option<HitCheck>,
+}
+
+/// The CRC check a [`Hit`] carries, and what identifies its key afterwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct HitCheck {
+    /// The key's logical offset, cache position and generation when the read
+    /// found it: [`Cache::read_verified`] marks it verified only if the index
+    /// still holds that key.
+    key_off: u64,
+    pos: Pos,
+    gen: u64,
+    crc: u32,
+    /// Device offset and length of the extent the CRC covers.
+    start: u64,
+    len: u32,
+    /// The hit is that whole extent: the CRC runs over the copy.
+    exact: bool,
+}
+
+impl Hit {
+    /// The segment it pins.
+    pub fn segment(&self) -> Option<SegId> {
+        self.seg
+    }
+
+    /// [`copy_hits`] checks its data against the key's CRC; once it did,
+    /// [`Cache::read_verified`] records that under the engine lock.
+    pub fn checks(&self) -> bool {
+        self.check.is_some()
+    }
 }
 
 /// What [`Cache::read_start`] left to the caller.
@@ -86,30 +119,76 @@ pub struct Started {
     pub next: u64,
 }
 
-impl Hit {
-    /// The segment it pins.
-    pub fn segment(&self) -> Option<SegId> {
-        self.seg
-    }
+/// Why [`copy_hits`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitError {
+    /// Reading pmem failed (a media error).
+    Media,
+    /// A hit's data does not match its key's CRC; the hit's part of the read
+    /// is zeroed (see [`Cache::read_crc_failed`]).
+    Crc,
 }
 
+/// Bytes of pmem a CRC check over a whole extent reads at a time, into a
+/// buffer on the stack: the copy runs without the engine lock and its buffers.
+const CHECK_CHUNK: usize = 512;
+
 /// Copies each hit from the cache into `dst`, one piece at a time as `dst`
-/// holds them. A failed read of pmem (a media error) is an error; the caller
-/// gives the hits back either way.
+/// holds them, and checks the hits that carry a CRC check ([`Hit::checks`]):
+/// over the copy when the hit is the whole extent the CRC covers, otherwise
+/// over the extent read from pmem again, in small pieces (a 4 KiB read of a
+/// 128 KiB write pays for the extent once per attach, see
+/// [`Cache::read_verified`]). The caller gives the hits back either way.
 pub fn copy_hits<P: Pmem, S: Sink + ?Sized>(
     pmem: &P,
     hits: &[Hit],
     dst: &mut S,
-) -> Result<(), IoError> {
+) -> Result<(), HitError> {
     for h in hits {
+        let exact = h.check.is_some_and(|c| c.exact);
+        let mut crc = PCACHE_CRC_SEED;
         let mut from = h.addr;
         dst.pieces_mut(h.at, h.len, &mut |p| {
             pmem.read(from, p)?;
+            if exact {
+                crc = pmem.crc32c(crc, p);
+            }
             from += p.len() as u64;
             Ok(())
-        })?;
+        })
+        .map_err(|_| HitError::Media)?;
+        let Some(c) = h.check else {
+            continue;
+        };
+        if !c.exact {
+            crc = extent_crc(pmem, c.start, c.len)?;
+        }
+        if crc != c.crc {
+            // Hand out none of the data that failed.
+            let _ = dst.pieces_mut(h.at, h.len, &mut |p| {
+                p.fill(0);
+                Ok(())
+            });
+            return Err(HitError::Crc);
+        }
     }
     Ok(())
+}
+
+/// The data CRC of `len` bytes of pmem at `start`.
+fn extent_crc<P: Pmem>(pmem: &P, start: u64, len: u32) -> Result<u32, HitError> {
+    let mut chunk = [0u8; CHECK_CHUNK];
+    let mut crc = PCACHE_CRC_SEED;
+    let mut done = 0u64;
+    while done < u64::from(len) {
+        let n = (u64::from(len) - done).min(CHECK_CHUNK as u64) as usize;
+        let piece = chunk.get_mut(..n).ok_or(HitError::Media)?;
+        pmem.read(start + done, piece)
+            .map_err(|_| HitError::Media)?;
+        crc = pmem.crc32c(crc, piece);
+        done += n as u64;
+    }
+    Ok(crc)
 }
 
 /// Gives back the pins of `hits` once they are copied (or the read gave up):
@@ -591,9 +670,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Starts a read that may miss, for a caller that sends the misses to the
     /// backing device itself, all at once, without the engine (the kernel
     /// clones the bio per gap). Describes each gap in `gaps` and each hit in
-    /// `hits`, for the caller to copy without the engine lock; hits beyond
-    /// what `hits` holds, and hits of keys whose CRC is to be checked, are
-    /// copied into `dst` here. `None` (with no placeholder and no hit left
+    /// `hits`, for the caller to copy without the engine lock (a hit of a key
+    /// whose CRC is still to be checked carries the check: [`copy_hits`] runs
+    /// it, [`Cache::read_verified`] records it); hits beyond what `hits` holds
+    /// are copied (and checked) into `dst` here. `None` (with no placeholder and no hit left
     /// behind) when there are more gaps than `gaps` holds.
     ///
     /// When the mode caches misses, each gap gets a placeholder: an
@@ -617,8 +697,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// resumes there, with the room left in its gaps. Each call's gaps and
     /// hits are its own: a call that fails or returns `None` gives up only
     /// those, and the caller gives up what earlier calls placed
-    /// ([`Cache::read_cancel`]). A key whose CRC is still to be checked is
-    /// copied and checked here, under the lock, as in `read_start`.
+    /// ([`Cache::read_cancel`]). A key whose CRC is still to be checked is a
+    /// hit like any other, with its check, as in `read_start`.
     pub fn read_resume<S: Sink + ?Sized>(
         &mut self,
         off: u64,
@@ -666,23 +746,29 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     continue;
                 }
                 Some(k) if !k.empty() => {
-                    if stop_when_full && out.hits == hits.len() && !k.unverified() {
+                    if stop_when_full && out.hits == hits.len() {
                         break;
                     }
-                    // A key to check is copied here: the check marks it verified,
-                    // once, under the lock.
+                    // A key to check goes out with its check, which the copy
+                    // runs without the lock; with no room left for it (only
+                    // `read_start`), it is copied and checked here.
+                    let check = match self.hit_check(&k, cur, len) {
+                        Ok(c) => c,
+                        Err(e) => return Err(self.read_unwind(gaps, hits, &out, e)),
+                    };
                     match hits.get_mut(out.hits) {
-                        Some(h) if !k.unverified() => {
+                        Some(h) => {
                             *h = Hit {
                                 addr: self.pos_addr(k.pos) + (cur - k.off),
                                 at,
                                 len,
                                 seg: Some(k.pos.seg),
+                                check,
                             };
                             self.pmem.pin(k.pos.seg.get());
                             out.hits += 1;
                         }
-                        _ => {
+                        None => {
                             if let Err(e) = self.read_hit(&k, cur, dst, at, len) {
                                 return Err(self.read_unwind(gaps, hits, &out, e));
                             }
@@ -847,6 +933,58 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     pub(crate) fn key_stale(&self, k: &Key) -> bool {
         !k.empty() && k.gen < self.seg(k.pos.seg).gen
+    }
+
+    /// The CRC check a hit of `n` bytes of key `k` at logical offset `cur`
+    /// carries: none once the key is verified.
+    fn hit_check(&self, k: &Key, cur: u64, n: usize) -> Result<Option<HitCheck>, CacheError> {
+        if !k.unverified() {
+            return Ok(None);
+        }
+        let start = Pos {
+            seg: k.pos.seg,
+            off: k
+                .pos
+                .off
+                .checked_sub(k.crc_back)
+                .ok_or(CacheError::Io("key crc range"))?,
+        };
+        Ok(Some(HitCheck {
+            key_off: k.off,
+            pos: k.pos,
+            gen: k.gen,
+            crc: k.crc,
+            start: self.pos_addr(start),
+            len: k.crc_len,
+            exact: k.crc_back == 0 && cur == k.off && n as u64 == u64::from(k.crc_len),
+        }))
+    }
+
+    /// [`copy_hits`] checked `hits` (those that carry a check) and they
+    /// passed: marks each key verified, if the index still holds the key the
+    /// read found. One that was trimmed at the front or replaced meanwhile is
+    /// checked again by the next read of it.
+    pub fn read_verified(&mut self, hits: &[Hit]) {
+        for c in hits.iter().filter_map(|h| h.check) {
+            let Some(sub) = self.index.subtree_of(c.key_off) else {
+                continue;
+            };
+            let same = self
+                .index
+                .first_overlap(sub, c.key_off, c.key_off + 1)
+                .is_some_and(|k| {
+                    k.off == c.key_off && k.pos == c.pos && k.gen == c.gen && k.crc == c.crc
+                });
+            if same {
+                self.index.add_flags(sub, c.key_off, KEY_FLAGS_VERIFIED);
+            }
+        }
+    }
+
+    /// [`copy_hits`] found data that failed its CRC check: counts it (the
+    /// caller fails the read and gives its hits and gaps back).
+    pub fn read_crc_failed(&mut self) {
+        self.stats.crc_errors += 1;
     }
 
     /// Reads `dst[at..at + n]` from key `k` at logical offset `cur`. A key whose

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::cache_core::{
     fill::fill_copy,
-    io::{copy_hits, copy_in, release_hits, Gap, Hit},
+    io::{copy_hits, copy_in, release_hits, Gap, Hit, HitError},
     request,
     through::{THROUGH_MAX, THROUGH_TAG},
     CacheError, Pmem, Source, Waiting, Zeros,
@@ -459,15 +459,24 @@ impl LiveCache {
             };
             let held = hits.get(..started.hits).unwrap_or_default();
             placed += started.gaps;
-            if !held.is_empty() && copy_hits(&pmem, held, bio).is_err() {
+            if let Err(e) = copy_hits(&pmem, held, bio) {
                 let placed = gaps.get(..placed).unwrap_or_default();
-                self.core.lock().engine.read_cancel(placed, held);
-                pr_err!(
-                    "pcache_rs: pmem media error reading {}+{}\n",
-                    off,
-                    bio.size()
-                );
+                let mut core = self.core.lock();
+                if e == HitError::Crc {
+                    core.engine.read_crc_failed();
+                }
+                core.engine.read_cancel(placed, held);
+                drop(core);
+                let what = match e {
+                    HitError::Crc => "cached data failed its crc check",
+                    HitError::Media => "pmem media error",
+                };
+                pr_err!("pcache_rs: {} reading {}+{}\n", what, off, bio.size());
                 return ReadServed::Done(Err(EIO));
+            }
+            // The first read of a key since attach checked its CRC (without the lock).
+            if held.iter().any(Hit::checks) {
+                self.core.lock().engine.read_verified(held);
             }
             // The pins go back without the engine lock (`Pmem::unpin`).
             release_hits(&pmem, held);

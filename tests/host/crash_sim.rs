@@ -266,6 +266,9 @@ fn split_read(
             break held.to_vec();
         }
         let copied = copy_hits(cache.pmem(), held, &mut buf[..]);
+        if copied.is_ok() && held.iter().any(Hit::checks) {
+            cache.read_verified(held);
+        }
         cache.read_done(held);
         if copied.is_err() {
             cache.read_cancel(&gaps[..placed], &[]);
@@ -338,6 +341,9 @@ fn check_pins(cache: &Sim<'_>, pending: &[PendingRead]) -> Result<(), String> {
 fn finish_read(engine: &SimLock<Sim<'_>>, model: &Model, mut r: PendingRead) -> Result<(), String> {
     let copied = engine.with(|c| {
         let copied = copy_hits(c.pmem(), &r.hits, &mut r.buf[..]);
+        if copied.is_ok() && r.hits.iter().any(Hit::checks) {
+            c.read_verified(&r.hits);
+        }
         c.read_done(&r.hits);
         copied
     });

@@ -234,6 +234,10 @@ fn read(
     };
     let hits = &hits[..started.hits];
     let copied = copy_hits(pmem, hits, buf);
+    // As the module: a check that passed is recorded under the lock.
+    if copied.is_ok() && hits.iter().any(Hit::checks) {
+        lock.with(|c| c.read_verified(hits));
+    }
     release_hits(pmem, hits);
     copied.map_err(|_| "pmem read")?;
     let n = started.gaps;

@@ -493,6 +493,78 @@ fn stats_count_dirty_and_written_back_bytes_and_reset() {
     c.check_invariants().unwrap();
 }
 
+/// A read started for the caller to copy (`read_start`) hands out a key whose
+/// CRC is still to be checked as a hit that carries the check: `copy_hits`
+/// checks the whole extent without the engine, fails and zeroes on a
+/// mismatch, and `read_verified` marks the key verified only while the index
+/// holds the key the read found.
+#[test]
+fn hits_check_crcs_outside_the_engine_and_mark_the_key_they_found() {
+    use pcache_engine::cache_core::io::{copy_hits, release_hits, Hit, HitError};
+    let (world, mut mem) = small_world();
+    let mut c = small_cache(&world, &mut mem);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 29 + 3) as u8 ^ 0x5a).collect();
+    c.write(0, &data, true, 0).unwrap();
+    let at = {
+        let w = world.borrow();
+        w.pmem
+            .volatile
+            .windows(64)
+            .position(|win| win == &data[..64])
+            .unwrap()
+    };
+    let corrupt = |byte: usize| world.borrow_mut().pmem.volatile[at + byte] ^= 0xff;
+    let mut buf = vec![0u8; 4096];
+    let start = |c: &mut pcache_engine::cache_core::Cache<_, _, _>, off: u64, buf: &mut [u8]| {
+        let mut hits = [Hit::default(); 1];
+        let s = c.read_start(off, buf, &mut [], &mut hits).unwrap().unwrap();
+        assert_eq!(s.hits, 1);
+        hits
+    };
+    // A flipped byte 40 KiB in fails a read of the first 4 KiB.
+    corrupt(40 << 10);
+    let hits = start(&mut c, 0, &mut buf);
+    assert!(hits[0].checks());
+    buf.fill(0xee);
+    assert_eq!(copy_hits(c.pmem(), &hits, &mut buf[..]), Err(HitError::Crc));
+    assert_eq!(
+        buf,
+        vec![0u8; 4096],
+        "data that failed its check is handed out"
+    );
+    c.read_crc_failed();
+    c.read_cancel(&[], &hits);
+    assert_eq!(c.status().stats.crc_errors, 1);
+    corrupt(40 << 10);
+    // Intact: the check passes, but the key was trimmed at the front
+    // meanwhile, so it is not the key the read found and stays unverified.
+    let hits = start(&mut c, 4096, &mut buf);
+    copy_hits(c.pmem(), &hits, &mut buf[..]).unwrap();
+    assert_eq!(buf, data[4096..8192]);
+    c.write(0, &[1u8; 4096], true, 0).unwrap();
+    c.read_verified(&hits);
+    release_hits(c.pmem(), &hits);
+    for off in [0, 8192] {
+        let hits = start(&mut c, off, &mut buf);
+        assert!(
+            hits[0].checks(),
+            "a key at {off} that the read did not find was marked verified"
+        );
+        release_hits(c.pmem(), &hits);
+    }
+    let hits = start(&mut c, 8192, &mut buf);
+    // This time the key stays: it is verified, and later reads carry no check.
+    copy_hits(c.pmem(), &hits, &mut buf[..]).unwrap();
+    c.read_verified(&hits);
+    release_hits(c.pmem(), &hits);
+    assert_eq!(buf, data[8192..12288]);
+    let hits = start(&mut c, 32768, &mut buf);
+    assert!(!hits[0].checks());
+    release_hits(c.pmem(), &hits);
+    assert_eq!(c.status().stats.crc_errors, 1);
+    c.check_invariants().unwrap();
+}
+
 /// With data CRC on, the first read of a key checks the whole extent its CRC
 /// covers, even for a 4 KiB read of a 64 KiB write; once checked, the key (and
 /// what an overwrite leaves of it) is read without checking again, until the
@@ -722,14 +794,19 @@ fn split_reads_fill_only_what_no_write_replaced() {
         .unwrap()
         .unwrap();
     let (r, n) = (started.res, started.gaps);
-    // The key's CRC was not checked yet: the engine copies it, checking it.
+    // The key's CRC was not checked yet: the hit carries the check, which the
+    // caller's copy runs.
     assert_eq!(
         (r.hit_bytes, r.miss_bytes, n, started.hits),
-        (4096, 12288, 2, 0)
+        (4096, 12288, 2, 1)
     );
+    assert!(hits[0].checks());
+    copy_hits(c.pmem(), &hits[..1], &mut buf[..]).unwrap();
+    c.read_verified(&hits[..1]);
+    c.read_done(&hits[..1]);
     assert_eq!(&buf[8192..12288], &mid[..]);
-    // Checked now: the next read leaves the hit to the caller to copy, and
-    // pins its segment meanwhile.
+    // Checked now: the next read leaves the hit to the caller to copy with no
+    // check, and pins its segment meanwhile.
     let mut again = vec![0u8; 4096];
     let pinned = c
         .read_start((1 << 20) + 8192, &mut again[..], &mut [], &mut hits)
@@ -737,6 +814,7 @@ fn split_reads_fill_only_what_no_write_replaced() {
         .unwrap();
     assert_eq!((pinned.gaps, pinned.hits), (0, 1));
     assert_eq!((hits[0].at, hits[0].len), (0, 4096));
+    assert!(!hits[0].checks());
     assert!(again.iter().all(|&b| b == 0));
     let seg = hits[0].segment().unwrap().get();
     assert!(c.pmem().pinned(seg));

@@ -10,6 +10,8 @@
 //! The devices are plain memory behind a mutex per store, so copies of two
 //! threads interleave at the granularity of the pieces the engine hands them.
 
+mod sched;
+
 use pcache_engine::cache_core::background::Background;
 use pcache_engine::cache_core::fill::fill_copy;
 use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
@@ -19,6 +21,7 @@ use pcache_engine::cache_core::{
 };
 use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
 use pcache_engine::sim::{OwnedMem, Rng};
+use sched::Sched;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -32,15 +35,24 @@ const SECTOR: usize = 512;
 const REGION: u64 = 1 << 20;
 const THREADS: u64 = 3;
 
+/// A device's store; under a [`Sched`], every access outside the engine lock
+/// is a point where another thread may be given the turn.
 #[derive(Clone)]
-struct Mem(Arc<Mutex<Vec<u8>>>);
+struct Mem(Arc<Mutex<Vec<u8>>>, Option<Arc<Sched>>);
 
 impl Mem {
-    fn new(len: usize) -> Self {
-        Mem(Arc::new(Mutex::new(vec![0; len])))
+    fn new(len: usize, sched: Option<Arc<Sched>>) -> Self {
+        Mem(Arc::new(Mutex::new(vec![0; len])), sched)
+    }
+
+    fn switch(&self) {
+        if let Some(s) = &self.1 {
+            s.switch();
+        }
     }
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.switch();
         let m = self.0.lock().map_err(|_| IoError)?;
         let at = off as usize;
         buf.copy_from_slice(m.get(at..at + buf.len()).ok_or(IoError)?);
@@ -48,6 +60,7 @@ impl Mem {
     }
 
     fn write_at(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        self.switch();
         let mut m = self.0.lock().map_err(|_| IoError)?;
         let at = off as usize;
         m.get_mut(at..at + data.len())
@@ -111,12 +124,17 @@ impl Backing for TBacking {
 
 type Engine<'a> = Cache<TPmem, TBacking, pcache_engine::cache_core::Borrowed<'a>>;
 
-/// The engine lock: a mutex, as in the module.
-struct Lock<T>(Mutex<T>);
+/// The engine lock: a mutex, as in the module; under a [`Sched`], taking it
+/// is a point where another thread may be given the turn.
+struct Lock<T>(Mutex<T>, Option<Arc<Sched>>);
 
 impl<T> Locked<T> for Lock<T> {
     fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        f(&mut self.0.lock().expect("engine lock poisoned"))
+        let run = || f(&mut self.0.lock().expect("engine lock poisoned"));
+        match &self.1 {
+            Some(s) => s.locked(run),
+            None => run(),
+        }
     }
 }
 
@@ -127,13 +145,33 @@ struct Room {
     start: Instant,
     /// A request waits for room (the module's `kick`).
     pressed: AtomicBool,
+    /// Waits and time are the scheduler's.
+    sched: Option<Arc<Sched>>,
+}
+
+impl Room {
+    fn new(sched: Option<Arc<Sched>>) -> Self {
+        Room {
+            events: Mutex::new(0),
+            cv: Condvar::new(),
+            start: Instant::now(),
+            pressed: AtomicBool::new(false),
+            sched,
+        }
+    }
 }
 
 impl Waiting for Room {
     fn ticket(&self) -> u64 {
+        if let Some(s) = &self.sched {
+            return s.ticket();
+        }
         *self.events.lock().unwrap()
     }
     fn wait(&self, ticket: u64, timeout_ms: u32) -> bool {
+        if let Some(s) = &self.sched {
+            return s.wait(ticket, timeout_ms);
+        }
         let g = self.events.lock().unwrap();
         let (g, _) = self
             .cv
@@ -144,15 +182,24 @@ impl Waiting for Room {
         *g != ticket
     }
     fn wake_all(&self) {
+        if let Some(s) = &self.sched {
+            return s.wake_all();
+        }
         *self.events.lock().unwrap() += 1;
         self.cv.notify_all();
     }
     // The background thread runs rounds back to back; this makes the next urgent.
     fn kick(&self) {
         self.pressed.store(true, Ordering::Release);
+        if let Some(s) = &self.sched {
+            s.poke();
+        }
     }
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        match &self.sched {
+            Some(s) => s.now_ms(),
+            None => self.start.elapsed().as_millis() as u64,
+        }
     }
 }
 
@@ -307,13 +354,17 @@ fn request_thread(
     Ok(model)
 }
 
-#[test]
-fn request_and_background_threads_keep_every_write() {
+/// Runs [`THREADS`] request threads of `ops` operations each and the
+/// background thread until they are done, on real threads, interleaved by the
+/// OS or (with `sched`) by the seeded scheduler; then checks the engine's
+/// invariants, that it wrote back and collected, and that a full writeback
+/// leaves the backing device equal to every thread's model.
+fn run_threads(sched: Option<Arc<Sched>>, ops: u64) -> Result<String, String> {
     let pmem = TPmem(
-        Mem::new((SEGMENTS_OFF + N_SEGS * SEG) as usize),
+        Mem::new((SEGMENTS_OFF + N_SEGS * SEG) as usize, sched.clone()),
         Arc::new((0..N_SEGS).map(|_| AtomicU32::new(0)).collect()),
     );
-    let backing = TBacking(Mem::new(BACKING as usize));
+    let backing = TBacking(Mem::new(BACKING as usize, sched.clone()));
     let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
     let opts = CacheOptions {
         data_crc: true,
@@ -322,81 +373,139 @@ fn request_and_background_threads_keep_every_write() {
     let cache = Cache::start(
         pmem.clone(),
         backing.clone(),
-        Geometry::small(SEG).unwrap(),
+        Geometry::small(SEG).map_err(|e| e.to_string())?,
         mem.borrow(),
         &opts,
     )
-    .unwrap();
-    let lock = Lock(Mutex::new(cache));
-    let room = Room {
-        events: Mutex::new(0),
-        cv: Condvar::new(),
-        start: Instant::now(),
-        pressed: AtomicBool::new(false),
-    };
-    let stop = AtomicBool::new(false);
+    .map_err(|e| format!("start: {e}"))?;
+    let lock = Lock(Mutex::new(cache), sched.clone());
+    let room = Room::new(sched.clone());
+    let running = AtomicU64::new(THREADS);
     let rounds = AtomicU64::new(0);
-    let ops = std::env::var("PCACHE_THREAD_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000u64);
     let models = std::thread::scope(|sc| {
         let bg = sc.spawn(|| {
+            let _turn = sched.as_ref().map(|s| s.enter(THREADS as usize));
             let mut writer = Background::new(
                 pmem.clone(),
                 backing.clone(),
                 vec![WbExtent::default(); pcache_engine::cache_core::writeback::WB_EXTENTS_MAX],
                 vec![0u8; 16 << 10],
             );
-            while !stop.load(Ordering::Acquire) {
+            while running.load(Ordering::Acquire) > 0 {
                 let round = writer.run(&lock, &room, room.pressed.swap(false, Ordering::AcqRel));
-                assert_eq!(round.writeback_error, None);
-                assert_eq!(round.gc_error, None);
+                if let Some(e) = round.writeback_error.or(round.gc_error) {
+                    return Err(format!("background: {e}"));
+                }
                 rounds.fetch_add(1, Ordering::Relaxed);
                 if !round.progress {
                     // As the module's tick, only much sooner.
-                    std::thread::sleep(Duration::from_micros(200));
+                    match &sched {
+                        Some(s) => s.idle(1),
+                        None => std::thread::sleep(Duration::from_micros(200)),
+                    }
                 }
             }
+            Ok(())
         });
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (p, b, lock, room) = (pmem.clone(), backing.clone(), &lock, &room);
-                sc.spawn(move || request_thread(t, lock, room, p, b, ops))
+                let (p, b, lock, room, running) =
+                    (pmem.clone(), backing.clone(), &lock, &room, &running);
+                let sched = sched.clone();
+                sc.spawn(move || {
+                    let _turn = sched.as_ref().map(|s| s.enter(t as usize));
+                    let r = request_thread(t, lock, room, p, b, ops);
+                    running.fetch_sub(1, Ordering::AcqRel);
+                    r
+                })
             })
             .collect();
-        let models: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        stop.store(true, Ordering::Release);
-        bg.join().unwrap();
-        models
-    });
-    let mut cache = lock.0.into_inner().unwrap();
-    cache.check_invariants().unwrap();
+        let models: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("request thread panicked".into()))
+            })
+            .collect();
+        let bg = bg
+            .join()
+            .unwrap_or_else(|_| Err("background thread panicked".into()));
+        bg.map(|()| models)
+    })?;
+    let mut cache = lock.0.into_inner().map_err(|_| "engine lock poisoned")?;
+    cache
+        .check_invariants()
+        .map_err(|e| format!("invariants: {e:?}"))?;
     let st = cache.status();
-    assert!(
-        st.stats.ksets_gced > 0 && st.stats.bytes_written_back > 0,
-        "the cache never wrote back or collected: {st:?}"
-    );
-    cache.flush().unwrap();
-    cache.writeback_all().unwrap();
-    let mut b = backing.clone();
-    for (t, model) in models.iter().enumerate() {
-        let model = model.as_ref().unwrap_or_else(|e| panic!("{e}"));
+    if st.stats.ksets_gced == 0 || st.stats.bytes_written_back == 0 {
+        return Err(format!("the cache never wrote back or collected: {st:?}"));
+    }
+    cache.flush().map_err(|e| format!("flush: {e}"))?;
+    cache
+        .writeback_all()
+        .map_err(|e| format!("writeback: {e}"))?;
+    let mut b = TBacking(Mem(backing.0 .0.clone(), None));
+    for (t, model) in models.into_iter().enumerate() {
+        let model = model?;
         let base = t as u64 * 4 * REGION;
         let mut buf = vec![0u8; REGION as usize];
-        b.read(base, &mut buf).unwrap();
+        b.read(base, &mut buf).map_err(|_| "backing read")?;
         for (i, &v) in model.iter().enumerate() {
             let sec = base / SECTOR as u64 + i as u64;
-            assert_eq!(
-                version_of(sec, &buf[i * SECTOR..(i + 1) * SECTOR]),
-                Some(v),
-                "backing sector {sec} after full writeback"
-            );
+            let got = version_of(sec, &buf[i * SECTOR..(i + 1) * SECTOR]);
+            if got != Some(v) {
+                return Err(format!(
+                    "backing sector {sec} after full writeback: {got:?}, last written {v}"
+                ));
+            }
         }
     }
-    eprintln!(
+    Ok(format!(
         "{} background rounds; {:?}",
         rounds.load(Ordering::Relaxed),
         cache.status().stats
-    );
+    ))
+}
+
+#[test]
+fn request_and_background_threads_keep_every_write() {
+    let ops = std::env::var("PCACHE_THREAD_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000u64);
+    match run_threads(None, ops) {
+        Ok(summary) => eprintln!("{summary}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The same threads under the seeded scheduler, which switches at every
+/// acquisition of the engine lock and every device access without it: many
+/// interleavings, each one replayable from its seed
+/// (`PCACHE_SEED=<seed>`; `PCACHE_SCHED_SEEDS=<n>` runs more).
+#[test]
+fn seeded_schedules_of_request_and_background_threads_keep_every_write() {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let seeds: Vec<u64> = match env("PCACHE_SEED") {
+        Some(seed) => vec![seed],
+        None => (1..=env("PCACHE_SCHED_SEEDS").unwrap_or(12)).collect(),
+    };
+    let ops = env("PCACHE_SCHED_OPS").unwrap_or(1_500);
+    let mut switches = 0u64;
+    let mut first = None;
+    for &seed in &seeds {
+        let sched = Arc::new(Sched::new(THREADS as usize + 1, seed));
+        match run_threads(Some(sched.clone()), ops) {
+            Ok(summary) => first = first.or(Some((seed, summary, sched.switches()))),
+            Err(e) => panic!("seed {seed} FAILED (rerun: PCACHE_SEED={seed}): {e}"),
+        }
+        switches += sched.switches();
+    }
+    // A seed replays its run: the same switches, rounds and counters.
+    if let Some((seed, summary, n)) = first {
+        let sched = Arc::new(Sched::new(THREADS as usize + 1, seed));
+        let again = run_threads(Some(sched.clone()), ops).map(|s| (s, sched.switches()));
+        assert_eq!(again, Ok((summary, n)), "seed {seed} did not replay");
+    }
+    eprintln!("{} seeds, {switches} switches", seeds.len());
 }

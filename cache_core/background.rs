@@ -24,6 +24,11 @@ pub const STEPS_PER_ROUND: u32 = 16;
 /// writes back up to [`WB_KSETS_MAX`], so GC keeps up with a round's writeback.
 pub const GC_STEPS_PER_ROUND: u32 = STEPS_PER_ROUND * WB_KSETS_MAX as u32;
 
+/// Most clean steps in one round (each looks at
+/// [`super::io::CLEAN_KEYS_PER_STEP`] keys under one hold of the lock): a
+/// round gets through 16K keys, and a longer pass goes on next round.
+pub const CLEAN_STEPS_PER_ROUND: u32 = 64;
+
 /// How long an open kset waits for more keys before a round persists it
 /// (upstream: 1 s). Rounds come back to back while writeback has work, and
 /// closing half-empty ksets at each would cost log space and keys per step
@@ -160,7 +165,8 @@ where
     /// passed since the last time, or at once when `urgent` (a request waits
     /// for room, and the dirty keys of the open ksets cannot be written back
     /// before they are persisted), run up to [`STEPS_PER_ROUND`] writeback
-    /// steps and collect up to [`GC_STEPS_PER_ROUND`] ksets, and wake the
+    /// steps, collect up to [`GC_STEPS_PER_ROUND`] ksets and run up to
+    /// [`CLEAN_STEPS_PER_ROUND`] steps of the clean pass, and wake the
     /// requests waiting for room if anything moved.
     pub fn run<CP, CB, M, L, W>(&mut self, engine: &L, waiting: &W, urgent: bool) -> Round
     where
@@ -217,6 +223,20 @@ where
                     round.gc_error = Some(e);
                     break;
                 }
+            }
+        }
+        // The keys of the segments GC freed: only their nodes are held, so the
+        // pass goes a step per hold of the lock, and wakes the requests waiting
+        // for keys as it frees them.
+        for i in 0..=CLEAN_STEPS_PER_ROUND {
+            if i == CLEAN_STEPS_PER_ROUND {
+                round.more = true;
+                break;
+            }
+            match engine.with(|c| c.clean_step()) {
+                Some(0) => {}
+                Some(_) => round.progress = true,
+                None => break,
             }
         }
         if round.progress {

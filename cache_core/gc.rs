@@ -48,7 +48,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if r.is_err() {
             self.stats.gc_errors += 1;
         }
-        self.clean();
         r
     }
 
@@ -113,9 +112,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         }
     }
 
-    /// Run GC until it has nothing to do.
+    /// Run GC until it has nothing to do, and the clean pass to its end.
     pub fn gc_all(&mut self) -> Result<(), CacheError> {
         while self.gc_step()? == Step::Progress {}
+        self.clean_all();
         Ok(())
     }
 }

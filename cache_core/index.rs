@@ -380,25 +380,36 @@ impl<M: Memory> Index<M> {
         self.len() == 0
     }
 
-    /// Remove every key for which `stale` returns true; returns how many.
-    pub fn retain(&mut self, mut stale: impl FnMut(&Key) -> bool) -> usize {
+    /// Removes the keys for which `stale` returns true, in logical order from
+    /// offset `from` of subtree `sub` on, looking at no more than `budget`
+    /// keys and subtrees. Returns where to go on (`None`: past the last
+    /// subtree) and how many it removed.
+    pub fn retain_from(
+        &mut self,
+        mut sub: usize,
+        mut from: u64,
+        budget: usize,
+        mut stale: impl FnMut(&Key) -> bool,
+    ) -> (Option<(usize, u64)>, usize) {
         let mut removed = 0;
-        for sub in 0..self.n_roots {
-            let mut cursor = 0u64;
-            loop {
-                let c = self.ceil(self.root(sub), cursor);
-                if c == NIL {
-                    break;
-                }
-                let k = self.n(c).key;
-                cursor = k.off.saturating_add(1);
-                if stale(&k) {
-                    self.remove(sub, k.off);
-                    removed += 1;
-                }
+        for _ in 0..budget {
+            if sub >= self.n_roots {
+                return (None, removed);
+            }
+            let c = self.ceil(self.root(sub), from);
+            if c == NIL {
+                sub += 1;
+                from = 0;
+                continue;
+            }
+            let k = self.n(c).key;
+            from = k.off.saturating_add(1);
+            if stale(&k) {
+                self.remove(sub, k.off);
+                removed += 1;
             }
         }
-        removed
+        ((sub < self.n_roots).then_some((sub, from)), removed)
     }
 
     /// Visit every key of every subtree in logical order.

@@ -11,6 +11,10 @@ use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 use crate::meta::layout::SUBTREE_SIZE;
 
+/// Keys (and empty subtrees) one step of the clean pass looks at: one hold of
+/// the engine lock (see [`Cache::clean_step`]).
+pub const CLEAN_KEYS_PER_STEP: usize = 256;
+
 /// What a read found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReadResult {
@@ -1054,19 +1058,43 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         Ok(())
     }
 
-    /// Drop keys whose segment was reclaimed (upstream `clean_fn`).
-    pub fn clean(&mut self) -> usize {
-        if !self.need_clean {
-            return 0;
-        }
-        self.need_clean = false;
+    /// One step of the pass that drops the keys of reclaimed segments from
+    /// the index (upstream `clean_fn`): looks at the next
+    /// [`CLEAN_KEYS_PER_STEP`] keys. A segment GC frees starts a pass (or
+    /// another, after the one under way). `None` when no pass is under way;
+    /// otherwise how many keys the step dropped.
+    ///
+    /// Stale keys cost only their nodes: reads and writeback skip them by
+    /// generation. So the pass goes a step per hold of the engine lock rather
+    /// than scan the whole index in one, which held every request up for the
+    /// length of the index each time a segment was freed.
+    pub fn clean_step(&mut self) -> Option<usize> {
+        let (sub, from) = match self.clean_at {
+            Some(at) => at,
+            None if self.need_clean => {
+                self.need_clean = false;
+                (0, 0)
+            }
+            None => return None,
+        };
         let Cache { index, segs, .. } = self;
-        index.retain(|k| {
+        let (next, removed) = index.retain_from(sub, from, CLEAN_KEYS_PER_STEP, |k| {
             !k.empty()
                 && segs
                     .get(k.pos.seg.index())
                     .map(|s| k.gen < s.gen)
                     .unwrap_or(true)
-        })
+        });
+        self.clean_at = next;
+        Some(removed)
+    }
+
+    /// Runs the clean pass to its end (tests, the offline tool, [`Cache::gc_all`]).
+    pub fn clean_all(&mut self) -> usize {
+        let mut removed = 0;
+        while let Some(n) = self.clean_step() {
+            removed += n;
+        }
+        removed
     }
 }

@@ -124,6 +124,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     /// [`writeback::WbBatch`]): nothing else moves the dirty tail meanwhile.
     pub(crate) wb_pinned: Option<Pos>,
     pub(crate) need_clean: bool,
+    /// Where the clean pass under way goes on (subtree, offset).
+    pub(crate) clean_at: Option<(usize, u64)>,
     pub(crate) stats: Stats,
     /// See [`Status::dirty_bytes`].
     pub(crate) dirty_bytes: u64,

@@ -150,6 +150,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             dirty_tail: Tail::default(),
             wb_pinned: None,
             need_clean: false,
+            clean_at: None,
             stats: Stats::default(),
             dirty_bytes: 0,
             data_crc: opts.data_crc,

@@ -1140,6 +1140,56 @@ fn writeback_plans_a_kset_per_call_and_a_flush_between_ends_the_batch() {
     c.check_invariants().unwrap();
 }
 
+/// The keys of the segments GC frees leave the index a bounded step at a
+/// time: each clean step looks at no more than `CLEAN_KEYS_PER_STEP` keys
+/// (one hold of the engine lock), and the pass drops every stale key.
+#[test]
+fn the_clean_pass_drops_stale_keys_a_bounded_step_at_a_time() {
+    use pcache_engine::cache_core::io::CLEAN_KEYS_PER_STEP;
+    let (world, mut mem) = sized_world(32, 4096);
+    let mut c = small_cache(&world, &mut mem);
+    // 1,000 keys of 512 bytes, 4 KiB apart: both 4 MiB subtrees.
+    for s in 0..1000u64 {
+        c.write(s * 4096, &[s as u8; 512], false, 0).unwrap();
+    }
+    c.flush().unwrap();
+    c.writeback_all().unwrap();
+    c.set_gc_percent(0).unwrap();
+    while c.gc_step().unwrap() == Step::Progress {}
+    let stale = |c: &pcache_engine::cache_core::Cache<_, _, _>| {
+        let mut n = 0;
+        c.for_each_key(|k| n += usize::from(k.gen < c.segment(k.pos.seg.get()).gen));
+        n
+    };
+    let before = stale(&c);
+    assert!(
+        before > 2 * CLEAN_KEYS_PER_STEP,
+        "GC left {before} stale keys"
+    );
+    let keys = c.status().keys;
+    let mut steps = 0;
+    let mut removed = 0;
+    while let Some(n) = c.clean_step() {
+        assert!(n <= CLEAN_KEYS_PER_STEP);
+        removed += n;
+        steps += 1;
+    }
+    assert!(
+        steps > before / CLEAN_KEYS_PER_STEP,
+        "{steps} steps for {before} keys"
+    );
+    assert_eq!((removed, stale(&c)), (before, 0));
+    assert_eq!(c.status().keys, keys - before);
+    assert_eq!(c.clean_step(), None, "a pass with nothing freed since");
+    c.check_invariants().unwrap();
+    // What is left reads back: the backing device has the rest.
+    let mut buf = [0u8; 512];
+    for s in (0..1000u64).step_by(97) {
+        c.read(s * 4096, &mut buf, false, 0).unwrap();
+        assert_eq!(buf, [s as u8; 512]);
+    }
+}
+
 /// A backing device that records the writes it is given.
 struct Writes<B>(B, Vec<(u64, usize)>);
 

@@ -945,14 +945,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if !k.unverified() {
             return Ok(None);
         }
-        let start = Pos {
-            seg: k.pos.seg,
-            off: k
-                .pos
-                .off
-                .checked_sub(k.crc_back)
-                .ok_or(CacheError::Io("key crc range"))?,
-        };
+        let start = k.crc_start().ok_or(CacheError::Io("key crc range"))?;
         Ok(Some(HitCheck {
             key_off: k.off,
             pos: k.pos,
@@ -960,7 +953,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             crc: k.crc,
             start: self.pos_addr(start),
             len: k.crc_len,
-            exact: k.crc_back == 0 && cur == k.off && n as u64 == u64::from(k.crc_len),
+            exact: k.crc_exact(cur, n),
         }))
     }
 
@@ -1009,16 +1002,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 c.index.add_flags(sub, k.off, KEY_FLAGS_VERIFIED);
             }
         };
-        let exact = k.crc_back == 0 && cur == k.off && n as u64 == u64::from(k.crc_len);
+        let exact = k.crc_exact(cur, n);
         if k.unverified() && !exact {
-            let start = Pos {
-                seg: k.pos.seg,
-                off: k
-                    .pos
-                    .off
-                    .checked_sub(k.crc_back)
-                    .ok_or(CacheError::Io("key crc range"))?,
-            };
+            let start = k.crc_start().ok_or(CacheError::Io("key crc range"))?;
             let crc = self.data_crc_at(start, k.crc_len)?;
             if crc != k.crc {
                 self.stats.crc_errors += 1;

@@ -90,6 +90,18 @@ impl Key {
     pub fn has_crc(&self) -> bool {
         self.flags & KEY_FLAGS_DATA_CRC != 0
     }
+    /// Where the extent its CRC covers starts, `crc_back` bytes before `pos`
+    /// (`None` if the key says it starts before its segment).
+    pub fn crc_start(&self) -> Option<Pos> {
+        Some(Pos {
+            seg: self.pos.seg,
+            off: self.pos.off.checked_sub(self.crc_back)?,
+        })
+    }
+    /// A read of `n` bytes at logical offset `cur` is that whole extent.
+    pub fn crc_exact(&self, cur: u64, n: usize) -> bool {
+        self.crc_back == 0 && cur == self.off && n as u64 == u64::from(self.crc_len)
+    }
     /// `cache_key_cutfront`: drop the first `n` bytes.
     pub fn cut_front(&mut self, n: u32) {
         self.off += u64::from(n);

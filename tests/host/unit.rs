@@ -493,6 +493,19 @@ fn stats_count_dirty_and_written_back_bytes_and_reset() {
     c.check_invariants().unwrap();
 }
 
+/// Flips byte `i` of the extent `data` was written as, where it sits in pmem
+/// (its bytes are unique there); a second flip of the same byte mends it.
+fn corrupter<'a>(world: &'a SharedWorld, data: &[u8]) -> impl Fn(usize) + 'a {
+    let at = world
+        .borrow()
+        .pmem
+        .volatile
+        .windows(64)
+        .position(|win| win == &data[..64])
+        .unwrap();
+    move |i| world.borrow_mut().pmem.volatile[at + i] ^= 0xff
+}
+
 /// A read started for the caller to copy (`read_start`) hands out a key whose
 /// CRC is still to be checked as a hit that carries the check: `copy_hits`
 /// checks the whole extent without the engine, fails and zeroes on a
@@ -505,15 +518,7 @@ fn hits_check_crcs_outside_the_engine_and_mark_the_key_they_found() {
     let mut c = small_cache(&world, &mut mem);
     let data: Vec<u8> = (0..65536u32).map(|i| (i * 29 + 3) as u8 ^ 0x5a).collect();
     c.write(0, &data, true, 0).unwrap();
-    let at = {
-        let w = world.borrow();
-        w.pmem
-            .volatile
-            .windows(64)
-            .position(|win| win == &data[..64])
-            .unwrap()
-    };
-    let corrupt = |byte: usize| world.borrow_mut().pmem.volatile[at + byte] ^= 0xff;
+    let corrupt = corrupter(&world, &data);
     let mut buf = vec![0u8; 4096];
     let start = |c: &mut pcache_engine::cache_core::Cache<_, _, _>, off: u64, buf: &mut [u8]| {
         let mut hits = [Hit::default(); 1];
@@ -575,16 +580,7 @@ fn partial_reads_check_an_extent_once_per_attach() {
     let mut c = small_cache(&world, &mut mem);
     let data: Vec<u8> = (0..65536u32).map(|i| (i * 31 + 7) as u8 ^ 0xa5).collect();
     c.write(0, &data, true, 0).unwrap();
-    // Where the extent sits in pmem: its bytes are unique there.
-    let at = {
-        let w = world.borrow();
-        w.pmem
-            .volatile
-            .windows(64)
-            .position(|win| win == &data[..64])
-            .unwrap()
-    };
-    let corrupt = |byte: usize| world.borrow_mut().pmem.volatile[at + byte] ^= 0xff;
+    let corrupt = corrupter(&world, &data);
     let mut buf = vec![0u8; 4096];
     // A flipped byte 40 KiB in fails a read of the first 4 KiB: the whole extent is checked.
     corrupt(40 << 10);

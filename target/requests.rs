@@ -132,7 +132,7 @@ impl LiveCache {
         {
             return self.through_on_worker(bio);
         }
-        if self.caches_writes && bio.op() == BioOp::Write {
+        if self.caches_writes && matches!(bio.op(), BioOp::Write | BioOp::WriteZeroes) {
             return Served::Done(self.write_on_worker(bio));
         }
         let mut onward = None;
@@ -210,7 +210,7 @@ impl LiveCache {
     /// gaps): no context switch to the worker, as upstream and dm-writecache do. `None` hands
     /// it to the worker.
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
-        if self.caches_writes && bio.op() == BioOp::Write {
+        if self.caches_writes && matches!(bio.op(), BioOp::Write | BioOp::WriteZeroes) {
             if bio.is_preflush() {
                 let mut core = self.core.lock();
                 match outcome(core.engine.flush()) {
@@ -223,7 +223,8 @@ impl LiveCache {
                     }
                 }
             }
-            return self.write_unlocked(bio).map(Served::Done);
+            let zeroes = bio.op() == BioOp::WriteZeroes;
+            return self.write_unlocked(bio, zeroes).map(Served::Done);
         }
         if !self.caches_writes {
             match bio.op() {
@@ -253,9 +254,11 @@ impl LiveCache {
     /// A write served in `map` with its copy outside the engine lock (see
     /// [`LiveCache::write_chunks`]). `None`: the cache is full; the worker writes the rest
     /// ([`LiveCache::write_on_worker`]).
-    fn write_unlocked(&self, bio: &HeldBio) -> Option<Result> {
+    fn write_unlocked(&self, bio: &HeldBio, zeroes: bool) -> Option<Result> {
         let (mut done, mut hit) = (0usize, false);
-        let result = self.write_chunks(bio, &mut done, &mut hit);
+        let zeros = Zeros(bio.size() as usize);
+        let src = write_source(bio, &zeros, zeroes);
+        let result = self.write_chunks(bio, src, &mut done, &mut hit);
         if !hit && result.is_none() {
             // The commits tell whether the write replaced cached data (a hit); the part not
             // committed here is looked up before the worker writes it.
@@ -278,17 +281,27 @@ impl LiveCache {
             self.with_room(|core| outcome(core.engine.flush()))?;
         }
         let (mut done, mut hit) = (0usize, false);
-        self.until_room(|| self.write_chunks(bio, &mut done, &mut hit))
+        let zeroes = bio.op() == BioOp::WriteZeroes;
+        let zeros = Zeros(bio.size() as usize);
+        let src = write_source(bio, &zeros, zeroes);
+        self.until_room(|| self.write_chunks(bio, src, &mut done, &mut hit))
     }
 
-    /// Copies `bio` into the cache from byte `*done` on, so that writes on two CPUs copy at
-    /// once: the room for each chunk is reserved under the lock, filled from the bio's pages on
-    /// this CPU and fenced here (`pmem_wmb` orders only this CPU's stores), then committed
-    /// under the lock. `*done` counts the bytes committed and `*hit` whether a commit replaced
-    /// cached data. `None`: the cache is full (what is committed stays).
-    fn write_chunks(&self, bio: &HeldBio, done: &mut usize, hit: &mut bool) -> Option<Result> {
+    /// Copies `src` (what `bio` writes, see [`write_source`]) into the cache from byte
+    /// `*done` on, so that writes on two CPUs copy at once: the room for each chunk is
+    /// reserved under the lock, filled on this CPU and fenced here (`pmem_wmb` orders only
+    /// this CPU's stores), then committed under the lock. `*done` counts the bytes committed
+    /// and `*hit` whether a commit replaced cached data. `None`: the cache is full (what is
+    /// committed stays).
+    fn write_chunks(
+        &self,
+        bio: &HeldBio,
+        src: &dyn Source,
+        done: &mut usize,
+        hit: &mut bool,
+    ) -> Option<Result> {
         let off = self.offset_of(bio);
-        let len = bio.size() as usize;
+        let len = src.len();
         let fua = bio.is_fua();
         loop {
             if *done >= len {
@@ -305,7 +318,7 @@ impl LiveCache {
                 Err(e) => return outcome(Err(e)),
             };
             let mut pmem = self.pmem();
-            let Ok(crc) = copy_in(&mut pmem, &r, bio, at) else {
+            let Ok(crc) = copy_in(&mut pmem, &r, src, at) else {
                 self.core.lock().engine.write_cancel(&r);
                 return Some(Err(EIO));
             };
@@ -528,24 +541,16 @@ impl LiveCache {
                 return Some(Served::Done(done));
             }
         }
-        match op {
-            BioOp::Discard => {
-                let done = outcome(core.engine.discard(off, len as u64))?;
-                return Some(match done {
-                    Ok(()) if self.discard_passdown => Served::ToBacking,
-                    r => Served::Done(r),
-                });
-            }
-            BioOp::WriteZeroes => {
-                return self
-                    .write_zeroes(core, off, len, bio.is_fua())
-                    .map(Served::Done);
-            }
-            _ => {}
+        if op == BioOp::Discard {
+            let done = outcome(core.engine.discard(off, len as u64))?;
+            return Some(match done {
+                Ok(()) if self.discard_passdown => Served::ToBacking,
+                r => Served::Done(r),
+            });
         }
-        // A flush is done (above). Reads are served by `read_unlocked`, writes by
-        // `write_chunks` (from `map` or the worker) or as writes through, all without the
-        // engine lock; nothing else gets here.
+        // A flush is done (above). Reads are served by `read_unlocked`, writes and
+        // write-zeroes by `write_chunks` (from `map` or the worker) or as writes through, all
+        // without the engine lock; nothing else gets here.
         Some(Served::Done(if op == BioOp::Flush {
             Ok(())
         } else {
@@ -560,15 +565,6 @@ impl LiveCache {
         } else {
             Count::WriteMiss
         });
-    }
-
-    /// `REQ_OP_WRITE_ZEROES` in the modes that cache writes, served as writes of zeros through
-    /// the cache: the zeros are data like any other, so they read back after a remove and a
-    /// crash, and the cache stays in upstream's format. (Passing the bio down instead would let
-    /// an older dirty key, written back later, overwrite the zeros.) In the modes that write
-    /// through, the worker zeroes the backing device ([`LiveCache::through_on_worker`]).
-    fn write_zeroes(&self, core: &mut Core, off: u64, len: usize, fua: bool) -> Option<Result> {
-        outcome(core.engine.write_from(off, &Zeros(len), fua, 0))
     }
 
     /// Persists everything acknowledged, so a later instance (reload) or a power cut finds it.
@@ -601,4 +597,17 @@ fn stalled(_: request::Stalled) -> Result {
 fn failed(e: &CacheError) -> Error {
     pr_err!("pcache_rs: request failed: {}\n", ErrorText(e));
     EIO
+}
+
+/// What a write copies into the cache: the bio's pages, or for `REQ_OP_WRITE_ZEROES` (in the
+/// modes that cache writes) zeros, which are data like any other, so they read back after a
+/// remove and a crash, and the cache stays in upstream's format. (Passing the bio down instead
+/// would let an older dirty key, written back later, overwrite the zeros.) In the modes that
+/// write through, the worker zeroes the backing device ([`LiveCache::through_on_worker`]).
+fn write_source<'a>(bio: &'a HeldBio, zeros: &'a Zeros, zeroes: bool) -> &'a dyn Source {
+    if zeroes {
+        zeros
+    } else {
+        bio
+    }
 }

@@ -44,6 +44,7 @@ struct State {
 }
 
 pub struct Sched {
+    seed: u64,
     state: Mutex<State>,
     turn: Condvar,
 }
@@ -60,6 +61,7 @@ impl Sched {
     /// A scheduler for `threads` threads (numbered from 0), thread 0 first.
     pub fn new(threads: usize, seed: u64) -> Self {
         Sched {
+            seed,
             state: Mutex::new(State {
                 rng: Rng(seed),
                 turn: 0,
@@ -232,6 +234,12 @@ impl Sched {
     /// Switches so far.
     pub fn switches(&self) -> u64 {
         self.lock().switches
+    }
+
+    /// The seed the schedule comes from (other seeded choices of a run derive
+    /// from it).
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 }
 

@@ -12,6 +12,7 @@ use pcache_engine_env::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 mod pcache_engine_env {
     pub use crate::cache_core::env::{Backing, IoError, Pmem};
@@ -145,8 +146,9 @@ impl PmemModel {
     }
 }
 
-/// Sectors are shared between images (crash images clone the map, not the data).
-pub type Sector = Rc<[u8; SECTOR]>;
+/// Sectors are shared between images (crash images clone the map, not the data);
+/// `Arc`, so that a [`World`] can be shared by threads (`threads.rs`).
+pub type Sector = Arc<[u8; SECTOR]>;
 
 /// A block device with a volatile write cache, stored sparsely by sector.
 #[derive(Clone)]
@@ -209,6 +211,8 @@ pub struct World {
     pub ops: u64,
     /// Take a crash image with this probability (per million) at each operation.
     pub crash_ppm: u64,
+    /// Take no more crash images than this.
+    pub crash_limit: usize,
     pub rng: Rng,
     pub crashes: Vec<CrashImage>,
     /// When set, every backing-device IO fails (error-path testing).
@@ -219,21 +223,30 @@ pub struct World {
 
 impl World {
     pub fn new(pmem: Vec<u8>, backing: BackingModel, seed: u64) -> Rc<RefCell<World>> {
-        Rc::new(RefCell::new(World {
+        Rc::new(RefCell::new(World::tracked(pmem, backing, seed)))
+    }
+
+    /// A world whose pmem tracks its stores, so that crash images can be taken.
+    pub fn tracked(pmem: Vec<u8>, backing: BackingModel, seed: u64) -> World {
+        World {
             pmem: PmemModel::new(pmem),
             backing,
             ops: 0,
             crash_ppm: 0,
+            crash_limit: usize::MAX,
             rng: Rng(seed),
             crashes: Vec::new(),
             backing_fails: false,
             pins: Default::default(),
-        }))
+        }
     }
 
     fn tick(&mut self) {
         self.ops += 1;
-        if self.crash_ppm > 0 && self.rng.below(1_000_000) < self.crash_ppm {
+        if self.crash_ppm > 0
+            && self.crashes.len() < self.crash_limit
+            && self.rng.below(1_000_000) < self.crash_ppm
+        {
             self.take_crash();
         }
     }
@@ -250,16 +263,9 @@ impl World {
 
     /// A world for checking a crash image: no further crashes, no store tracking.
     pub fn untracked(pmem: Vec<u8>, backing: BackingModel) -> Rc<RefCell<World>> {
-        Rc::new(RefCell::new(World {
-            pmem: PmemModel::untracked(pmem),
-            backing,
-            ops: 0,
-            crash_ppm: 0,
-            rng: Rng(0),
-            crashes: Vec::new(),
-            backing_fails: false,
-            pins: Default::default(),
-        }))
+        let mut w = World::tracked(Vec::new(), backing, 0);
+        w.pmem = PmemModel::untracked(pmem);
+        Rc::new(RefCell::new(w))
     }
 
     pub fn take_crash(&mut self) {
@@ -271,6 +277,98 @@ impl World {
         };
         self.crashes.push(img);
     }
+
+    // The devices' operations, for the engine's views of them here and in
+    // `threads.rs`. Every store, fence, write and flush is an operation a crash
+    // may come before.
+
+    pub fn pmem_size(&self) -> u64 {
+        self.pmem.volatile.len() as u64
+    }
+
+    pub fn pmem_read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let off = off as usize;
+        let s = self
+            .pmem
+            .volatile
+            .get(off..off + buf.len())
+            .ok_or(IoError)?;
+        buf.copy_from_slice(s);
+        Ok(())
+    }
+
+    pub fn pmem_write(&mut self, off: u64, data: &[u8]) {
+        self.tick();
+        self.pmem.write(off, data);
+    }
+
+    pub fn pmem_flush(&mut self, off: u64, len: u64) {
+        self.pmem.flush(off, len);
+    }
+
+    pub fn pmem_fence(&mut self) {
+        self.tick();
+        self.pmem.fence();
+    }
+
+    pub fn pin(&mut self, seg: u32) {
+        *self.pins.entry(seg).or_default() += 1;
+    }
+
+    pub fn unpin(&mut self, seg: u32) {
+        match self.pins.get_mut(&seg) {
+            Some(1) => {
+                self.pins.remove(&seg);
+            }
+            Some(n) => *n -= 1,
+            None => panic!("segment {seg}: unpinned more often than pinned"),
+        }
+    }
+
+    pub fn pinned(&self, seg: u32) -> bool {
+        self.pins.contains_key(&seg)
+    }
+
+    pub fn backing_read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        if self.backing_fails
+            || !off.is_multiple_of(SECTOR as u64)
+            || !buf.len().is_multiple_of(SECTOR)
+        {
+            return Err(IoError);
+        }
+        for (i, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+            chunk.copy_from_slice(&self.backing.read_sector(off / SECTOR as u64 + i as u64));
+        }
+        Ok(())
+    }
+
+    pub fn backing_write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        if self.backing_fails
+            || !off.is_multiple_of(SECTOR as u64)
+            || !data.len().is_multiple_of(SECTOR)
+        {
+            return Err(IoError);
+        }
+        self.tick();
+        for (i, chunk) in data.chunks(SECTOR).enumerate() {
+            let s = off / SECTOR as u64 + i as u64;
+            let mut raw = [0u8; SECTOR];
+            raw.copy_from_slice(chunk);
+            let b: Sector = Arc::new(raw);
+            self.backing.cached.insert(s, b.clone());
+            self.backing.cache.push((s, b));
+        }
+        Ok(())
+    }
+
+    pub fn backing_flush(&mut self) -> Result<(), IoError> {
+        if self.backing_fails {
+            return Err(IoError);
+        }
+        self.tick();
+        self.backing.flush();
+        Ok(())
+    }
 }
 
 /// The engine's view of the pmem.
@@ -280,48 +378,28 @@ pub struct SimBacking(pub Rc<RefCell<World>>);
 
 impl Pmem for SimPmem {
     fn size(&self) -> u64 {
-        self.0.borrow().pmem.volatile.len() as u64
+        self.0.borrow().pmem_size()
     }
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let w = self.0.borrow();
-        let off = off as usize;
-        match w.pmem.volatile.get(off..off + buf.len()) {
-            Some(s) => {
-                buf.copy_from_slice(s);
-                Ok(())
-            }
-            None => Err(IoError),
-        }
+        self.0.borrow().pmem_read(off, buf)
     }
     fn write(&mut self, off: u64, data: &[u8]) {
-        let mut w = self.0.borrow_mut();
-        w.tick();
-        w.pmem.write(off, data);
+        self.0.borrow_mut().pmem_write(off, data)
     }
     fn flush(&mut self, off: u64, len: u64) {
-        let mut w = self.0.borrow_mut();
-        w.pmem.flush(off, len);
+        self.0.borrow_mut().pmem_flush(off, len)
     }
     fn fence(&mut self) {
-        let mut w = self.0.borrow_mut();
-        w.tick();
-        w.pmem.fence();
+        self.0.borrow_mut().pmem_fence()
     }
     fn pin(&self, seg: u32) {
-        *self.0.borrow_mut().pins.entry(seg).or_default() += 1;
+        self.0.borrow_mut().pin(seg)
     }
     fn unpin(&self, seg: u32) {
-        let mut w = self.0.borrow_mut();
-        match w.pins.get_mut(&seg) {
-            Some(1) => {
-                w.pins.remove(&seg);
-            }
-            Some(n) => *n -= 1,
-            None => panic!("segment {seg}: unpinned more often than pinned"),
-        }
+        self.0.borrow_mut().unpin(seg)
     }
     fn pinned(&self, seg: u32) -> bool {
-        self.0.borrow().pins.contains_key(&seg)
+        self.0.borrow().pinned(seg)
     }
 }
 
@@ -330,45 +408,13 @@ impl Backing for SimBacking {
         self.0.borrow().backing.size
     }
     fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let w = self.0.borrow();
-        if w.backing_fails
-            || !off.is_multiple_of(SECTOR as u64)
-            || !buf.len().is_multiple_of(SECTOR)
-        {
-            return Err(IoError);
-        }
-        for (i, chunk) in buf.chunks_mut(SECTOR).enumerate() {
-            chunk.copy_from_slice(&w.backing.read_sector(off / SECTOR as u64 + i as u64));
-        }
-        Ok(())
+        self.0.borrow().backing_read(off, buf)
     }
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
-        let mut w = self.0.borrow_mut();
-        if w.backing_fails
-            || !off.is_multiple_of(SECTOR as u64)
-            || !data.len().is_multiple_of(SECTOR)
-        {
-            return Err(IoError);
-        }
-        w.tick();
-        for (i, chunk) in data.chunks(SECTOR).enumerate() {
-            let s = off / SECTOR as u64 + i as u64;
-            let mut raw = [0u8; SECTOR];
-            raw.copy_from_slice(chunk);
-            let b: Sector = Rc::new(raw);
-            w.backing.cached.insert(s, b.clone());
-            w.backing.cache.push((s, b));
-        }
-        Ok(())
+        self.0.borrow_mut().backing_write(off, data)
     }
     fn flush(&mut self) -> Result<(), IoError> {
-        let mut w = self.0.borrow_mut();
-        if w.backing_fails {
-            return Err(IoError);
-        }
-        w.tick();
-        w.backing.flush();
-        Ok(())
+        self.0.borrow_mut().backing_flush()
     }
     /// The kernel submits a batch at once, so its writes may land in any order:
     /// model the worst by writing it backwards (the engine promises no overlaps).

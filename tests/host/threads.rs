@@ -12,22 +12,25 @@
 //! The threads run as the OS schedules them, and under the seeded scheduler of
 //! `sched.rs`, each in its own region or all in one shared range.
 //!
-//! The devices are plain memory behind a mutex per store, so copies of two
-//! threads interleave at the granularity of the pieces the engine hands them.
+//! The devices are the crash simulator's models behind one mutex, so copies of
+//! two threads interleave at the granularity of the pieces the engine hands
+//! them, and a crash image can be taken at any device operation of any thread:
+//! each is replayed after the run and must have lost no write committed before
+//! a FLUSH that completed before the crash ([`check_crash`]).
 
 mod sched;
 
 use pcache_engine::cache_core::background::Background;
 use pcache_engine::cache_core::fill::fill_copy;
 use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
-use pcache_engine::cache_core::request::with_room;
+use pcache_engine::cache_core::request::{until_room, with_room};
 use pcache_engine::cache_core::{
     Backing, Cache, CacheError, CacheOptions, IoError, Locked, Pmem, Waiting, WbExtent,
 };
 use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
-use pcache_engine::sim::{OwnedMem, Rng};
+use pcache_engine::sim::{BackingModel, CrashImage, OwnedMem, Rng, SimBacking, SimPmem, World};
 use sched::Sched;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,90 +43,86 @@ const SECTOR: usize = 512;
 const REGION: u64 = 1 << 20;
 const THREADS: u64 = 3;
 
-/// A device's store; under a [`Sched`], every access outside the engine lock
-/// is a point where another thread may be given the turn.
-#[derive(Clone)]
-struct Mem(Arc<Mutex<Vec<u8>>>, Option<Arc<Sched>>);
+/// Both devices: the crash simulator's models (`sim.rs`: a pmem whose stores
+/// are durable only once flushed and fenced, a backing device with a volatile
+/// write cache) behind one mutex. Under a [`Sched`], every access outside the
+/// engine lock is a point where another thread may be given the turn; with
+/// crashes on, the world takes a crash image at random device operations of any
+/// thread, inside the engine lock or not, and the history marks what had been
+/// committed and flushed at that moment (only the thread whose turn it is
+/// runs, so the image and the mark are of one instant).
+struct Devices {
+    world: Mutex<World>,
+    sched: Option<Arc<Sched>>,
+    history: History,
+}
 
-impl Mem {
-    fn new(len: usize, sched: Option<Arc<Sched>>) -> Self {
-        Mem(Arc::new(Mutex::new(vec![0; len])), sched)
-    }
-
-    fn switch(&self) {
-        if let Some(s) = &self.1 {
+impl Devices {
+    fn op<R>(&self, f: impl FnOnce(&mut World) -> R) -> R {
+        if let Some(s) = &self.sched {
             s.switch();
         }
+        let mut w = self.world.lock().unwrap_or_else(|e| e.into_inner());
+        let crashes = w.crashes.len();
+        let r = f(&mut w);
+        if w.crashes.len() > crashes {
+            self.history.mark();
+        }
+        r
     }
 
-    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.switch();
-        let m = self.0.lock().map_err(|_| IoError)?;
-        let at = off as usize;
-        buf.copy_from_slice(m.get(at..at + buf.len()).ok_or(IoError)?);
-        Ok(())
-    }
-
-    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
-        self.switch();
-        let mut m = self.0.lock().map_err(|_| IoError)?;
-        let at = off as usize;
-        m.get_mut(at..at + data.len())
-            .ok_or(IoError)?
-            .copy_from_slice(data);
-        Ok(())
+    /// The world, without a switch (pins, sizes, the checks after a run).
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// The pmem, and the pins of reads copying from it without the engine lock
-/// (counted per segment in atomics, as the kernel does).
+/// The pmem, and the pins of reads copying from it without the engine lock.
 #[derive(Clone)]
-struct TPmem(Mem, Arc<Vec<AtomicU32>>);
+struct TPmem(Arc<Devices>);
 
 impl Pmem for TPmem {
     fn size(&self) -> u64 {
-        self.0 .0.lock().map(|m| m.len() as u64).unwrap_or(0)
+        self.0.world().pmem_size()
     }
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.0.read_at(off, buf)
+        self.0.op(|w| w.pmem_read(off, buf))
     }
     fn write(&mut self, off: u64, data: &[u8]) {
-        self.0.write_at(off, data).expect("pmem store in range");
+        self.0.op(|w| w.pmem_write(off, data))
     }
-    fn flush(&mut self, _off: u64, _len: u64) {}
-    fn fence(&mut self) {}
+    fn flush(&mut self, off: u64, len: u64) {
+        self.0.world().pmem_flush(off, len)
+    }
+    fn fence(&mut self) {
+        self.0.op(|w| w.pmem_fence())
+    }
     fn pin(&self, seg: u32) {
-        if let Some(p) = self.1.get(seg as usize) {
-            p.fetch_add(1, Ordering::Relaxed);
-        }
+        self.0.world().pin(seg)
     }
     fn unpin(&self, seg: u32) {
-        if let Some(p) = self.1.get(seg as usize) {
-            p.fetch_sub(1, Ordering::Release);
-        }
+        self.0.world().unpin(seg)
     }
     fn pinned(&self, seg: u32) -> bool {
-        self.1
-            .get(seg as usize)
-            .is_some_and(|p| p.load(Ordering::Acquire) != 0)
+        self.0.world().pinned(seg)
     }
 }
 
 #[derive(Clone)]
-struct TBacking(Mem);
+struct TBacking(Arc<Devices>);
 
 impl Backing for TBacking {
     fn size(&self) -> u64 {
         BACKING
     }
     fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.0.read_at(off, buf)
+        self.0.op(|w| w.backing_read(off, buf))
     }
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
-        self.0.write_at(off, data)
+        self.0.op(|w| w.backing_write(off, data))
     }
     fn flush(&mut self) -> Result<(), IoError> {
-        Ok(())
+        self.0.op(|w| w.backing_flush())
     }
 }
 
@@ -236,6 +235,19 @@ struct HistoryState {
     seq: u64,
     /// Per sector, its versions in commit order with their sequence numbers.
     sectors: std::collections::HashMap<u64, Vec<(u64, u64)>>,
+    /// The sequence number at the start of the last FLUSH that completed.
+    flushed: u64,
+    /// One per crash image, in the order the world took them.
+    marks: Vec<Mark>,
+}
+
+/// What the history held when a crash image was taken.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// Commits so far.
+    seq: u64,
+    /// See [`HistoryState::flushed`]: every commit up to it must survive.
+    flushed: u64,
 }
 
 impl History {
@@ -256,6 +268,23 @@ impl History {
     /// Called under the engine lock.
     fn now(&self) -> u64 {
         self.state().seq
+    }
+
+    /// Called under the engine lock, as the FLUSH that started at `start`
+    /// (a [`History::now`]) completes.
+    fn flushed(&self, start: u64) {
+        let mut st = self.state();
+        st.flushed = st.flushed.max(start);
+    }
+
+    /// A crash image was just taken.
+    fn mark(&self) {
+        let mut st = self.state();
+        let m = Mark {
+            seq: st.seq,
+            flushed: st.flushed,
+        };
+        st.marks.push(m);
     }
 
     /// Whether `version` was sector `s`'s last one at some point in
@@ -286,24 +315,40 @@ impl History {
     }
 }
 
-/// A write as `map` serves it: each chunk reserved under the lock, copied and
-/// fenced without it, committed under it; a full cache sends the whole write
-/// through `with_room` (the module's worker).
+/// A write as the module serves it: each chunk reserved under the lock, copied
+/// and fenced without it, committed under it, first in `map`; once a chunk
+/// finds the cache full, the worker goes on from there each time room is made
+/// (what is committed stays, and each commit is in the history at once).
 fn write(
     lock: &Lock<Engine<'_>>,
     room: &Room,
     pmem: &mut TPmem,
     history: &History,
-    (off, data, version): (u64, &[u8], u64),
+    w: (u64, &[u8], u64),
 ) -> Result<(), String> {
     let mut done = 0usize;
-    while done < data.len() {
-        let r = match lock.with(|c| c.write_reserve(off + done as u64, data.len() - done, 0, 0)) {
+    until_room(room, || write_chunks(lock, pmem, history, w, &mut done))
+        .unwrap_or_else(|_| Err("write stalled waiting for room".into()))
+}
+
+/// The chunks of a write from `*done` on; `None` when the cache is full.
+fn write_chunks(
+    lock: &Lock<Engine<'_>>,
+    pmem: &mut TPmem,
+    history: &History,
+    (off, data, version): (u64, &[u8], u64),
+    done: &mut usize,
+) -> Option<Result<(), String>> {
+    while *done < data.len() {
+        let at = *done;
+        let r = match lock.with(|c| c.write_reserve(off + at as u64, data.len() - at, 0, 0)) {
             Ok(r) => r,
-            Err(CacheError::Busy(_)) => break,
-            Err(e) => return Err(format!("reserve: {e}")),
+            Err(CacheError::Busy(_)) => return None,
+            Err(e) => return Some(Err(format!("reserve: {e}"))),
         };
-        let crc = copy_in(pmem, &r, data, done).map_err(|_| "copy_in")?;
+        let Ok(crc) = copy_in(pmem, &r, data, at) else {
+            return Some(Err("copy_in".into()));
+        };
         pmem.fence();
         let committed = lock.with(|c| {
             let res = c.write_commit(&r, crc, false);
@@ -313,30 +358,33 @@ fn write(
             res
         });
         match committed {
-            Ok(_) => done += r.len as usize,
-            Err(CacheError::Busy(_)) => break,
-            Err(e) => return Err(format!("commit: {e}")),
+            Ok(_) => *done += r.len as usize,
+            Err(CacheError::Busy(_)) => return None,
+            Err(e) => return Some(Err(format!("commit: {e}"))),
         }
     }
-    if done == data.len() {
-        return Ok(());
-    }
-    let rest = off + done as u64;
-    let data = &data[done..];
+    Some(Ok(()))
+}
+
+/// A FLUSH as `map` serves it: under the lock, through `with_room` (closing
+/// the open ksets may need a new key segment). Every write committed before it
+/// must survive a crash after it.
+fn flush(lock: &Lock<Engine<'_>>, room: &Room, history: &History) -> Result<(), String> {
     match with_room(lock, room, |c: &mut Engine<'_>| {
-        match c.write(rest, data, false, 0) {
+        let start = history.now();
+        match c.flush() {
             Err(CacheError::Busy(_)) => None,
             r => {
                 if r.is_ok() {
-                    history.commit(rest, data.len() as u64, version);
+                    history.flushed(start);
                 }
                 Some(r)
             }
         }
     }) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("write: {e}")),
-        Err(_) => Err("write stalled waiting for room".into()),
+        Ok(Err(e)) => Err(format!("flush: {e}")),
+        Err(_) => Err("flush stalled waiting for room".into()),
     }
 }
 
@@ -415,7 +463,9 @@ fn request_thread(
         let off = base + s * SECTOR as u64;
         let first = off / SECTOR as u64;
         let mut buf = vec![0u8; n as usize * SECTOR];
-        if rng.chance(1, 2) {
+        if rng.chance(1, 16) {
+            flush(lock, room, history)?;
+        } else if rng.chance(1, 2) {
             next += 1;
             for i in 0..n {
                 let at = i as usize * SECTOR;
@@ -441,36 +491,49 @@ fn request_thread(
     Ok(())
 }
 
+/// Crash images a run takes at most, and how often (per million device
+/// operations): a run of the seeded tests does about 100,000 operations.
+const CRASH_LIMIT: usize = 12;
+const CRASH_PPM: u64 = 100;
+
 /// Runs [`THREADS`] request threads of `ops` operations each (each in its own
 /// region, or with `shared` all in one) and the background thread until they
 /// are done, on real threads, interleaved by the OS or (with `sched`) by the
-/// seeded scheduler; then checks the engine's invariants, that it wrote back
-/// and collected, and that a full writeback leaves the backing device with
-/// every sector's last version.
+/// seeded scheduler, taking crash images along the way (see [`Devices`]); then
+/// checks the engine's invariants, that it wrote back and collected, that a
+/// full writeback leaves the backing device with every sector's last version,
+/// and that each crash image replays to a cache that lost no flushed write
+/// ([`check_crash`]).
 fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<String, String> {
-    let pmem = TPmem(
-        Mem::new((SEGMENTS_OFF + N_SEGS * SEG) as usize, sched.clone()),
-        Arc::new((0..N_SEGS).map(|_| AtomicU32::new(0)).collect()),
+    let seed = sched.as_ref().map_or(0, |s| s.seed());
+    let mut world = World::tracked(
+        vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
+        BackingModel::new(BACKING, Default::default()),
+        seed ^ 0xc7a5,
     );
-    let backing = TBacking(Mem::new(BACKING as usize, sched.clone()));
+    world.crash_ppm = CRASH_PPM;
+    world.crash_limit = CRASH_LIMIT;
+    let devices = Arc::new(Devices {
+        world: Mutex::new(world),
+        sched: sched.clone(),
+        history: History::default(),
+    });
+    let pmem = TPmem(devices.clone());
+    let backing = TBacking(devices.clone());
+    let history = &devices.history;
     let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
-    let opts = CacheOptions {
-        data_crc: true,
-        ..Default::default()
-    };
     let cache = Cache::start(
         pmem.clone(),
         backing.clone(),
         Geometry::small(SEG).map_err(|e| e.to_string())?,
         mem.borrow(),
-        &opts,
+        &opts(),
     )
     .map_err(|e| format!("start: {e}"))?;
     let lock = Lock(Mutex::new(cache), sched.clone());
     let room = Room::new(sched.clone());
     let running = AtomicU64::new(THREADS);
     let rounds = AtomicU64::new(0);
-    let history = History::default();
     std::thread::scope(|sc| {
         let bg = sc.spawn(|| {
             let _turn = sched.as_ref().map(|s| s.enter(THREADS as usize));
@@ -498,14 +561,8 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
         });
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (p, b, lock, room, running, history) = (
-                    pmem.clone(),
-                    backing.clone(),
-                    &lock,
-                    &room,
-                    &running,
-                    &history,
-                );
+                let (p, b, lock, room, running) =
+                    (pmem.clone(), backing.clone(), &lock, &room, &running);
                 let sched = sched.clone();
                 sc.spawn(move || {
                     let _turn = sched.as_ref().map(|s| s.enter(t as usize));
@@ -527,6 +584,24 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
             .unwrap_or_else(|_| Err("background thread panicked".into()));
         requests.and(bg)
     })?;
+    let (images, ops_done) = {
+        let mut w = devices.world();
+        w.crash_ppm = 0;
+        (std::mem::take(&mut w.crashes), w.ops)
+    };
+    let marks = std::mem::take(&mut history.state().marks);
+    if marks.len() != images.len() {
+        return Err(format!(
+            "{} crash images, {} marks",
+            images.len(),
+            marks.len()
+        ));
+    }
+    let n_images = images.len();
+    for (img, mark) in images.into_iter().zip(marks) {
+        let at_op = img.at_op;
+        check_crash(img, mark, history).map_err(|e| format!("crash at op {at_op}: {e}"))?;
+    }
     let mut cache = lock.0.into_inner().map_err(|_| "engine lock poisoned")?;
     cache
         .check_invariants()
@@ -539,10 +614,11 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
     cache
         .writeback_all()
         .map_err(|e| format!("writeback: {e}"))?;
-    let mut b = TBacking(Mem(backing.0 .0.clone(), None));
     let mut buf = vec![0u8; SECTOR];
     for sec in 0..BACKING / SECTOR as u64 {
-        b.read(sec * SECTOR as u64, &mut buf)
+        devices
+            .world()
+            .backing_read(sec * SECTOR as u64, &mut buf)
             .map_err(|_| "backing read")?;
         let (got, last) = (version_of(sec, &buf), history.last(sec));
         if got != Some(last) {
@@ -552,10 +628,91 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
         }
     }
     Ok(format!(
-        "{} background rounds; {:?}",
+        "{} background rounds, {ops_done} device operations, {n_images} crash images; {:?}",
         rounds.load(Ordering::Relaxed),
         cache.status().stats
     ))
+}
+
+fn opts() -> CacheOptions {
+    CacheOptions {
+        data_crc: true,
+        ..Default::default()
+    }
+}
+
+/// Replays a crash image taken during a run and reads every sector the run
+/// wrote: each must hold a version written there (or never written: zeros),
+/// torn or foreign data being none, and none older than the last version
+/// committed before the last FLUSH that completed before the crash. The
+/// backing device's sectors, before replay, hold written versions only too.
+fn check_crash(img: CrashImage, mark: Mark, history: &History) -> Result<(), String> {
+    let st = history.state();
+    let mut sectors: Vec<u64> = st.sectors.keys().copied().collect();
+    sectors.sort_unstable();
+    let written = |s: u64, v: u64| {
+        let hist = st.sectors.get(&s).map(Vec::as_slice).unwrap_or_default();
+        if v == 0 {
+            return Some(None);
+        }
+        hist.iter().position(|&(x, _)| x == v).map(Some)
+    };
+    for &s in &sectors {
+        let data = img.backing.get(&s).map_or([0u8; SECTOR], |d| **d);
+        let v = version_of(s, &data);
+        if v.and_then(|v| written(s, v)).is_none() {
+            return Err(format!(
+                "backing sector {s} holds {v:?}, never written there"
+            ));
+        }
+    }
+    let world = World::untracked(img.pmem, BackingModel::new(BACKING, img.backing));
+    let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
+    let mut cache = Cache::start(
+        SimPmem(world.clone()),
+        SimBacking(world.clone()),
+        Geometry::small(SEG).map_err(|e| e.to_string())?,
+        mem.borrow(),
+        &opts(),
+    )
+    .map_err(|e| format!("replay: {e}"))?;
+    cache
+        .check_invariants()
+        .map_err(|e| format!("invariants after replay: {e:?}"))?;
+    let mut buf = vec![0u8; SECTOR];
+    for &s in &sectors {
+        cache
+            .read(s * SECTOR as u64, &mut buf, false, 0)
+            .map_err(|e| format!("read of sector {s} after replay: {e}"))?;
+        let hist = st.sectors.get(&s).map(Vec::as_slice).unwrap_or_default();
+        let got = version_of(s, &buf);
+        let Some(at) = got.and_then(|v| written(s, v)) else {
+            return Err(format!("sector {s} reads {got:?}, never written there"));
+        };
+        // A commit records itself after the engine's stores, in the same hold
+        // of the lock: a crash may come between, no later.
+        if at.is_some_and(|at| hist[at].1 > mark.seq + 1) {
+            let mut ks = String::new();
+            cache.for_each_key(|k| {
+                if k.off <= s * 512 && k.end() > s * 512 {
+                    ks += &format!("{k:?}");
+                }
+            });
+            return Err(format!(
+                "sector {s} reads {got:?}, committed after the crash ({mark:?}, key {ks}, status {:?}, versions {hist:?})", cache.status()
+            ));
+        }
+        // The last version that had to survive, if any.
+        let floor = hist.iter().rposition(|&(_, seq)| seq <= mark.flushed);
+        if floor.is_some_and(|f| at.is_none_or(|at| at < f)) {
+            return Err(format!(
+                "sector {s} lost a flushed write: reads {got:?}, the last version \
+                 committed before the last completed FLUSH is {:?} ({mark:?}, versions {hist:?})",
+                floor.map(|f| hist[f])
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[test]

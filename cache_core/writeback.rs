@@ -369,22 +369,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// [`Self::writeback_plan_more`] adds the ksets after it, one per call, so
     /// that a caller can let the engine's lock go between them.
     pub fn writeback_plan(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
-        if self.wb_pinned.is_some() {
-            return Ok(WbPlan::Idle);
-        }
-        let r = self.plan_first(0);
-        match &r {
-            Ok(WbPlan::Batch(b)) => {
-                if let Err(e) = self.copy_planned(b, 0, out) {
-                    self.stats.writeback_errors += 1;
-                    return Err(e);
-                }
-                self.wb_pinned = Some(b.tail);
+        self.pin_plan(|c| {
+            let plan = c.plan_first(0)?;
+            if let WbPlan::Batch(b) = &plan {
+                c.copy_planned(b, 0, out)?;
             }
-            Ok(_) => {}
-            Err(_) => self.stats.writeback_errors += 1,
-        }
-        r
+            Ok(plan)
+        })
     }
 
     /// Adds the kset after `batch` to it if it may join (see
@@ -433,22 +424,32 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Plans a whole step into `self.wb_extents` in one go, and pins the dirty
     /// tail for it.
     fn plan_pinned(&mut self) -> Result<WbPlan, CacheError> {
-        if self.wb_pinned.is_some() {
-            return Ok(WbPlan::Idle);
-        }
         let room = self.wb_extents.len();
-        let r = self.plan_first(0).and_then(|plan| {
-            if let WbPlan::Batch(mut b) = plan {
+        self.pin_plan(|c| match c.plan_first(0)? {
+            WbPlan::Batch(mut b) => {
                 loop {
                     let at = b.n;
-                    if !self.plan_next(&mut b, room, at)? {
+                    if !c.plan_next(&mut b, room, at)? {
                         break;
                     }
                 }
-                return Ok(WbPlan::Batch(b));
+                Ok(WbPlan::Batch(b))
             }
-            Ok(plan)
-        });
+            plan => Ok(plan),
+        })
+    }
+
+    /// Runs `plan` unless a batch is out already (`Idle`), and pins the dirty
+    /// tail for the batch it returns; an error is counted (and drops the batch,
+    /// so the next plan starts over from the dirty tail).
+    fn pin_plan(
+        &mut self,
+        plan: impl FnOnce(&mut Self) -> Result<WbPlan, CacheError>,
+    ) -> Result<WbPlan, CacheError> {
+        if self.wb_pinned.is_some() {
+            return Ok(WbPlan::Idle);
+        }
+        let r = plan(self);
         match &r {
             Ok(WbPlan::Batch(b)) => self.wb_pinned = Some(b.tail),
             Ok(_) => {}

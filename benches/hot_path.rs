@@ -4,7 +4,7 @@
 //! fences per request. `cargo bench` (criterion-style output without the
 //! dependency: median of several timed batches).
 
-use pcache_engine::cache_core::index::{Index, Node};
+use pcache_engine::cache_core::index::{Index, Node, Root};
 use pcache_engine::cache_core::key::{Key, Pos, SegId};
 use pcache_engine::cache_core::Borrowed;
 use pcache_engine::cache_core::{Backing, Cache, CacheError, CacheOptions, IoError, KsetBuf, Pmem};
@@ -195,8 +195,8 @@ fn main() {
     // 64 MiB of logical space (16 subtrees), 4 KiB-aligned keys of 4-64 KiB.
     let span: u64 = 64 << 20;
     let mut nodes = vec![Node::default(); 1 << 16];
-    let mut roots = vec![0u32; 16];
-    let mut idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 16);
+    let mut roots = vec![Root::default(); 16];
+    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 16);
     let mut rng = Lcg(1);
     // Warm the index to a steady state of a few thousand keys.
     for _ in 0..50_000 {

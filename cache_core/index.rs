@@ -3,35 +3,189 @@
 //!
 //! Inserting resolves overlaps (`cache_key_insert` with fixup): keys the new key
 //! covers are freed, keys overlapping its head or tail are trimmed, a key that
-//! contains it is split in two. Nodes are `u32` indices into the slab; the free
-//! list threads through `left`. A treap (priority = hash of the slot) keeps
-//! split/merge simple and the expected depth logarithmic; recursion depth is the
-//! tree depth. Every slab access goes through `get`, so a corrupted link can only
-//! misbehave, never index out of bounds.
+//! contains it is split in two. Nodes are `u32` indices into the slab. A treap
+//! (priority = hash of the slot) keeps split/merge simple and the expected
+//! depth logarithmic; recursion depth is the tree depth. Every slab access goes
+//! through `n`, so a corrupted link can only misbehave, never index out of
+//! bounds.
+//!
+//! The slab is shared, so that subtrees can be worked on at once: the index
+//! works through `&self` and every field of a node is an atomic. A node has one
+//! owner at a time — a subtree's tree, an insert under way, or the free list —
+//! and only its owner touches it. A subtree's nodes are touched by whoever holds
+//! that subtree (upstream: the subtree's lock); free nodes change hands through
+//! the free list's compare-and-swap, whose acquire and release order what the
+//! last owner wrote before what the next one reads. So the owners' own loads and
+//! stores are `Relaxed` (plain moves on x86), and free nodes come from one list
+//! whatever subtree frees or takes them: none is stranded in a quiet subtree.
+//! Two operations on different subtrees may run at once; two on one subtree
+//! may not.
 
-use super::key::Key;
+use super::key::{Key, Pos, SegId};
 use super::memory::Memory;
 use crate::meta::layout::SUBTREE_SHIFT;
+use core::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 const NIL: u32 = u32::MAX;
 
-/// A slab slot. Create with `Node::default()`.
-#[derive(Debug, Clone, Copy)]
+/// A slab slot: a key, packed in words, and its two tree links. Create with
+/// `Node::default()`. A cache line each (56 bytes would straddle lines: a
+/// lookup touching one node would miss twice).
+#[repr(align(64))]
 pub struct Node {
-    key: Key,
-    left: u32,
-    right: u32,
+    /// `off`; `len | flags << 32`; `pos.seg | pos.off << 32`; `gen`;
+    /// `crc | crc_back << 32`; `crc_len` (see [`Node::key`]).
+    key: [AtomicU64; 6],
+    /// `left | right << 32`. In a tree, the children; on the free list, the
+    /// next free node is on the left. One word, so that a descent loads both
+    /// children at once and picks one without a branch.
+    links: AtomicU64,
+    /// The treap priority, fixed by the slot (see [`prio_of`]).
     prio: u32,
+}
+
+fn lo(w: u64) -> u32 {
+    w as u32
+}
+
+fn hi(w: u64) -> u32 {
+    (w >> 32) as u32
+}
+
+fn pair(lo: u32, hi: u32) -> u64 {
+    u64::from(lo) | u64::from(hi) << 32
+}
+
+impl Node {
+    fn key(&self) -> Key {
+        let [w0, w1, w2, w3, w4, w5] = self.key.each_ref().map(|w| w.load(Relaxed));
+        Key {
+            off: w0,
+            len: lo(w1),
+            flags: hi(w1),
+            pos: Pos {
+                seg: SegId::restored(lo(w2)),
+                off: hi(w2),
+            },
+            gen: w3,
+            crc: lo(w4),
+            crc_back: hi(w4),
+            crc_len: lo(w5),
+        }
+    }
+
+    fn set_key(&self, k: &Key) {
+        let words = [
+            k.off,
+            pair(k.len, k.flags),
+            pair(k.pos.seg.get(), k.pos.off),
+            k.gen,
+            pair(k.crc, k.crc_back),
+            u64::from(k.crc_len),
+        ];
+        for (a, w) in self.key.iter().zip(words) {
+            a.store(w, Relaxed);
+        }
+    }
+
+    /// The key's start, all a descent needs.
+    fn off(&self) -> u64 {
+        self.key[0].load(Relaxed)
+    }
+
+    fn end(&self) -> u64 {
+        self.off() + u64::from(lo(self.key[1].load(Relaxed)))
+    }
+
+    fn links(&self) -> (u32, u32) {
+        let w = self.links.load(Relaxed);
+        (lo(w), hi(w))
+    }
+
+    /// The child on the side of `x` from the key's start: the right one if the
+    /// key starts before `x`.
+    fn toward(&self, x: u64) -> u32 {
+        let (l, r) = self.links();
+        if self.off() < x {
+            r
+        } else {
+            l
+        }
+    }
+
+    fn left(&self) -> u32 {
+        self.links().0
+    }
+
+    fn right(&self) -> u32 {
+        self.links().1
+    }
+
+    fn set_links(&self, left: u32, right: u32) {
+        self.links.store(pair(left, right), Relaxed)
+    }
+
+    fn set_left(&self, i: u32) {
+        self.set_links(i, self.right())
+    }
 }
 
 impl Default for Node {
     fn default() -> Self {
         Node {
-            key: Key::default(),
-            left: NIL,
-            right: NIL,
+            key: Default::default(),
+            links: AtomicU64::new(pair(NIL, NIL)),
             prio: 0,
         }
+    }
+}
+
+/// Filling a slab before the index takes it over (nobody else sees it yet).
+impl Clone for Node {
+    fn clone(&self) -> Self {
+        let n = Node {
+            prio: self.prio,
+            ..Node::default()
+        };
+        n.set_key(&self.key());
+        n.links.store(self.links.load(Relaxed), Relaxed);
+        n
+    }
+}
+
+impl core::fmt::Debug for Node {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Node")
+            .field("key", &self.key())
+            .field("left", &self.left())
+            .field("right", &self.right())
+            .finish()
+    }
+}
+
+/// The root of one subtree (none: the subtree is empty). Create with
+/// `Root::default()`.
+pub struct Root(AtomicU32);
+
+impl Default for Root {
+    fn default() -> Self {
+        Root(AtomicU32::new(NIL))
+    }
+}
+
+/// Filling the roots before the index takes them over.
+impl Clone for Root {
+    fn clone(&self) -> Self {
+        Root(AtomicU32::new(self.0.load(Relaxed)))
+    }
+}
+
+impl core::fmt::Debug for Root {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.0.load(Relaxed).fmt(f)
     }
 }
 
@@ -39,14 +193,36 @@ impl Default for Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexFull;
 
+/// Nodes linked through `left`, from `head` to `tail`, on their way to the
+/// free list (see [`Index::free_chain`]).
+struct Chain {
+    head: u32,
+    tail: u32,
+    count: u32,
+}
+
+impl Chain {
+    const EMPTY: Chain = Chain {
+        head: NIL,
+        tail: NIL,
+        count: 0,
+    };
+}
+
 /// The whole index over the preallocated slab and subtree roots.
 pub struct Index<M: Memory> {
     nodes: M::Buf<Node>,
-    roots: M::Buf<u32>,
+    roots: M::Buf<Root>,
     /// Subtrees in use (the device's 4 MiB stripes; `roots` may be longer).
     n_roots: usize,
-    free: u32,
-    n_free: u32,
+    /// The free list, a stack linked through `left`: the node on top in the
+    /// low 32 bits, and in the high 32 a count of the changes to it, so that a
+    /// compare-and-swap whose node was taken and given back meanwhile fails
+    /// (ABA).
+    free: AtomicU64,
+    /// Free nodes. Counted up before nodes go on the list and down after they
+    /// come off, so it may run ahead of the list for a moment, never behind.
+    n_free: AtomicU32,
     sink: Node,
 }
 
@@ -60,23 +236,23 @@ fn prio_of(i: u32) -> u32 {
 
 impl<M: Memory> Index<M> {
     /// `nodes` is the key slab; `roots` needs one entry per 4 MiB of backing device.
-    pub fn new(mut nodes: M::Buf<Node>, mut roots: M::Buf<u32>, n_roots: usize) -> Self {
+    pub fn new(mut nodes: M::Buf<Node>, mut roots: M::Buf<Root>, n_roots: usize) -> Self {
         let n = nodes.len().min(NIL as usize - 1);
         for (i, node) in nodes.iter_mut().enumerate().take(n) {
-            node.left = if i + 1 < n { (i + 1) as u32 } else { NIL };
-            node.right = NIL;
+            let next = if i + 1 < n { (i + 1) as u32 } else { NIL };
+            *node.links.get_mut() = pair(next, NIL);
             node.prio = prio_of(i as u32);
         }
         for r in roots.iter_mut() {
-            *r = NIL;
+            *r.0.get_mut() = NIL;
         }
         let n_roots = n_roots.min(roots.len());
         Index {
             nodes,
             roots,
             n_roots,
-            free: if n > 0 { 0 } else { NIL },
-            n_free: n as u32,
+            free: AtomicU64::new(if n > 0 { 0 } else { u64::from(NIL) }),
+            n_free: AtomicU32::new(n as u32),
             sink: Node::default(),
         }
     }
@@ -86,7 +262,7 @@ impl<M: Memory> Index<M> {
     }
 
     pub fn free_nodes(&self) -> u32 {
-        self.n_free
+        self.n_free.load(Relaxed)
     }
 
     pub fn capacity(&self) -> usize {
@@ -107,81 +283,113 @@ impl<M: Memory> Index<M> {
         self.nodes.get(i as usize).unwrap_or(&self.sink)
     }
 
-    fn nm(&mut self, i: u32) -> &mut Node {
-        let Index { nodes, sink, .. } = self;
-        nodes.get_mut(i as usize).unwrap_or(sink)
-    }
-
     fn root(&self, sub: usize) -> u32 {
-        self.roots.get(sub).copied().unwrap_or(NIL)
+        self.roots.get(sub).map_or(NIL, |r| r.0.load(Relaxed))
     }
 
-    fn set_root(&mut self, sub: usize, r: u32) {
-        if let Some(slot) = self.roots.get_mut(sub).filter(|_| sub < self.n_roots) {
-            *slot = r;
+    fn set_root(&self, sub: usize, r: u32) {
+        if let Some(slot) = self.roots.get(sub).filter(|_| sub < self.n_roots) {
+            slot.0.store(r, Relaxed);
         }
     }
 
-    fn alloc(&mut self, key: Key) -> u32 {
-        let i = self.free;
-        if i == NIL {
-            return NIL;
+    /// Takes the node on top of the free list (`NIL`: none left).
+    fn pop_free(&self) -> u32 {
+        let mut top = self.free.load(Acquire);
+        loop {
+            let i = lo(top);
+            if i == NIL {
+                return NIL;
+            }
+            // `i` may be taken by another thread before the swap: then the
+            // link read here is stale, and the swap fails on the count.
+            let next = self.n(i).left();
+            let new = pair(next, hi(top).wrapping_add(1));
+            match self.free.compare_exchange_weak(top, new, Acquire, Acquire) {
+                Ok(_) => {
+                    self.n_free.fetch_sub(1, Relaxed);
+                    return i;
+                }
+                Err(now) => top = now,
+            }
         }
-        self.free = self.n(i).left;
-        self.n_free -= 1;
-        let prio = prio_of(i);
-        *self.nm(i) = Node {
-            key,
-            left: NIL,
-            right: NIL,
-            prio,
-        };
-        i
     }
 
-    fn release(&mut self, i: u32) {
-        if i == NIL || i as usize >= self.nodes.len() {
+    /// Puts a chain of nodes nobody else holds on the free list.
+    fn free_chain(&self, chain: Chain) {
+        if chain.head == NIL {
             return;
         }
-        let free = self.free;
-        let n = self.nm(i);
-        n.left = free;
-        n.right = NIL;
-        self.free = i;
-        self.n_free += 1;
+        self.n_free.fetch_add(chain.count, Relaxed);
+        let mut top = self.free.load(Relaxed);
+        loop {
+            self.n(chain.tail).set_left(lo(top));
+            let new = pair(chain.head, hi(top).wrapping_add(1));
+            match self.free.compare_exchange_weak(top, new, Release, Relaxed) {
+                Ok(_) => return,
+                Err(now) => top = now,
+            }
+        }
     }
 
-    /// Free a whole subtree (iteratively via the right spine to bound recursion).
-    fn release_tree(&mut self, mut t: u32) {
-        while t != NIL {
-            let l = self.n(t).left;
-            let r = self.n(t).right;
-            self.release_tree(l);
-            self.release(t);
+    /// Adds node `i` to `chain` (nothing for an index past the slab).
+    fn chain_node(&self, chain: &mut Chain, i: u32) {
+        if i as usize >= self.nodes.len() {
+            return;
+        }
+        self.n(i).set_links(chain.head, NIL);
+        if chain.tail == NIL {
+            chain.tail = i;
+        }
+        chain.head = i;
+        chain.count += 1;
+    }
+
+    /// Adds a whole subtree to `chain` (iteratively via the right spine to
+    /// bound recursion).
+    fn chain_tree(&self, chain: &mut Chain, mut t: u32) {
+        while t != NIL && (t as usize) < self.nodes.len() {
+            let (l, r) = self.n(t).links();
+            self.chain_tree(chain, l);
+            self.chain_node(chain, t);
             t = r;
         }
     }
 
+    fn release_tree(&self, t: u32) {
+        let mut chain = Chain::EMPTY;
+        self.chain_tree(&mut chain, t);
+        self.free_chain(chain);
+    }
+
+    /// Makes free node `i` a leaf holding `key`.
+    fn take(&self, i: u32, key: &Key) -> u32 {
+        let n = self.n(i);
+        n.set_key(key);
+        n.set_links(NIL, NIL);
+        i
+    }
+
     /// Split `t` into (start < k, start >= k).
-    fn split(&mut self, t: u32, k: u64) -> (u32, u32) {
+    fn split(&self, t: u32, k: u64) -> (u32, u32) {
         if t == NIL {
             return (NIL, NIL);
         }
-        if self.n(t).key.off < k {
-            let r = self.n(t).right;
+        let n = self.n(t);
+        let (l, r) = n.links();
+        if n.off() < k {
             let (a, b) = self.split(r, k);
-            self.nm(t).right = a;
+            n.set_links(l, a);
             (t, b)
         } else {
-            let l = self.n(t).left;
             let (a, b) = self.split(l, k);
-            self.nm(t).left = b;
+            n.set_links(b, r);
             (a, t)
         }
     }
 
     /// Merge two treaps where every key of `a` starts before every key of `b`.
-    fn merge(&mut self, a: u32, b: u32) -> u32 {
+    fn merge(&self, a: u32, b: u32) -> u32 {
         if a == NIL {
             return b;
         }
@@ -189,21 +397,21 @@ impl<M: Memory> Index<M> {
             return a;
         }
         if self.n(a).prio >= self.n(b).prio {
-            let ar = self.n(a).right;
-            let m = self.merge(ar, b);
-            self.nm(a).right = m;
+            let (l, r) = self.n(a).links();
+            let m = self.merge(r, b);
+            self.n(a).set_links(l, m);
             a
         } else {
-            let bl = self.n(b).left;
-            let m = self.merge(a, bl);
-            self.nm(b).left = m;
+            let (l, r) = self.n(b).links();
+            let m = self.merge(a, l);
+            self.n(b).set_links(m, r);
             b
         }
     }
 
     fn rightmost(&self, mut t: u32) -> u32 {
-        while t != NIL && self.n(t).right != NIL {
-            t = self.n(t).right;
+        while t != NIL && self.n(t).right() != NIL {
+            t = self.n(t).right();
         }
         t
     }
@@ -212,10 +420,10 @@ impl<M: Memory> Index<M> {
     fn find(&self, mut t: u32, x: u64) -> u32 {
         while t != NIL {
             let n = self.n(t);
-            if n.key.off == x {
+            if n.off() == x {
                 return t;
             }
-            t = if n.key.off < x { n.right } else { n.left };
+            t = n.toward(x);
         }
         NIL
     }
@@ -225,11 +433,11 @@ impl<M: Memory> Index<M> {
         let mut best = NIL;
         while t != NIL {
             let n = self.n(t);
-            if n.key.off >= x {
+            if n.off() >= x {
                 best = t;
-                t = n.left;
+                t = n.left();
             } else {
-                t = n.right;
+                t = n.right();
             }
         }
         best
@@ -237,12 +445,12 @@ impl<M: Memory> Index<M> {
 
     /// Insert `key` into its subtree, trimming, splitting or dropping the keys it
     /// overlaps so that keys never intersect. The key must not cross a subtree
-    /// boundary. Needs two free nodes (one for the key, one for a split), checked
-    /// before anything changes; `on_drop` sees every key (or piece) the new key
-    /// replaces.
-    pub fn insert(&mut self, key: Key, mut on_drop: impl FnMut(&Key)) -> Result<(), IndexFull> {
+    /// boundary. Needs two free nodes (one for the key, one for a split), taken
+    /// before anything changes, unless it replaces a key of exactly its range;
+    /// `on_drop` sees every key (or piece) the new key replaces.
+    pub fn insert(&self, key: Key, mut on_drop: impl FnMut(&Key)) -> Result<(), IndexFull> {
         let sub = self.subtree_of(key.off).ok_or(IndexFull)?;
-        if key.len == 0 || self.subtree_of(key.end() - 1) != Some(sub) || self.n_free < 2 {
+        if key.len == 0 || self.subtree_of(key.end() - 1) != Some(sub) {
             return Err(IndexFull);
         }
         let (s, e) = (key.off, key.end());
@@ -250,19 +458,27 @@ impl<M: Memory> Index<M> {
         // Rewriting exactly the range of one cached key (the common case of
         // block-sized overwrites): replace it in place, no split or merge.
         let same = self.find(root, s);
-        if same != NIL && self.n(same).key.end() == e {
-            let old = self.n(same).key;
-            on_drop(&old);
-            self.nm(same).key = key;
+        if same != NIL && self.n(same).end() == e {
+            on_drop(&self.n(same).key());
+            self.n(same).set_key(&key);
             return Ok(());
         }
+        let node = self.pop_free();
+        let spare = if node == NIL { NIL } else { self.pop_free() };
+        if spare == NIL {
+            let mut back = Chain::EMPTY;
+            self.chain_node(&mut back, node);
+            self.free_chain(back);
+            return Err(IndexFull);
+        }
+        let mut spare = Some(spare);
         let (a, b) = self.split(root, s);
         let (m, mut c) = self.split(b, e);
 
         // The key starting before `s` may reach into the new key, or contain it.
         let last = self.rightmost(a);
         if last != NIL {
-            let old = self.n(last).key;
+            let mut old = self.n(last).key();
             if old.end() > s {
                 let mut dropped = old;
                 dropped.cut_front((s - old.off) as u32);
@@ -270,11 +486,13 @@ impl<M: Memory> Index<M> {
                     dropped.keep_front((e - s) as u32);
                     let mut tail = old;
                     tail.cut_front((e - old.off) as u32);
-                    let t = self.alloc(tail);
-                    c = self.merge(t, c);
+                    if let Some(t) = spare.take() {
+                        c = self.merge(self.take(t, &tail), c);
+                    }
                 }
                 on_drop(&dropped);
-                self.nm(last).key.keep_front((s - old.off) as u32);
+                old.keep_front((s - old.off) as u32);
+                self.n(last).set_key(&old);
             }
         }
 
@@ -283,22 +501,27 @@ impl<M: Memory> Index<M> {
         let mut m = m;
         let mlast = self.rightmost(m);
         if mlast != NIL {
-            let old = self.n(mlast).key;
+            let mut old = self.n(mlast).key();
             if old.end() > e {
                 let (rest, one) = self.split(m, old.off);
                 m = rest;
                 let mut dropped = old;
                 dropped.keep_front((e - old.off) as u32);
                 on_drop(&dropped);
-                self.nm(one).key.cut_front((e - old.off) as u32);
+                old.cut_front((e - old.off) as u32);
+                self.n(one).set_key(&old);
                 c = self.merge(one, c);
             }
         }
         self.visit_tree(m, &mut on_drop);
-        self.release_tree(m);
+        let mut freed = Chain::EMPTY;
+        self.chain_tree(&mut freed, m);
+        if let Some(t) = spare {
+            self.chain_node(&mut freed, t);
+        }
+        self.free_chain(freed);
 
-        let k = self.alloc(key);
-        let left = self.merge(a, k);
+        let left = self.merge(a, self.take(node, &key));
         let r = self.merge(left, c);
         self.set_root(sub, r);
         Ok(())
@@ -307,9 +530,10 @@ impl<M: Memory> Index<M> {
     fn visit_tree(&self, mut t: u32, f: &mut impl FnMut(&Key)) {
         while t != NIL {
             let n = self.n(t);
-            self.visit_tree(n.left, f);
-            f(&n.key);
-            t = n.right;
+            let (l, r) = n.links();
+            self.visit_tree(l, f);
+            f(&n.key());
+            t = r;
         }
     }
 
@@ -324,47 +548,46 @@ impl<M: Memory> Index<M> {
         let (mut floor, mut succ) = (NIL, NIL);
         while t != NIL {
             let n = self.n(t);
-            if n.key.off <= from {
-                if n.key.off == from {
-                    // Keys are never empty, so it covers `from`.
-                    return Some(n.key);
-                }
-                floor = t;
-                t = n.right;
-            } else {
-                succ = t;
-                t = n.left;
+            let off = n.off();
+            if off == from {
+                // Keys are never empty, so it covers `from`.
+                return Some(n.key());
             }
+            let (l, r) = n.links();
+            // Without branches: the way down is a coin toss on random offsets.
+            let before = off < from;
+            floor = if before { t } else { floor };
+            succ = if before { succ } else { t };
+            t = if before { r } else { l };
         }
-        if floor != NIL && self.n(floor).key.end() > from {
-            return Some(self.n(floor).key);
+        if floor != NIL && self.n(floor).end() > from {
+            return Some(self.n(floor).key());
         }
-        if succ != NIL && self.n(succ).key.off < to {
-            return Some(self.n(succ).key);
+        if succ != NIL && self.n(succ).off() < to {
+            return Some(self.n(succ).key());
         }
         None
     }
 
     /// Sets `flags` on the key starting exactly at `off` in `sub` (if any).
     /// Flags do not order keys, so the tree stays as it is.
-    pub fn add_flags(&mut self, sub: usize, off: u64, flags: u32) {
-        let mut t = self.root(sub);
-        while t != NIL {
-            let n = self.n(t);
-            if n.key.off == off {
-                self.nm(t).key.flags |= flags;
-                return;
-            }
-            t = if off < n.key.off { n.left } else { n.right };
+    pub fn add_flags(&self, sub: usize, off: u64, flags: u32) {
+        let t = self.find(self.root(sub), off);
+        if t != NIL {
+            self.n(t).key[1].fetch_or(pair(0, flags), Relaxed);
         }
     }
 
     /// Remove the key starting exactly at `off` in `sub` (if any).
-    pub fn remove(&mut self, sub: usize, off: u64) -> Option<Key> {
+    pub fn remove(&self, sub: usize, off: u64) -> Option<Key> {
         let root = self.root(sub);
         let (a, b) = self.split(root, off);
         let (x, c) = self.split(b, off.saturating_add(1));
-        let found = if x != NIL { Some(self.n(x).key) } else { None };
+        let found = if x != NIL {
+            Some(self.n(x).key())
+        } else {
+            None
+        };
         self.release_tree(x);
         let r = self.merge(a, c);
         self.set_root(sub, r);
@@ -373,7 +596,20 @@ impl<M: Memory> Index<M> {
 
     /// Number of keys in use.
     pub fn len(&self) -> usize {
-        self.nodes.len() - self.n_free as usize
+        self.nodes.len().saturating_sub(self.free_nodes() as usize)
+    }
+
+    /// Nodes on the free list, counted by walking it (checks; at most one
+    /// more than the slab holds, should the list loop). Only meaningful while
+    /// nothing takes or frees nodes.
+    pub fn free_list_len(&self) -> usize {
+        let mut i = lo(self.free.load(Acquire));
+        let mut n = 0;
+        while i != NIL && n <= self.nodes.len() {
+            n += 1;
+            i = self.n(i).left();
+        }
+        n
     }
 
     pub fn is_empty(&self) -> bool {
@@ -385,7 +621,7 @@ impl<M: Memory> Index<M> {
     /// keys and subtrees. Returns where to go on (`None`: past the last
     /// subtree) and how many it removed.
     pub fn retain_from(
-        &mut self,
+        &self,
         mut sub: usize,
         mut from: u64,
         budget: usize,
@@ -402,7 +638,7 @@ impl<M: Memory> Index<M> {
                 from = 0;
                 continue;
             }
-            let k = self.n(c).key;
+            let k = self.n(c).key();
             from = k.off.saturating_add(1);
             if stale(&k) {
                 self.remove(sub, k.off);

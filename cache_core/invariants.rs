@@ -136,6 +136,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if count + self.index.free_nodes() as usize != self.index.capacity() {
             return Err(Broken("keys in the index and free key slots do not add up"));
         }
+        if self.index.free_list_len() != self.index.free_nodes() as usize {
+            return Err(Broken("the free key list does not hold the free key slots"));
+        }
         Ok(())
     }
 }

@@ -37,6 +37,12 @@ impl SegId {
     pub(crate) const fn index(self) -> usize {
         self.0 as usize
     }
+
+    /// An id the key index stored (as [`SegId::get`]) and reads back: it was a
+    /// `SegId` when it went in.
+    pub(super) const fn restored(raw: u32) -> SegId {
+        SegId(raw)
+    }
 }
 
 impl core::fmt::Display for SegId {

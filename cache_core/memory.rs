@@ -7,7 +7,7 @@
 //! [`Cache`](super::Cache), so no caller ever has to promise that a buffer
 //! outlives the engine.
 
-use super::{DataHead, KsetBuf, Node, SegState, WbExtent};
+use super::{DataHead, KsetBuf, Node, Root, SegState, WbExtent};
 use core::marker::PhantomData;
 use core::ops::DerefMut;
 
@@ -31,7 +31,7 @@ pub struct CacheMem<M: Memory> {
     /// The key slab: the most keys the index can hold (see [`key_capacity`]).
     pub nodes: M::Buf<Node>,
     /// One subtree root per 4 MiB of backing device.
-    pub roots: M::Buf<u32>,
+    pub roots: M::Buf<Root>,
     /// Open ksets (upstream: one per CPU); keys go to `(off >> 22) % len`.
     pub ksets: M::Buf<KsetBuf>,
     /// Data heads (upstream: per CPU).

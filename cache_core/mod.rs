@@ -47,7 +47,7 @@ use crate::meta::layout::Geometry;
 pub use data::{Sink, Source, Zeros};
 pub use env::{Backing, IoError, Locked, Pmem, Waiting};
 pub use error::CacheError;
-pub use index::{Index, Node};
+pub use index::{Index, Node, Root};
 pub use key::{Key, Pos, SegId};
 pub use kset::KsetBuf;
 pub use memory::{key_capacity, Borrowed, CacheMem, Memory};

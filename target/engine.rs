@@ -12,7 +12,7 @@ use super::{
 };
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
-    IoError, KsetBuf, Memory, Node, Pmem, SegState, WbExtent,
+    IoError, KsetBuf, Memory, Node, Pmem, Root, SegState, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
@@ -228,7 +228,7 @@ pub(crate) fn start(
     let mem = CacheMem::<KernelMem> {
         segs: filled(n_segs, SegState::default())?,
         nodes: filled(sizing.keys, Node::default())?,
-        roots: filled(cache_core::roots_needed(backing.size()), 0u32)?,
+        roots: filled(cache_core::roots_needed(backing.size()), Root::default())?,
         ksets,
         heads: filled(sizing.heads, DataHead::default())?,
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,

@@ -448,7 +448,7 @@ impl Backing for SimBacking {
 pub struct OwnedMem {
     pub segs: Vec<crate::cache_core::SegState>,
     pub nodes: Vec<crate::cache_core::Node>,
-    pub roots: Vec<u32>,
+    pub roots: Vec<crate::cache_core::Root>,
     pub ksets: Vec<crate::cache_core::KsetBuf>,
     pub heads: Vec<crate::cache_core::DataHead>,
     pub scratch: Vec<u8>,
@@ -461,7 +461,7 @@ impl OwnedMem {
         OwnedMem {
             segs: vec![Default::default(); segs],
             nodes: vec![Default::default(); nodes],
-            roots: vec![0; crate::cache_core::roots_needed(backing_bytes)],
+            roots: vec![Default::default(); crate::cache_core::roots_needed(backing_bytes)],
             ksets: vec![Default::default(); ksets],
             heads: vec![Default::default(); heads],
             scratch: vec![0; crate::cache_core::SCRATCH_BYTES],

@@ -1,6 +1,6 @@
 //! Unit properties of the on-media format and the index.
 
-use pcache_engine::cache_core::index::{Index, Node};
+use pcache_engine::cache_core::index::{Index, Node, Root};
 use pcache_engine::cache_core::key::{Key, Pos, SegId};
 use pcache_engine::cache_core::writeback::{
     writeback_extents, Step, WbExtent, WbPlan, WB_EXTENTS_MAX,
@@ -200,8 +200,8 @@ fn key(off: u64, len: u32, tag: u32) -> Key {
 #[test]
 fn index_overlap_resolution_matches_model() {
     let mut nodes = vec![Node::default(); 4096];
-    let mut roots = vec![0u32; 2];
-    let mut idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 2);
+    let mut roots = vec![Root::default(); 2];
+    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 2);
     const SPAN: usize = 8192;
     let mut model = vec![u32::MAX; SPAN];
     let mut x = 42u64;
@@ -231,6 +231,104 @@ fn index_overlap_resolution_matches_model() {
         }
     });
     assert_eq!(seen, model);
+}
+
+/// Threads working on different subtrees at once, their nodes coming from and
+/// going back to one shared free list that runs nearly dry: each subtree ends
+/// as its thread's byte-map model says, inserts that found the list empty
+/// changed nothing, and every node is either in a tree or free.
+#[test]
+fn index_subtrees_change_at_once_on_threads_sharing_one_slab() {
+    const THREADS: usize = 4;
+    const SUBS_PER_THREAD: usize = 2;
+    const SPAN: usize = 64 << 10;
+    const SUBTREE: u64 = 4 << 20;
+    let mut nodes = vec![Node::default(); 1400];
+    let mut roots = vec![Root::default(); THREADS * SUBS_PER_THREAD];
+    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, THREADS * SUBS_PER_THREAD);
+    let full = std::sync::atomic::AtomicUsize::new(0);
+    // Thread `t` owns subtrees `t`, `t + THREADS`, ...
+    let models: Vec<Vec<Vec<u32>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (idx, full) = (&idx, &full);
+                s.spawn(move || {
+                    let mut model = vec![vec![u32::MAX; SPAN]; SUBS_PER_THREAD];
+                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t as u64;
+                    for op in 0..200_000u32 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let which = (x >> 60) as usize % SUBS_PER_THREAD;
+                        let sub = t + which * THREADS;
+                        let base = sub as u64 * SUBTREE;
+                        let off = (x >> 33) as usize % (SPAN - 1);
+                        let m = &mut model[which];
+                        if (x >> 8).is_multiple_of(3) {
+                            // Remove whatever key covers or follows `off`.
+                            let at = base + off as u64;
+                            if let Some(k) = idx.first_overlap(sub, at, base + SPAN as u64) {
+                                assert_eq!(idx.remove(sub, k.off), Some(k), "thread {t} op {op}");
+                                for b in &mut m[(k.off - base) as usize..(k.end() - base) as usize]
+                                {
+                                    *b = u32::MAX;
+                                }
+                            }
+                            continue;
+                        }
+                        let len = 1 + ((x >> 17) as usize % 600).min(SPAN - off - 1);
+                        let tag = (t as u32) << 24 | op;
+                        let mut dropped = 0usize;
+                        let r = idx.insert(key(base + off as u64, len as u32, tag), |k| {
+                            dropped += k.len as usize
+                        });
+                        let covered = m[off..off + len].iter().filter(|&&b| b != u32::MAX).count();
+                        match r {
+                            Ok(()) => {
+                                assert_eq!(dropped, covered, "thread {t} op {op}: drops");
+                                m[off..off + len].fill(tag);
+                            }
+                            Err(_) => {
+                                assert_eq!(
+                                    dropped, 0,
+                                    "thread {t} op {op}: a failed insert dropped"
+                                );
+                                full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut keys = 0;
+    let mut seen = vec![vec![u32::MAX; SPAN]; THREADS * SUBS_PER_THREAD];
+    idx.for_each(|k| {
+        keys += 1;
+        let sub = (k.off / SUBTREE) as usize;
+        let at = (k.off % SUBTREE) as usize;
+        for b in &mut seen[sub][at..at + k.len as usize] {
+            assert_eq!(*b, u32::MAX, "keys overlap at {}", k.off);
+            *b = k.pos.seg.get();
+        }
+    });
+    for (t, model) in models.iter().enumerate() {
+        for (which, m) in model.iter().enumerate() {
+            assert!(
+                seen[t + which * THREADS] == *m,
+                "thread {t}: subtree {which} differs"
+            );
+        }
+    }
+    assert_eq!(keys, idx.len());
+    assert_eq!(idx.len() + idx.free_nodes() as usize, idx.capacity());
+    assert_eq!(idx.free_list_len(), idx.free_nodes() as usize);
+    // The list did run dry, so the failing path ran too.
+    let full = full.into_inner();
+    eprintln!("{keys} keys at the end, {full} inserts found no free node");
+    assert!(full > 0);
 }
 
 /// The fuzz target bodies over a few thousand random inputs (libFuzzer not needed).

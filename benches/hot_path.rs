@@ -7,11 +7,13 @@
 use pcache_engine::cache_core::index::{Index, Node, Root};
 use pcache_engine::cache_core::key::{Key, Pos, SegId};
 use pcache_engine::cache_core::Borrowed;
+use pcache_engine::cache_core::SpinLocks;
 use pcache_engine::cache_core::{Backing, Cache, CacheError, CacheOptions, IoError, KsetBuf, Pmem};
 use pcache_engine::meta::kset::{kset_key, kset_read, KeyOnmedia, KSET_KEYS_MAX};
 use pcache_engine::meta::layout::Geometry;
 use pcache_engine::sim::OwnedMem;
 use std::hint::black_box;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 struct Lcg(u64);
@@ -196,7 +198,8 @@ fn main() {
     let span: u64 = 64 << 20;
     let mut nodes = vec![Node::default(); 1 << 16];
     let mut roots = vec![Root::default(); 16];
-    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 16);
+    let locks: Vec<AtomicBool> = (0..16).map(|_| AtomicBool::new(false)).collect();
+    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, SpinLocks(&locks), 16);
     let mut rng = Lcg(1);
     // Warm the index to a steady state of a few thousand keys.
     for _ in 0..50_000 {

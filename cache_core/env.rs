@@ -143,6 +143,23 @@ impl<T: Backing + ?Sized> Backing for &mut T {
     }
 }
 
+/// A lock for each subtree of the key index, guarding no data of its own
+/// (upstream: each subtree's `tree_lock`): spinlocks in the kernel. The index
+/// holds one for a single treap operation, never two at once, and never across
+/// IO or a data copy; whatever runs under it (the callbacks of
+/// [`super::Index::insert`] and [`super::Index::retain_from`]) must not sleep.
+pub trait SubtreeLocks {
+    /// How many subtrees have a lock.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Takes subtree `sub`'s lock (nothing for `sub >= len()`).
+    fn lock(&self, sub: usize);
+    /// Gives back the lock [`SubtreeLocks::lock`] took.
+    fn unlock(&self, sub: usize);
+}
+
 /// Mutual exclusion over a `T` (the engine, or the engine with the glue's
 /// request buffers): a kernel mutex in the module, a `RefCell` in the
 /// single-threaded simulator.

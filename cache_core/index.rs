@@ -9,18 +9,19 @@
 //! through `n`, so a corrupted link can only misbehave, never index out of
 //! bounds.
 //!
-//! The slab is shared, so that subtrees can be worked on at once: the index
-//! works through `&self` and every field of a node is an atomic. A node has one
-//! owner at a time — a subtree's tree, an insert under way, or the free list —
-//! and only its owner touches it. A subtree's nodes are touched by whoever holds
-//! that subtree (upstream: the subtree's lock); free nodes change hands through
-//! the free list's compare-and-swap, whose acquire and release order what the
-//! last owner wrote before what the next one reads. So the owners' own loads and
-//! stores are `Relaxed` (plain moves on x86), and free nodes come from one list
-//! whatever subtree frees or takes them: none is stranded in a quiet subtree.
-//! Two operations on different subtrees may run at once; two on one subtree
-//! may not.
+//! Subtrees are worked on at once: each operation holds its subtree's lock
+//! ([`SubtreeLocks`], upstream's per-subtree `tree_lock`) and nothing else, so
+//! the index works through `&self` and shares one slab, every field of a node
+//! an atomic. A node has one owner at a time — a subtree's tree, an insert
+//! under way, or the free list — and only its owner touches it: a subtree's
+//! nodes under the subtree's lock, free nodes through the free list's
+//! compare-and-swap, whose acquire and release order what the last owner wrote
+//! before what the next one reads. So the owners' own loads and stores are
+//! `Relaxed` (plain moves on x86), and free nodes come from one list whatever
+//! subtree frees or takes them: none is stranded in a quiet subtree, as it
+//! would be in per-subtree pools.
 
+use super::env::SubtreeLocks;
 use super::key::{Key, Pos, SegId};
 use super::memory::Memory;
 use crate::meta::layout::SUBTREE_SHIFT;
@@ -209,10 +210,23 @@ impl Chain {
     };
 }
 
+/// A subtree's lock, held until dropped.
+struct Held<'a, L: SubtreeLocks> {
+    locks: &'a L,
+    sub: usize,
+}
+
+impl<L: SubtreeLocks> Drop for Held<'_, L> {
+    fn drop(&mut self) {
+        self.locks.unlock(self.sub);
+    }
+}
+
 /// The whole index over the preallocated slab and subtree roots.
 pub struct Index<M: Memory> {
     nodes: M::Buf<Node>,
     roots: M::Buf<Root>,
+    locks: M::Locks,
     /// Subtrees in use (the device's 4 MiB stripes; `roots` may be longer).
     n_roots: usize,
     /// The free list, a stack linked through `left`: the node on top in the
@@ -236,7 +250,13 @@ fn prio_of(i: u32) -> u32 {
 
 impl<M: Memory> Index<M> {
     /// `nodes` is the key slab; `roots` needs one entry per 4 MiB of backing device.
-    pub fn new(mut nodes: M::Buf<Node>, mut roots: M::Buf<Root>, n_roots: usize) -> Self {
+    /// `locks` too (the subtrees beyond the shortest of the two do not exist).
+    pub fn new(
+        mut nodes: M::Buf<Node>,
+        mut roots: M::Buf<Root>,
+        locks: M::Locks,
+        n_roots: usize,
+    ) -> Self {
         let n = nodes.len().min(NIL as usize - 1);
         for (i, node) in nodes.iter_mut().enumerate().take(n) {
             let next = if i + 1 < n { (i + 1) as u32 } else { NIL };
@@ -246,10 +266,11 @@ impl<M: Memory> Index<M> {
         for r in roots.iter_mut() {
             *r.0.get_mut() = NIL;
         }
-        let n_roots = n_roots.min(roots.len());
+        let n_roots = n_roots.min(roots.len()).min(locks.len());
         Index {
             nodes,
             roots,
+            locks,
             n_roots,
             free: AtomicU64::new(if n > 0 { 0 } else { u64::from(NIL) }),
             n_free: AtomicU32::new(n as u32),
@@ -281,6 +302,15 @@ impl<M: Memory> Index<M> {
 
     fn n(&self, i: u32) -> &Node {
         self.nodes.get(i as usize).unwrap_or(&self.sink)
+    }
+
+    /// Subtree `sub`'s lock, until the guard goes.
+    fn hold(&self, sub: usize) -> Held<'_, M::Locks> {
+        self.locks.lock(sub);
+        Held {
+            locks: &self.locks,
+            sub,
+        }
     }
 
     fn root(&self, sub: usize) -> u32 {
@@ -447,13 +477,15 @@ impl<M: Memory> Index<M> {
     /// overlaps so that keys never intersect. The key must not cross a subtree
     /// boundary. Needs two free nodes (one for the key, one for a split), taken
     /// before anything changes, unless it replaces a key of exactly its range;
-    /// `on_drop` sees every key (or piece) the new key replaces.
+    /// `on_drop` sees every key (or piece) the new key replaces, under the
+    /// subtree's lock.
     pub fn insert(&self, key: Key, mut on_drop: impl FnMut(&Key)) -> Result<(), IndexFull> {
         let sub = self.subtree_of(key.off).ok_or(IndexFull)?;
         if key.len == 0 || self.subtree_of(key.end() - 1) != Some(sub) {
             return Err(IndexFull);
         }
         let (s, e) = (key.off, key.end());
+        let _held = self.hold(sub);
         let root = self.root(sub);
         // Rewriting exactly the range of one cached key (the common case of
         // block-sized overwrites): replace it in place, no split or merge.
@@ -544,6 +576,7 @@ impl<M: Memory> Index<M> {
     /// (which overlaps if it starts before `to`): the two searches take the
     /// same path.
     pub fn first_overlap(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
+        let _held = self.hold(sub);
         let mut t = self.root(sub);
         let (mut floor, mut succ) = (NIL, NIL);
         while t != NIL {
@@ -572,6 +605,7 @@ impl<M: Memory> Index<M> {
     /// Sets `flags` on the key starting exactly at `off` in `sub` (if any).
     /// Flags do not order keys, so the tree stays as it is.
     pub fn add_flags(&self, sub: usize, off: u64, flags: u32) {
+        let _held = self.hold(sub);
         let t = self.find(self.root(sub), off);
         if t != NIL {
             self.n(t).key[1].fetch_or(pair(0, flags), Relaxed);
@@ -580,6 +614,12 @@ impl<M: Memory> Index<M> {
 
     /// Remove the key starting exactly at `off` in `sub` (if any).
     pub fn remove(&self, sub: usize, off: u64) -> Option<Key> {
+        let _held = self.hold(sub);
+        self.remove_held(sub, off)
+    }
+
+    /// [`Index::remove`] with the subtree's lock held.
+    fn remove_held(&self, sub: usize, off: u64) -> Option<Key> {
         let root = self.root(sub);
         let (a, b) = self.split(root, off);
         let (x, c) = self.split(b, off.saturating_add(1));
@@ -619,7 +659,7 @@ impl<M: Memory> Index<M> {
     /// Removes the keys for which `stale` returns true, in logical order from
     /// offset `from` of subtree `sub` on, looking at no more than `budget`
     /// keys and subtrees. Returns where to go on (`None`: past the last
-    /// subtree) and how many it removed.
+    /// subtree) and how many it removed. `stale` runs under the subtree's lock.
     pub fn retain_from(
         &self,
         mut sub: usize,
@@ -632,6 +672,7 @@ impl<M: Memory> Index<M> {
             if sub >= self.n_roots {
                 return (None, removed);
             }
+            let _held = self.hold(sub);
             let c = self.ceil(self.root(sub), from);
             if c == NIL {
                 sub += 1;
@@ -641,16 +682,18 @@ impl<M: Memory> Index<M> {
             let k = self.n(c).key();
             from = k.off.saturating_add(1);
             if stale(&k) {
-                self.remove(sub, k.off);
+                self.remove_held(sub, k.off);
                 removed += 1;
             }
         }
         ((sub < self.n_roots).then_some((sub, from)), removed)
     }
 
-    /// Visit every key of every subtree in logical order.
+    /// Visit every key of every subtree in logical order (`f` under each
+    /// subtree's lock in turn).
     pub fn for_each(&self, mut f: impl FnMut(&Key)) {
         for sub in 0..self.n_roots {
+            let _held = self.hold(sub);
             self.visit_tree(self.root(sub), &mut f);
         }
     }

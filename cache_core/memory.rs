@@ -7,14 +7,21 @@
 //! [`Cache`](super::Cache), so no caller ever has to promise that a buffer
 //! outlives the engine.
 
+use super::env::SubtreeLocks;
 use super::{DataHead, KsetBuf, Node, Root, SegState, WbExtent};
 use core::marker::PhantomData;
 use core::ops::DerefMut;
+use core::sync::atomic::{
+    AtomicBool,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 /// A kind of buffer the engine can own.
 pub trait Memory {
     /// A fixed-size buffer of `T`s.
     type Buf<T: 'static>: DerefMut<Target = [T]>;
+    /// The locks of the index's subtrees.
+    type Locks: SubtreeLocks;
 }
 
 /// Buffers lent for `'a` (host tests that reuse their memory between lives).
@@ -22,6 +29,34 @@ pub struct Borrowed<'a>(PhantomData<&'a mut ()>);
 
 impl<'a> Memory for Borrowed<'a> {
     type Buf<T: 'static> = &'a mut [T];
+    type Locks = SpinLocks<'a>;
+}
+
+/// Subtree locks for hosts: a flag each, taken by spinning. Never in the
+/// kernel, whose spinlocks also keep the holder on its CPU and tell lockdep.
+pub struct SpinLocks<'a>(pub &'a [AtomicBool]);
+
+impl SubtreeLocks for SpinLocks<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn lock(&self, sub: usize) {
+        if let Some(l) = self.0.get(sub) {
+            while l
+                .compare_exchange_weak(false, true, Acquire, Relaxed)
+                .is_err()
+            {
+                core::hint::spin_loop();
+            }
+        }
+    }
+
+    fn unlock(&self, sub: usize) {
+        if let Some(l) = self.0.get(sub) {
+            l.store(false, Release);
+        }
+    }
 }
 
 /// The memory an engine works in, handed over at construction.
@@ -32,6 +67,8 @@ pub struct CacheMem<M: Memory> {
     pub nodes: M::Buf<Node>,
     /// One subtree root per 4 MiB of backing device.
     pub roots: M::Buf<Root>,
+    /// A lock for each of those subtrees.
+    pub locks: M::Locks,
     /// Open ksets (upstream: one per CPU); keys go to `(off >> 22) % len`.
     pub ksets: M::Buf<KsetBuf>,
     /// Data heads (upstream: per CPU).

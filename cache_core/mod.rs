@@ -45,12 +45,12 @@ use crate::meta::kset::KSET_ONMEDIA_SIZE_MAX;
 use crate::meta::layout::Geometry;
 
 pub use data::{Sink, Source, Zeros};
-pub use env::{Backing, IoError, Locked, Pmem, Waiting};
+pub use env::{Backing, IoError, Locked, Pmem, SubtreeLocks, Waiting};
 pub use error::CacheError;
 pub use index::{Index, Node, Root};
 pub use key::{Key, Pos, SegId};
 pub use kset::KsetBuf;
-pub use memory::{key_capacity, Borrowed, CacheMem, Memory};
+pub use memory::{key_capacity, Borrowed, CacheMem, Memory, SpinLocks};
 pub use mode::Mode;
 pub use options::CacheOptions;
 pub use segment::SegState;

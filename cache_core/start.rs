@@ -2,7 +2,7 @@
 //! one, then replay (upstream `cache_dev_start` + `pcache_cache_start`).
 
 use super::barriers::Barriers;
-use super::env::{persist, Backing, Pmem};
+use super::env::{persist, Backing, Pmem, SubtreeLocks};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::Pos;
@@ -103,6 +103,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if mem.roots.len() < roots_needed(dev_bytes) {
             return Err(CacheError::NoMem("fewer subtree roots than 4 MiB stripes"));
         }
+        if mem.locks.len() < roots_needed(dev_bytes) {
+            return Err(CacheError::NoMem("fewer subtree locks than 4 MiB stripes"));
+        }
         if mem.ksets.is_empty() || mem.heads.is_empty() {
             return Err(CacheError::NoMem(
                 "need at least one kset and one data head",
@@ -139,7 +142,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             used_segs: 0,
             last_seg: 0,
             segs: mem.segs,
-            index: Index::new(mem.nodes, mem.roots, n_roots),
+            index: Index::new(mem.nodes, mem.roots, mem.locks, n_roots),
             ksets: mem.ksets,
             heads: mem.heads,
             scratch: mem.scratch,

@@ -9,6 +9,7 @@
 use super::{
     dax::DaxMapping,
     device::{TargetDevice, WriteSlots},
+    subtree_locks::SubtreeSpinLocks,
 };
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
@@ -173,6 +174,7 @@ pub(crate) struct KernelMem;
 
 impl Memory for KernelMem {
     type Buf<T: 'static> = KVVec<T>;
+    type Locks = SubtreeSpinLocks;
 }
 
 /// The engine the target runs. It owns its memory: dropping it frees everything.
@@ -229,6 +231,8 @@ pub(crate) fn start(
         segs: filled(n_segs, SegState::default())?,
         nodes: filled(sizing.keys, Node::default())?,
         roots: filled(cache_core::roots_needed(backing.size()), Root::default())?,
+        locks: SubtreeSpinLocks::new(cache_core::roots_needed(backing.size()))
+            .map_err(|_| StartError::NoMem)?,
         ksets,
         heads: filled(sizing.heads, DataHead::default())?,
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,

@@ -514,3 +514,31 @@ bool pcache_rs_io_put(struct bio *bio, int err, int *error)
 	*error = READ_ONCE(io->error);
 	return true;
 }
+
+void *pcache_rs_subtree_locks_alloc(unsigned int n)
+{
+	spinlock_t *locks = kvmalloc_array(max(n, 1U), sizeof(*locks), GFP_KERNEL);
+	unsigned int i;
+
+	if (!locks)
+		return NULL;
+	/* One call site, so one lock class for them all. */
+	for (i = 0; i < n; i++)
+		spin_lock_init(&locks[i]);
+	return locks;
+}
+
+void pcache_rs_subtree_locks_free(void *locks)
+{
+	kvfree(locks);
+}
+
+void pcache_rs_subtree_lock(void *locks, unsigned int i)
+{
+	spin_lock(&((spinlock_t *)locks)[i]);
+}
+
+void pcache_rs_subtree_unlock(void *locks, unsigned int i)
+{
+	spin_unlock(&((spinlock_t *)locks)[i]);
+}

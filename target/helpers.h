@@ -91,6 +91,15 @@ void pcache_rs_counter_add(void *c, unsigned int i, u64 v);
 u64 pcache_rs_counter_sum(void *c, unsigned int i);
 void pcache_rs_counters_zero(void *c, unsigned int n);
 
+/*
+ * A spinlock for each subtree of the key index, all of one lockdep class (no two are ever held
+ * at once). NULL if the allocation fails.
+ */
+void *pcache_rs_subtree_locks_alloc(unsigned int n);
+void pcache_rs_subtree_locks_free(void *locks);
+void pcache_rs_subtree_lock(void *locks, unsigned int i);
+void pcache_rs_subtree_unlock(void *locks, unsigned int i);
+
 /* One write of a batch: @len bytes of @buf (kmalloc or vmalloc memory) at @sector. */
 struct pcache_rs_write {
 	u64 sector;

@@ -55,6 +55,7 @@ pub(crate) mod miss;
 pub(crate) mod report;
 pub(crate) mod requests;
 pub(crate) mod status;
+pub(crate) mod subtree_locks;
 // `pub` so that the host crate can fuzz it; inside the module nothing outside the crate sees it.
 #[allow(unreachable_pub)]
 pub(crate) mod table;

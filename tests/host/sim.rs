@@ -449,6 +449,7 @@ pub struct OwnedMem {
     pub segs: Vec<crate::cache_core::SegState>,
     pub nodes: Vec<crate::cache_core::Node>,
     pub roots: Vec<crate::cache_core::Root>,
+    pub locks: Vec<std::sync::atomic::AtomicBool>,
     pub ksets: Vec<crate::cache_core::KsetBuf>,
     pub heads: Vec<crate::cache_core::DataHead>,
     pub scratch: Vec<u8>,
@@ -462,6 +463,9 @@ impl OwnedMem {
             segs: vec![Default::default(); segs],
             nodes: vec![Default::default(); nodes],
             roots: vec![Default::default(); crate::cache_core::roots_needed(backing_bytes)],
+            locks: (0..crate::cache_core::roots_needed(backing_bytes))
+                .map(|_| Default::default())
+                .collect(),
             ksets: vec![Default::default(); ksets],
             heads: vec![Default::default(); heads],
             scratch: vec![0; crate::cache_core::SCRATCH_BYTES],
@@ -477,6 +481,7 @@ impl OwnedMem {
             segs: &mut self.segs,
             nodes: &mut self.nodes,
             roots: &mut self.roots,
+            locks: crate::cache_core::SpinLocks(&self.locks),
             ksets: &mut self.ksets,
             heads: &mut self.heads,
             scratch: &mut self.scratch,

@@ -5,6 +5,7 @@ use pcache_engine::cache_core::key::{Key, Pos, SegId};
 use pcache_engine::cache_core::writeback::{
     writeback_extents, Step, WbExtent, WbPlan, WB_EXTENTS_MAX,
 };
+use pcache_engine::cache_core::SpinLocks;
 use pcache_engine::cache_core::{Borrowed, Pmem};
 use pcache_engine::meta::crc32c::{crc32c, pcache_crc};
 use pcache_engine::meta::header::{find_latest, seq_after, SlotIndex};
@@ -15,6 +16,7 @@ use pcache_engine::table::{
     parse_message, parse_table, write_table, CacheMode, Message, MessageError, TableError,
     TableOptions,
 };
+use std::sync::atomic::AtomicBool;
 
 #[test]
 fn crc32c_matches_known_vectors() {
@@ -201,7 +203,8 @@ fn key(off: u64, len: u32, tag: u32) -> Key {
 fn index_overlap_resolution_matches_model() {
     let mut nodes = vec![Node::default(); 4096];
     let mut roots = vec![Root::default(); 2];
-    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, 2);
+    let locks: Vec<AtomicBool> = (0..2).map(|_| AtomicBool::new(false)).collect();
+    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, SpinLocks(&locks), 2);
     const SPAN: usize = 8192;
     let mut model = vec![u32::MAX; SPAN];
     let mut x = 42u64;
@@ -233,6 +236,43 @@ fn index_overlap_resolution_matches_model() {
     assert_eq!(seen, model);
 }
 
+/// An index over leaked memory, for threads that may outlive a failed test.
+fn leaked_index(nodes: usize, subs: usize) -> &'static Index<Borrowed<'static>> {
+    let nodes = Vec::leak(vec![Node::default(); nodes]);
+    let roots = Vec::leak(vec![Root::default(); subs]);
+    let locks = Vec::leak((0..subs).map(|_| AtomicBool::new(false)).collect());
+    Box::leak(Box::new(Index::new(nodes, roots, SpinLocks(locks), subs)))
+}
+
+/// Runs `f(t)` on `n` threads and collects what they return; fails the test
+/// if they have not all returned within a minute (a broken tree tends to loop
+/// rather than fail).
+fn on_threads<R: Send + 'static>(
+    n: usize,
+    f: impl Fn(usize) -> R + Send + Sync + 'static,
+) -> Vec<R> {
+    let f = std::sync::Arc::new(f);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..n {
+        let (f, tx) = (f.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(t)));
+            let _ = tx.send((t, r));
+        });
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    for _ in 0..n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((t, Ok(r))) => out[t] = Some(r),
+            Ok((_, Err(e))) => std::panic::resume_unwind(e),
+            Err(_) => panic!("threads still running after a minute (a tree loops?)"),
+        }
+    }
+    out.into_iter().map(|r| r.unwrap()).collect()
+}
+
 /// Threads working on different subtrees at once, their nodes coming from and
 /// going back to one shared free list that runs nearly dry: each subtree ends
 /// as its thread's byte-map model says, inserts that found the list empty
@@ -243,65 +283,52 @@ fn index_subtrees_change_at_once_on_threads_sharing_one_slab() {
     const SUBS_PER_THREAD: usize = 2;
     const SPAN: usize = 64 << 10;
     const SUBTREE: u64 = 4 << 20;
-    let mut nodes = vec![Node::default(); 1400];
-    let mut roots = vec![Root::default(); THREADS * SUBS_PER_THREAD];
-    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, THREADS * SUBS_PER_THREAD);
-    let full = std::sync::atomic::AtomicUsize::new(0);
+    let idx = leaked_index(1400, THREADS * SUBS_PER_THREAD);
+    let full: &'static std::sync::atomic::AtomicUsize =
+        Box::leak(Box::new(std::sync::atomic::AtomicUsize::new(0)));
     // Thread `t` owns subtrees `t`, `t + THREADS`, ...
-    let models: Vec<Vec<Vec<u32>>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let (idx, full) = (&idx, &full);
-                s.spawn(move || {
-                    let mut model = vec![vec![u32::MAX; SPAN]; SUBS_PER_THREAD];
-                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t as u64;
-                    for op in 0..200_000u32 {
-                        x = x
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let which = (x >> 60) as usize % SUBS_PER_THREAD;
-                        let sub = t + which * THREADS;
-                        let base = sub as u64 * SUBTREE;
-                        let off = (x >> 33) as usize % (SPAN - 1);
-                        let m = &mut model[which];
-                        if (x >> 8).is_multiple_of(3) {
-                            // Remove whatever key covers or follows `off`.
-                            let at = base + off as u64;
-                            if let Some(k) = idx.first_overlap(sub, at, base + SPAN as u64) {
-                                assert_eq!(idx.remove(sub, k.off), Some(k), "thread {t} op {op}");
-                                for b in &mut m[(k.off - base) as usize..(k.end() - base) as usize]
-                                {
-                                    *b = u32::MAX;
-                                }
-                            }
-                            continue;
-                        }
-                        let len = 1 + ((x >> 17) as usize % 600).min(SPAN - off - 1);
-                        let tag = (t as u32) << 24 | op;
-                        let mut dropped = 0usize;
-                        let r = idx.insert(key(base + off as u64, len as u32, tag), |k| {
-                            dropped += k.len as usize
-                        });
-                        let covered = m[off..off + len].iter().filter(|&&b| b != u32::MAX).count();
-                        match r {
-                            Ok(()) => {
-                                assert_eq!(dropped, covered, "thread {t} op {op}: drops");
-                                m[off..off + len].fill(tag);
-                            }
-                            Err(_) => {
-                                assert_eq!(
-                                    dropped, 0,
-                                    "thread {t} op {op}: a failed insert dropped"
-                                );
-                                full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                        }
+    let models: Vec<Vec<Vec<u32>>> = on_threads(THREADS, move |t| {
+        let mut model = vec![vec![u32::MAX; SPAN]; SUBS_PER_THREAD];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t as u64;
+        for op in 0..200_000u32 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let which = (x >> 60) as usize % SUBS_PER_THREAD;
+            let sub = t + which * THREADS;
+            let base = sub as u64 * SUBTREE;
+            let off = (x >> 33) as usize % (SPAN - 1);
+            let m = &mut model[which];
+            if (x >> 8).is_multiple_of(3) {
+                // Remove whatever key covers or follows `off`.
+                let at = base + off as u64;
+                if let Some(k) = idx.first_overlap(sub, at, base + SPAN as u64) {
+                    assert_eq!(idx.remove(sub, k.off), Some(k), "thread {t} op {op}");
+                    for b in &mut m[(k.off - base) as usize..(k.end() - base) as usize] {
+                        *b = u32::MAX;
                     }
-                    model
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).collect()
+                }
+                continue;
+            }
+            let len = 1 + ((x >> 17) as usize % 600).min(SPAN - off - 1);
+            let tag = (t as u32) << 24 | op;
+            let mut dropped = 0usize;
+            let r = idx.insert(key(base + off as u64, len as u32, tag), |k| {
+                dropped += k.len as usize
+            });
+            let covered = m[off..off + len].iter().filter(|&&b| b != u32::MAX).count();
+            match r {
+                Ok(()) => {
+                    assert_eq!(dropped, covered, "thread {t} op {op}: drops");
+                    m[off..off + len].fill(tag);
+                }
+                Err(_) => {
+                    assert_eq!(dropped, 0, "thread {t} op {op}: a failed insert dropped");
+                    full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        model
     });
     let mut keys = 0;
     let mut seen = vec![vec![u32::MAX; SPAN]; THREADS * SUBS_PER_THREAD];
@@ -326,9 +353,92 @@ fn index_subtrees_change_at_once_on_threads_sharing_one_slab() {
     assert_eq!(idx.len() + idx.free_nodes() as usize, idx.capacity());
     assert_eq!(idx.free_list_len(), idx.free_nodes() as usize);
     // The list did run dry, so the failing path ran too.
-    let full = full.into_inner();
+    let full = full.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!("{keys} keys at the end, {full} inserts found no free node");
     assert!(full > 0);
+}
+
+/// Threads inserting, removing and looking up keys in the same two subtrees at
+/// once, each operation under its subtree's lock: the trees stay whole (keys
+/// disjoint and in order, every node in a tree or free), every key left is a
+/// piece of the insert it came from, lookups only return keys that overlap,
+/// and bytes are conserved: what the inserts put in, less what they replaced
+/// and what the removes took, is what the index holds.
+#[test]
+fn index_threads_sharing_subtrees_keep_every_tree_whole() {
+    const THREADS: usize = 4;
+    const SUBS: usize = 2;
+    const SPAN: u64 = 64 << 10;
+    const SUBTREE: u64 = 4 << 20;
+    let idx = leaked_index(1400, SUBS);
+    // Per thread: the range of each insert that went in, by op; bytes in and out.
+    type Run = (Vec<Option<(u64, u32)>>, u64, u64);
+    let runs: Vec<Run> = on_threads(THREADS, move |t| {
+        let mut inserted = Vec::new();
+        let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+        let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (t as u64) << 40;
+        for op in 0..100_000u32 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let sub = (x >> 61) as usize % SUBS;
+            let base = sub as u64 * SUBTREE;
+            let at = base + (x >> 33) % (SPAN - 1);
+            inserted.push(None);
+            match (x >> 8) % 6 {
+                0 | 1 => {
+                    if let Some(k) = idx.first_overlap(sub, at, at + 1) {
+                        assert!(k.off <= at && k.end() > at, "thread {t} op {op}: {k:?}");
+                        if let Some(gone) = idx.remove(sub, k.off) {
+                            bytes_out += u64::from(gone.len);
+                        }
+                    }
+                }
+                _ => {
+                    let len = 1 + ((x >> 17) % 600).min(base + SPAN - at - 1) as u32;
+                    let tag = (t as u32) << 24 | op;
+                    let mut dropped = 0u64;
+                    if idx
+                        .insert(key(at, len, tag), |k| dropped += u64::from(k.len))
+                        .is_ok()
+                    {
+                        bytes_in += u64::from(len);
+                        bytes_out += dropped;
+                        inserted[op as usize] = Some((at, len));
+                    } else {
+                        assert_eq!(dropped, 0, "thread {t} op {op}: a failed insert dropped");
+                    }
+                }
+            }
+        }
+        (inserted, bytes_in, bytes_out)
+    });
+    let (mut keys, mut held) = (0usize, 0u64);
+    let mut prev: Option<Key> = None;
+    idx.for_each(|k| {
+        keys += 1;
+        held += u64::from(k.len);
+        if let Some(p) = prev.filter(|p| p.off / SUBTREE == k.off / SUBTREE) {
+            assert!(
+                p.end() <= k.off,
+                "keys overlap or are out of order: {p:?} {k:?}"
+            );
+        }
+        prev = Some(*k);
+        let tag = k.pos.seg.get();
+        let (t, op) = ((tag >> 24) as usize, (tag & 0xff_ffff) as usize);
+        let (off, len) = runs[t].0[op].expect("a key from an insert that failed");
+        assert!(
+            k.off >= off && k.end() <= off + u64::from(len) && k.off - off == u64::from(k.pos.off),
+            "key {k:?} is not a piece of its insert at {off}+{len}"
+        );
+    });
+    let bytes_in: u64 = runs.iter().map(|r| r.1).sum();
+    let bytes_out: u64 = runs.iter().map(|r| r.2).sum();
+    assert_eq!(held, bytes_in - bytes_out, "bytes are not conserved");
+    assert_eq!(keys, idx.len());
+    assert_eq!(idx.len() + idx.free_nodes() as usize, idx.capacity());
+    assert_eq!(idx.free_list_len(), idx.free_nodes() as usize);
 }
 
 /// The fuzz target bodies over a few thousand random inputs (libFuzzer not needed).

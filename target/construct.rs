@@ -8,6 +8,7 @@
 use super::{
     args::Args,
     claim::ActiveClaim,
+    cpu,
     dax::{DaxError, DaxMapping},
     device::TargetDevice,
     engine::{self, BackingIo, PcacheEngine, Sizing, StartError, Writer},
@@ -176,7 +177,7 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
     let sizing = Sizing {
         keys: key_capacity(seg_num * u64::from(geo.seg_data_size())),
         ksets: 4,
-        heads: 1,
+        heads: cpu::cpu_ids(),
         bounce: 256 << 10,
     };
     let opts = CacheOptions {

@@ -304,6 +304,11 @@ unsigned int pcache_rs_cpu_id(void)
 	return raw_smp_processor_id();
 }
 
+unsigned int pcache_rs_nr_cpu_ids(void)
+{
+	return nr_cpu_ids;
+}
+
 static u64 __percpu *pcache_rs_counters(void *c)
 {
 	return (u64 __force __percpu *)c;

@@ -55,6 +55,8 @@ void pcache_rs_bio_submit(struct bio *bio);
 int pcache_rs_sync_io(struct block_device *bdev, bool write, bool preflush, bool fua,
 		      sector_t sector, void *buf, size_t len);
 unsigned int pcache_rs_cpu_id(void);
+/* One more than the highest CPU id there can be (nr_cpu_ids). */
+unsigned int pcache_rs_nr_cpu_ids(void);
 
 /*
  * Read misses in flight: clones of a read bio, each over one gap the cache does not hold, sent

@@ -46,6 +46,7 @@ pub(crate) mod bio;
 pub(crate) mod claim;
 pub(crate) mod construct;
 pub(crate) mod counters;
+pub(crate) mod cpu;
 pub(crate) mod crc;
 pub(crate) mod dax;
 pub(crate) mod device;

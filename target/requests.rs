@@ -7,6 +7,7 @@
 
 use super::{
     bio::{BioOp, HeldBio},
+    cpu::this_cpu,
     engine::PcacheEngine,
     live::{Core, Count, ErrorText, LiveCache},
 };
@@ -308,11 +309,11 @@ impl LiveCache {
                 return Some(Ok(()));
             }
             let at = *done;
-            let reserved = self
-                .core
-                .lock()
-                .engine
-                .write_reserve(off + at as u64, len - at, 0, 0);
+            let reserved =
+                self.core
+                    .lock()
+                    .engine
+                    .write_reserve(off + at as u64, len - at, 0, this_cpu());
             let r = match reserved {
                 Ok(r) => r,
                 Err(e) => return outcome(Err(e)),
@@ -423,7 +424,7 @@ impl LiveCache {
             None if through => core.engine.through_failed(gap),
             None => core.engine.read_failed(gap),
             Some(data) => {
-                let mut fill = core.engine.fill_start(gap, 0);
+                let mut fill = core.engine.fill_start(gap, this_cpu());
                 if fill.is_open() {
                     drop(core);
                     fill_copy(&mut self.pmem(), &mut fill, data);

@@ -33,7 +33,7 @@ use core::sync::atomic::{
 const NIL: u32 = u32::MAX;
 
 /// A slab slot: a key, packed in words, and its two tree links. Create with
-/// `Node::default()`. A cache line each (56 bytes would straddle lines: a
+/// `Node::default()`. A cache line each (60 bytes would straddle lines: a
 /// lookup touching one node would miss twice).
 #[repr(align(64))]
 pub struct Node {

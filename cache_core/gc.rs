@@ -88,7 +88,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 for i in 0..key_num as usize {
                     let key = self.scratch_key(i)?;
                     // Only keys replay or the write path counted hold a reference.
-                    if key.gen >= self.seg(key.pos.seg).gen && self.seg_unref(key.pos.seg) {
+                    if key.gen >= self.seg_map.gen(key.pos.seg) && self.seg_unref(key.pos.seg) {
                         if let Some(slot) = emptied.get_mut(n_emptied) {
                             *slot = key.pos.seg;
                             n_emptied += 1;

@@ -44,8 +44,9 @@ pub struct Node {
     /// next free node is on the left. One word, so that a descent loads both
     /// children at once and picks one without a branch.
     links: AtomicU64,
-    /// The treap priority, fixed by the slot (see [`prio_of`]).
-    prio: u32,
+    /// The treap priority, fixed by the slot (see [`prio_of`]); set once by
+    /// [`Index::new`], before anyone else sees the slab.
+    prio: AtomicU32,
 }
 
 fn lo(w: u64) -> u32 {
@@ -139,7 +140,7 @@ impl Default for Node {
         Node {
             key: Default::default(),
             links: AtomicU64::new(pair(NIL, NIL)),
-            prio: 0,
+            prio: AtomicU32::new(0),
         }
     }
 }
@@ -148,7 +149,7 @@ impl Default for Node {
 impl Clone for Node {
     fn clone(&self) -> Self {
         let n = Node {
-            prio: self.prio,
+            prio: AtomicU32::new(self.prio.load(Relaxed)),
             ..Node::default()
         };
         n.set_key(&self.key());
@@ -222,13 +223,35 @@ impl<L: SubtreeLocks> Drop for Held<'_, L> {
     }
 }
 
-/// The whole index over the preallocated slab and subtree roots.
-pub struct Index<M: Memory> {
-    nodes: M::Buf<Node>,
-    roots: M::Buf<Root>,
+/// The subtrees over the slab: what a lookup needs, and all a read without
+/// the engine lock holds of the index ([`super::reader::Reader`]). Every
+/// operation holds its subtree's lock; a clone shares the slab, the roots and
+/// the locks.
+pub struct Trees<M: Memory> {
+    nodes: M::Shared<Node>,
+    roots: M::Shared<Root>,
     locks: M::Locks,
     /// Subtrees in use (the device's 4 MiB stripes; `roots` may be longer).
     n_roots: usize,
+    sink: Node,
+}
+
+impl<M: Memory> Clone for Trees<M> {
+    fn clone(&self) -> Self {
+        Trees {
+            nodes: self.nodes.clone(),
+            roots: self.roots.clone(),
+            locks: self.locks.clone(),
+            n_roots: self.n_roots,
+            sink: Node::default(),
+        }
+    }
+}
+
+/// The whole index over the preallocated slab and subtree roots: the
+/// [`Trees`], and the free list that inserts take nodes from.
+pub struct Index<M: Memory> {
+    trees: Trees<M>,
     /// The free list, a stack linked through `left`: the node on top in the
     /// low 32 bits, and in the high 32 a count of the changes to it, so that a
     /// compare-and-swap whose node was taken and given back meanwhile fails
@@ -237,7 +260,15 @@ pub struct Index<M: Memory> {
     /// Free nodes. Counted up before nodes go on the list and down after they
     /// come off, so it may run ahead of the list for a moment, never behind.
     n_free: AtomicU32,
-    sink: Node,
+}
+
+/// An index is its trees, and a free list.
+impl<M: Memory> core::ops::Deref for Index<M> {
+    type Target = Trees<M>;
+
+    fn deref(&self) -> &Trees<M> {
+        &self.trees
+    }
 }
 
 fn prio_of(i: u32) -> u32 {
@@ -248,42 +279,9 @@ fn prio_of(i: u32) -> u32 {
     x
 }
 
-impl<M: Memory> Index<M> {
-    /// `nodes` is the key slab; `roots` needs one entry per 4 MiB of backing device.
-    /// `locks` too (the subtrees beyond the shortest of the two do not exist).
-    pub fn new(
-        mut nodes: M::Buf<Node>,
-        mut roots: M::Buf<Root>,
-        locks: M::Locks,
-        n_roots: usize,
-    ) -> Self {
-        let n = nodes.len().min(NIL as usize - 1);
-        for (i, node) in nodes.iter_mut().enumerate().take(n) {
-            let next = if i + 1 < n { (i + 1) as u32 } else { NIL };
-            *node.links.get_mut() = pair(next, NIL);
-            node.prio = prio_of(i as u32);
-        }
-        for r in roots.iter_mut() {
-            *r.0.get_mut() = NIL;
-        }
-        let n_roots = n_roots.min(roots.len()).min(locks.len());
-        Index {
-            nodes,
-            roots,
-            locks,
-            n_roots,
-            free: AtomicU64::new(if n > 0 { 0 } else { u64::from(NIL) }),
-            n_free: AtomicU32::new(n as u32),
-            sink: Node::default(),
-        }
-    }
-
+impl<M: Memory> Trees<M> {
     pub fn n_subtrees(&self) -> usize {
         self.n_roots
-    }
-
-    pub fn free_nodes(&self) -> u32 {
-        self.n_free.load(Relaxed)
     }
 
     pub fn capacity(&self) -> usize {
@@ -298,6 +296,13 @@ impl<M: Memory> Index<M> {
         } else {
             None
         }
+    }
+
+    /// The subtree of `cur` and where the part of `cur..end` in it ends.
+    pub fn stripe(&self, cur: u64, end: u64) -> Option<(usize, u64)> {
+        let sub = self.subtree_of(cur)?;
+        let stripe_end = ((cur >> SUBTREE_SHIFT) + 1) << SUBTREE_SHIFT;
+        Some((sub, end.min(stripe_end)))
     }
 
     fn n(&self, i: u32) -> &Node {
@@ -321,6 +326,145 @@ impl<M: Memory> Index<M> {
         if let Some(slot) = self.roots.get(sub).filter(|_| sub < self.n_roots) {
             slot.0.store(r, Relaxed);
         }
+    }
+
+    fn rightmost(&self, mut t: u32) -> u32 {
+        while t != NIL && self.n(t).right() != NIL {
+            t = self.n(t).right();
+        }
+        t
+    }
+
+    /// Node starting exactly at `x`.
+    fn find(&self, mut t: u32, x: u64) -> u32 {
+        while t != NIL {
+            let n = self.n(t);
+            if n.off() == x {
+                return t;
+            }
+            t = n.toward(x);
+        }
+        NIL
+    }
+
+    /// Node with the smallest start >= `x`.
+    fn ceil(&self, mut t: u32, x: u64) -> u32 {
+        let mut best = NIL;
+        while t != NIL {
+            let n = self.n(t);
+            if n.off() >= x {
+                best = t;
+                t = n.left();
+            } else {
+                t = n.right();
+            }
+        }
+        best
+    }
+
+    fn visit_tree(&self, mut t: u32, f: &mut impl FnMut(&Key)) {
+        while t != NIL {
+            let n = self.n(t);
+            let (l, r) = n.links();
+            self.visit_tree(l, f);
+            f(&n.key());
+            t = r;
+        }
+    }
+
+    /// The first key in `sub` that overlaps `[from, to)`, in logical order.
+    ///
+    /// One descent finds both the floor of `from` (the last key starting at or
+    /// before it, which overlaps if it reaches past `from`) and its successor
+    /// (which overlaps if it starts before `to`): the two searches take the
+    /// same path.
+    pub fn first_overlap(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
+        let _held = self.hold(sub);
+        let mut t = self.root(sub);
+        let (mut floor, mut succ) = (NIL, NIL);
+        while t != NIL {
+            let n = self.n(t);
+            let off = n.off();
+            if off == from {
+                // Keys are never empty, so it covers `from`.
+                return Some(n.key());
+            }
+            let (l, r) = n.links();
+            // Without branches: the way down is a coin toss on random offsets.
+            let before = off < from;
+            floor = if before { t } else { floor };
+            succ = if before { succ } else { t };
+            t = if before { r } else { l };
+        }
+        if floor != NIL && self.n(floor).end() > from {
+            return Some(self.n(floor).key());
+        }
+        if succ != NIL && self.n(succ).off() < to {
+            return Some(self.n(succ).key());
+        }
+        None
+    }
+
+    /// Sets `flags` on the key starting exactly at `off` in `sub` (if any).
+    /// Flags do not order keys, so the tree stays as it is.
+    pub fn add_flags(&self, sub: usize, off: u64, flags: u32) {
+        let _held = self.hold(sub);
+        let t = self.find(self.root(sub), off);
+        if t != NIL {
+            self.n(t).key[1].fetch_or(pair(0, flags), Relaxed);
+        }
+    }
+
+    /// Visit every key of every subtree in logical order (`f` under each
+    /// subtree's lock in turn).
+    pub fn for_each(&self, mut f: impl FnMut(&Key)) {
+        for sub in 0..self.n_roots {
+            let _held = self.hold(sub);
+            self.visit_tree(self.root(sub), &mut f);
+        }
+    }
+}
+
+impl<M: Memory> Index<M> {
+    /// `nodes` is the key slab; `roots` needs one entry per 4 MiB of backing device.
+    /// `locks` too (the subtrees beyond the shortest of the two do not exist).
+    /// Nobody else may use the slab and the roots yet.
+    pub fn new(
+        nodes: M::Shared<Node>,
+        roots: M::Shared<Root>,
+        locks: M::Locks,
+        n_roots: usize,
+    ) -> Self {
+        let n = nodes.len().min(NIL as usize - 1);
+        for (i, node) in nodes.iter().enumerate().take(n) {
+            let next = if i + 1 < n { (i + 1) as u32 } else { NIL };
+            node.links.store(pair(next, NIL), Relaxed);
+            node.prio.store(prio_of(i as u32), Relaxed);
+        }
+        for r in roots.iter() {
+            r.0.store(NIL, Relaxed);
+        }
+        let n_roots = n_roots.min(roots.len()).min(locks.len());
+        Index {
+            trees: Trees {
+                nodes,
+                roots,
+                locks,
+                n_roots,
+                sink: Node::default(),
+            },
+            free: AtomicU64::new(if n > 0 { 0 } else { u64::from(NIL) }),
+            n_free: AtomicU32::new(n as u32),
+        }
+    }
+
+    /// The subtrees, for reads without the engine lock.
+    pub fn trees(&self) -> Trees<M> {
+        self.trees.clone()
+    }
+
+    pub fn free_nodes(&self) -> u32 {
+        self.n_free.load(Relaxed)
     }
 
     /// Takes the node on top of the free list (`NIL`: none left).
@@ -426,7 +570,7 @@ impl<M: Memory> Index<M> {
         if b == NIL {
             return a;
         }
-        if self.n(a).prio >= self.n(b).prio {
+        if self.n(a).prio.load(Relaxed) >= self.n(b).prio.load(Relaxed) {
             let (l, r) = self.n(a).links();
             let m = self.merge(r, b);
             self.n(a).set_links(l, m);
@@ -437,40 +581,6 @@ impl<M: Memory> Index<M> {
             self.n(b).set_links(m, r);
             b
         }
-    }
-
-    fn rightmost(&self, mut t: u32) -> u32 {
-        while t != NIL && self.n(t).right() != NIL {
-            t = self.n(t).right();
-        }
-        t
-    }
-
-    /// Node starting exactly at `x`.
-    fn find(&self, mut t: u32, x: u64) -> u32 {
-        while t != NIL {
-            let n = self.n(t);
-            if n.off() == x {
-                return t;
-            }
-            t = n.toward(x);
-        }
-        NIL
-    }
-
-    /// Node with the smallest start >= `x`.
-    fn ceil(&self, mut t: u32, x: u64) -> u32 {
-        let mut best = NIL;
-        while t != NIL {
-            let n = self.n(t);
-            if n.off() >= x {
-                best = t;
-                t = n.left();
-            } else {
-                t = n.right();
-            }
-        }
-        best
     }
 
     /// Insert `key` into its subtree, trimming, splitting or dropping the keys it
@@ -559,59 +669,6 @@ impl<M: Memory> Index<M> {
         Ok(())
     }
 
-    fn visit_tree(&self, mut t: u32, f: &mut impl FnMut(&Key)) {
-        while t != NIL {
-            let n = self.n(t);
-            let (l, r) = n.links();
-            self.visit_tree(l, f);
-            f(&n.key());
-            t = r;
-        }
-    }
-
-    /// The first key in `sub` that overlaps `[from, to)`, in logical order.
-    ///
-    /// One descent finds both the floor of `from` (the last key starting at or
-    /// before it, which overlaps if it reaches past `from`) and its successor
-    /// (which overlaps if it starts before `to`): the two searches take the
-    /// same path.
-    pub fn first_overlap(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
-        let _held = self.hold(sub);
-        let mut t = self.root(sub);
-        let (mut floor, mut succ) = (NIL, NIL);
-        while t != NIL {
-            let n = self.n(t);
-            let off = n.off();
-            if off == from {
-                // Keys are never empty, so it covers `from`.
-                return Some(n.key());
-            }
-            let (l, r) = n.links();
-            // Without branches: the way down is a coin toss on random offsets.
-            let before = off < from;
-            floor = if before { t } else { floor };
-            succ = if before { succ } else { t };
-            t = if before { r } else { l };
-        }
-        if floor != NIL && self.n(floor).end() > from {
-            return Some(self.n(floor).key());
-        }
-        if succ != NIL && self.n(succ).off() < to {
-            return Some(self.n(succ).key());
-        }
-        None
-    }
-
-    /// Sets `flags` on the key starting exactly at `off` in `sub` (if any).
-    /// Flags do not order keys, so the tree stays as it is.
-    pub fn add_flags(&self, sub: usize, off: u64, flags: u32) {
-        let _held = self.hold(sub);
-        let t = self.find(self.root(sub), off);
-        if t != NIL {
-            self.n(t).key[1].fetch_or(pair(0, flags), Relaxed);
-        }
-    }
-
     /// Remove the key starting exactly at `off` in `sub` (if any).
     pub fn remove(&self, sub: usize, off: u64) -> Option<Key> {
         let _held = self.hold(sub);
@@ -687,14 +744,5 @@ impl<M: Memory> Index<M> {
             }
         }
         ((sub < self.n_roots).then_some((sub, from)), removed)
-    }
-
-    /// Visit every key of every subtree in logical order (`f` under each
-    /// subtree's lock in turn).
-    pub fn for_each(&self, mut f: impl FnMut(&Key)) {
-        for sub in 0..self.n_roots {
-            let _held = self.hold(sub);
-            self.visit_tree(self.root(sub), &mut f);
-        }
     }
 }

@@ -4,11 +4,14 @@
 use super::data::{Sink, Source};
 use super::env::{Backing, IoError, Pmem};
 use super::error::CacheError;
+use super::index::Trees;
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
+use super::segment::SegMap;
 use super::through::THROUGH_TAG;
 use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
+use crate::meta::layout::Geometry;
 use crate::meta::layout::SUBTREE_SIZE;
 
 /// Keys (and empty subtrees) one step of the clean pass looks at: one hold of
@@ -73,15 +76,15 @@ pub struct Hit {
     /// Where it goes in the read's data.
     pub at: usize,
     pub len: usize,
-    seg: Option<SegId>,
+    pub(crate) seg: Option<SegId>,
     /// The key's data was not checked against its CRC since attach:
     /// [`copy_hits`] checks it.
-    check: Option<HitCheck>,
+    pub(crate) check: Option<HitCheck>,
 }
 
 /// The CRC check a [`Hit`] carries, and what identifies its key afterwards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct HitCheck {
+pub(crate) struct HitCheck {
     /// The key's logical offset, cache position and generation when the read
     /// found it: [`Cache::read_verified`] marks it verified only if the index
     /// still holds that key.
@@ -259,13 +262,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// The subtree of `cur` and where the range up to `end` leaves it (keys and
     /// requests are cut at subtree boundaries, every 4 MiB).
     pub(crate) fn stripe(&self, cur: u64, end: u64) -> Result<(usize, u64), CacheError> {
-        let sub = self
-            .index
-            .subtree_of(cur)
-            .ok_or(CacheError::Invalid("offset beyond the backing device"))?;
-        let stripe_end =
-            ((cur >> crate::meta::layout::SUBTREE_SHIFT) + 1) << crate::meta::layout::SUBTREE_SHIFT;
-        Ok((sub, end.min(stripe_end)))
+        self.index
+            .stripe(cur, end)
+            .ok_or(CacheError::Invalid("offset beyond the backing device"))
     }
 
     pub(crate) fn check_range(&self, off: u64, len: usize) -> Result<(), CacheError> {
@@ -296,7 +295,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             match cur {
                 Some(pos) => {
                     let remain = data_size - pos.off;
-                    let gen = self.seg(pos.seg).gen;
+                    let gen = self.seg_map.gen(pos.seg);
                     self.seg_get(pos.seg);
                     if remain > len {
                         if let Some(d) = self.heads.get_mut(h) {
@@ -756,7 +755,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     // A key to check goes out with its check, which the copy
                     // runs without the lock; with no room left for it (only
                     // `read_start`), it is copied and checked here.
-                    let check = match self.hit_check(&k, cur, len) {
+                    let check = match hit_check(&self.geo, &self.seg_map, &k, cur, len) {
                         Ok(c) => c,
                         Err(e) => return Err(self.read_unwind(gaps, hits, &out, e)),
                     };
@@ -936,46 +935,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     pub(crate) fn key_stale(&self, k: &Key) -> bool {
-        !k.empty() && k.gen < self.seg(k.pos.seg).gen
-    }
-
-    /// The CRC check a hit of `n` bytes of key `k` at logical offset `cur`
-    /// carries: none once the key is verified.
-    fn hit_check(&self, k: &Key, cur: u64, n: usize) -> Result<Option<HitCheck>, CacheError> {
-        if !k.unverified() {
-            return Ok(None);
-        }
-        let start = k.crc_start().ok_or(CacheError::Io("key crc range"))?;
-        Ok(Some(HitCheck {
-            key_off: k.off,
-            pos: k.pos,
-            gen: k.gen,
-            crc: k.crc,
-            start: self.pos_addr(start),
-            len: k.crc_len,
-            exact: k.crc_exact(cur, n),
-        }))
+        !k.empty() && k.gen < self.seg_map.gen(k.pos.seg)
     }
 
     /// [`copy_hits`] checked `hits` (those that carry a check) and they
-    /// passed: marks each key verified, if the index still holds the key the
-    /// read found. One that was trimmed at the front or replaced meanwhile is
-    /// checked again by the next read of it.
+    /// passed: marks each key verified (see [`mark_verified`]).
     pub fn read_verified(&mut self, hits: &[Hit]) {
-        for c in hits.iter().filter_map(|h| h.check) {
-            let Some(sub) = self.index.subtree_of(c.key_off) else {
-                continue;
-            };
-            let same = self
-                .index
-                .first_overlap(sub, c.key_off, c.key_off + 1)
-                .is_some_and(|k| {
-                    k.off == c.key_off && k.pos == c.pos && k.gen == c.gen && k.crc == c.crc
-                });
-            if same {
-                self.index.add_flags(sub, c.key_off, KEY_FLAGS_VERIFIED);
-            }
-        }
+        mark_verified(&self.index, hits);
     }
 
     /// [`copy_hits`] found data that failed its CRC check: counts it (the
@@ -1063,13 +1029,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             }
             None => return None,
         };
-        let Cache { index, segs, .. } = self;
+        let Cache { index, seg_map, .. } = self;
         let (next, removed) = index.retain_from(sub, from, CLEAN_KEYS_PER_STEP, |k| {
-            !k.empty()
-                && segs
-                    .get(k.pos.seg.index())
-                    .map(|s| k.gen < s.gen)
-                    .unwrap_or(true)
+            !k.empty() && k.gen < seg_map.gen(k.pos.seg)
         });
         self.clean_at = next;
         Some(removed)
@@ -1082,5 +1044,49 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             removed += n;
         }
         removed
+    }
+}
+
+/// The CRC check a hit of `n` bytes of key `k` at logical offset `cur`
+/// carries: none once the key is verified.
+pub(crate) fn hit_check<M: Memory>(
+    geo: &Geometry,
+    seg_map: &SegMap<M>,
+    k: &Key,
+    cur: u64,
+    n: usize,
+) -> Result<Option<HitCheck>, CacheError> {
+    if !k.unverified() {
+        return Ok(None);
+    }
+    let start = k.crc_start().ok_or(CacheError::Io("key crc range"))?;
+    Ok(Some(HitCheck {
+        key_off: k.off,
+        pos: k.pos,
+        gen: k.gen,
+        crc: k.crc,
+        start: seg_map.addr(geo, start),
+        len: k.crc_len,
+        exact: k.crc_exact(cur, n),
+    }))
+}
+
+/// [`copy_hits`] checked `hits` (those that carry a check) and they passed:
+/// marks each key verified, if the index still holds the key the read found.
+/// One that was trimmed at the front or replaced meanwhile is checked again by
+/// the next read of it. Needs only the subtree locks.
+pub(crate) fn mark_verified<M: Memory>(trees: &Trees<M>, hits: &[Hit]) {
+    for c in hits.iter().filter_map(|h| h.check) {
+        let Some(sub) = trees.subtree_of(c.key_off) else {
+            continue;
+        };
+        let same = trees
+            .first_overlap(sub, c.key_off, c.key_off + 1)
+            .is_some_and(|k| {
+                k.off == c.key_off && k.pos == c.pos && k.gen == c.gen && k.crc == c.crc
+            });
+        if same {
+            trees.add_flags(sub, c.key_off, KEY_FLAGS_VERIFIED);
+        }
     }
 }

@@ -8,9 +8,9 @@
 //! outlives the engine.
 
 use super::env::SubtreeLocks;
-use super::{DataHead, KsetBuf, Node, Root, SegState, WbExtent};
+use super::{DataHead, KsetBuf, Node, Root, SegMapEntry, SegState, WbExtent};
 use core::marker::PhantomData;
-use core::ops::DerefMut;
+use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{
     AtomicBool,
     Ordering::{Acquire, Relaxed, Release},
@@ -20,8 +20,12 @@ use core::sync::atomic::{
 pub trait Memory {
     /// A fixed-size buffer of `T`s.
     type Buf<T: 'static>: DerefMut<Target = [T]>;
-    /// The locks of the index's subtrees.
-    type Locks: SubtreeLocks;
+    /// A fixed-size buffer of `T`s that the engine shares with the reads it
+    /// serves without its lock ([`super::reader::Reader`]): the key slab, the
+    /// subtree roots, the segment map, all atomics.
+    type Shared<T: Sync + 'static>: Deref<Target = [T]> + Clone;
+    /// The locks of the index's subtrees, shared the same way.
+    type Locks: SubtreeLocks + Clone;
 }
 
 /// Buffers lent for `'a` (host tests that reuse their memory between lives).
@@ -29,11 +33,13 @@ pub struct Borrowed<'a>(PhantomData<&'a mut ()>);
 
 impl<'a> Memory for Borrowed<'a> {
     type Buf<T: 'static> = &'a mut [T];
+    type Shared<T: Sync + 'static> = &'a [T];
     type Locks = SpinLocks<'a>;
 }
 
 /// Subtree locks for hosts: a flag each, taken by spinning. Never in the
 /// kernel, whose spinlocks also keep the holder on its CPU and tell lockdep.
+#[derive(Clone, Copy)]
 pub struct SpinLocks<'a>(pub &'a [AtomicBool]);
 
 impl SubtreeLocks for SpinLocks<'_> {
@@ -63,10 +69,13 @@ impl SubtreeLocks for SpinLocks<'_> {
 pub struct CacheMem<M: Memory> {
     /// One per cache segment (at least the superblock's `seg_num`).
     pub segs: M::Buf<SegState>,
+    /// One per cache segment too: where each lives and its generation, for
+    /// reads without the engine lock.
+    pub seg_map: M::Shared<SegMapEntry>,
     /// The key slab: the most keys the index can hold (see [`key_capacity`]).
-    pub nodes: M::Buf<Node>,
+    pub nodes: M::Shared<Node>,
     /// One subtree root per 4 MiB of backing device.
-    pub roots: M::Buf<Root>,
+    pub roots: M::Shared<Root>,
     /// A lock for each of those subtrees.
     pub locks: M::Locks,
     /// Open ksets (upstream: one per CPU); keys go to `(off >> 22) % len`.

@@ -31,6 +31,7 @@ pub(crate) mod log_cursor;
 pub mod memory;
 pub mod mode;
 pub mod options;
+pub mod reader;
 pub mod replay;
 pub mod request;
 pub mod segment;
@@ -47,13 +48,14 @@ use crate::meta::layout::Geometry;
 pub use data::{Sink, Source, Zeros};
 pub use env::{Backing, IoError, Locked, Pmem, SubtreeLocks, Waiting};
 pub use error::CacheError;
-pub use index::{Index, Node, Root};
+pub use index::{Index, Node, Root, Trees};
 pub use key::{Key, Pos, SegId};
 pub use kset::KsetBuf;
 pub use memory::{key_capacity, Borrowed, CacheMem, Memory, SpinLocks};
 pub use mode::Mode;
 pub use options::CacheOptions;
-pub use segment::SegState;
+pub use reader::Reader;
+pub use segment::{SegMap, SegMapEntry, SegState};
 pub use stats::{RequestCounts, Stats, STATUS_STATS};
 pub use writeback::WbExtent;
 
@@ -111,6 +113,7 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) used_segs: u32,
     pub(crate) last_seg: u32,
     pub(crate) segs: M::Buf<SegState>,
+    pub(crate) seg_map: SegMap<M>,
     pub(crate) index: Index<M>,
     pub(crate) ksets: M::Buf<KsetBuf>,
     pub(crate) heads: M::Buf<DataHead>,
@@ -203,6 +206,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.seg_id(id).map(|id| self.seg(id)).unwrap_or_default()
     }
 
+    /// The physical segment cache segment `id` lives on (0 when out of range).
+    pub fn seg_phys(&self, id: u32) -> u32 {
+        self.seg_id(id).map_or(0, |id| self.seg_map.phys(id))
+    }
+
+    /// The generation of cache segment `id` (0 when out of range).
+    pub fn seg_gen(&self, id: u32) -> u64 {
+        self.seg_id(id).map_or(0, |id| self.seg_map.gen(id))
+    }
+
     pub fn pmem(&self) -> &P {
         &self.pmem
     }
@@ -224,6 +237,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.data_crc
     }
 
+    /// What reads that hit need to be served without the engine lock.
+    pub fn reader(&self) -> Reader<M> {
+        Reader::new(
+            self.index.trees(),
+            self.seg_map.clone(),
+            self.geo,
+            self.dev_bytes,
+        )
+    }
+
     /// Visit every key of the index (tests, debugging).
     pub fn for_each_key(&self, f: impl FnMut(&Key)) {
         self.index.for_each(f)
@@ -236,7 +259,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Device offset of a cache position.
     pub(crate) fn pos_addr(&self, pos: Pos) -> u64 {
-        self.geo.seg_data_off(self.seg(pos.seg).phys) + u64::from(pos.off)
+        self.seg_map.addr(&self.geo, pos)
     }
 
     /// Give the devices back (tests take the pmem image after a run).

@@ -98,7 +98,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 }
                 // A key into the key log itself or past the key head would
                 // be corrupt, but only its range is checkable here.
-                if key.gen < self.seg(key.pos.seg).gen {
+                if key.gen < self.seg_map.gen(key.pos.seg) {
                     continue;
                 }
                 if key.key_stale_check_subtree(self) {

@@ -9,19 +9,22 @@
 
 use super::env::{persist, Pmem};
 use super::error::CacheError;
-use super::key::SegId;
+use super::key::{Pos, SegId};
 use super::{Cache, Memory};
 use crate::meta::header::MetaHeader;
 use crate::meta::header::{SlotIndex, Slotted};
+use crate::meta::layout::Geometry;
 use crate::meta::segment::{SegGen, SegmentInfo, SEG_GEN_STRUCT_SIZE, SEG_INFO_STRUCT_SIZE};
 use crate::meta::{MetaError, MetaErrorKind};
+use core::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 
-/// In-memory state of one cache segment. Create with `SegState::default()`.
+/// In-memory state of one cache segment, under the engine lock. Where it lives
+/// and its generation are in the [`SegMap`]. Create with `SegState::default()`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SegState {
-    /// Physical segment id on the device.
-    pub phys: u32,
-    pub gen: u64,
     pub gen_seq: u8,
     pub gen_index: SlotIndex,
     pub info: SegmentInfo,
@@ -30,6 +33,87 @@ pub struct SegState {
     pub used: bool,
     /// Scratch for chain validation at load.
     pub claimed: bool,
+}
+
+/// What a read without the engine lock needs of one cache segment
+/// ([`super::reader::Reader`]): the physical segment it lives on and its
+/// generation. Create with `SegMapEntry::default()`.
+#[derive(Debug, Default)]
+pub struct SegMapEntry {
+    phys: AtomicU32,
+    gen: AtomicU64,
+}
+
+/// Filling the map before the engine takes it over.
+impl Clone for SegMapEntry {
+    fn clone(&self) -> Self {
+        SegMapEntry {
+            phys: AtomicU32::new(self.phys.load(Relaxed)),
+            gen: AtomicU64::new(self.gen.load(Relaxed)),
+        }
+    }
+}
+
+/// The segment map: a [`SegMapEntry`] per cache segment, shared by the engine
+/// and the reads it serves without its lock. The physical segments are set
+/// while the engine starts, before any read; a generation changes only under
+/// the engine lock ([`Cache::seg_invalidate`]), and a read checks it after
+/// pinning the segment: see [`SegMap::gen`].
+pub struct SegMap<M: Memory>(M::Shared<SegMapEntry>);
+
+impl<M: Memory> Clone for SegMap<M> {
+    fn clone(&self) -> Self {
+        SegMap(self.0.clone())
+    }
+}
+
+impl<M: Memory> SegMap<M> {
+    pub(crate) fn new(entries: M::Shared<SegMapEntry>) -> Self {
+        for e in entries.iter() {
+            e.phys.store(0, Relaxed);
+            e.gen.store(0, Relaxed);
+        }
+        SegMap(entries)
+    }
+
+    fn entry(&self, id: SegId) -> Option<&SegMapEntry> {
+        let e = self.0.get(id.index());
+        debug_assert!(e.is_some(), "segment {id} beyond the segment map");
+        e
+    }
+
+    /// The physical segment cache segment `id` lives on.
+    pub(crate) fn phys(&self, id: SegId) -> u32 {
+        self.entry(id).map_or(0, |e| e.phys.load(Relaxed))
+    }
+
+    /// Device offset of cache position `pos`.
+    pub(crate) fn addr(&self, geo: &Geometry, pos: Pos) -> u64 {
+        geo.seg_data_off(self.phys(pos.seg)) + u64::from(pos.off)
+    }
+
+    pub(crate) fn set_phys(&self, id: SegId, phys: u32) {
+        if let Some(e) = self.entry(id) {
+            e.phys.store(phys, Relaxed);
+        }
+    }
+
+    /// Segment `id`'s generation. Sequentially consistent, as are the
+    /// store of a new one ([`SegMap::set_gen`]) and the pins of reads
+    /// ([`super::Pmem::pin`], [`super::Pmem::pinned`]): a read pins the
+    /// segment and then loads its generation, the engine stores a new
+    /// generation and later (before handing the segment out again) loads the
+    /// pins, so either the read sees the new generation and lets go of the
+    /// stale key, or the engine sees the pin and keeps the segment.
+    pub(crate) fn gen(&self, id: SegId) -> u64 {
+        self.entry(id).map_or(0, |e| e.gen.load(SeqCst))
+    }
+
+    pub(crate) fn set_gen(&self, id: SegId, gen: u64) {
+        if let Some(e) = self.entry(id) {
+            e.gen.store(gen, SeqCst);
+        }
+    }
 }
 
 impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
@@ -73,7 +157,8 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
         };
         s.info.header.seq = s.info.header.seq.wrapping_add(1);
         s.info_index = s.info_index.other();
-        let (phys, idx, info) = (s.phys, s.info_index, s.info);
+        let (idx, info) = (s.info_index, s.info);
+        let phys = self.seg_map.phys(id);
         let mut b = [0u8; SEG_INFO_STRUCT_SIZE];
         info.encode_with_crc(&mut b);
         persist(
@@ -86,6 +171,7 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
     /// `cache_seg_ctrl_write`: persist the generation in the next slot.
     pub(crate) fn seg_gen_write(&mut self, id: SegId) {
         let geo = self.geo;
+        let (phys, gen) = (self.seg_map.phys(id), self.seg_map.gen(id));
         let Some(s) = self.seg_mut(id) else {
             return;
         };
@@ -96,9 +182,9 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
                 seq: s.gen_seq,
                 ..MetaHeader::default()
             },
-            gen: s.gen,
+            gen,
         };
-        let (phys, idx) = (s.phys, s.gen_index);
+        let idx = s.gen_index;
         let mut b = [0u8; SEG_GEN_STRUCT_SIZE];
         g.encode_with_crc(&mut b);
         persist(&mut self.pmem, SegGen::slot_off(&geo, phys, idx.get()), &b);
@@ -170,13 +256,11 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
     /// Bump and persist the generation (stale-ing every key into the segment), then
     /// free the segment.
     pub(crate) fn seg_invalidate(&mut self, id: SegId) {
-        let Some(s) = self.seg_mut(id) else {
-            return;
-        };
-        if s.refs != 0 {
+        if self.seg(id).refs != 0 {
             return;
         }
-        s.gen = s.gen.wrapping_add(1);
+        self.seg_map
+            .set_gen(id, self.seg_map.gen(id).wrapping_add(1));
         self.seg_gen_write(id);
         self.set_used(id, false);
         self.need_clean = true;

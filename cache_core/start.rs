@@ -7,6 +7,7 @@ use super::error::CacheError;
 use super::index::Index;
 use super::key::Pos;
 use super::options::CacheOptions;
+use super::segment::SegMap;
 use super::{roots_needed, Cache, CacheMem, Memory, Stats, Tail, SCRATCH_BYTES};
 use crate::meta::cache_info::{
     CacheInfo, CachePosOnmedia, CtrlPos, CACHE_FLAGS_DATA_CRC, CACHE_FLAGS_INIT_DONE,
@@ -97,7 +98,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if dev_bytes == 0 {
             return Err(CacheError::Invalid("backing device is empty"));
         }
-        if mem.segs.len() < sb.seg_num as usize {
+        if mem.segs.len() < sb.seg_num as usize || mem.seg_map.len() < sb.seg_num as usize {
             return Err(CacheError::NoMem("segment table smaller than seg_num"));
         }
         if mem.roots.len() < roots_needed(dev_bytes) {
@@ -142,6 +143,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             used_segs: 0,
             last_seg: 0,
             segs: mem.segs,
+            seg_map: SegMap::new(mem.seg_map),
             index: Index::new(mem.nodes, mem.roots, mem.locks, n_roots),
             ksets: mem.ksets,
             heads: mem.heads,
@@ -363,14 +365,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             if let Some(s) = self.seg_mut(phys_entry) {
                 s.claimed = true;
             }
-            if let Some(s) = self.seg_mut(id) {
-                s.phys = phys;
-            }
+            self.seg_map.set_phys(id, phys);
 
             if new_cache {
                 zero_range(&mut self.pmem, geo.seg_off(phys), SEG_DATA_OFF);
+                self.seg_map.set_gen(id, 0);
                 if let Some(s) = self.seg_mut(id) {
-                    s.gen = 0;
                     s.gen_seq = 0;
                     s.gen_index = SlotIndex::FIRST;
                 }
@@ -398,6 +398,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 let a: [u8; 16] = read_slot(&self.pmem, SegGen::slot_off(&geo, phys, 0))?;
                 let b: [u8; 16] = read_slot(&self.pmem, SegGen::slot_off(&geo, phys, 1))?;
                 let gen = pick_latest::<SegGen>(&a, &b)?;
+                self.seg_map.set_gen(id, gen.map_or(0, |(_, g)| g.gen));
                 let Some(s) = self.seg_mut(id) else {
                     continue;
                 };
@@ -405,12 +406,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 s.info_index = idx;
                 match gen {
                     Some((gidx, g)) => {
-                        s.gen = g.gen;
                         s.gen_seq = g.header.seq;
                         s.gen_index = gidx;
                     }
                     None => {
-                        s.gen = 0;
                         s.gen_seq = 0;
                         s.gen_index = SlotIndex::FIRST;
                     }

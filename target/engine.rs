@@ -13,7 +13,7 @@ use super::{
 };
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
-    IoError, KsetBuf, Memory, Node, Pmem, Root, SegState, WbExtent,
+    IoError, KsetBuf, Memory, Node, Pmem, Root, SegMapEntry, SegState, SubtreeLocks, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{prelude::*, sync::Arc};
 
 /// The pins of reads copying from cache segments without the engine lock (see [`Pmem::pin`]):
-/// a counter per segment, in atomics, since a read gives its pins back on its own CPU.
+/// a counter per segment, in atomics, since reads pin and unpin on their own CPUs.
 pub(crate) struct SegmentPins(KVVec<AtomicU32>);
 
 impl SegmentPins {
@@ -36,9 +36,11 @@ impl SegmentPins {
     }
 
     fn pin(&self, seg: u32) {
-        // Taken under the engine lock, which orders it before any `pinned` that could see it.
+        // Sequentially consistent, as the segment's generation that the read loads next and
+        // the engine's look at the pins before it hands a segment out again: see
+        // `cache_core::SegMap::gen`.
         if let Some(p) = self.0.get(seg as usize) {
-            p.fetch_add(1, Ordering::Relaxed);
+            p.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -50,9 +52,10 @@ impl SegmentPins {
     }
 
     fn pinned(&self, seg: u32) -> bool {
+        // Sequentially consistent: see `pin`.
         self.0
             .get(seg as usize)
-            .is_some_and(|p| p.load(Ordering::Acquire) != 0)
+            .is_some_and(|p| p.load(Ordering::SeqCst) != 0)
     }
 }
 
@@ -169,16 +172,57 @@ impl Backing for WritebackIo {
     }
 }
 
-/// The engine's buffers in the kernel: `KVVec`s it owns (vmalloc for the large ones).
+/// The engine's buffers in the kernel: `KVVec`s it owns (vmalloc for the large ones), and
+/// those it shares with the reads it serves without its lock behind an `Arc`.
 pub(crate) struct KernelMem;
 
 impl Memory for KernelMem {
     type Buf<T: 'static> = KVVec<T>;
-    type Locks = SubtreeSpinLocks;
+    type Shared<T: Sync + 'static> = SharedBuf<T>;
+    type Locks = SharedLocks;
+}
+
+/// A buffer shared by the engine and the reads it serves without its lock (see
+/// [`Memory::Shared`]); the last clone frees it.
+pub(crate) struct SharedBuf<T>(Arc<KVVec<T>>);
+
+impl<T> Clone for SharedBuf<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Deref for SharedBuf<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+/// The subtree locks, shared as the slab they guard is.
+#[derive(Clone)]
+pub(crate) struct SharedLocks(Arc<SubtreeSpinLocks>);
+
+impl SubtreeLocks for SharedLocks {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn lock(&self, sub: usize) {
+        self.0.lock(sub)
+    }
+
+    fn unlock(&self, sub: usize) {
+        self.0.unlock(sub)
+    }
 }
 
 /// The engine the target runs. It owns its memory: dropping it frees everything.
 pub(crate) type PcacheEngine = Cache<DaxPmem, BackingIo, KernelMem>;
+
+/// What serves read hits without the engine lock (see [`cache_core::reader`]).
+pub(crate) type HitReader = cache_core::Reader<KernelMem>;
 
 /// The background writer: its own handles on both devices, its writeback plan and bounce
 /// buffer (see [`cache_core::background`]).
@@ -208,6 +252,13 @@ fn filled<T: Clone>(n: usize, v: T) -> Result<KVVec<T>, StartError> {
     KVVec::from_elem(v, n, GFP_KERNEL).map_err(|_| StartError::NoMem)
 }
 
+fn shared<T: Clone>(n: usize, v: T) -> Result<SharedBuf<T>, StartError> {
+    let buf = filled(n, v)?;
+    Ok(SharedBuf(
+        Arc::new(buf, GFP_KERNEL).map_err(|_| StartError::NoMem)?,
+    ))
+}
+
 /// Reserves the engine's memory and attaches it to the cache device `map`: formats a blank
 /// device, or validates and replays an existing one.
 pub(crate) fn start(
@@ -229,10 +280,17 @@ pub(crate) fn start(
     }
     let mem = CacheMem::<KernelMem> {
         segs: filled(n_segs, SegState::default())?,
-        nodes: filled(sizing.keys, Node::default())?,
-        roots: filled(cache_core::roots_needed(backing.size()), Root::default())?,
-        locks: SubtreeSpinLocks::new(cache_core::roots_needed(backing.size()))
+        seg_map: shared(n_segs, SegMapEntry::default())?,
+        nodes: shared(sizing.keys, Node::default())?,
+        roots: shared(cache_core::roots_needed(backing.size()), Root::default())?,
+        locks: SharedLocks(
+            Arc::new(
+                SubtreeSpinLocks::new(cache_core::roots_needed(backing.size()))
+                    .map_err(|_| StartError::NoMem)?,
+                GFP_KERNEL,
+            )
             .map_err(|_| StartError::NoMem)?,
+        ),
         ksets,
         heads: filled(sizing.heads, DataHead::default())?,
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,

@@ -9,7 +9,7 @@
 use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
 use pcache_engine::cache_core::request::{until_room, with_room, Stalled};
-use pcache_engine::cache_core::{Backing, Locked, Pmem};
+use pcache_engine::cache_core::{Backing, Borrowed, Locked, Pmem, Reader};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
 use pcache_engine::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
@@ -227,14 +227,17 @@ struct PendingFill {
     data: Vec<u8>,
 }
 
-/// A read through the module's split path ([`Cache::read_resume`]): each gap
-/// read from the backing device now and left to fill later; the hits pinned
-/// `hits_room` at a time, as the module does. The hits of every round but the
-/// last are copied and given back before the next round; the last round's are
-/// copied now or any number of operations later (`Pinned`). With no room the
-/// engine copies every hit itself.
+/// A read through the module's split path: the hits found and pinned
+/// without the engine lock ([`Reader::hits`]), and from the first piece that
+/// is not one on, by the engine ([`Cache::read_resume`]); each gap read from
+/// the backing device now and left to fill later; the hits pinned `hits_room`
+/// at a time, as the module does. The hits of every round but the last are
+/// copied and given back before the next round; the last round's are copied
+/// now or any number of operations later (`Pinned`). With no room the engine
+/// copies every hit itself.
 fn split_read(
     cache: &mut Sim<'_>,
+    reader: &Reader<Borrowed<'_>>,
     s0: u64,
     n: u64,
     pending: &mut Vec<PendingFill>,
@@ -248,33 +251,39 @@ fn split_read(
     let room = hits_room.min(hits.len());
     let (mut from, mut placed) = (off, 0usize);
     let held = loop {
-        let started = cache.read_resume(
-            off,
-            from,
-            &mut buf[..],
-            &mut gaps[placed..],
-            &mut hits[..room],
-        )?;
-        let Some(started) = started else {
-            cache.read_cancel(&gaps[..placed], &[]);
-            cache.read(off, &mut buf, true, 0)?;
-            return Ok(SplitRead::Done(buf));
+        let found = reader.hits(cache.pmem(), off, buf.len(), from, &mut hits[..room]);
+        let (n, next) = if found.hits > 0 {
+            (found.hits, found.next)
+        } else {
+            let started = cache.read_resume(
+                off,
+                from,
+                &mut buf[..],
+                &mut gaps[placed..],
+                &mut hits[..room],
+            )?;
+            let Some(started) = started else {
+                cache.read_cancel(&gaps[..placed], &[]);
+                cache.read(off, &mut buf, true, 0)?;
+                return Ok(SplitRead::Done(buf));
+            };
+            placed += started.gaps;
+            (started.hits, started.next)
         };
-        placed += started.gaps;
-        let held = &hits[..started.hits];
-        if started.next >= end {
+        let held = &hits[..n];
+        if next >= end {
             break held.to_vec();
         }
         let copied = copy_hits(cache.pmem(), held, &mut buf[..]);
         if copied.is_ok() && held.iter().any(Hit::checks) {
-            cache.read_verified(held);
+            reader.verified(held);
         }
         cache.read_done(held);
         if copied.is_err() {
             cache.read_cancel(&gaps[..placed], &[]);
             return Err(CacheError::Io("pmem media error"));
         }
-        from = started.next;
+        from = next;
     };
     let (gaps, held) = (&gaps[..placed], &held[..]);
     for g in gaps {
@@ -326,8 +335,7 @@ struct PendingRead {
 /// generation.
 fn check_pins(cache: &Sim<'_>, pending: &[PendingRead]) -> Result<(), String> {
     for &(seg, gen) in pending.iter().flat_map(|r| &r.pins) {
-        let now = cache.segment(seg);
-        if now.used && now.gen != gen {
+        if cache.segment(seg).used && cache.seg_gen(seg) != gen {
             return Err(format!(
                 "segment {seg} was handed out again while a read was still to copy from it"
             ));
@@ -338,11 +346,15 @@ fn check_pins(cache: &Sim<'_>, pending: &[PendingRead]) -> Result<(), String> {
 
 /// Copies a pending read's hits, gives back their pins, and checks what it
 /// read against the model as it was when the read was issued.
-fn finish_read(engine: &SimLock<Sim<'_>>, model: &Model, mut r: PendingRead) -> Result<(), String> {
+fn finish_read(
+    (engine, reader): (&SimLock<Sim<'_>>, &Reader<Borrowed<'_>>),
+    model: &Model,
+    mut r: PendingRead,
+) -> Result<(), String> {
     let copied = engine.with(|c| {
         let copied = copy_hits(c.pmem(), &r.hits, &mut r.buf[..]);
         if copied.is_ok() && r.hits.iter().any(Hit::checks) {
-            c.read_verified(&r.hits);
+            reader.verified(&r.hits);
         }
         c.read_done(&r.hits);
         copied
@@ -354,7 +366,7 @@ fn finish_read(engine: &SimLock<Sim<'_>>, model: &Model, mut r: PendingRead) -> 
 /// Copies every pending read's hits (see [`finish_read`]): in the module the
 /// copier never waits, so nothing waits for room while a pin is out.
 fn settle_reads(
-    engine: &SimLock<Sim<'_>>,
+    engine: (&SimLock<Sim<'_>>, &Reader<Borrowed<'_>>),
     model: &Model,
     pending: &mut Vec<PendingRead>,
 ) -> Result<(), String> {
@@ -542,7 +554,7 @@ fn check_log_crcs(cache: &Sim<'_>, pmem: &[u8], flag_on: bool) -> Result<u64, St
     let st = cache.status();
     let seg_data = (SEG_SIZE - SEG_DATA_OFF) as usize;
     let data_off = |seg: u32| -> usize {
-        (SEGMENTS_OFF + u64::from(cache.segment(seg).phys) * SEG_SIZE + SEG_DATA_OFF) as usize
+        (SEGMENTS_OFF + u64::from(cache.seg_phys(seg)) * SEG_SIZE + SEG_DATA_OFF) as usize
     };
     let mut pos = st.key_tail;
     let mut checked = 0;
@@ -816,6 +828,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         // From here on the module's paths: requests wait for room through
         // `with_room`, writeback runs as the background's plan/copy/commit, and a
         // planned batch may stay out across any number of other operations.
+        let reader = &cache.reader();
         let engine = SimLock(RefCell::new(cache));
         let host = SimHost::new(&engine, &world, rng.next_u64());
         let mut model = Model::base(&values);
@@ -854,12 +867,12 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             }
             if !pending_reads.is_empty() && rng.chance(1, 3) {
                 let r = pending_reads.swap_remove(rng.below(pending_reads.len() as u64) as usize);
-                finish_read(&engine, &model, r)?;
+                finish_read((&engine, reader), &model, r)?;
             }
             if !pending_writes.is_empty() && rng.chance(1, 3) {
                 let w = pending_writes.swap_remove(rng.below(pending_writes.len() as u64) as usize);
                 settle_fills(&engine, &mut filling);
-                settle_reads(&engine, &model, &mut pending_reads)?;
+                settle_reads((&engine, reader), &model, &mut pending_reads)?;
                 settle_writes(&engine, &mut copier, &mut pending_writes)?;
                 let id = finish_write(&engine, &host, &mut copier, w)?;
                 let now = world.borrow().ops;
@@ -878,7 +891,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     {
                         let w = pending_writes.swap_remove(i);
                         settle_fills(&engine, &mut filling);
-                        settle_reads(&engine, &model, &mut pending_reads)?;
+                        settle_reads((&engine, reader), &model, &mut pending_reads)?;
                         settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let id = finish_write(&engine, &host, &mut copier, w)?;
                         model.writes.get_mut(&id).unwrap().ack_op = Some(now());
@@ -926,7 +939,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         });
                     } else {
                         settle_fills(&engine, &mut filling);
-                        settle_reads(&engine, &model, &mut pending_reads)?;
+                        settle_reads((&engine, reader), &model, &mut pending_reads)?;
                         settle_writes(&engine, &mut copier, &mut pending_writes)?;
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
                             busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
@@ -948,7 +961,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         1 => engine
                             .with(|c| read_sectors(c, s, n, true))
                             .map(SplitRead::Done),
-                        _ => engine.with(|c| split_read(c, s, n, &mut pending, hits_room)),
+                        _ => engine.with(|c| split_read(c, reader, s, n, &mut pending, hits_room)),
                     }
                     .map_err(|e| format!("read: {e}"))?;
                     match read {
@@ -959,7 +972,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                             let pins = engine.with(|c| {
                                 hits.iter()
                                     .filter_map(|h| h.segment())
-                                    .map(|id| (id.get(), c.segment(id.get()).gen))
+                                    .map(|id| (id.get(), c.seg_gen(id.get())))
                                     .collect()
                             });
                             let r = PendingRead {
@@ -970,7 +983,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                                 pins,
                             };
                             if rng.chance(1, 2) {
-                                finish_read(&engine, &model, r)?;
+                                finish_read((&engine, reader), &model, r)?;
                             } else {
                                 pending_reads.push(r);
                             }
@@ -983,7 +996,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         complete_op: None,
                     });
                     settle_fills(&engine, &mut filling);
-                    settle_reads(&engine, &model, &mut pending_reads)?;
+                    settle_reads((&engine, reader), &model, &mut pending_reads)?;
                     settle_writes(&engine, &mut copier, &mut pending_writes)?;
                     let r = with_room(&engine, &host, |c: &mut Sim<'_>| busy_is_none(c.flush()));
                     match r {
@@ -1040,7 +1053,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             engine.with(|c| c.read_fill(&p.gap, &p.data[..], 0));
         }
         settle_fills(&engine, &mut filling);
-        settle_reads(&engine, &model, &mut pending_reads)?;
+        settle_reads((&engine, reader), &model, &mut pending_reads)?;
         settle_writes(&engine, &mut copier, &mut pending_writes)?;
         for w in pending_writes.drain(..) {
             finish_write(&engine, &host, &mut copier, w)?;
@@ -1180,7 +1193,7 @@ fn check_data_crc(seed: u64) -> Result<(), String> {
         ));
     }
     let at = rng.below(u64::from(k.len));
-    let phys = u64::from(cache.segment(k.pos.seg.get()).phys);
+    let phys = u64::from(cache.seg_phys(k.pos.seg.get()));
     let addr = SEGMENTS_OFF + phys * SEG_SIZE + SEG_DATA_OFF + u64::from(k.pos.off) + at;
     world.borrow_mut().pmem.volatile[addr as usize] ^= 1 << rng.below(8);
     let mut buf = vec![0u8; n as usize * SECTOR];

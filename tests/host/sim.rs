@@ -447,6 +447,7 @@ impl Backing for SimBacking {
 /// Owned memory for one engine instance.
 pub struct OwnedMem {
     pub segs: Vec<crate::cache_core::SegState>,
+    pub seg_map: Vec<crate::cache_core::SegMapEntry>,
     pub nodes: Vec<crate::cache_core::Node>,
     pub roots: Vec<crate::cache_core::Root>,
     pub locks: Vec<std::sync::atomic::AtomicBool>,
@@ -461,6 +462,7 @@ impl OwnedMem {
     pub fn new(segs: usize, nodes: usize, backing_bytes: u64, ksets: usize, heads: usize) -> Self {
         OwnedMem {
             segs: vec![Default::default(); segs],
+            seg_map: vec![Default::default(); segs],
             nodes: vec![Default::default(); nodes],
             roots: vec![Default::default(); crate::cache_core::roots_needed(backing_bytes)],
             locks: (0..crate::cache_core::roots_needed(backing_bytes))
@@ -479,8 +481,9 @@ impl OwnedMem {
     pub fn borrow(&mut self) -> crate::cache_core::CacheMem<crate::cache_core::Borrowed<'_>> {
         crate::cache_core::CacheMem {
             segs: &mut self.segs,
-            nodes: &mut self.nodes,
-            roots: &mut self.roots,
+            seg_map: &self.seg_map,
+            nodes: &self.nodes,
+            roots: &self.roots,
             locks: crate::cache_core::SpinLocks(&self.locks),
             ksets: &mut self.ksets,
             heads: &mut self.heads,

@@ -25,7 +25,8 @@ use pcache_engine::cache_core::fill::fill_copy;
 use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
 use pcache_engine::cache_core::request::{until_room, with_room};
 use pcache_engine::cache_core::{
-    Backing, Cache, CacheError, CacheOptions, IoError, Locked, Pmem, Waiting, WbExtent,
+    Backing, Borrowed, Cache, CacheError, CacheOptions, IoError, Locked, Pmem, Reader, Waiting,
+    WbExtent,
 };
 use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
 use pcache_engine::sim::{BackingModel, CrashImage, OwnedMem, Rng, SimBacking, SimPmem, World};
@@ -71,6 +72,13 @@ impl Devices {
         r
     }
 
+    /// A point where another thread may be given the turn.
+    fn switch(&self) {
+        if let Some(s) = &self.sched {
+            s.switch();
+        }
+    }
+
     /// The world, without a switch (pins, sizes, the checks after a run).
     fn world(&self) -> std::sync::MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|e| e.into_inner())
@@ -97,8 +105,12 @@ impl Pmem for TPmem {
     fn fence(&mut self) {
         self.0.op(|w| w.pmem_fence())
     }
+    // A read without the engine lock looks the key up, pins its segment and
+    // checks the key's generation: other threads may run in between.
     fn pin(&self, seg: u32) {
-        self.0.world().pin(seg)
+        self.0.switch();
+        self.0.world().pin(seg);
+        self.0.switch();
     }
     fn unpin(&self, seg: u32) {
         self.0.world().unpin(seg)
@@ -388,12 +400,14 @@ fn flush(lock: &Lock<Engine<'_>>, room: &Room, history: &History) -> Result<(), 
     }
 }
 
-/// A read as `map` serves it: hits pinned and gaps placeheld under the lock,
-/// the hits copied and the gaps read from the backing device without it, the
-/// pins given back and the fills under it. Returns the history's sequence
-/// numbers at its start and its end.
+/// A read as `map` serves it: hits found and pinned without the engine lock
+/// (each lookup under its subtree's lock), from the first piece that is not
+/// one on under the lock, where gaps are placeheld too; the hits copied and
+/// checked, the gaps read from the backing device, and the pins given back
+/// without it; the fills under it. Returns the history's sequence numbers at
+/// its start and its end.
 fn read(
-    lock: &Lock<Engine<'_>>,
+    (lock, reader): (&Lock<Engine<'_>>, &Reader<Borrowed<'_>>),
     pmem: &TPmem,
     backing: &mut TBacking,
     history: &History,
@@ -402,42 +416,64 @@ fn read(
 ) -> Result<(u64, u64), String> {
     let mut gaps = [Gap::default(); 8];
     let mut hits = [Hit::default(); 8];
-    let (started, from) = lock.with(|c| {
-        let s = c.read_start(off, buf, &mut gaps, &mut hits);
-        (s, history.now())
-    });
-    let started = started.map_err(|e| format!("read_start: {e}"))?;
-    let Some(started) = started else {
-        return lock.with(|c| {
-            c.read(off, buf, true, 0)
-                .map(|_| (history.now(), history.now()))
-                .map_err(|e| format!("read: {e}"))
-        });
-    };
-    let hits = &hits[..started.hits];
-    let copied = copy_hits(pmem, hits, buf);
-    // As the module: a check that passed is recorded under the lock.
-    if copied.is_ok() && hits.iter().any(Hit::checks) {
-        lock.with(|c| c.read_verified(hits));
+    let (len, end) = (buf.len(), off + buf.len() as u64);
+    let start = history.now();
+    let mut placed = 0;
+    let mut from = off;
+    loop {
+        pmem.0.switch();
+        let found = reader.hits(pmem, off, len, from, &mut hits);
+        let (n, next) = if found.hits > 0 {
+            (found.hits, found.next)
+        } else {
+            let started =
+                lock.with(|c| c.read_resume(off, from, &mut *buf, &mut gaps[placed..], &mut hits));
+            match started.map_err(|e| format!("read_resume: {e}"))? {
+                Some(s) => {
+                    placed += s.gaps;
+                    (s.hits, s.next)
+                }
+                None => {
+                    lock.with(|c| c.read_cancel(&gaps[..placed], &[]));
+                    return lock.with(|c| {
+                        c.read(off, buf, true, 0)
+                            .map(|_| (history.now(), history.now()))
+                            .map_err(|e| format!("read: {e}"))
+                    });
+                }
+            }
+        };
+        let held = &hits[..n];
+        let copied = copy_hits(pmem, held, &mut *buf);
+        // As the module: a check that passed is recorded under the subtree lock.
+        if copied.is_ok() && held.iter().any(Hit::checks) {
+            reader.verified(held);
+        }
+        release_hits(pmem, held);
+        if copied.is_err() {
+            lock.with(|c| c.read_cancel(&gaps[..placed], &[]));
+            return Err("pmem read".into());
+        }
+        if next >= end {
+            break;
+        }
+        from = next;
     }
-    release_hits(pmem, hits);
-    copied.map_err(|_| "pmem read")?;
-    let n = started.gaps;
-    for g in &gaps[..n] {
+    for g in &gaps[..placed] {
         backing
             .read(g.off, &mut buf[g.at..g.at + g.len])
             .map_err(|_| "backing read")?;
     }
     // As the module: room under the lock, the copy without it, the commit
     // under it.
-    for g in &gaps[..n] {
+    for g in &gaps[..placed] {
         let mut f = lock.with(|c| c.fill_start(g, 0));
         if f.is_open() {
             fill_copy(&mut pmem.clone(), &mut f, &buf[..]);
             lock.with(|c| c.fill_end(f));
         }
     }
-    Ok((from, lock.with(|_| history.now())))
+    Ok((start, lock.with(|_| history.now())))
 }
 
 /// Request thread `t`: random writes and reads of its own region, or with
@@ -446,7 +482,7 @@ fn read(
 fn request_thread(
     t: u64,
     shared: bool,
-    (lock, room, history): (&Lock<Engine<'_>>, &Room, &History),
+    (lock, reader, room, history): (&Lock<Engine<'_>>, &Reader<Borrowed<'_>>, &Room, &History),
     (pmem, backing): (TPmem, TBacking),
     ops: u64,
 ) -> Result<(), String> {
@@ -473,7 +509,7 @@ fn request_thread(
             }
             write(lock, room, &mut pmem, history, (off, &buf, next))?;
         } else {
-            let (from, to) = read(lock, &pmem, &mut backing, history, off, &mut buf)?;
+            let (from, to) = read((lock, reader), &pmem, &mut backing, history, off, &mut buf)?;
             for i in 0..n {
                 let at = i as usize * SECTOR;
                 let sec = first + i;
@@ -530,6 +566,7 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
         &opts(),
     )
     .map_err(|e| format!("start: {e}"))?;
+    let reader = &cache.reader();
     let lock = Lock(Mutex::new(cache), sched.clone());
     let room = Room::new(sched.clone());
     let running = AtomicU64::new(THREADS);
@@ -566,7 +603,7 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
                 let sched = sched.clone();
                 sc.spawn(move || {
                     let _turn = sched.as_ref().map(|s| s.enter(t as usize));
-                    let r = request_thread(t, shared, (lock, room, history), (p, b), ops);
+                    let r = request_thread(t, shared, (lock, reader, room, history), (p, b), ops);
                     running.fetch_sub(1, Ordering::AcqRel);
                     r
                 })

@@ -238,8 +238,8 @@ fn index_overlap_resolution_matches_model() {
 
 /// An index over leaked memory, for threads that may outlive a failed test.
 fn leaked_index(nodes: usize, subs: usize) -> &'static Index<Borrowed<'static>> {
-    let nodes = Vec::leak(vec![Node::default(); nodes]);
-    let roots = Vec::leak(vec![Root::default(); subs]);
+    let nodes: &[Node] = Vec::leak(vec![Node::default(); nodes]);
+    let roots: &[Root] = Vec::leak(vec![Root::default(); subs]);
     let locks = Vec::leak((0..subs).map(|_| AtomicBool::new(false)).collect());
     Box::leak(Box::new(Index::new(nodes, roots, SpinLocks(locks), subs)))
 }
@@ -1362,7 +1362,7 @@ fn the_clean_pass_drops_stale_keys_a_bounded_step_at_a_time() {
     while c.gc_step().unwrap() == Step::Progress {}
     let stale = |c: &pcache_engine::cache_core::Cache<_, _, _>| {
         let mut n = 0;
-        c.for_each_key(|k| n += usize::from(k.gen < c.segment(k.pos.seg.get()).gen));
+        c.for_each_key(|k| n += usize::from(k.gen < c.seg_gen(k.pos.seg.get())));
         n
     };
     let before = stale(&c);
@@ -1466,4 +1466,104 @@ fn barriers_split_batches_at_flushes_only() {
     // The oldest two (10, 12) went under the floor; every barrier after stays.
     assert!(!b.joins(11) && !b.joins(12) && b.joins(13) && !b.joins(14));
     assert!(!b.joins(10 + 2 * BARRIERS_MAX as u64) && b.joins(11 + 2 * BARRIERS_MAX as u64));
+}
+
+/// The cache device for [`Reader::hits`](pcache_engine::cache_core::Reader::hits)
+/// with a race: the first pin runs `race` just before it pins.
+struct RacingPmem<'r> {
+    pmem: pcache_engine::sim::SimPmem,
+    race: std::cell::RefCell<Option<Box<dyn FnOnce() + 'r>>>,
+}
+
+impl Pmem for RacingPmem<'_> {
+    fn size(&self) -> u64 {
+        self.pmem.size()
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), pcache_engine::cache_core::IoError> {
+        self.pmem.read(off, buf)
+    }
+    fn write(&mut self, off: u64, data: &[u8]) {
+        self.pmem.write(off, data)
+    }
+    fn flush(&mut self, off: u64, len: u64) {
+        self.pmem.flush(off, len)
+    }
+    fn fence(&mut self) {
+        self.pmem.fence()
+    }
+    fn pin(&self, seg: u32) {
+        let race = self.race.borrow_mut().take();
+        if let Some(race) = race {
+            race();
+        }
+        self.pmem.pin(seg)
+    }
+    fn unpin(&self, seg: u32) {
+        self.pmem.unpin(seg)
+    }
+    fn pinned(&self, seg: u32) -> bool {
+        self.pmem.pinned(seg)
+    }
+}
+
+/// A read hit served without the engine lock finds a key, and before it pins
+/// the key's segment, the key's data is written back, GC frees the segment and
+/// new writes take it. The read pins and then checks the key's generation, so
+/// it leaves that piece to the engine; it never copies another write's data.
+/// (Checking before pinning copies the new writes' data here.)
+#[test]
+fn read_hits_without_the_lock_never_copy_from_a_segment_handed_out_again() {
+    use pcache_engine::cache_core::io::{copy_hits, release_hits, Hit};
+    use pcache_engine::cache_core::CacheError;
+    let (world, mut mem) = small_world();
+    let cache = std::cell::RefCell::new(small_cache(&world, &mut mem));
+    let old = vec![0xa5u8; 4096];
+    cache.borrow_mut().write(0, &old, true, 0).unwrap();
+    let reader = cache.borrow().reader();
+    let mut key = None;
+    cache.borrow().for_each_key(|k| key = Some(*k));
+    let key = key.unwrap();
+    let seg = key.pos.seg.get();
+    assert_eq!(cache.borrow().seg_gen(seg), key.gen);
+    let pmem = RacingPmem {
+        pmem: pcache_engine::sim::SimPmem(world.clone()),
+        race: std::cell::RefCell::new(Some(Box::new(|| {
+            let mut c = cache.borrow_mut();
+            let new = vec![0x5au8; 4096];
+            let mut off = 1u64 << 20;
+            for _ in 0..10_000 {
+                if c.seg_gen(seg) > key.gen && c.segment(seg).used {
+                    return;
+                }
+                match c.write(off, &new, false, 0) {
+                    // Anywhere in 1..8 MiB: away from the key the read found.
+                    Ok(()) => off = (1 << 20) + (off - (1 << 20) + 4096) % (7 << 20),
+                    Err(CacheError::Busy(_)) => {
+                        c.flush().unwrap();
+                        c.writeback_all().unwrap();
+                        c.gc_all().unwrap();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            panic!("segment {seg} was never handed out again");
+        }))),
+    };
+    let mut hits = [Hit::default(); 4];
+    let found = reader.hits(&pmem, 0, 4096, 0, &mut hits);
+    assert!(pmem.race.borrow().is_none(), "the race did not run");
+    assert!(cache.borrow().seg_gen(seg) > key.gen && cache.borrow().segment(seg).used);
+    let mut buf = vec![0u8; 4096];
+    let copied = copy_hits(&pmem, &hits[..found.hits], &mut buf[..]);
+    release_hits(&pmem, &hits[..found.hits]);
+    // With the data CRC on, the check fails on another write's data.
+    assert!(
+        found.hits == 0 || (copied.is_ok() && buf == old),
+        "the read copied another write's data ({copied:?})"
+    );
+    assert_eq!(
+        found.hits, 0,
+        "a hit of a key whose segment went: {found:?}"
+    );
+    assert_eq!(found.next, 0);
 }

@@ -84,7 +84,7 @@ pub fn check(img: &Image, opts: &Options, data: bool) -> Result<CheckReport, Too
                 }
                 // The CRC covers the extent as first written; the key may have
                 // been trimmed since (`crc_back`, `crc_len`).
-                let phys = c.segment(k.pos.seg.get()).phys;
+                let phys = c.seg_phys(k.pos.seg.get());
                 let loc = format!(
                     "key off {} len {} at cache {}:{}",
                     k.off, k.len, k.pos.seg, k.pos.off

@@ -166,8 +166,8 @@ pub fn show(img: &Image, opts: &Options) -> Result<ShowReport, ToolError> {
                     let s = c.segment(i);
                     SegmentReport {
                         id: i,
-                        phys: s.phys,
-                        gen: s.gen,
+                        phys: c.seg_phys(i),
+                        gen: c.seg_gen(i),
                         used: s.used,
                         refs: s.refs,
                     }

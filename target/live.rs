@@ -12,7 +12,7 @@ use super::{
     counters::PerCpuCounters,
     dax::DaxMapping,
     device::TargetDevice,
-    engine::{Dax, DaxRef, PcacheEngine, SegmentPins, Writer},
+    engine::{Dax, DaxRef, HitReader, PcacheEngine, SegmentPins, Writer},
     miss::MissQueue,
 };
 use crate::cache_core::{io::Gap, CacheError, Locked, RequestCounts, Waiting};
@@ -87,6 +87,8 @@ pub(crate) struct LiveCache {
     /// engine lock.
     pub(crate) dax: Arc<DaxMapping>,
     pub(crate) pins: Arc<SegmentPins>,
+    /// Serves read hits without the engine lock: the index's subtrees and the segment map.
+    pub(crate) reader: HitReader,
     /// The cache mode caches writes (writeback, writeonly): `map` copies them without the
     /// engine lock. Fixed for the life of the instance (the table sets the mode).
     pub(crate) caches_writes: bool,
@@ -106,6 +108,7 @@ impl LiveCache {
         let dax = engine.pmem().map.clone();
         let pins = engine.pmem().pins.clone();
         let caches_writes = !engine.writes_need_backing();
+        let reader = engine.reader();
         pin_init!(Self {
             misses,
             core <- new_mutex!(Core { engine }),
@@ -124,6 +127,7 @@ impl LiveCache {
             discard_passdown,
             dax,
             pins,
+            reader,
             caches_writes,
         })
     }

@@ -441,38 +441,49 @@ impl LiveCache {
     }
 
     /// A read with its hits copied outside the engine lock, so that reads on two CPUs copy at
-    /// once: under the lock the engine pins the segments of up to [`MAX_HITS`] hits and places
-    /// the gaps; the hits are copied from pmem into the bio's pages on this CPU and their pins
-    /// given back without the lock; then the engine goes on from there, until the read is all
-    /// started ([`Cache::read_resume`](crate::cache_core::Cache::read_resume)). The caller
-    /// sends the gaps, described in `gaps`, to the backing device.
+    /// once. The hits are found without the engine lock too: the reader pins the segments of
+    /// up to [`MAX_HITS`] current keys, looking each up under its subtree's lock
+    /// ([`crate::cache_core::Reader::hits`]). From the first piece that is not such
+    /// a hit, the engine goes on under its lock: it pins hits and places the gaps
+    /// ([`Cache::read_resume`](crate::cache_core::Cache::read_resume)). Either way the hits are
+    /// copied from pmem into the bio's pages on this CPU and their pins given back without the
+    /// lock, and the read goes on from there until it is all started. The caller sends the
+    /// gaps, described in `gaps`, to the backing device.
     fn read_unlocked(&self, bio: &mut HeldBio, gaps: &mut [Gap]) -> ReadServed {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
-        let end = off + u64::from(bio.size());
+        let len = bio.size() as usize;
+        let end = off + len as u64;
         let mut hits = [Hit::default(); MAX_HITS];
         let mut from = off;
         let mut placed = 0usize;
         let pmem = self.pmem();
         loop {
-            let room = gaps.get_mut(placed..).unwrap_or_default();
-            let started = self
-                .core
-                .lock()
-                .engine
-                .read_resume(off, from, bio, room, &mut hits);
-            let started = match started {
-                Ok(Some(s)) => s,
-                Ok(None) => {
-                    self.abandon(gaps.get(..placed).unwrap_or_default());
-                    return ReadServed::TooManyGaps;
-                }
-                Err(e) => {
-                    self.abandon(gaps.get(..placed).unwrap_or_default());
-                    return ReadServed::Done(Err(failed(&e)));
+            let found = self.reader.hits(&pmem, off, len, from, &mut hits);
+            let (n_hits, next) = if found.hits > 0 {
+                (found.hits, found.next)
+            } else {
+                let room = gaps.get_mut(placed..).unwrap_or_default();
+                let started = self
+                    .core
+                    .lock()
+                    .engine
+                    .read_resume(off, from, bio, room, &mut hits);
+                match started {
+                    Ok(Some(s)) => {
+                        placed += s.gaps;
+                        (s.hits, s.next)
+                    }
+                    Ok(None) => {
+                        self.abandon(gaps.get(..placed).unwrap_or_default());
+                        return ReadServed::TooManyGaps;
+                    }
+                    Err(e) => {
+                        self.abandon(gaps.get(..placed).unwrap_or_default());
+                        return ReadServed::Done(Err(failed(&e)));
+                    }
                 }
             };
-            let held = hits.get(..started.hits).unwrap_or_default();
-            placed += started.gaps;
+            let held = hits.get(..n_hits).unwrap_or_default();
             if let Err(e) = copy_hits(&pmem, held, bio) {
                 let placed = gaps.get(..placed).unwrap_or_default();
                 let mut core = self.core.lock();
@@ -488,16 +499,17 @@ impl LiveCache {
                 pr_err!("pcache_rs: {} reading {}+{}\n", what, off, bio.size());
                 return ReadServed::Done(Err(EIO));
             }
-            // The first read of a key since attach checked its CRC (without the lock).
+            // The first read of a key since attach checked its CRC; marking the key needs only
+            // its subtree's lock.
             if held.iter().any(Hit::checks) {
-                self.core.lock().engine.read_verified(held);
+                self.reader.verified(held);
             }
             // The pins go back without the engine lock (`Pmem::unpin`).
             release_hits(&pmem, held);
-            if started.next >= end {
+            if next >= end {
                 break;
             }
-            from = started.next;
+            from = next;
         }
         if placed == 0 {
             self.count(Count::ReadHit);

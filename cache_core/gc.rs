@@ -39,10 +39,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if self.stats.gc_errors > 0 {
             return Err(CacheError::Io("gc stopped after an error"));
         }
+        let used = self.used_segs;
         let r = self.gc_one();
-        if matches!(r, Ok(Step::Idle)) {
-            // Everything written back is collected: the write that wanted room
-            // now waits for writeback, which sets it again if need be.
+        if matches!(r, Ok(Step::Idle)) || self.used_segs < used {
+            // A segment is free for the write that wanted room (which asks
+            // again if it needs more), or everything written back is
+            // collected and it waits for writeback. Either way GC goes back to
+            // `gc_percent`: collecting on would empty the cache of data that
+            // reads still want.
             self.room_wanted = false;
         }
         if r.is_err() {

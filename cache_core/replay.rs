@@ -11,7 +11,10 @@ use super::error::CacheError;
 use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
 use super::log_cursor::{LogCursor, LogEntry};
 use super::{Cache, Memory};
-use crate::meta::kset::{kset_key, kset_read, KsetRead, KEY_FLAGS_DATA_CRC, KSET_ONMEDIA_SIZE_MAX};
+use crate::meta::kset::{
+    kset_key, kset_read_with, kset_span, KsetRead, KEY_FLAGS_DATA_CRC, KSET_HEADER_SIZE,
+    KSET_ONMEDIA_SIZE_MAX,
+};
 use crate::meta::{MetaError, MetaErrorKind};
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
@@ -20,14 +23,25 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let remain = self.geo.seg_data_size().saturating_sub(pos.off) as usize;
         let n = remain.min(KSET_ONMEDIA_SIZE_MAX);
         let addr = self.pos_addr(pos);
-        let buf = self
-            .scratch
-            .get_mut(..n)
+        // The header first, then only as much as the kset it announces: a
+        // kset closed early (a FLUSH, an idle flush) is a fraction of the
+        // largest one.
+        let head = n.min(KSET_HEADER_SIZE);
+        let Cache { scratch, pmem, .. } = self;
+        let media = |_| CacheError::Io("pmem media error reading kset");
+        let hdr = scratch
+            .get_mut(..head)
             .ok_or(CacheError::NoMem("scratch"))?;
-        self.pmem
-            .read(addr, buf)
-            .map_err(|_| CacheError::Io("pmem media error reading kset"))?;
-        Ok(kset_read(buf, self.n_segs)?)
+        pmem.read(addr, hdr).map_err(media)?;
+        let n = n.min(kset_span(hdr)).max(head);
+        let rest = scratch
+            .get_mut(head..n)
+            .ok_or(CacheError::NoMem("scratch"))?;
+        pmem.read(addr + head as u64, rest).map_err(media)?;
+        let buf = scratch.get(..n).ok_or(CacheError::NoMem("scratch"))?;
+        Ok(kset_read_with(buf, self.n_segs, |c, b| {
+            self.pmem.crc32c(c, b)
+        })?)
     }
 
     /// Key `i` of the kset in the scratch buffer, validated and converted.

@@ -141,6 +141,32 @@ const KS: &str = "pcache_cache_kset_onmedia";
 /// the segment's data area). `n_segs` bounds the LAST kset's next segment id.
 /// Never reads outside `buf`; a structure that would run past it is an error.
 pub fn kset_read(buf: &[u8], n_segs: u32) -> Result<KsetRead, MetaError> {
+    kset_read_with(buf, n_segs, crc32c)
+}
+
+/// How many bytes of the kset whose header starts `hdr` [`kset_read`] looks
+/// at: the whole kset, or just the header if that is all it is (no kset, a
+/// LAST kset, or a key count no kset has). A caller that copies the kset out of
+/// the media copies the header first and then no more than this.
+pub fn kset_span(hdr: &[u8]) -> usize {
+    let r = Le::new(hdr, KS);
+    match (r.u32(4, "key_num"), r.u64(8, "magic"), r.u64(16, "flags")) {
+        (Ok(n), Ok(KSET_MAGIC), Ok(flags))
+            if flags & KSET_FLAGS_LAST == 0 && n as usize <= KSET_KEYS_MAX =>
+        {
+            kset_size(n as usize)
+        }
+        _ => KSET_HEADER_SIZE,
+    }
+}
+
+/// [`kset_read`] with the CRC32C function `crc` (the kernel's, accelerated,
+/// in the module).
+pub fn kset_read_with(
+    buf: &[u8],
+    n_segs: u32,
+    crc32c: impl Fn(u32, &[u8]) -> u32,
+) -> Result<KsetRead, MetaError> {
     let r = Le::new(buf, KS);
     let hdr = match (
         r.u32(0, "crc"),

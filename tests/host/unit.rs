@@ -93,6 +93,65 @@ fn kset_parser_never_panics_on_garbage() {
     assert_eq!(kset_read(&[], 4).unwrap(), KsetRead::End);
 }
 
+/// A kset reads the same from the header and the span it announces
+/// ([`kset_span`]) as from the rest of the segment: for ksets of every size,
+/// LAST ksets, torn ones and garbage.
+#[test]
+fn kset_reads_the_same_from_its_span() {
+    use pcache_engine::meta::kset::{
+        encode_last_kset, kset_span, seal_kset, KeyOnmedia, KEY_ONMEDIA_SIZE, KSET_HEADER_SIZE,
+        KSET_KEYS_MAX,
+    };
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut seen_keys = 0;
+    for round in 0..4000 {
+        let mut buf = vec![0u8; KSET_ONMEDIA_SIZE_MAX + 512];
+        for b in buf.iter_mut() {
+            *b = next() as u8;
+        }
+        match round % 4 {
+            0 | 1 => {
+                let n = 1 + next() as usize % KSET_KEYS_MAX;
+                for i in 0..n {
+                    let key = KeyOnmedia {
+                        off: (i as u64) << 12,
+                        len: 4096,
+                        ..KeyOnmedia::default()
+                    };
+                    let at = KSET_HEADER_SIZE + i * KEY_ONMEDIA_SIZE;
+                    key.encode(&mut buf[at..at + KEY_ONMEDIA_SIZE]);
+                }
+                seal_kset(&mut buf, n).unwrap();
+                if round % 4 == 1 {
+                    // Torn: one byte of it changed.
+                    let at = next() as usize % (KSET_HEADER_SIZE + n * KEY_ONMEDIA_SIZE);
+                    buf[at] ^= 1 << (next() % 8);
+                }
+            }
+            2 => {
+                let mut last = [0u8; KSET_HEADER_SIZE];
+                encode_last_kset(next() as u32 % 8, &mut last);
+                buf[..KSET_HEADER_SIZE].copy_from_slice(&last);
+            }
+            _ => buf[8..16].copy_from_slice(&pcache_engine::meta::kset::KSET_MAGIC.to_le_bytes()),
+        }
+        // As much as the segment has left, as the engine reads it.
+        let remain = KSET_HEADER_SIZE + next() as usize % (buf.len() - KSET_HEADER_SIZE);
+        let whole = &buf[..remain.min(KSET_ONMEDIA_SIZE_MAX)];
+        let span = kset_span(&whole[..KSET_HEADER_SIZE]).min(whole.len());
+        let (a, b) = (kset_read(whole, 8), kset_read(&whole[..span], 8));
+        assert_eq!(a, b, "round {round}: span {span} of {}", whole.len());
+        seen_keys += usize::from(matches!(a, Ok(KsetRead::Keys { .. })));
+    }
+    assert!(seen_keys > 500, "only {seen_keys} ksets read back");
+}
+
 fn words(s: &str) -> Vec<&[u8]> {
     s.split_ascii_whitespace().map(str::as_bytes).collect()
 }

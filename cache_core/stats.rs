@@ -26,8 +26,10 @@ pub struct Stats {
     /// Bytes of dirty keys written back to the backing device.
     pub bytes_written_back: u64,
     pub ksets_gced: u64,
-    /// Reads that hit, and that missed: each call of [`super::Cache::read_resume`]
-    /// counts as a read.
+    /// Reads that hit, and that missed, as the engine served them: each call
+    /// of [`super::Cache::read_resume`] counts as a read. Hits a
+    /// [`super::Reader`] serves without the engine lock are not counted here
+    /// (the module counts every request itself: [`RequestCounts`]).
     pub read_hits: u64,
     pub read_misses: u64,
 }

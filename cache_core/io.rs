@@ -76,15 +76,15 @@ pub struct Hit {
     /// Where it goes in the read's data.
     pub at: usize,
     pub len: usize,
-    pub(crate) seg: Option<SegId>,
+    seg: Option<SegId>,
     /// The key's data was not checked against its CRC since attach:
     /// [`copy_hits`] checks it.
-    pub(crate) check: Option<HitCheck>,
+    check: Option<HitCheck>,
 }
 
 /// The CRC check a [`Hit`] carries, and what identifies its key afterwards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct HitCheck {
+struct HitCheck {
     /// The key's logical offset, cache position and generation when the read
     /// found it: [`Cache::read_verified`] marks it verified only if the index
     /// still holds that key.
@@ -755,19 +755,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     // A key to check goes out with its check, which the copy
                     // runs without the lock; with no room left for it (only
                     // `read_start`), it is copied and checked here.
-                    let check = match hit_check(&self.geo, &self.seg_map, &k, cur, len) {
-                        Ok(c) => c,
+                    let hit = match Hit::of_key(&self.geo, &self.seg_map, &k, cur, at, len) {
+                        Ok(h) => h,
                         Err(e) => return Err(self.read_unwind(gaps, hits, &out, e)),
                     };
                     match hits.get_mut(out.hits) {
                         Some(h) => {
-                            *h = Hit {
-                                addr: self.pos_addr(k.pos) + (cur - k.off),
-                                at,
-                                len,
-                                seg: Some(k.pos.seg),
-                                check,
-                            };
+                            *h = hit;
                             self.pmem.pin(k.pos.seg.get());
                             out.hits += 1;
                         }
@@ -935,7 +929,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     pub(crate) fn key_stale(&self, k: &Key) -> bool {
-        !k.empty() && k.gen < self.seg_map.gen(k.pos.seg)
+        self.seg_map.stale(k)
     }
 
     /// [`copy_hits`] checked `hits` (those that carry a check) and they
@@ -1030,9 +1024,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             None => return None,
         };
         let Cache { index, seg_map, .. } = self;
-        let (next, removed) = index.retain_from(sub, from, CLEAN_KEYS_PER_STEP, |k| {
-            !k.empty() && k.gen < seg_map.gen(k.pos.seg)
-        });
+        let (next, removed) =
+            index.retain_from(sub, from, CLEAN_KEYS_PER_STEP, |k| seg_map.stale(k));
         self.clean_at = next;
         Some(removed)
     }
@@ -1047,28 +1040,40 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 }
 
-/// The CRC check a hit of `n` bytes of key `k` at logical offset `cur`
-/// carries: none once the key is verified.
-pub(crate) fn hit_check<M: Memory>(
-    geo: &Geometry,
-    seg_map: &SegMap<M>,
-    k: &Key,
-    cur: u64,
-    n: usize,
-) -> Result<Option<HitCheck>, CacheError> {
-    if !k.unverified() {
-        return Ok(None);
+impl Hit {
+    /// The hit of `len` bytes of key `k` at logical offset `cur`, going to
+    /// `at` in the read's data, with the key's CRC check if it is still due.
+    /// Its segment is not pinned yet.
+    pub(crate) fn of_key<M: Memory>(
+        geo: &Geometry,
+        seg_map: &SegMap<M>,
+        k: &Key,
+        cur: u64,
+        at: usize,
+        len: usize,
+    ) -> Result<Hit, CacheError> {
+        let check = if k.unverified() {
+            let start = k.crc_start().ok_or(CacheError::Io("key crc range"))?;
+            Some(HitCheck {
+                key_off: k.off,
+                pos: k.pos,
+                gen: k.gen,
+                crc: k.crc,
+                start: seg_map.addr(geo, start),
+                len: k.crc_len,
+                exact: k.crc_exact(cur, len),
+            })
+        } else {
+            None
+        };
+        Ok(Hit {
+            addr: seg_map.addr(geo, k.pos) + (cur - k.off),
+            at,
+            len,
+            seg: Some(k.pos.seg),
+            check,
+        })
     }
-    let start = k.crc_start().ok_or(CacheError::Io("key crc range"))?;
-    Ok(Some(HitCheck {
-        key_off: k.off,
-        pos: k.pos,
-        gen: k.gen,
-        crc: k.crc,
-        start: seg_map.addr(geo, start),
-        len: k.crc_len,
-        exact: k.crc_exact(cur, n),
-    }))
 }
 
 /// [`copy_hits`] checked `hits` (those that carry a check) and they passed:

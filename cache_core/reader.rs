@@ -17,29 +17,18 @@
 
 use super::env::Pmem;
 use super::index::Trees;
-use super::io::{hit_check, mark_verified, Hit};
+use super::io::{mark_verified, Hit};
 use super::segment::SegMap;
 use super::Memory;
 use crate::meta::layout::Geometry;
 
-/// The part of the cache a read hit needs (see the module doc). A clone
-/// shares it.
+/// The part of the cache a read hit needs (see the module doc), shared with
+/// the engine.
 pub struct Reader<M: Memory> {
     trees: Trees<M>,
     seg_map: SegMap<M>,
     geo: Geometry,
     dev_bytes: u64,
-}
-
-impl<M: Memory> Clone for Reader<M> {
-    fn clone(&self) -> Self {
-        Reader {
-            trees: self.trees.clone(),
-            seg_map: self.seg_map.clone(),
-            geo: self.geo,
-            dev_bytes: self.dev_bytes,
-        }
-    }
 }
 
 /// What [`Reader::hits`] found.
@@ -98,22 +87,17 @@ impl<M: Memory> Reader<M> {
                 break;
             }
             let n = to.min(k.end()) - cur;
-            let Ok(check) = hit_check(&self.geo, &self.seg_map, &k, cur, n as usize) else {
+            let at = (cur - off) as usize;
+            let Ok(hit) = Hit::of_key(&self.geo, &self.seg_map, &k, cur, at, n as usize) else {
                 break;
             };
             // Pin first, then check: see `SegMap::gen`.
             pmem.pin(k.pos.seg.get());
-            if k.gen < self.seg_map.gen(k.pos.seg) {
+            if self.seg_map.stale(&k) {
                 pmem.unpin(k.pos.seg.get());
                 break;
             }
-            *slot = Hit {
-                addr: self.seg_map.addr(&self.geo, k.pos) + (cur - k.off),
-                at: (cur - off) as usize,
-                len: n as usize,
-                seg: Some(k.pos.seg),
-                check,
-            };
+            *slot = hit;
             found.hits += 1;
             cur += n;
         }

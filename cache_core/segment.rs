@@ -9,7 +9,7 @@
 
 use super::env::{persist, Pmem};
 use super::error::CacheError;
-use super::key::{Pos, SegId};
+use super::key::{Key, Pos, SegId};
 use super::{Cache, Memory};
 use crate::meta::header::MetaHeader;
 use crate::meta::header::{SlotIndex, Slotted};
@@ -107,6 +107,12 @@ impl<M: Memory> SegMap<M> {
     /// stale key, or the engine sees the pin and keeps the segment.
     pub(crate) fn gen(&self, id: SegId) -> u64 {
         self.entry(id).map_or(0, |e| e.gen.load(SeqCst))
+    }
+
+    /// Whether key `k` points into a segment GC has freed since (a
+    /// placeholder points nowhere, so it never is).
+    pub(crate) fn stale(&self, k: &Key) -> bool {
+        !k.empty() && k.gen < self.gen(k.pos.seg)
     }
 
     pub(crate) fn set_gen(&self, id: SegId, gen: u64) {

@@ -6,9 +6,8 @@
 
 use pcache_engine::cache_core::index::{Index, Node, Root};
 use pcache_engine::cache_core::key::{Key, Pos, SegId};
-use pcache_engine::cache_core::Borrowed;
-use pcache_engine::cache_core::SpinLocks;
 use pcache_engine::cache_core::{Backing, Cache, CacheError, CacheOptions, IoError, KsetBuf, Pmem};
+use pcache_engine::host_mem::{Borrowed, SpinLocks};
 use pcache_engine::meta::kset::{kset_key, kset_read, KeyOnmedia, KSET_KEYS_MAX};
 use pcache_engine::meta::layout::Geometry;
 use pcache_engine::sim::OwnedMem;
@@ -199,7 +198,13 @@ fn main() {
     let mut nodes = vec![Node::default(); 1 << 16];
     let mut roots = vec![Root::default(); 16];
     let locks: Vec<AtomicBool> = (0..16).map(|_| AtomicBool::new(false)).collect();
-    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, SpinLocks(&locks), 16);
+    let idx = Index::<Borrowed<'_>>::new(
+        &mut nodes,
+        &mut roots,
+        SpinLocks(&locks),
+        Default::default(),
+        16,
+    );
     let mut rng = Lcg(1);
     // Warm the index to a steady state of a few thousand keys.
     for _ in 0..50_000 {

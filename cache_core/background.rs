@@ -185,8 +185,8 @@ where
         if due {
             self.last_kset_flush_ms = Some(now);
             match engine.with(|c| {
-                let before = c.stats.ksets_written;
-                c.flush_idle().map(|()| c.stats.ksets_written != before)
+                let before = c.ksets_written();
+                c.flush_idle().map(|()| c.ksets_written() != before)
             }) {
                 Ok(persisted) => round.progress |= persisted,
                 Err(e) => round.flush_error = Some(e),

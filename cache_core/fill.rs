@@ -181,16 +181,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 .is_some_and(|contested| !contested);
         for (room, crc) in fill.rooms.iter().zip(fill.crcs.iter()) {
             let Some(r) = room else { continue };
-            let wanted = fill.copied
-                && if through {
-                    uncontested
-                } else {
-                    self.placeholder_covers(gap.tag, r.off, r.len)
-                };
-            if wanted {
+            // A read's part goes in only where its placeholder still covers
+            // it, checked as it goes in (writes commit without the engine lock).
+            let over = (!through).then_some(gap.tag);
+            if fill.copied && (!through || uncontested) {
                 // Best effort: a commit that fails gives the room back, or
                 // leaves it to the key it inserted (see `write_commit`).
-                let _ = self.write_commit(r, *crc, false);
+                let _ = self.commit_over(r, *crc, false, over, &mut || {});
             } else {
                 self.write_cancel(r);
             }

@@ -24,6 +24,7 @@
 use super::env::SubtreeLocks;
 use super::key::{Key, Pos, SegId};
 use super::memory::Memory;
+use crate::meta::kset::KEY_FLAGS_EMPTY;
 use crate::meta::layout::SUBTREE_SHIFT;
 use core::sync::atomic::{
     AtomicU32, AtomicU64,
@@ -248,18 +249,35 @@ impl<M: Memory> Clone for Trees<M> {
     }
 }
 
-/// The whole index over the preallocated slab and subtree roots: the
-/// [`Trees`], and the free list that inserts take nodes from.
-pub struct Index<M: Memory> {
-    trees: Trees<M>,
-    /// The free list, a stack linked through `left`: the node on top in the
-    /// low 32 bits, and in the high 32 a count of the changes to it, so that a
-    /// compare-and-swap whose node was taken and given back meanwhile fails
-    /// (ABA).
-    free: AtomicU64,
+/// The free list of the key slab, a stack linked through `left`, shared by
+/// every [`Index`] handle of an engine.
+#[derive(Debug, Default)]
+pub struct FreeList {
+    /// The node on top in the low 32 bits, and in the high 32 a count of the
+    /// changes to it, so that a compare-and-swap whose node was taken and given
+    /// back meanwhile fails (ABA).
+    top: AtomicU64,
     /// Free nodes. Counted up before nodes go on the list and down after they
     /// come off, so it may run ahead of the list for a moment, never behind.
     n_free: AtomicU32,
+}
+
+/// The whole index over the preallocated slab and subtree roots: the
+/// [`Trees`], and the free list that inserts take nodes from. A clone shares
+/// them all (a commit without the engine lock inserts through one, see
+/// [`super::key_log::commit_key`]).
+pub struct Index<M: Memory> {
+    trees: Trees<M>,
+    free: M::One<FreeList>,
+}
+
+impl<M: Memory> Clone for Index<M> {
+    fn clone(&self) -> Self {
+        Index {
+            trees: self.trees.clone(),
+            free: self.free.clone(),
+        }
+    }
 }
 
 /// An index is its trees, and a free list.
@@ -380,6 +398,12 @@ impl<M: Memory> Trees<M> {
     /// same path.
     pub fn first_overlap(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
         let _held = self.hold(sub);
+        self.first_overlap_held(sub, from, to)
+    }
+
+    /// [`Trees::first_overlap`] by a caller that holds `sub`'s lock (inside
+    /// [`Index::insert_under`]).
+    pub(crate) fn first_overlap_held(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
         let mut t = self.root(sub);
         let (mut floor, mut succ) = (NIL, NIL);
         while t != NIL {
@@ -433,6 +457,7 @@ impl<M: Memory> Index<M> {
         nodes: M::Shared<Node>,
         roots: M::Shared<Root>,
         locks: M::Locks,
+        free: M::One<FreeList>,
         n_roots: usize,
     ) -> Self {
         let n = nodes.len().min(NIL as usize - 1);
@@ -445,7 +470,7 @@ impl<M: Memory> Index<M> {
             r.0.store(NIL, Relaxed);
         }
         let n_roots = n_roots.min(roots.len()).min(locks.len());
-        Index {
+        let index: Self = Index {
             trees: Trees {
                 nodes,
                 roots,
@@ -453,9 +478,13 @@ impl<M: Memory> Index<M> {
                 n_roots,
                 sink: Node::default(),
             },
-            free: AtomicU64::new(if n > 0 { 0 } else { u64::from(NIL) }),
-            n_free: AtomicU32::new(n as u32),
-        }
+            free,
+        };
+        let free: &FreeList = &index.free;
+        free.top
+            .store(if n > 0 { 0 } else { u64::from(NIL) }, Relaxed);
+        free.n_free.store(n as u32, Relaxed);
+        index
     }
 
     /// The subtrees, for reads without the engine lock.
@@ -464,12 +493,12 @@ impl<M: Memory> Index<M> {
     }
 
     pub fn free_nodes(&self) -> u32 {
-        self.n_free.load(Relaxed)
+        self.free.n_free.load(Relaxed)
     }
 
     /// Takes the node on top of the free list (`NIL`: none left).
     fn pop_free(&self) -> u32 {
-        let mut top = self.free.load(Acquire);
+        let mut top = self.free.top.load(Acquire);
         loop {
             let i = lo(top);
             if i == NIL {
@@ -479,9 +508,13 @@ impl<M: Memory> Index<M> {
             // link read here is stale, and the swap fails on the count.
             let next = self.n(i).left();
             let new = pair(next, hi(top).wrapping_add(1));
-            match self.free.compare_exchange_weak(top, new, Acquire, Acquire) {
+            match self
+                .free
+                .top
+                .compare_exchange_weak(top, new, Acquire, Acquire)
+            {
                 Ok(_) => {
-                    self.n_free.fetch_sub(1, Relaxed);
+                    self.free.n_free.fetch_sub(1, Relaxed);
                     return i;
                 }
                 Err(now) => top = now,
@@ -494,12 +527,16 @@ impl<M: Memory> Index<M> {
         if chain.head == NIL {
             return;
         }
-        self.n_free.fetch_add(chain.count, Relaxed);
-        let mut top = self.free.load(Relaxed);
+        self.free.n_free.fetch_add(chain.count, Relaxed);
+        let mut top = self.free.top.load(Relaxed);
         loop {
             self.n(chain.tail).set_left(lo(top));
             let new = pair(chain.head, hi(top).wrapping_add(1));
-            match self.free.compare_exchange_weak(top, new, Release, Relaxed) {
+            match self
+                .free
+                .top
+                .compare_exchange_weak(top, new, Release, Relaxed)
+            {
                 Ok(_) => return,
                 Err(now) => top = now,
             }
@@ -589,13 +626,46 @@ impl<M: Memory> Index<M> {
     /// before anything changes, unless it replaces a key of exactly its range;
     /// `on_drop` sees every key (or piece) the new key replaces, under the
     /// subtree's lock.
-    pub fn insert(&self, key: Key, mut on_drop: impl FnMut(&Key)) -> Result<(), IndexFull> {
+    pub fn insert(&self, key: Key, on_drop: impl FnMut(&Key)) -> Result<(), IndexFull> {
+        self.insert_under(key, on_drop, |insert| insert())?
+    }
+
+    /// [`Index::insert`] as part of `f`, which runs under the key's subtree
+    /// lock and inserts when (and if) it calls `insert`: whatever else `f` does
+    /// happens in the same order as the inserts into the subtree (a commit
+    /// appends the key to its kset, see [`super::key_log::commit_key`]).
+    /// `Err` when the key does not fit one subtree of the index, and `f` did
+    /// not run.
+    pub(crate) fn insert_under<R>(
+        &self,
+        key: Key,
+        mut on_drop: impl FnMut(&Key),
+        f: impl FnOnce(&mut dyn FnMut() -> Result<(), IndexFull>) -> R,
+    ) -> Result<R, IndexFull> {
         let sub = self.subtree_of(key.off).ok_or(IndexFull)?;
         if key.len == 0 || self.subtree_of(key.end() - 1) != Some(sub) {
             return Err(IndexFull);
         }
-        let (s, e) = (key.off, key.end());
         let _held = self.hold(sub);
+        let mut done = false;
+        Ok(f(&mut || {
+            // Once: a second insert of the same key would drop the first.
+            if core::mem::replace(&mut done, true) {
+                return Err(IndexFull);
+            }
+            self.insert_held(sub, &key, &mut on_drop)
+        }))
+    }
+
+    /// [`Index::insert`] with the subtree's lock held.
+    fn insert_held(
+        &self,
+        sub: usize,
+        key: &Key,
+        on_drop: &mut impl FnMut(&Key),
+    ) -> Result<(), IndexFull> {
+        let key = *key;
+        let (s, e) = (key.off, key.end());
         let root = self.root(sub);
         // Rewriting exactly the range of one cached key (the common case of
         // block-sized overwrites): replace it in place, no split or merge.
@@ -655,7 +725,7 @@ impl<M: Memory> Index<M> {
                 c = self.merge(one, c);
             }
         }
-        self.visit_tree(m, &mut on_drop);
+        self.visit_tree(m, on_drop);
         let mut freed = Chain::EMPTY;
         self.chain_tree(&mut freed, m);
         if let Some(t) = spare {
@@ -673,6 +743,62 @@ impl<M: Memory> Index<M> {
     pub fn remove(&self, sub: usize, off: u64) -> Option<Key> {
         let _held = self.hold(sub);
         self.remove_held(sub, off)
+    }
+
+    /// Removes the key starting exactly at `off` in `sub` if `pred` says so,
+    /// in one hold of the subtree's lock: the key looked at is the key
+    /// removed, even with commits running beside (see
+    /// [`super::key_log::commit_key`]).
+    pub fn remove_if(&self, sub: usize, off: u64, pred: impl FnOnce(&Key) -> bool) -> Option<Key> {
+        let _held = self.hold(sub);
+        let k = self
+            .first_overlap_held(sub, off, off.saturating_add(1))
+            .filter(|k| k.off == off)?;
+        if pred(&k) {
+            self.remove_held(sub, off)
+        } else {
+            None
+        }
+    }
+
+    /// Inserts placeholder `key` only where the index holds nothing of its
+    /// range, in one hold of the subtree's lock (a commit beside may have
+    /// filled the gap a read found). `Ok(false)`: something is there.
+    pub fn insert_vacant(&self, key: Key) -> Result<bool, IndexFull> {
+        let sub = self.subtree_of(key.off).ok_or(IndexFull)?;
+        self.insert_under(
+            key,
+            |_| {},
+            |insert| {
+                if self.first_overlap_held(sub, key.off, key.end()).is_some() {
+                    return Ok(false);
+                }
+                insert().map(|()| true)
+            },
+        )?
+    }
+
+    /// Drops every key in `from..to` (within one subtree), trimming those that
+    /// stick out, in one hold of the subtree's lock.
+    pub fn clear(&self, from: u64, to: u64) -> Result<(), IndexFull> {
+        // A placeholder over the range resolves every overlap, then goes.
+        let hole = Key {
+            off: from,
+            len: u32::try_from(to.saturating_sub(from)).map_err(|_| IndexFull)?,
+            flags: KEY_FLAGS_EMPTY,
+            ..Key::default()
+        };
+        self.insert_under(
+            hole,
+            |_| {},
+            |insert| {
+                insert()?;
+                if let Some(sub) = self.subtree_of(from) {
+                    self.remove_held(sub, from);
+                }
+                Ok(())
+            },
+        )?
     }
 
     /// [`Index::remove`] with the subtree's lock held.
@@ -700,7 +826,7 @@ impl<M: Memory> Index<M> {
     /// more than the slab holds, should the list loop). Only meaningful while
     /// nothing takes or frees nodes.
     pub fn free_list_len(&self) -> usize {
-        let mut i = lo(self.free.load(Acquire));
+        let mut i = lo(self.free.top.load(Acquire));
         let mut n = 0;
         while i != NIL && n <= self.nodes.len() {
             n += 1;

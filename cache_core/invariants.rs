@@ -46,11 +46,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     fn check_dirty_bytes(&mut self) -> Result<(), Broken> {
         let unreadable = Broken("the key log between the dirty tail and head is unreadable");
-        let mut sum = 0u64;
-        for k in self.ksets.iter() {
-            sum += k.dirty_bytes().ok_or(unreadable)?;
-        }
-        let head = self.key_head;
+        // One snapshot of the log: commits made without the engine lock only
+        // add ksets past this head, and count them in as they add them.
+        let (open, head, dirty_bytes) =
+            self.with_log(|l| (l.open_dirty_bytes(), l.head, l.dirty_bytes));
+        let mut sum = open.ok_or(unreadable)?;
         let mut cur = LogCursor::new(self.dirty_tail.pos);
         while cur.pos != head {
             let entry = self.log_next(&mut cur, |_, _| {}).map_err(|_| unreadable)?;
@@ -71,7 +71,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 LogEntry::End => break,
             }
         }
-        if sum != self.dirty_bytes {
+        if sum != dirty_bytes {
             return Err(Broken("dirty_bytes does not count the dirty keys"));
         }
         Ok(())
@@ -80,7 +80,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Key tail, dirty tail, key head: each reached walking the log from the
     /// one before.
     fn check_log_order(&mut self) -> Result<(), Broken> {
-        let (dirty, head) = (self.dirty_tail.pos, self.key_head);
+        let (dirty, head) = (self.dirty_tail.pos, self.key_head());
         let mut cur = LogCursor::new(self.key_tail.pos);
         let mut seen_dirty = cur.pos == dirty;
         loop {

@@ -42,6 +42,26 @@ pub struct Reservation {
     flags: u32,
 }
 
+impl Reservation {
+    /// The key of the data copied into it, with its data CRC if it has one.
+    pub(crate) fn key(&self, crc: Option<u32>) -> Key {
+        let (crc, flags) = match crc {
+            Some(crc) => (crc, self.flags | KEY_FLAGS_DATA_CRC),
+            None => (0, self.flags),
+        };
+        Key {
+            off: self.off,
+            len: self.len,
+            flags,
+            pos: self.pos,
+            gen: self.gen,
+            crc,
+            crc_back: 0,
+            crc_len: self.len,
+        }
+    }
+}
+
 /// Copies `src[at..at + r.len]` into the room of `r`, one piece at a time as
 /// `src` holds them, storing and flushing each (`memcpy_flushcache`) but not
 /// fencing; returns the data CRC over the same pieces (0 if `r` wants none).
@@ -478,14 +498,40 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         crc: u32,
         fua: bool,
     ) -> Result<bool, CacheError> {
-        // Other writes may have taken keys and filled the kset since the reservation.
+        self.commit_over(r, crc, fua, None, &mut || {})
+    }
+
+    /// [`Cache::write_commit`], running `on_insert` under the subtree's lock
+    /// as the key goes in: what it records is in the order the index took the
+    /// keys, with commits made without the engine lock beside
+    /// ([`super::Committer::commit_with`]).
+    pub fn write_commit_with(
+        &mut self,
+        r: &Reservation,
+        crc: u32,
+        fua: bool,
+        on_insert: &mut dyn FnMut(),
+    ) -> Result<bool, CacheError> {
+        self.commit_over(r, crc, fua, None, on_insert)
+    }
+
+    /// [`Cache::write_commit`]; with `over`, only if the read miss
+    /// placeholder tagged `over` still covers all of the key's range, checked
+    /// in the same hold of the subtree's lock as the insert (a fill: a write
+    /// that replaced any of it meanwhile is newer than the backing device's
+    /// data). `Err` (nothing committed) gives the room back.
+    pub(crate) fn commit_over(
+        &mut self,
+        r: &Reservation,
+        crc: u32,
+        fua: bool,
+        over: Option<u32>,
+        on_insert: &mut dyn FnMut(),
+    ) -> Result<bool, CacheError> {
+        // Other writes may have taken keys since the reservation.
         if self.index.free_nodes() < 2 {
             self.write_cancel(r);
             return Err(CacheError::Busy("key pool exhausted"));
-        }
-        if let Err(e) = self.kset_room(r.off) {
-            self.write_cancel(r);
-            return Err(e);
         }
         // `data_crc` was switched on since the reservation, and the media flag may
         // be set already: every key logged from now on needs its CRC.
@@ -500,27 +546,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         } else {
             r.crc.then_some(crc)
         };
-        let (crc, flags) = match crc {
-            Some(crc) => (crc, r.flags | KEY_FLAGS_DATA_CRC),
-            None => (0, r.flags),
-        };
-        let key = Key {
-            off: r.off,
-            len: r.len,
-            flags,
-            pos: r.pos,
-            gen: r.gen,
-            crc,
-            crc_back: 0,
-            crc_len: r.len,
-        };
-        let mut replaced = false;
-        if self.index.insert(key, |k| replaced |= !k.empty()).is_err() {
-            self.write_cancel(r);
-            return Err(CacheError::Busy("key pool exhausted"));
-        }
+        let key = r.key(crc);
         // FUA covers every key of the request: each chunk's kset is persisted.
-        self.key_append(&key, fua).map(|()| replaced)
+        // A commit that did not get its key in gives the room back; one that
+        // got it in and failed to close its kset keeps it (the key holds it).
+        match self.key_commit(&key, fua, over, on_insert) {
+            Ok(closed) => closed,
+            Err(e) => {
+                self.write_cancel(r);
+                Err(e)
+            }
+        }
     }
 
     /// Gives back the room of a reservation that will not be committed.
@@ -549,19 +585,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let end = off.saturating_add(len).min(self.dev_bytes);
         let mut cur = off;
         while cur < end {
-            let (sub, to) = self.stripe(cur, end)?;
-            // A placeholder over the range resolves every overlap (trimming the
-            // keys that stick out), then goes itself.
-            let hole = Key {
-                off: cur,
-                len: (to - cur) as u32,
-                flags: KEY_FLAGS_EMPTY,
-                ..Key::default()
-            };
-            if self.index.insert(hole, |_| {}).is_err() {
+            let (_, to) = self.stripe(cur, end)?;
+            if self.index.clear(cur, to).is_err() {
                 return Err(CacheError::Busy("key pool exhausted"));
             }
-            self.index.remove(sub, cur);
             cur = to;
         }
         Ok(())
@@ -621,7 +648,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             match hit {
                 Some(k) if self.key_stale(&k) => {
                     // The segment was reclaimed: drop the key and look again.
-                    self.index.remove(sub, k.off);
+                    self.index.remove_if(sub, k.off, |x| *x == k);
                     continue;
                 }
                 // A placeholder holds no data: the range is a miss.
@@ -745,7 +772,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let len = (seg_end - cur) as usize;
             match hit {
                 Some(k) if self.key_stale(&k) => {
-                    self.index.remove(sub, k.off);
+                    self.index.remove_if(sub, k.off, |x| *x == k);
                     continue;
                 }
                 Some(k) if !k.empty() => {
@@ -853,9 +880,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             crc: self.last_tag,
             ..Key::default()
         };
-        match self.index.insert(hole, |_| {}) {
-            Ok(()) => self.last_tag,
-            Err(_) => 0,
+        match self.index.insert_vacant(hole) {
+            Ok(true) => self.last_tag,
+            Ok(false) | Err(_) => 0,
         }
     }
 
@@ -878,8 +905,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Drops what is left of `gap`'s placeholder (the miss failed, or was filled).
     pub fn read_abandon(&mut self, gap: &Gap) {
+        let tag = gap.tag;
         self.each_placeholder(gap, |c, sub, k| {
-            c.index.remove(sub, k.off);
+            c.index.remove_if(sub, k.off, |x| x.empty() && x.crc == tag);
             true
         });
     }
@@ -912,20 +940,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     fn placeholder_of(&self, k: &Key, tag: u32) -> bool {
         k.empty() && k.crc == tag
-    }
-
-    /// Whether the placeholder tagged `tag` still covers all of `off..off + len`
-    /// (within one subtree): no write or discard replaced any of it.
-    pub(crate) fn placeholder_covers(&self, tag: u32, off: u64, len: u32) -> bool {
-        let end = off + u64::from(len);
-        let Ok((sub, to)) = self.stripe(off, end) else {
-            return false;
-        };
-        to == end
-            && self
-                .index
-                .first_overlap(sub, off, end)
-                .is_some_and(|k| self.placeholder_of(&k, tag) && k.off <= off && k.end() >= end)
     }
 
     pub(crate) fn key_stale(&self, k: &Key) -> bool {

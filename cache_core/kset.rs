@@ -1,23 +1,16 @@
-//! Open ksets and the key log head (upstream `cache_key_append` /
-//! `cache_kset_close`).
-//!
-//! Closing a kset persists, in this order: the data of its keys (stored and
-//! flushed by the write path, fenced here) together with an empty header after
-//! the kset's place (so replay stops there), then the kset with its CRC. Each
-//! step is flushed and fenced before the next, so one close costs two fences
-//! however many keys it logs, so a crash can never leave a valid kset followed by a
-//! stale one from an earlier pass over the segment. When the segment is too full
-//! for the kset plus a LAST kset, the log moves to a fresh segment: the new
-//! segment's first header is cleared, then the LAST kset pointing at it is written.
+//! Open ksets (upstream `cache_key_append` / `cache_kset_close`): the buffer
+//! a kset is encoded in, and the engine's side of the key log
+//! ([`super::key_log`]): closes and commits with the engine at hand for a new
+//! log segment.
 
-use super::env::{persist, Backing, Pmem};
+use super::env::{Backing, Locked, Pmem};
 use super::error::CacheError;
-use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
+use super::key::{Key, Pos};
+use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo};
 use super::{Cache, Memory};
 use crate::meta::kset::{
-    encode_last_kset, kset_key, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_CLEAN,
-    KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY, KEY_ONMEDIA_SIZE, KSET_HEADER_SIZE, KSET_KEYS_MAX,
-    KSET_ONMEDIA_SIZE_MAX,
+    kset_key, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC,
+    KEY_FLAGS_EMPTY, KEY_ONMEDIA_SIZE, KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX,
 };
 
 /// An open kset: keys encoded in place, ready to be sealed and copied to pmem.
@@ -79,6 +72,11 @@ impl KsetBuf {
         self.key_num += 1;
         true
     }
+    /// Takes back the key [`KsetBuf::push`] encoded last (a commit whose index
+    /// insert failed, under the same hold of the log's lock).
+    pub(crate) fn pop(&mut self) {
+        self.key_num = self.key_num.saturating_sub(1);
+    }
     /// Seal (magic + CRC) and return the bytes to persist.
     pub fn seal(&mut self) -> Result<&[u8], CacheError> {
         let size = seal_kset(&mut self.buf, self.key_num)?;
@@ -87,111 +85,134 @@ impl KsetBuf {
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
-    pub(crate) fn kset_id(&self, off: u64) -> usize {
-        let n = self.ksets.len().max(1) as u64;
-        ((off >> crate::meta::layout::SUBTREE_SHIFT) % n) as usize
+    /// Runs `f` on the key log under its lock.
+    pub(crate) fn with_log<R>(&self, f: impl FnOnce(&mut KeyLog<M>) -> R) -> R {
+        self.log.with(f)
     }
 
-    pub(crate) fn key_to_onmedia(&self, key: &Key) -> KeyOnmedia {
-        KeyOnmedia {
-            off: key.off,
-            len: key.len,
-            flags: key.flags & !KEY_FLAGS_VERIFIED,
-            cache_seg_id: key.pos.seg.get(),
-            cache_seg_off: key.pos.off,
-            seg_gen: key.gen,
-            data_crc: if key.has_crc() { key.crc } else { 0 },
-            reserved: 0,
-        }
+    /// The key head: where the next kset goes.
+    pub(crate) fn key_head(&self) -> Pos {
+        self.with_log(|l| l.head)
     }
 
-    /// Persist open kset `id` at the key head. Nothing to do if it is empty.
-    pub(crate) fn kset_close(&mut self, id: usize) -> Result<(), CacheError> {
-        let key_num = match self.ksets.get(id) {
-            Some(k) => k.key_num(),
-            None => return Ok(()),
-        };
-        if key_num == 0 {
-            return Ok(());
-        }
-        let size = kset_size(key_num) as u32;
-        let data_size = self.geo.seg_data_size();
-        // Room for this kset and the LAST kset that may have to follow it.
-        if data_size - self.key_head.off < size + KSET_HEADER_SIZE as u32 {
-            let next = self
-                .get_cache_segment()
-                .ok_or(CacheError::Busy("no free segment for the key log"))?;
-            let next_addr = self.pos_addr(Pos { seg: next, off: 0 });
-            persist(&mut self.pmem, next_addr, &[0u8; KSET_HEADER_SIZE]);
-            let mut last = [0u8; KSET_HEADER_SIZE];
-            encode_last_kset(next.get(), &mut last);
-            let head = self.pos_addr(self.key_head);
-            persist(&mut self.pmem, head, &last);
-            self.key_head = Pos { seg: next, off: 0 };
-        }
-        let head = self.pos_addr(self.key_head);
-        // Clear the header after the new kset first (see the module docs). Its
-        // fence also makes the data of the kset's keys durable — the write path
-        // stores and flushes data without a fence of its own — before the kset
-        // that points at it is stored.
-        if self.key_head.off + size + KSET_HEADER_SIZE as u32 <= data_size {
-            persist(
-                &mut self.pmem,
-                head + u64::from(size),
-                &[0u8; KSET_HEADER_SIZE],
-            );
-        } else {
-            self.pmem.fence();
-        }
-        let Cache { ksets, pmem, .. } = self;
-        let k = match ksets.get_mut(id) {
-            Some(k) => k,
-            None => return Ok(()),
-        };
-        let bytes = k.seal()?;
-        persist(pmem, head, bytes);
-        let nocrc = k.nocrc;
-        k.reset();
-        self.key_head.off += size;
-        if nocrc {
-            self.nocrc_until = self.log_seq_head + 1;
-        }
-        self.log_seq_head += 1;
-        self.stats.ksets_written += 1;
-        Ok(())
-    }
-
-    /// Append `key` to its kset; close it when full or when `force` (FUA).
-    /// Callers check [`Cache::kset_room`] first, so the push cannot fail.
-    pub(crate) fn key_append(&mut self, key: &Key, force: bool) -> Result<(), CacheError> {
-        let id = self.kset_id(key.off);
-        let om = self.key_to_onmedia(key);
-        let full = match self.ksets.get_mut(id) {
-            Some(k) => {
-                if !k.push(&om) {
-                    return Err(CacheError::Busy("kset full"));
+    /// Runs `close` on the key log with the engine's pmem and, when the log
+    /// needs a new segment, one from the engine's free segments.
+    fn log_close(
+        &mut self,
+        mut close: impl FnMut(&mut KeyLog<M>, &mut LogIo<'_, P, M>) -> Result<Closed, CacheError>,
+    ) -> Result<(), CacheError> {
+        let mut spare = None;
+        let r = loop {
+            let Cache {
+                log,
+                pmem,
+                seg_map,
+                geo,
+                ..
+            } = self;
+            let mut io = LogIo {
+                pmem,
+                seg_map,
+                geo,
+                spare: &mut spare,
+            };
+            match log.with(|l| close(l, &mut io)) {
+                Ok(Closed::Done) => break Ok(()),
+                Ok(Closed::WantsSegment) if spare.is_none() => match self.get_cache_segment() {
+                    Some(seg) => spare = Some(seg),
+                    None => break Err(CacheError::Busy("no free segment for the key log")),
+                },
+                // A close with a spare segment does not ask for another.
+                Ok(Closed::WantsSegment) => {
+                    break Err(CacheError::Busy("the key log wants a second segment"))
                 }
-                k.is_full()
+                Err(e) => break Err(e),
             }
-            None => return Err(CacheError::NoMem("no kset")),
         };
-        // Logged from here on (the kset is written when it closes), so writeback will copy it.
-        if key.dirty() {
-            self.dirty_bytes += u64::from(key.len);
+        // Another close moved the log on meanwhile: the segment goes back.
+        if let Some(seg) = spare {
+            self.set_used(seg, false);
         }
-        if full || force {
-            self.kset_close(id)?;
-        }
-        Ok(())
+        r
+    }
+
+    /// Persist open kset `id` at the key head (see [`KeyLog::close`]).
+    pub(crate) fn kset_close(&mut self, id: usize) -> Result<(), CacheError> {
+        self.log_close(|l, io| l.close(id, io))
     }
 
     /// Make sure the kset for `off` can take one more key (closing it if full).
     pub(crate) fn kset_room(&mut self, off: u64) -> Result<(), CacheError> {
-        let id = self.kset_id(off);
-        if self.ksets.get(id).map(|k| k.is_full()).unwrap_or(true) {
-            self.kset_close(id)?;
+        let id = self.with_log(|l| l.kset_id(off));
+        self.log_close(|l, io| {
+            if l.kset_full(id) {
+                l.close(id, io)
+            } else {
+                Ok(Closed::Done)
+            }
+        })
+    }
+
+    /// Makes `key` a key of the cache (see [`commit_key`]), with the engine
+    /// at hand for a new log segment. `Err`: nothing done. `Ok(Err)`: the key
+    /// is in, but persisting its kset (`fua`, or full) failed. `Ok(Ok(true))`:
+    /// it replaced cached data.
+    pub(crate) fn key_commit(
+        &mut self,
+        key: &Key,
+        fua: bool,
+        over: Option<u32>,
+        on_insert: &mut dyn FnMut(),
+    ) -> Result<Result<bool, CacheError>, CacheError> {
+        let mut spare = None;
+        let r = loop {
+            let Cache {
+                index,
+                log,
+                pmem,
+                seg_map,
+                geo,
+                ..
+            } = self;
+            let mut io = LogIo {
+                pmem,
+                seg_map,
+                geo,
+                spare: &mut spare,
+            };
+            match commit_key(index, log, &mut io, key, fua, over, on_insert) {
+                Ok(Append::Done { replaced }) => break Ok(Ok(replaced)),
+                Ok(Append::CloseWantsSegment { replaced }) => {
+                    let id = self.with_log(|l| l.kset_id(key.off));
+                    break Ok(self.kset_close(id).map(|()| replaced));
+                }
+                Ok(Append::RoomWantsSegment) if spare.is_none() => match self.get_cache_segment() {
+                    Some(seg) => spare = Some(seg),
+                    None => break Err(CacheError::Busy("no free segment for the key log")),
+                },
+                Ok(Append::RoomWantsSegment) => {
+                    break Err(CacheError::Busy("the key log wants a second segment"))
+                }
+                // The engine computed the CRC wherever the log wants one.
+                Ok(Append::CrcWanted) => {
+                    break Err(CacheError::Invalid("key without its data crc"))
+                }
+                Ok(Append::Superseded) => break Err(CacheError::Busy("placeholder replaced")),
+                Err(e) => break Err(e),
+            }
+        };
+        if let Some(seg) = spare {
+            self.set_used(seg, false);
         }
-        Ok(())
+        r
+    }
+
+    /// Persists the kset of the keys at `off` (a FUA write whose commit
+    /// without the engine lock found the log needing a new segment, see
+    /// [`super::Commit::Persist`]).
+    pub fn kset_persist(&mut self, off: u64) -> Result<(), CacheError> {
+        let id = self.with_log(|l| l.kset_id(off));
+        self.kset_close(id)
     }
 
     /// REQ_PREFLUSH: persist every open kset (`pcache_cache_flush`).
@@ -200,8 +221,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub fn flush(&mut self) -> Result<(), CacheError> {
         self.flush_idle()?;
         // Writeback may not put a kset from before this FLUSH and one from
-        // after it in one batch.
-        self.barriers.record(self.log_seq_head);
+        // after it in one batch. A commit without the engine lock may have
+        // closed a kset since: it raced with the FLUSH, which orders nothing
+        // for it.
+        let seq_head = self.with_log(|l| l.seq_head);
+        self.barriers.record(seq_head);
         if self.mode().writes_through() && self.backing.flush().is_err() {
             self.stats.backing_errors += 1;
             return Err(CacheError::Io("backing device flush failed"));
@@ -212,10 +236,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// The periodic kset flush (upstream's 1 s `kset_flush_fn`): persists the
     /// open ksets.
     pub fn flush_idle(&mut self) -> Result<(), CacheError> {
-        for id in 0..self.ksets.len() {
-            self.kset_close(id)?;
-        }
-        Ok(())
+        self.log_close(|l, io| l.close_all(io))
+    }
+
+    /// Ksets closed since attach.
+    pub(crate) fn ksets_written(&self) -> u64 {
+        self.with_log(|l| l.written)
     }
 
     /// CRC of a key's data as stored (`cache_key_data_crc`).

@@ -7,62 +7,28 @@
 //! [`Cache`](super::Cache), so no caller ever has to promise that a buffer
 //! outlives the engine.
 
-use super::env::SubtreeLocks;
-use super::{DataHead, KsetBuf, Node, Root, SegMapEntry, SegState, WbExtent};
-use core::marker::PhantomData;
+use super::env::{Locked, SubtreeLocks};
+use super::index::FreeList;
+use super::key_log::KeyLog;
+use super::{DataHead, Node, Root, SegMapEntry, SegState, WbExtent};
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{
-    AtomicBool,
-    Ordering::{Acquire, Relaxed, Release},
-};
 
 /// A kind of buffer the engine can own.
 pub trait Memory {
     /// A fixed-size buffer of `T`s.
-    type Buf<T: 'static>: DerefMut<Target = [T]>;
+    type Buf<T: 'static>: DerefMut<Target = [T]> + Unpin;
     /// A fixed-size buffer of `T`s that the engine shares with the reads it
     /// serves without its lock ([`super::reader::Reader`]): the key slab, the
     /// subtree roots, the segment map, all atomics.
     type Shared<T: Sync + 'static>: Deref<Target = [T]> + Clone;
     /// The locks of the index's subtrees, shared the same way.
     type Locks: SubtreeLocks + Clone;
-}
-
-/// Buffers lent for `'a` (host tests that reuse their memory between lives).
-pub struct Borrowed<'a>(PhantomData<&'a mut ()>);
-
-impl<'a> Memory for Borrowed<'a> {
-    type Buf<T: 'static> = &'a mut [T];
-    type Shared<T: Sync + 'static> = &'a [T];
-    type Locks = SpinLocks<'a>;
-}
-
-/// Subtree locks for hosts: a flag each, taken by spinning. Never in the
-/// kernel, whose spinlocks also keep the holder on its CPU and tell lockdep.
-#[derive(Clone, Copy)]
-pub struct SpinLocks<'a>(pub &'a [AtomicBool]);
-
-impl SubtreeLocks for SpinLocks<'_> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn lock(&self, sub: usize) {
-        if let Some(l) = self.0.get(sub) {
-            while l
-                .compare_exchange_weak(false, true, Acquire, Relaxed)
-                .is_err()
-            {
-                core::hint::spin_loop();
-            }
-        }
-    }
-
-    fn unlock(&self, sub: usize) {
-        if let Some(l) = self.0.get(sub) {
-            l.store(false, Release);
-        }
-    }
+    /// One object the engine shares with the requests it serves without its
+    /// lock (the free list of the key slab).
+    type One<T>: Deref<Target = T> + Clone;
+    /// A `T` under a lock of its own, shared the same way (the key log: a
+    /// spinlock in the kernel). Nothing under it sleeps or waits for IO.
+    type Lock<T: Unpin>: Locked<T> + Clone;
 }
 
 /// The memory an engine works in, handed over at construction.
@@ -78,8 +44,11 @@ pub struct CacheMem<M: Memory> {
     pub roots: M::Shared<Root>,
     /// A lock for each of those subtrees.
     pub locks: M::Locks,
-    /// Open ksets (upstream: one per CPU); keys go to `(off >> 22) % len`.
-    pub ksets: M::Buf<KsetBuf>,
+    /// The free list of the key slab.
+    pub free: M::One<FreeList>,
+    /// The key log: the open ksets (upstream: one per CPU; keys go to
+    /// `(off >> 22) % len`) and the key head, under their lock.
+    pub log: M::Lock<KeyLog<M>>,
     /// Data heads (upstream: per CPU).
     pub heads: M::Buf<DataHead>,
     /// At least `KSET_ONMEDIA_SIZE_MAX` bytes for reading ksets back.

@@ -17,6 +17,7 @@
 
 pub mod background;
 pub mod barriers;
+pub mod committer;
 pub mod data;
 pub mod env;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod index;
 pub mod invariants;
 pub mod io;
 pub mod key;
+pub mod key_log;
 pub mod kset;
 pub(crate) mod log_cursor;
 pub mod memory;
@@ -45,13 +47,15 @@ use crate::meta::header::SlotIndex;
 use crate::meta::kset::KSET_ONMEDIA_SIZE_MAX;
 use crate::meta::layout::Geometry;
 
+pub use committer::{Commit, Committer};
 pub use data::{Sink, Source, Zeros};
 pub use env::{Backing, IoError, Locked, Pmem, SubtreeLocks, Waiting};
 pub use error::CacheError;
-pub use index::{Index, Node, Root, Trees};
+pub use index::{FreeList, Index, Node, Root, Trees};
 pub use key::{Key, Pos, SegId};
+pub use key_log::KeyLog;
 pub use kset::KsetBuf;
-pub use memory::{key_capacity, Borrowed, CacheMem, Memory, SpinLocks};
+pub use memory::{key_capacity, CacheMem, Memory};
 pub use mode::Mode;
 pub use options::CacheOptions;
 pub use reader::Reader;
@@ -115,12 +119,12 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) segs: M::Buf<SegState>,
     pub(crate) seg_map: SegMap<M>,
     pub(crate) index: Index<M>,
-    pub(crate) ksets: M::Buf<KsetBuf>,
+    /// The open ksets and the key head, under their own lock.
+    pub(crate) log: M::Lock<KeyLog<M>>,
     pub(crate) heads: M::Buf<DataHead>,
     pub(crate) scratch: M::Buf<u8>,
     pub(crate) bounce: M::Buf<u8>,
     pub(crate) wb_extents: M::Buf<WbExtent>,
-    pub(crate) key_head: Pos,
     pub(crate) key_tail: Tail,
     pub(crate) dirty_tail: Tail,
     /// The dirty tail of a planned writeback batch that is out (see
@@ -130,25 +134,18 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     /// Where the clean pass under way goes on (subtree, offset).
     pub(crate) clean_at: Option<(usize, u64)>,
     pub(crate) stats: Stats,
-    /// See [`Status::dirty_bytes`].
-    pub(crate) dirty_bytes: u64,
     /// Data written from now on gets a CRC.
     pub(crate) data_crc: bool,
-    /// Ordinals of the key-carrying ksets in the log since attach: the one at the
-    /// key tail, and the one the next close writes. Replay numbers the ksets it
-    /// finds from 0; GC consumes them in the same order.
+    /// Ordinal of the key-carrying kset at the key tail (the one the next
+    /// close writes is the log's `seq_head`). Replay numbers the ksets it finds
+    /// from 0; GC consumes them in the same order.
     pub(crate) log_seq_tail: u64,
-    pub(crate) log_seq_head: u64,
     /// Ordinal of the key-carrying kset at (or, past a LAST kset, after) the
     /// dirty tail.
     pub(crate) dirty_seq: u64,
     /// The application's FLUSHes ahead of the dirty tail: writeback batches
     /// ksets between them.
     pub(crate) barriers: barriers::Barriers,
-    /// One past the ordinal of the newest logged kset holding a key without a
-    /// CRC (0: none). The on-media `DATA_CRC` flag may only be set once the key
-    /// tail has passed it.
-    pub(crate) nocrc_until: u64,
     /// The table's data_crc differs from the media flag: sync before the next key.
     pub(crate) crc_flag_pending: bool,
     /// The tag of the last read-miss placeholder (see [`io::Gap`]).
@@ -162,25 +159,30 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub fn status(&self) -> Status {
+        let (key_head, dirty_bytes, written) =
+            self.with_log(|l| (l.head, l.dirty_bytes, l.written));
+        let mut stats = self.stats;
+        stats.ksets_written = written;
         Status {
             n_segs: self.n_segs,
             used_segs: self.used_segs,
             gc_percent: self.info.gc_percent(),
             cache_flags: self.info.flags,
-            key_head: self.key_head,
+            key_head,
             dirty_tail: self.dirty_tail.pos,
             key_tail: self.key_tail.pos,
             data_crc: self.data_crc,
             keys: self.index.len(),
             key_capacity: self.index.capacity(),
-            dirty_bytes: self.dirty_bytes,
-            stats: self.stats,
+            dirty_bytes,
+            stats,
         }
     }
 
     /// `stats reset` (see [`Stats::reset`]).
     pub fn reset_stats(&mut self) {
         self.stats.reset();
+        self.with_log(|l| l.written = 0);
     }
 
     /// Whether the cache holds any of `off..off + len` (a write there is a write
@@ -244,6 +246,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             self.seg_map.clone(),
             self.geo,
             self.dev_bytes,
+        )
+    }
+
+    /// What commits of writes need without the engine lock.
+    pub fn committer(&self) -> Committer<M> {
+        Committer::new(
+            self.index.clone(),
+            self.log.clone(),
+            self.seg_map.clone(),
+            self.geo,
         )
     }
 

@@ -82,16 +82,18 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.set_used(cur.pos.seg, true);
         let mut dirty_tail_seen = false;
         let cold = self.mode().writes_through();
+        // What the key log gets once the walk is done.
+        let (mut seq_head, mut dirty_bytes, mut nocrc_until) = (0u64, 0u64, 0u64);
         loop {
             if cur.pos == self.dirty_tail.pos && !dirty_tail_seen {
                 dirty_tail_seen = true;
-                self.dirty_seq = self.log_seq_head;
+                self.dirty_seq = seq_head;
             }
             // A LAST kset leads to the next segment of the log, which is in use.
             let entry = self.log_next(&mut cur, |c, pos| {
                 if pos == c.dirty_tail.pos && !dirty_tail_seen {
                     dirty_tail_seen = true;
-                    c.dirty_seq = c.log_seq_head;
+                    c.dirty_seq = seq_head;
                 }
                 c.set_used(pos.seg, true);
             })?;
@@ -103,12 +105,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 // Writeback will copy every dirty key from the dirty tail on (and
                 // counts them the same way when it commits).
                 if dirty_tail_seen && key.dirty() {
-                    self.dirty_bytes += u64::from(key.len);
+                    dirty_bytes += u64::from(key.len);
                 }
                 // Counted before the staleness check: the C module
                 // checks the CRC of every key it decodes.
                 if !key.has_crc() {
-                    self.nocrc_until = self.log_seq_head + 1;
+                    nocrc_until = seq_head + 1;
                 }
                 // A key into the key log itself or past the key head would
                 // be corrupt, but only its range is checkable here.
@@ -135,7 +137,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     .map_err(|_| CacheError::NoMem("key pool too small to replay the log"))?;
             }
             cur.advance(size);
-            self.log_seq_head += 1;
+            seq_head += 1;
         }
         if !dirty_tail_seen {
             // Writeback would walk a chain that is not the log.
@@ -146,7 +148,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             )
             .into());
         }
-        self.key_head = cur.pos;
+        self.with_log(|l| {
+            l.head = cur.pos;
+            l.seq_head = seq_head;
+            l.dirty_bytes = dirty_bytes;
+            l.nocrc_until = nocrc_until;
+        });
         Ok(())
     }
 

@@ -2,10 +2,11 @@
 //! one, then replay (upstream `cache_dev_start` + `pcache_cache_start`).
 
 use super::barriers::Barriers;
-use super::env::{persist, Backing, Pmem, SubtreeLocks};
+use super::env::{persist, Backing, Locked, Pmem, SubtreeLocks};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::Pos;
+use super::key_log::KeyLog;
 use super::options::CacheOptions;
 use super::segment::SegMap;
 use super::{roots_needed, Cache, CacheMem, Memory, Stats, Tail, SCRATCH_BYTES};
@@ -107,7 +108,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if mem.locks.len() < roots_needed(dev_bytes) {
             return Err(CacheError::NoMem("fewer subtree locks than 4 MiB stripes"));
         }
-        if mem.ksets.is_empty() || mem.heads.is_empty() {
+        if mem.log.with(|l| l.n_ksets()) == 0 || mem.heads.is_empty() {
             return Err(CacheError::NoMem(
                 "need at least one kset and one data head",
             ));
@@ -125,9 +126,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         for s in mem.segs.iter_mut() {
             *s = Default::default();
         }
-        for k in mem.ksets.iter_mut() {
-            k.reset();
-        }
+        mem.log.with(|l| l.reset());
         for h in mem.heads.iter_mut() {
             h.pos = None;
         }
@@ -144,26 +143,22 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             last_seg: 0,
             segs: mem.segs,
             seg_map: SegMap::new(mem.seg_map),
-            index: Index::new(mem.nodes, mem.roots, mem.locks, n_roots),
-            ksets: mem.ksets,
+            index: Index::new(mem.nodes, mem.roots, mem.locks, mem.free, n_roots),
+            log: mem.log,
             heads: mem.heads,
             scratch: mem.scratch,
             bounce: mem.bounce,
             wb_extents: mem.wb_extents,
-            key_head: Pos::default(),
             key_tail: Tail::default(),
             dirty_tail: Tail::default(),
             wb_pinned: None,
             need_clean: false,
             clean_at: None,
             stats: Stats::default(),
-            dirty_bytes: 0,
             data_crc: opts.data_crc,
             log_seq_tail: 0,
-            log_seq_head: 0,
             dirty_seq: 0,
             barriers: Default::default(),
-            nocrc_until: 0,
             crc_flag_pending: false,
             last_tag: 0,
             room_wanted: false,
@@ -175,18 +170,20 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cache.segs_init(new_cache, sb.seg_num)?;
         cache.tail_init(new_cache)?;
         cache.replay()?;
-        cache.barriers = Barriers::attached(cache.log_seq_head);
+        cache.barriers = Barriers::attached(cache.with_log(|l| l.seq_head));
         // The table's data_crc applies from now on; the media flag follows it as
         // far as the keys already in the log allow (see `set_data_crc`), but only
         // from the first write (or GC step) on: a constructor that never serves
         // IO — a table load that is cleared again while the old instance stays
         // — must not change the flag under the instance that owns the device.
         cache.crc_flag_pending = cache.media_crc_allowed() != cache.info.data_crc();
+        let crc_wanted = cache.data_crc || cache.info.data_crc();
+        cache.with_log(|l| l.crc_wanted = crc_wanted);
         // Another mode than the one recorded: only for a cache without dirty data,
         // whose keys all match the backing device (the modes that write through
         // never have any), so no mode takes over data it would handle otherwise.
         if cache.info.cache_mode() != opts.cache_mode {
-            if cache.dirty_bytes != 0 {
+            if cache.with_log(|l| l.dirty_bytes) != 0 {
                 return Err(CacheError::Invalid(MODE_MISMATCH));
             }
             cache.info.set_cache_mode(opts.cache_mode);
@@ -291,19 +288,32 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// The on-media `DATA_CRC` flag may be set: data CRC is on, no open kset
     /// holds a key without a CRC, and the key tail has passed every logged one.
     pub(crate) fn media_crc_allowed(&self) -> bool {
-        self.data_crc
-            && self.log_seq_tail >= self.nocrc_until
-            && self.ksets.iter().all(|k| !k.has_nocrc())
+        self.with_log(|l| self.media_crc_allowed_in(l))
+    }
+
+    fn media_crc_allowed_in(&self, l: &KeyLog<M>) -> bool {
+        self.data_crc && self.log_seq_tail >= l.nocrc_until && !l.any_nocrc()
     }
 
     /// Set or clear the on-media `DATA_CRC` flag as [`Self::media_crc_allowed`] says.
+    ///
+    /// The key log's `crc_wanted` keeps commits made without the engine lock
+    /// in step: it is set in the same hold of the log's lock that found no key
+    /// without a CRC, before the flag is persisted, so none is appended after
+    /// the check; and cleared only once a cleared flag is persisted.
     pub(crate) fn sync_crc_flag(&mut self) {
         self.crc_flag_pending = false;
-        let want = self.media_crc_allowed();
+        let data_crc = self.data_crc;
+        let want = self.with_log(|l| {
+            l.crc_wanted |= data_crc;
+            self.media_crc_allowed_in(l)
+        });
         if want != self.info.data_crc() {
             self.info.flags ^= CACHE_FLAGS_DATA_CRC;
             self.cache_info_write();
         }
+        let media = self.info.data_crc();
+        self.with_log(|l| l.crc_wanted = media || data_crc);
     }
 
     fn segs_init(&mut self, new_cache: bool, seg_num: u32) -> Result<(), CacheError> {
@@ -421,10 +431,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     fn tail_init(&mut self, new_cache: bool) -> Result<(), CacheError> {
         if new_cache {
-            self.key_head = Pos::default();
-            self.set_used(self.key_head.seg, true);
+            let head = Pos::default();
+            self.with_log(|l| l.head = head);
+            self.set_used(head.seg, true);
             self.key_tail = Tail {
-                pos: self.key_head,
+                pos: head,
                 seq: 0,
                 // Upstream writes the position at the current index, then flips.
                 index: SlotIndex::SECOND,

@@ -461,7 +461,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Plans the kset at the dirty tail into `self.wb_extents` from `at` on.
     fn plan_first(&mut self, at: usize) -> Result<WbPlan, CacheError> {
         let tail = self.dirty_tail.pos;
-        if tail == self.key_head {
+        if tail == self.key_head() {
             return Ok(WbPlan::Idle);
         }
         let (key_num, size) = match self.read_kset(tail)? {
@@ -505,7 +505,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let next_seq = self.dirty_seq + u64::from(batch.ksets);
         if batch.ksets as usize >= WB_KSETS_MAX
             || batch.bytes >= WB_STEP_BYTES
-            || batch.end == self.key_head
+            || batch.end == self.key_head()
             || room.saturating_sub(batch.n) < KSET_KEYS_MAX
             || !self.barriers.joins(next_seq)
         {
@@ -597,8 +597,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.barriers.passed(self.dirty_seq);
         self.stats.ksets_written_back += u64::from(batch.ksets);
         self.stats.bytes_written_back += batch.bytes;
-        debug_assert!(self.dirty_bytes >= batch.dirty);
-        self.dirty_bytes = self.dirty_bytes.saturating_sub(batch.dirty);
+        self.with_log(|l| {
+            debug_assert!(l.dirty_bytes >= batch.dirty);
+            l.dirty_bytes = l.dirty_bytes.saturating_sub(batch.dirty);
+        });
     }
 
     /// Write back everything logged so far (used at stop and by tests).
@@ -609,6 +611,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// True when every logged key has been written back.
     pub fn is_clean(&self) -> bool {
-        self.dirty_tail.pos == self.key_head
+        self.dirty_tail.pos == self.key_head()
     }
 }

@@ -13,13 +13,18 @@ use super::{
 };
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
-    IoError, KsetBuf, Memory, Node, Pmem, Root, SegMapEntry, SegState, SubtreeLocks, WbExtent,
+    FreeList, IoError, KeyLog, KsetBuf, Locked, Memory, Node, Pmem, Root, SegMapEntry, SegState,
+    SubtreeLocks, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
 use core::ops::Deref;
 use core::sync::atomic::{AtomicU32, Ordering};
-use kernel::{prelude::*, sync::Arc};
+use kernel::{
+    new_spinlock,
+    prelude::*,
+    sync::{Arc, SpinLock},
+};
 
 /// The pins of reads copying from cache segments without the engine lock (see [`Pmem::pin`]):
 /// a counter per segment, in atomics, since reads pin and unpin on their own CPUs.
@@ -180,6 +185,25 @@ impl Memory for KernelMem {
     type Buf<T: 'static> = KVVec<T>;
     type Shared<T: Sync + 'static> = SharedBuf<T>;
     type Locks = SharedLocks;
+    type One<T> = Arc<T>;
+    type Lock<T: Unpin> = SharedSpinLock<T>;
+}
+
+/// A `T` under a spinlock, shared by the engine and the requests it serves without its lock
+/// (the key log, see [`Memory::Lock`]); the last clone frees it.
+pub(crate) struct SharedSpinLock<T>(Arc<SpinLock<T>>);
+
+impl<T> Clone for SharedSpinLock<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T: Unpin> Locked<T> for SharedSpinLock<T> {
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut guard = self.0.lock();
+        f(&mut guard)
+    }
 }
 
 /// A buffer shared by the engine and the reads it serves without its lock (see
@@ -223,6 +247,9 @@ pub(crate) type PcacheEngine = Cache<DaxPmem, BackingIo, KernelMem>;
 
 /// What serves read hits without the engine lock (see [`cache_core::reader`]).
 pub(crate) type HitReader = cache_core::Reader<KernelMem>;
+
+/// What commits writes without the engine lock (see [`cache_core::committer`]).
+pub(crate) type WriteCommitter = cache_core::Committer<KernelMem>;
 
 /// The background writer: its own handles on both devices, its writeback plan and bounce
 /// buffer (see [`cache_core::background`]).
@@ -278,6 +305,10 @@ pub(crate) fn start(
             .push(KsetBuf::default(), GFP_KERNEL)
             .map_err(|_| StartError::NoMem)?;
     }
+    let log = SharedSpinLock(
+        Arc::pin_init(new_spinlock!(KeyLog::new(ksets)), GFP_KERNEL)
+            .map_err(|_| StartError::NoMem)?,
+    );
     let mem = CacheMem::<KernelMem> {
         segs: filled(n_segs, SegState::default())?,
         seg_map: shared(n_segs, SegMapEntry::default())?,
@@ -291,7 +322,8 @@ pub(crate) fn start(
             )
             .map_err(|_| StartError::NoMem)?,
         ),
-        ksets,
+        free: Arc::new(FreeList::default(), GFP_KERNEL).map_err(|_| StartError::NoMem)?,
+        log,
         heads: filled(sizing.heads, DataHead::default())?,
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,
         bounce: filled(sizing.bounce, 0u8)?,

@@ -12,7 +12,7 @@ use super::{
     counters::PerCpuCounters,
     dax::DaxMapping,
     device::TargetDevice,
-    engine::{Dax, DaxRef, HitReader, PcacheEngine, SegmentPins, Writer},
+    engine::{Dax, DaxRef, HitReader, PcacheEngine, SegmentPins, WriteCommitter, Writer},
     miss::MissQueue,
 };
 use crate::cache_core::{io::Gap, CacheError, Locked, RequestCounts, Waiting};
@@ -89,6 +89,8 @@ pub(crate) struct LiveCache {
     pub(crate) pins: Arc<SegmentPins>,
     /// Serves read hits without the engine lock: the index's subtrees and the segment map.
     pub(crate) reader: HitReader,
+    /// Commits writes without the engine lock: the index and the key log.
+    pub(crate) committer: WriteCommitter,
     /// The cache mode caches writes (writeback, writeonly): `map` copies them without the
     /// engine lock. Fixed for the life of the instance (the table sets the mode).
     pub(crate) caches_writes: bool,
@@ -109,6 +111,7 @@ impl LiveCache {
         let pins = engine.pmem().pins.clone();
         let caches_writes = !engine.writes_need_backing();
         let reader = engine.reader();
+        let committer = engine.committer();
         pin_init!(Self {
             misses,
             core <- new_mutex!(Core { engine }),
@@ -128,6 +131,7 @@ impl LiveCache {
             dax,
             pins,
             reader,
+            committer,
             caches_writes,
         })
     }

@@ -16,7 +16,7 @@ use crate::cache_core::{
     io::{copy_hits, copy_in, release_hits, Gap, Hit, HitError},
     request,
     through::{THROUGH_MAX, THROUGH_TAG},
-    CacheError, Pmem, Source, Waiting, Zeros,
+    CacheError, Commit, Pmem, Source, Waiting, Zeros,
 };
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -291,7 +291,8 @@ impl LiveCache {
     /// Copies `src` (what `bio` writes, see [`write_source`]) into the cache from byte
     /// `*done` on, so that writes on two CPUs copy at once: the room for each chunk is
     /// reserved under the lock, filled on this CPU and fenced here (`pmem_wmb` orders only
-    /// this CPU's stores), then committed under the lock. `*done` counts the bytes committed
+    /// this CPU's stores), then committed without the engine lock
+    /// ([`crate::cache_core::Committer`]). `*done` counts the bytes committed
     /// and `*hit` whether a commit replaced cached data. `None`: the cache is full (what is
     /// committed stays).
     fn write_chunks(
@@ -324,7 +325,17 @@ impl LiveCache {
                 return Some(Err(EIO));
             };
             pmem.fence();
-            match self.core.lock().engine.write_commit(&r, crc, fua) {
+            // The key goes in under its subtree's lock and the key log's; only what needs the
+            // engine (a new log segment, an empty key pool) takes the engine lock.
+            let committed = match self.committer.commit(&mut pmem, &r, crc, fua) {
+                Commit::Done(replaced) => Ok(replaced),
+                Commit::Persist(replaced) => {
+                    let persisted = self.core.lock().engine.kset_persist(r.off);
+                    persisted.map(|()| replaced)
+                }
+                Commit::Engine => self.core.lock().engine.write_commit(&r, crc, fua),
+            };
+            match committed {
                 Ok(replaced) => *hit |= replaced,
                 Err(e) => return outcome(Err(e)),
             }

@@ -9,8 +9,9 @@
 use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
 use pcache_engine::cache_core::request::{until_room, with_room, Stalled};
-use pcache_engine::cache_core::{Backing, Borrowed, Locked, Pmem, Reader};
+use pcache_engine::cache_core::{Backing, Locked, Pmem, Reader};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
+use pcache_engine::host_mem::Borrowed;
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
 use pcache_engine::meta::crc32c::{crc32c, PCACHE_CRC_SEED};
 use pcache_engine::meta::header::pick_latest;
@@ -198,7 +199,7 @@ fn mem(cfg: &Cfg) -> OwnedMem {
     OwnedMem::new(N_SEGS as usize, NODES, BACKING, cfg.n_ksets, cfg.n_heads)
 }
 
-type Sim<'a> = Cache<SimPmem, SimBacking, pcache_engine::cache_core::Borrowed<'a>>;
+type Sim<'a> = Cache<SimPmem, SimBacking, pcache_engine::host_mem::Borrowed<'a>>;
 
 /// An engine result as `with_room` wants it: `None` while the cache is full.
 fn busy_is_none(r: Result<(), CacheError>) -> Option<Result<(), CacheError>> {
@@ -467,7 +468,7 @@ fn settle_writes(
 /// Returns the write's id once acked.
 fn finish_write(
     engine: &SimLock<Sim<'_>>,
-    host: &SimHost<'_, pcache_engine::cache_core::Borrowed<'_>>,
+    host: &SimHost<'_, pcache_engine::host_mem::Borrowed<'_>>,
     pmem: &mut SimPmem,
     mut w: PendingWrite,
 ) -> Result<u64, String> {

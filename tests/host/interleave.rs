@@ -11,7 +11,8 @@
 //! them, wrote the new bytes to the old kset's backing offsets.
 
 use pcache_engine::cache_core::request::{with_room, Stalled};
-use pcache_engine::cache_core::{Borrowed, Cache, CacheError, CacheOptions, Locked};
+use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Locked};
+use pcache_engine::host_mem::Borrowed;
 use pcache_engine::meta::layout::Geometry;
 use pcache_engine::sim::{OwnedMem, Rng, SimBacking, SimHost, SimLock, SimPmem, World};
 use std::cell::RefCell;

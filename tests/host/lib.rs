@@ -17,6 +17,7 @@ pub mod table;
 
 pub mod c_image_writes;
 pub mod fuzz_bodies;
+pub mod host_mem;
 pub mod sim;
 
 /// The offline tool `pcache-rs` (`tools/pcache-rs/`): its subcommand bodies, here

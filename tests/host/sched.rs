@@ -1,8 +1,10 @@
 //! A seeded, deterministic scheduler for the engine on real threads
 //! (`threads.rs`): only the thread whose turn it is runs, and the turn passes,
 //! to a thread the seed picks, at every boundary the module has: before each
-//! acquisition of the engine lock, and before each device access made without
-//! it. Since nothing else is shared, a seed replays the same interleaving, and
+//! acquisition of the engine lock, before each acquisition of a host lock
+//! (a subtree's, the key log's) by a thread that holds none, and before each
+//! device access made without the engine lock. No switch happens while a
+//! thread holds any of them, so no thread waits for a holder that cannot run. Since nothing else is shared, a seed replays the same interleaving, and
 //! a failure names the seed that shows it.
 //!
 //! Waiting for room ([`pcache_engine::cache_core::Waiting`]) blocks a thread
@@ -10,9 +12,10 @@
 //! switch, and jumps to the nearest timeout when every thread that could run is
 //! waiting, so a stalled cache times out as it would in the module, at once.
 
+use pcache_engine::host_mem;
 use pcache_engine::sim::Rng;
 use std::cell::Cell;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Microseconds of virtual time a switch takes.
 const SWITCH_US: u64 = 5;
@@ -82,8 +85,10 @@ impl Sched {
     /// Makes the calling thread number `id` and waits for its first turn. The
     /// returned guard ends the thread's part when dropped, on a panic too, so
     /// the others go on.
-    pub fn enter(&self, id: usize) -> Leave<'_> {
+    pub fn enter(self: &Arc<Self>, id: usize) -> Leave<'_> {
         ME.with(|m| m.set(Some(id)));
+        let me = Arc::clone(self);
+        host_mem::set_lock_hook(Some(Box::new(move || me.switch())));
         let st = self.lock();
         drop(self.wait_turn(st, id));
         Leave(self)
@@ -103,7 +108,7 @@ impl Sched {
         let Some(me) = ME.with(Cell::get) else {
             return;
         };
-        if LOCKED.with(Cell::get) {
+        if LOCKED.with(Cell::get) || host_mem::locks_held() > 0 {
             return;
         }
         let mut st = self.lock();
@@ -253,6 +258,7 @@ impl Drop for Leave<'_> {
         };
         ME.with(|m| m.set(None));
         LOCKED.with(|l| l.set(false));
+        host_mem::set_lock_hook(None);
         let mut st = self.0.lock();
         if let Some(r) = st.threads.get_mut(me) {
             *r = Run::Done;

@@ -478,14 +478,17 @@ impl OwnedMem {
         }
     }
 
-    pub fn borrow(&mut self) -> crate::cache_core::CacheMem<crate::cache_core::Borrowed<'_>> {
+    pub fn borrow(&mut self) -> crate::cache_core::CacheMem<crate::host_mem::Borrowed<'_>> {
         crate::cache_core::CacheMem {
             segs: &mut self.segs,
             seg_map: &self.seg_map,
             nodes: &self.nodes,
             roots: &self.roots,
-            locks: crate::cache_core::SpinLocks(&self.locks),
-            ksets: &mut self.ksets,
+            locks: crate::host_mem::SpinLocks(&self.locks),
+            free: Default::default(),
+            log: crate::host_mem::HostLock::new(crate::cache_core::KeyLog::new(
+                &mut self.ksets[..],
+            )),
             heads: &mut self.heads,
             scratch: &mut self.scratch,
             bounce: &mut self.bounce,

@@ -5,8 +5,8 @@ use pcache_engine::cache_core::key::{Key, Pos, SegId};
 use pcache_engine::cache_core::writeback::{
     writeback_extents, Step, WbExtent, WbPlan, WB_EXTENTS_MAX,
 };
-use pcache_engine::cache_core::SpinLocks;
-use pcache_engine::cache_core::{Borrowed, Pmem};
+use pcache_engine::cache_core::Pmem;
+use pcache_engine::host_mem::{Borrowed, SpinLocks};
 use pcache_engine::meta::crc32c::{crc32c, pcache_crc};
 use pcache_engine::meta::header::{find_latest, seq_after, SlotIndex};
 use pcache_engine::meta::kset::{kset_read, KsetRead, KSET_ONMEDIA_SIZE_MAX};
@@ -263,7 +263,13 @@ fn index_overlap_resolution_matches_model() {
     let mut nodes = vec![Node::default(); 4096];
     let mut roots = vec![Root::default(); 2];
     let locks: Vec<AtomicBool> = (0..2).map(|_| AtomicBool::new(false)).collect();
-    let idx = Index::<Borrowed<'_>>::new(&mut nodes, &mut roots, SpinLocks(&locks), 2);
+    let idx = Index::<Borrowed<'_>>::new(
+        &mut nodes,
+        &mut roots,
+        SpinLocks(&locks),
+        Default::default(),
+        2,
+    );
     const SPAN: usize = 8192;
     let mut model = vec![u32::MAX; SPAN];
     let mut x = 42u64;
@@ -300,7 +306,13 @@ fn leaked_index(nodes: usize, subs: usize) -> &'static Index<Borrowed<'static>> 
     let nodes: &[Node] = Vec::leak(vec![Node::default(); nodes]);
     let roots: &[Root] = Vec::leak(vec![Root::default(); subs]);
     let locks = Vec::leak((0..subs).map(|_| AtomicBool::new(false)).collect());
-    Box::leak(Box::new(Index::new(nodes, roots, SpinLocks(locks), subs)))
+    Box::leak(Box::new(Index::new(
+        nodes,
+        roots,
+        SpinLocks(locks),
+        Default::default(),
+        subs,
+    )))
 }
 
 /// Runs `f(t)` on `n` threads and collects what they return; fails the test
@@ -669,7 +681,7 @@ fn small_cache<'a>(
 ) -> pcache_engine::cache_core::Cache<
     pcache_engine::sim::SimPmem,
     pcache_engine::sim::SimBacking,
-    pcache_engine::cache_core::Borrowed<'a>,
+    pcache_engine::host_mem::Borrowed<'a>,
 > {
     let opts = pcache_engine::cache_core::CacheOptions {
         data_crc: true,
@@ -687,7 +699,7 @@ fn start_small<'a>(
     pcache_engine::cache_core::Cache<
         pcache_engine::sim::SimPmem,
         pcache_engine::sim::SimBacking,
-        pcache_engine::cache_core::Borrowed<'a>,
+        pcache_engine::host_mem::Borrowed<'a>,
     >,
     pcache_engine::cache_core::CacheError,
 > {
@@ -1306,7 +1318,7 @@ fn write_sectors(
     c: &mut pcache_engine::cache_core::Cache<
         pcache_engine::sim::SimPmem,
         pcache_engine::sim::SimBacking,
-        pcache_engine::cache_core::Borrowed<'_>,
+        pcache_engine::host_mem::Borrowed<'_>,
     >,
     first: u64,
     n: u64,

@@ -16,7 +16,8 @@
 
 use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{Gap, Hit};
-use pcache_engine::cache_core::{Backing, Borrowed, Cache, CacheError, CacheOptions};
+use pcache_engine::cache_core::{Backing, Cache, CacheError, CacheOptions};
+use pcache_engine::host_mem::Borrowed;
 use pcache_engine::meta::cache_info::{CACHE_MODE_WRITEAROUND, CACHE_MODE_WRITETHROUGH};
 use pcache_engine::meta::layout::Geometry;
 use pcache_engine::sim::{OwnedMem, Rng, SimBacking, SimPmem, World};

@@ -20,7 +20,8 @@ pub mod show;
 pub mod status;
 pub mod writeback;
 
-use crate::cache_core::{Backing, Borrowed, Cache, CacheError, CacheOptions, Pmem, Pos};
+use crate::cache_core::{Backing, Cache, CacheError, CacheOptions, Pmem, Pos};
+use crate::host_mem::Borrowed;
 use crate::meta::layout::{Geometry, SEG_SIZE};
 use crate::sim::OwnedMem;
 use serde::Serialize;

@@ -26,7 +26,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             return false;
         }
         let threshold = u64::from(self.n_segs) * u64::from(self.info.gc_percent()) / 100;
-        u64::from(self.used_segs) >= threshold || self.key_pressure() || self.room_wanted
+        let (used, room_wanted) = self.with_space(|sp| (sp.used_segs, sp.room_wanted));
+        u64::from(used) >= threshold || self.key_pressure() || room_wanted
     }
 
     /// Fewer than an eighth of the key slab is free.
@@ -39,15 +40,15 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if self.stats.gc_errors > 0 {
             return Err(CacheError::Io("gc stopped after an error"));
         }
-        let used = self.used_segs;
+        let used = self.used_segs();
         let r = self.gc_one();
-        if matches!(r, Ok(Step::Idle)) || self.used_segs < used {
+        if matches!(r, Ok(Step::Idle)) || self.used_segs() < used {
             // A segment is free for the write that wanted room (which asks
             // again if it needs more), or everything written back is
             // collected and it waits for writeback. Either way GC goes back to
             // `gc_percent`: collecting on would empty the cache of data that
             // reads still want.
-            self.room_wanted = false;
+            self.with_space(|sp| sp.room_wanted = false);
         }
         if r.is_err() {
             self.stats.gc_errors += 1;
@@ -107,7 +108,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 // The key tail (persisted above) may have passed the last key
                 // without a CRC: the DATA_CRC flag can follow the table now.
                 self.log_seq_tail += 1;
-                if self.crc_flag_pending || (self.data_crc && !self.info.data_crc()) {
+                let pending = self.with_space(|sp| sp.crc_flag_pending);
+                if pending || (self.data_crc && !self.info.data_crc()) {
                     self.sync_crc_flag();
                 }
                 self.stats.ksets_gced += 1;

@@ -34,9 +34,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         }
         let used = (0..self.n_segs)
             .filter_map(|i| self.seg_id(i))
-            .filter(|&id| self.seg(id).used)
+            .filter(|&id| self.seg_map.used(id))
             .count();
-        if used != self.used_segs as usize {
+        if used != self.used_segs() as usize {
             return Err(Broken("used_segs does not count the segments in use"));
         }
         self.check_log_order()?;
@@ -125,7 +125,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     broken = Some(Broken("two keys of a subtree overlap or are out of order"));
                 }
             }
-            if !k.empty() && !self.key_stale(k) && !self.seg(k.pos.seg).used {
+            if !k.empty() && !self.key_stale(k) && !self.seg_map.used(k.pos.seg) {
                 broken = Some(Broken("a live key points into a free segment"));
             }
             prev = Some(*k);

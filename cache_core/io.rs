@@ -2,7 +2,7 @@
 //! and data-head allocation (upstream `cache_req.c`).
 
 use super::data::{Sink, Source};
-use super::env::{Backing, IoError, Pmem};
+use super::env::{Backing, IoError, Locked, Pmem};
 use super::error::CacheError;
 use super::index::Trees;
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
@@ -12,7 +12,6 @@ use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 use crate::meta::layout::Geometry;
-use crate::meta::layout::SUBTREE_SIZE;
 
 /// Keys (and empty subtrees) one step of the clean pass looks at: one hold of
 /// the engine lock (see [`Cache::clean_step`]).
@@ -43,6 +42,28 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// Room at `pos` (device offset `addr`) of a segment of generation `gen`
+    /// for `len` bytes at `off`.
+    pub(crate) fn new(
+        off: u64,
+        len: u32,
+        addr: u64,
+        pos: Pos,
+        gen: u64,
+        crc: bool,
+        flags: u32,
+    ) -> Self {
+        Reservation {
+            off,
+            len,
+            addr,
+            pos,
+            gen,
+            crc,
+            flags,
+        }
+    }
+
     /// The key of the data copied into it, with its data CRC if it has one.
     pub(crate) fn key(&self, crc: Option<u32>) -> Key {
         let (crc, flags) = match crc {
@@ -274,10 +295,6 @@ enum Misses {
     Stop,
 }
 
-/// Segments a data head keeps free for the key log, so closing a kset can always
-/// find a segment even when data filled the cache.
-const LOG_RESERVE_SEGS: u32 = 1;
-
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// The subtree of `cur` and where the range up to `end` leaves it (keys and
     /// requests are cut at subtree boundaries, every 4 MiB).
@@ -295,59 +312,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             return Err(CacheError::Invalid("request beyond the backing device"));
         }
         Ok(())
-    }
-
-    /// A free segment for data, keeping [`LOG_RESERVE_SEGS`] for the key log.
-    fn get_data_segment(&mut self) -> Option<super::key::SegId> {
-        if self.free_segs() <= LOG_RESERVE_SEGS {
-            return None;
-        }
-        self.get_cache_segment()
-    }
-
-    /// `cache_data_alloc`: room for up to `len` bytes from data head `cpu`; may be
-    /// shorter when the head's segment runs out. Takes a segment reference.
-    fn data_alloc(&mut self, cpu: usize, len: u32) -> Result<(Pos, u64, u32), CacheError> {
-        let h = cpu % self.heads.len().max(1);
-        let data_size = self.geo.seg_data_size();
-        loop {
-            let cur = self.heads.get(h).and_then(|d| d.pos);
-            match cur {
-                Some(pos) => {
-                    let remain = data_size - pos.off;
-                    let gen = self.seg_map.gen(pos.seg);
-                    self.seg_get(pos.seg);
-                    if remain > len {
-                        if let Some(d) = self.heads.get_mut(h) {
-                            d.pos = Some(Pos {
-                                seg: pos.seg,
-                                off: pos.off + len,
-                            });
-                        }
-                        return Ok((pos, gen, len));
-                    }
-                    // Take the rest of the segment; the head lets go of it.
-                    if let Some(d) = self.heads.get_mut(h) {
-                        d.pos = None;
-                    }
-                    self.seg_put(pos.seg);
-                    return Ok((pos, gen, remain));
-                }
-                None => {
-                    let seg = match self.get_data_segment() {
-                        Some(seg) => seg,
-                        None => {
-                            self.room_wanted = true;
-                            return Err(CacheError::Busy("cache full"));
-                        }
-                    };
-                    self.seg_get(seg);
-                    if let Some(d) = self.heads.get_mut(h) {
-                        d.pos = Some(Pos { seg, off: 0 });
-                    }
-                }
-            }
-        }
     }
 
     /// Writes `data` at `off` as the cache mode says (see [`Cache::write_from`]).
@@ -463,28 +427,22 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cpu: usize,
     ) -> Result<Reservation, CacheError> {
         self.check_range(off, len)?;
-        if self.crc_flag_pending {
+        if self.with_space(|sp| sp.crc_flag_pending) {
             self.sync_crc_flag();
-        }
-        let to_stripe = SUBTREE_SIZE - (off & (SUBTREE_SIZE - 1));
-        let want = (len as u64).min(to_stripe) as u32;
-        if want == 0 {
-            return Err(CacheError::Invalid("empty write"));
         }
         if self.index.free_nodes() < 2 {
             return Err(CacheError::Busy("key pool exhausted"));
         }
         self.kset_room(off)?;
-        let (pos, gen, len) = self.data_alloc(cpu, want)?;
-        Ok(Reservation {
-            off,
-            len,
-            addr: self.pos_addr(pos),
-            pos,
-            gen,
-            crc: self.data_crc,
-            flags,
-        })
+        let Cache {
+            space,
+            seg_map,
+            pmem,
+            geo,
+            n_segs,
+            ..
+        } = self;
+        space.with(|sp| sp.reserve(seg_map, pmem, geo, *n_segs, (off, len, flags), cpu))
     }
 
     /// Makes the data copied into `r` (with CRC `crc`, see [`copy_in`]) a key:
@@ -504,7 +462,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// [`Cache::write_commit`], running `on_insert` under the subtree's lock
     /// as the key goes in: what it records is in the order the index took the
     /// keys, with commits made without the engine lock beside
-    /// ([`super::Committer::commit_with`]).
+    /// ([`super::WritePath::commit_with`]).
     pub fn write_commit_with(
         &mut self,
         r: &Reservation,

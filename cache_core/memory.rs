@@ -10,7 +10,8 @@
 use super::env::{Locked, SubtreeLocks};
 use super::index::FreeList;
 use super::key_log::KeyLog;
-use super::{DataHead, Node, Root, SegMapEntry, SegState, WbExtent};
+use super::space::Space;
+use super::{Node, Root, SegMapEntry, SegState, WbExtent};
 use core::ops::{Deref, DerefMut};
 
 /// A kind of buffer the engine can own.
@@ -49,8 +50,9 @@ pub struct CacheMem<M: Memory> {
     /// The key log: the open ksets (upstream: one per CPU; keys go to
     /// `(off >> 22) % len`) and the key head, under their lock.
     pub log: M::Lock<KeyLog<M>>,
-    /// Data heads (upstream: per CPU).
-    pub heads: M::Buf<DataHead>,
+    /// The data heads (upstream: per CPU) and the free segments, under their
+    /// lock.
+    pub space: M::Lock<Space<M>>,
     /// At least `KSET_ONMEDIA_SIZE_MAX` bytes for reading ksets back.
     pub scratch: M::Buf<u8>,
     /// Bounce buffer for writeback and CRC checks (4 KiB or more).

@@ -17,7 +17,6 @@
 
 pub mod background;
 pub mod barriers;
-pub mod committer;
 pub mod data;
 pub mod env;
 pub mod error;
@@ -37,9 +36,11 @@ pub mod reader;
 pub mod replay;
 pub mod request;
 pub mod segment;
+pub mod space;
 pub mod start;
 pub mod stats;
 pub mod through;
+pub mod write_path;
 pub mod writeback;
 
 use crate::meta::cache_info::CacheInfo;
@@ -47,7 +48,6 @@ use crate::meta::header::SlotIndex;
 use crate::meta::kset::KSET_ONMEDIA_SIZE_MAX;
 use crate::meta::layout::Geometry;
 
-pub use committer::{Commit, Committer};
 pub use data::{Sink, Source, Zeros};
 pub use env::{Backing, IoError, Locked, Pmem, SubtreeLocks, Waiting};
 pub use error::CacheError;
@@ -60,7 +60,9 @@ pub use mode::Mode;
 pub use options::CacheOptions;
 pub use reader::Reader;
 pub use segment::{SegMap, SegMapEntry, SegState};
+pub use space::Space;
 pub use stats::{RequestCounts, Stats, STATUS_STATS};
+pub use write_path::{Commit, WritePath};
 pub use writeback::WbExtent;
 
 /// A data head: where the next data of one CPU is appended.
@@ -114,14 +116,13 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) info: CacheInfo,
     pub(crate) info_index: SlotIndex,
     pub(crate) n_segs: u32,
-    pub(crate) used_segs: u32,
-    pub(crate) last_seg: u32,
     pub(crate) segs: M::Buf<SegState>,
     pub(crate) seg_map: SegMap<M>,
     pub(crate) index: Index<M>,
     /// The open ksets and the key head, under their own lock.
     pub(crate) log: M::Lock<KeyLog<M>>,
-    pub(crate) heads: M::Buf<DataHead>,
+    /// The data heads and the free segments, under their own lock.
+    pub(crate) space: M::Lock<Space<M>>,
     pub(crate) scratch: M::Buf<u8>,
     pub(crate) bounce: M::Buf<u8>,
     pub(crate) wb_extents: M::Buf<WbExtent>,
@@ -146,13 +147,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     /// The application's FLUSHes ahead of the dirty tail: writeback batches
     /// ksets between them.
     pub(crate) barriers: barriers::Barriers,
-    /// The table's data_crc differs from the media flag: sync before the next key.
-    pub(crate) crc_flag_pending: bool,
     /// The tag of the last read-miss placeholder (see [`io::Gap`]).
     pub(crate) last_tag: u32,
-    /// A write found no data space: GC collects whatever is written back,
-    /// whatever `gc_percent` says (see `need_gc`).
-    pub(crate) room_wanted: bool,
     /// Writes through to the backing device in flight (see [`through`]).
     pub(crate) in_flight: through::InFlight,
 }
@@ -165,7 +161,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         stats.ksets_written = written;
         Status {
             n_segs: self.n_segs,
-            used_segs: self.used_segs,
+            used_segs: self.used_segs(),
             gc_percent: self.info.gc_percent(),
             cache_flags: self.info.flags,
             key_head,
@@ -213,6 +209,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.seg_id(id).map_or(0, |id| self.seg_map.phys(id))
     }
 
+    /// Whether cache segment `id` is in use (false when out of range).
+    pub fn seg_used(&self, id: u32) -> bool {
+        self.seg_id(id).is_some_and(|id| self.seg_map.used(id))
+    }
+
+    /// The references on cache segment `id` (0 when out of range).
+    pub fn seg_refs(&self, id: u32) -> u32 {
+        self.seg_id(id).map_or(0, |id| self.seg_map.refs(id))
+    }
+
     /// The generation of cache segment `id` (0 when out of range).
     pub fn seg_gen(&self, id: u32) -> u64 {
         self.seg_id(id).map_or(0, |id| self.seg_map.gen(id))
@@ -249,14 +255,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         )
     }
 
-    /// What commits of writes need without the engine lock.
-    pub fn committer(&self) -> Committer<M> {
-        Committer::new(
-            self.index.clone(),
-            self.log.clone(),
-            self.seg_map.clone(),
-            self.geo,
-        )
+    /// What writes need to reserve and commit without the engine lock.
+    pub fn write_path(&self) -> WritePath<M> {
+        WritePath {
+            index: self.index.clone(),
+            log: self.log.clone(),
+            space: self.space.clone(),
+            seg_map: self.seg_map.clone(),
+            geo: self.geo,
+            n_segs: self.n_segs,
+            dev_bytes: self.dev_bytes,
+        }
     }
 
     /// Visit every key of the index (tests, debugging).

@@ -10,38 +10,44 @@
 use super::env::{persist, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos, SegId};
-use super::{Cache, Memory};
+use super::space::Space;
+use super::{Cache, Locked, Memory};
 use crate::meta::header::MetaHeader;
 use crate::meta::header::{SlotIndex, Slotted};
 use crate::meta::layout::Geometry;
 use crate::meta::segment::{SegGen, SegmentInfo, SEG_GEN_STRUCT_SIZE, SEG_INFO_STRUCT_SIZE};
 use crate::meta::{MetaError, MetaErrorKind};
 use core::sync::atomic::{
-    AtomicU32, AtomicU64,
-    Ordering::{Relaxed, SeqCst},
+    AtomicBool, AtomicU32, AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed, SeqCst},
 };
 
-/// In-memory state of one cache segment, under the engine lock. Where it lives
-/// and its generation are in the [`SegMap`]. Create with `SegState::default()`.
+/// In-memory state of one cache segment, under the engine lock. Where it lives,
+/// its generation, whether it is in use and its references are in the
+/// [`SegMap`]. Create with `SegState::default()`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SegState {
     pub gen_seq: u8,
     pub gen_index: SlotIndex,
     pub info: SegmentInfo,
     pub info_index: SlotIndex,
-    pub refs: u32,
-    pub used: bool,
     /// Scratch for chain validation at load.
     pub claimed: bool,
 }
 
-/// What a read without the engine lock needs of one cache segment
-/// ([`super::reader::Reader`]): the physical segment it lives on and its
-/// generation. Create with `SegMapEntry::default()`.
+/// What reads and writes without the engine lock need of one cache segment
+/// ([`super::reader::Reader`], [`super::WritePath`]): the physical segment it
+/// lives on, its generation, whether it is in use, and its references.
+/// Create with `SegMapEntry::default()`.
 #[derive(Debug, Default)]
 pub struct SegMapEntry {
     phys: AtomicU32,
     gen: AtomicU64,
+    /// Changed only under the lock of [`super::space::Space`].
+    used: AtomicBool,
+    /// One per logged key pointing into it, per reservation in it, and one
+    /// for a data head filling it.
+    refs: AtomicU32,
 }
 
 /// Filling the map before the engine takes it over.
@@ -50,6 +56,8 @@ impl Clone for SegMapEntry {
         SegMapEntry {
             phys: AtomicU32::new(self.phys.load(Relaxed)),
             gen: AtomicU64::new(self.gen.load(Relaxed)),
+            used: AtomicBool::new(self.used.load(Relaxed)),
+            refs: AtomicU32::new(self.refs.load(Relaxed)),
         }
     }
 }
@@ -72,6 +80,8 @@ impl<M: Memory> SegMap<M> {
         for e in entries.iter() {
             e.phys.store(0, Relaxed);
             e.gen.store(0, Relaxed);
+            e.used.store(false, Relaxed);
+            e.refs.store(0, Relaxed);
         }
         SegMap(entries)
     }
@@ -118,6 +128,51 @@ impl<M: Memory> SegMap<M> {
     pub(crate) fn set_gen(&self, id: SegId, gen: u64) {
         if let Some(e) = self.entry(id) {
             e.gen.store(gen, SeqCst);
+        }
+    }
+
+    /// Whether segment `id` is in use. Sequentially consistent, as the store
+    /// of the generation before a segment is freed and the look at the pins
+    /// after it is taken (see [`super::space::Space::alloc`]).
+    pub(crate) fn used(&self, id: SegId) -> bool {
+        self.entry(id).is_some_and(|e| e.used.load(SeqCst))
+    }
+
+    /// Sets whether segment `id` is in use; returns what it was.
+    pub(crate) fn set_used(&self, id: SegId, used: bool) -> bool {
+        self.entry(id).is_some_and(|e| e.used.swap(used, SeqCst))
+    }
+
+    /// Segment `id`'s references.
+    pub(crate) fn refs(&self, id: SegId) -> u32 {
+        self.entry(id).map_or(0, |e| e.refs.load(Relaxed))
+    }
+
+    /// Takes a reference on segment `id`.
+    pub(crate) fn get(&self, id: SegId) {
+        if let Some(e) = self.entry(id) {
+            e.refs.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Drops a reference on segment `id`; true when it was the last. An
+    /// unbalanced put is a bug: asserted in debug builds; a release build
+    /// never underflows into a freed segment (`None`).
+    pub(crate) fn put(&self, id: SegId) -> bool {
+        self.try_put(id) == Some(true)
+    }
+
+    /// [`SegMap::put`]; `None` on an underflow.
+    pub(crate) fn try_put(&self, id: SegId) -> Option<bool> {
+        let e = self.entry(id)?;
+        // AcqRel: the holder's stores into the segment happen before whoever
+        // frees it on the last reference.
+        match e.refs.fetch_update(AcqRel, Acquire, |r| r.checked_sub(1)) {
+            Ok(r) => Some(r == 1),
+            Err(_) => {
+                debug_assert!(false, "segment {id}: reference count underflow");
+                None
+            }
         }
     }
 }
@@ -196,44 +251,29 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
         persist(&mut self.pmem, SegGen::slot_off(&geo, phys, idx.get()), &b);
     }
 
-    pub(crate) fn free_segs(&self) -> u32 {
-        self.n_segs - self.used_segs
+    /// Segments in use.
+    pub(crate) fn used_segs(&self) -> u32 {
+        self.with_space(|sp| sp.used_segs)
+    }
+
+    /// Runs `f` on the data heads and free segments under their lock.
+    pub(crate) fn with_space<R>(&self, f: impl FnOnce(&mut Space<M>) -> R) -> R {
+        self.space.with(f)
     }
 
     pub(crate) fn set_used(&mut self, id: SegId, used: bool) {
-        let Some(s) = self.seg_mut(id) else {
-            return;
-        };
-        if s.used != used {
-            s.used = used;
-            if used {
-                self.used_segs += 1;
-                debug_assert!(self.used_segs <= self.n_segs);
-            } else {
-                self.used_segs -= 1;
-            }
-        }
+        let seg_map = &self.seg_map;
+        self.space.with(|sp| sp.set_used(seg_map, id, used));
     }
 
-    /// `get_cache_segment`: a free segment, searched from the last hint. A
-    /// segment a read still copies from is not free yet (see [`Pmem::pin`]).
+    /// `get_cache_segment`: a free segment (see [`Space::alloc`]).
     pub(crate) fn get_cache_segment(&mut self) -> Option<SegId> {
-        let n = self.n_segs;
-        for step in 0..n {
-            let id = self.seg_id((self.last_seg + step) % n)?;
-            if !self.seg(id).used && !self.pmem.pinned(id.get()) {
-                self.set_used(id, true);
-                self.last_seg = id.get();
-                return Some(id);
-            }
-        }
-        None
+        let (seg_map, pmem, n) = (&self.seg_map, &self.pmem, self.n_segs);
+        self.space.with(|sp| sp.alloc(seg_map, pmem, n, 0))
     }
 
     pub(crate) fn seg_get(&mut self, id: SegId) {
-        if let Some(s) = self.seg_mut(id) {
-            s.refs = s.refs.saturating_add(1);
-        }
+        self.seg_map.get(id);
     }
 
     /// `cache_seg_put`: the last reference invalidates and frees the segment.
@@ -245,24 +285,20 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
 
     /// Drop one reference; true when it was the last.
     pub(crate) fn seg_unref(&mut self, id: SegId) -> bool {
-        let Some(s) = self.seg_mut(id) else {
-            return false;
-        };
-        if s.refs == 0 {
-            // An unbalanced put is a bug: the simulator asserts it; a release build
-            // counts it and never underflows into a freed segment.
-            debug_assert!(false, "segment {id}: reference count underflow");
-            self.stats.ref_underflows += 1;
-            return false;
+        match self.seg_map.try_put(id) {
+            Some(last) => last,
+            None => {
+                // Counted: the simulator asserts it.
+                self.stats.ref_underflows += 1;
+                false
+            }
         }
-        s.refs -= 1;
-        s.refs == 0
     }
 
     /// Bump and persist the generation (stale-ing every key into the segment), then
     /// free the segment.
     pub(crate) fn seg_invalidate(&mut self, id: SegId) {
-        if self.seg(id).refs != 0 {
+        if self.seg_map.refs(id) != 0 {
             return;
         }
         self.seg_map

@@ -108,7 +108,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if mem.locks.len() < roots_needed(dev_bytes) {
             return Err(CacheError::NoMem("fewer subtree locks than 4 MiB stripes"));
         }
-        if mem.log.with(|l| l.n_ksets()) == 0 || mem.heads.is_empty() {
+        if mem.log.with(|l| l.n_ksets()) == 0 || mem.space.with(|sp| sp.n_heads()) == 0 {
             return Err(CacheError::NoMem(
                 "need at least one kset and one data head",
             ));
@@ -127,9 +127,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             *s = Default::default();
         }
         mem.log.with(|l| l.reset());
-        for h in mem.heads.iter_mut() {
-            h.pos = None;
-        }
+        mem.space.with(|sp| sp.reset());
 
         let mut cache = Cache {
             pmem,
@@ -139,13 +137,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             info: CacheInfo::default(),
             info_index: SlotIndex::FIRST,
             n_segs: 0,
-            used_segs: 0,
-            last_seg: 0,
             segs: mem.segs,
             seg_map: SegMap::new(mem.seg_map),
             index: Index::new(mem.nodes, mem.roots, mem.locks, mem.free, n_roots),
             log: mem.log,
-            heads: mem.heads,
+            space: mem.space,
             scratch: mem.scratch,
             bounce: mem.bounce,
             wb_extents: mem.wb_extents,
@@ -159,9 +155,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             log_seq_tail: 0,
             dirty_seq: 0,
             barriers: Default::default(),
-            crc_flag_pending: false,
             last_tag: 0,
-            room_wanted: false,
             in_flight: Default::default(),
         };
 
@@ -176,7 +170,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         // from the first write (or GC step) on: a constructor that never serves
         // IO — a table load that is cleared again while the old instance stays
         // — must not change the flag under the instance that owns the device.
-        cache.crc_flag_pending = cache.media_crc_allowed() != cache.info.data_crc();
+        let pending = cache.media_crc_allowed() != cache.info.data_crc();
+        let data_crc = cache.data_crc;
+        cache.with_space(|sp| {
+            sp.crc_flag_pending = pending;
+            sp.data_crc = data_crc;
+        });
         let crc_wanted = cache.data_crc || cache.info.data_crc();
         cache.with_log(|l| l.crc_wanted = crc_wanted);
         // Another mode than the one recorded: only for a cache without dirty data,
@@ -281,6 +280,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// from GC). Until then the C module attaches with `data_crc false`.
     pub fn set_data_crc(&mut self, on: bool) -> Result<(), CacheError> {
         self.data_crc = on;
+        self.with_space(|sp| sp.data_crc = on);
         self.sync_crc_flag();
         Ok(())
     }
@@ -302,7 +302,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// without a CRC, before the flag is persisted, so none is appended after
     /// the check; and cleared only once a cleared flag is persisted.
     pub(crate) fn sync_crc_flag(&mut self) {
-        self.crc_flag_pending = false;
+        self.with_space(|sp| sp.crc_flag_pending = false);
         let data_crc = self.data_crc;
         let want = self.with_log(|l| {
             l.crc_wanted |= data_crc;

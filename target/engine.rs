@@ -14,7 +14,7 @@ use super::{
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
     FreeList, IoError, KeyLog, KsetBuf, Locked, Memory, Node, Pmem, Root, SegMapEntry, SegState,
-    SubtreeLocks, WbExtent,
+    Space, SubtreeLocks, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
@@ -248,8 +248,8 @@ pub(crate) type PcacheEngine = Cache<DaxPmem, BackingIo, KernelMem>;
 /// What serves read hits without the engine lock (see [`cache_core::reader`]).
 pub(crate) type HitReader = cache_core::Reader<KernelMem>;
 
-/// What commits writes without the engine lock (see [`cache_core::committer`]).
-pub(crate) type WriteCommitter = cache_core::Committer<KernelMem>;
+/// What commits writes without the engine lock (see [`cache_core::write_path`]).
+pub(crate) type KernelWritePath = cache_core::WritePath<KernelMem>;
 
 /// The background writer: its own handles on both devices, its writeback plan and bounce
 /// buffer (see [`cache_core::background`]).
@@ -324,7 +324,13 @@ pub(crate) fn start(
         ),
         free: Arc::new(FreeList::default(), GFP_KERNEL).map_err(|_| StartError::NoMem)?,
         log,
-        heads: filled(sizing.heads, DataHead::default())?,
+        space: SharedSpinLock(
+            Arc::pin_init(
+                new_spinlock!(Space::new(filled(sizing.heads, DataHead::default())?)),
+                GFP_KERNEL,
+            )
+            .map_err(|_| StartError::NoMem)?,
+        ),
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,
         bounce: filled(sizing.bounce, 0u8)?,
         // The writer plans a kset at a time into the engine's buffer and copies it out

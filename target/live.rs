@@ -12,7 +12,7 @@ use super::{
     counters::PerCpuCounters,
     dax::DaxMapping,
     device::TargetDevice,
-    engine::{Dax, DaxRef, HitReader, PcacheEngine, SegmentPins, WriteCommitter, Writer},
+    engine::{Dax, DaxRef, HitReader, KernelWritePath, PcacheEngine, SegmentPins, Writer},
     miss::MissQueue,
 };
 use crate::cache_core::{io::Gap, CacheError, Locked, RequestCounts, Waiting};
@@ -90,7 +90,7 @@ pub(crate) struct LiveCache {
     /// Serves read hits without the engine lock: the index's subtrees and the segment map.
     pub(crate) reader: HitReader,
     /// Commits writes without the engine lock: the index and the key log.
-    pub(crate) committer: WriteCommitter,
+    pub(crate) write_path: KernelWritePath,
     /// The cache mode caches writes (writeback, writeonly): `map` copies them without the
     /// engine lock. Fixed for the life of the instance (the table sets the mode).
     pub(crate) caches_writes: bool,
@@ -111,7 +111,7 @@ impl LiveCache {
         let pins = engine.pmem().pins.clone();
         let caches_writes = !engine.writes_need_backing();
         let reader = engine.reader();
-        let committer = engine.committer();
+        let write_path = engine.write_path();
         pin_init!(Self {
             misses,
             core <- new_mutex!(Core { engine }),
@@ -131,7 +131,7 @@ impl LiveCache {
             dax,
             pins,
             reader,
-            committer,
+            write_path,
             caches_writes,
         })
     }

@@ -290,9 +290,9 @@ impl LiveCache {
 
     /// Copies `src` (what `bio` writes, see [`write_source`]) into the cache from byte
     /// `*done` on, so that writes on two CPUs copy at once: the room for each chunk is
-    /// reserved under the lock, filled on this CPU and fenced here (`pmem_wmb` orders only
-    /// this CPU's stores), then committed without the engine lock
-    /// ([`crate::cache_core::Committer`]). `*done` counts the bytes committed
+    /// reserved, filled on this CPU and fenced here (`pmem_wmb` orders only this CPU's
+    /// stores), then committed, all without the engine lock unless the engine is needed
+    /// ([`crate::cache_core::WritePath`]). `*done` counts the bytes committed
     /// and `*hit` whether a commit replaced cached data. `None`: the cache is full (what is
     /// committed stays).
     fn write_chunks(
@@ -310,16 +310,21 @@ impl LiveCache {
                 return Some(Ok(()));
             }
             let at = *done;
-            let reserved =
-                self.core
-                    .lock()
-                    .engine
-                    .write_reserve(off + at as u64, len - at, 0, this_cpu());
+            let (from, rest) = (off + at as u64, len - at);
+            let mut pmem = self.pmem();
+            // The room comes from the data head without the engine lock; only what needs the
+            // engine (a full cache, the CRC flag to sync, a new log segment) takes it.
+            let reserved = match self
+                .write_path
+                .reserve(&mut pmem, from, rest, 0, this_cpu())
+            {
+                Some(r) => Ok(r),
+                None => (self.core.lock().engine).write_reserve(from, rest, 0, this_cpu()),
+            };
             let r = match reserved {
                 Ok(r) => r,
                 Err(e) => return outcome(Err(e)),
             };
-            let mut pmem = self.pmem();
             let Ok(crc) = copy_in(&mut pmem, &r, src, at) else {
                 self.core.lock().engine.write_cancel(&r);
                 return Some(Err(EIO));
@@ -327,7 +332,7 @@ impl LiveCache {
             pmem.fence();
             // The key goes in under its subtree's lock and the key log's; only what needs the
             // engine (a new log segment, an empty key pool) takes the engine lock.
-            let committed = match self.committer.commit(&mut pmem, &r, crc, fua) {
+            let committed = match self.write_path.commit(&mut pmem, &r, crc, fua) {
                 Commit::Done(replaced) => Ok(replaced),
                 Commit::Persist(replaced) => {
                     let persisted = self.core.lock().engine.kset_persist(r.off);

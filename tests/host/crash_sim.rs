@@ -9,7 +9,7 @@
 use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
 use pcache_engine::cache_core::request::{until_room, with_room, Stalled};
-use pcache_engine::cache_core::{Backing, Locked, Pmem, Reader};
+use pcache_engine::cache_core::{Backing, Commit, Locked, Pmem, Reader, WritePath};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::host_mem::Borrowed;
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
@@ -336,7 +336,7 @@ struct PendingRead {
 /// generation.
 fn check_pins(cache: &Sim<'_>, pending: &[PendingRead]) -> Result<(), String> {
     for &(seg, gen) in pending.iter().flat_map(|r| &r.pins) {
-        if cache.segment(seg).used && cache.seg_gen(seg) != gen {
+        if cache.seg_used(seg) && cache.seg_gen(seg) != gen {
             return Err(format!(
                 "segment {seg} was handed out again while a read was still to copy from it"
             ));
@@ -402,9 +402,39 @@ fn check_live_read(
     Ok(())
 }
 
+/// Room for a chunk as the module reserves it: without the engine lock, or
+/// under it when that needs the engine.
+fn reserve(
+    (engine, write_path): (&SimLock<Sim<'_>>, &WritePath<Borrowed<'_>>),
+    pmem: &mut SimPmem,
+    (off, len): (u64, usize),
+    cpu: usize,
+) -> Result<Reservation, CacheError> {
+    match write_path.reserve(pmem, off, len, 0, cpu) {
+        Some(r) => Ok(r),
+        None => engine.with(|c| c.write_reserve(off, len, 0, cpu)),
+    }
+}
+
+/// A chunk copied into `r` committed as the module commits it: without the
+/// engine lock, or under it when that needs the engine.
+fn commit(
+    (engine, write_path): (&SimLock<Sim<'_>>, &WritePath<Borrowed<'_>>),
+    pmem: &mut SimPmem,
+    r: &Reservation,
+    crc: u32,
+    fua: bool,
+) -> Result<bool, CacheError> {
+    match write_path.commit(pmem, r, crc, fua) {
+        Commit::Done(replaced) => Ok(replaced),
+        Commit::Persist(replaced) => engine.with(|c| c.kset_persist(r.off)).map(|()| replaced),
+        Commit::Engine => engine.with(|c| c.write_commit(r, crc, fua)),
+    }
+}
+
 /// A write as the module serves it in `map`: the room for its first chunk is
-/// reserved under the engine lock, and the copy into it (without the lock) and
-/// the commit come any number of operations later.
+/// reserved, and the copy into it and the commit come any number of
+/// operations later, all without the engine lock unless that needs the engine.
 struct PendingWrite {
     id: u64,
     s: u64,
@@ -422,7 +452,7 @@ struct PendingWrite {
 /// the simulation lets anything wait for room, every reservation is settled.
 /// A commit that finds the cache full gives the room back.
 fn settle_write(
-    engine: &SimLock<Sim<'_>>,
+    engine: (&SimLock<Sim<'_>>, &WritePath<Borrowed<'_>>),
     pmem: &mut SimPmem,
     w: &mut PendingWrite,
 ) -> Result<(), String> {
@@ -432,7 +462,7 @@ fn settle_write(
     let crc = copy_in(pmem, &r, &w.data[..], w.done).map_err(|_| "copy_in failed")?;
     // The copier's own fence: the commit may run on another CPU.
     pmem.fence();
-    match engine.with(|c| c.write_commit(&r, crc, w.fua)) {
+    match commit(engine, pmem, &r, crc, w.fua) {
         Ok(_) => w.done += r.len as usize,
         Err(CacheError::Busy(_)) => {}
         Err(e) => return Err(format!("commit: {e}")),
@@ -451,7 +481,7 @@ fn settle_fills(engine: &SimLock<Sim<'_>>, filling: &mut Vec<Fill>) {
 
 /// Settles every pending write's reservation (see [`settle_write`]).
 fn settle_writes(
-    engine: &SimLock<Sim<'_>>,
+    engine: (&SimLock<Sim<'_>>, &WritePath<Borrowed<'_>>),
     pmem: &mut SimPmem,
     pending: &mut [PendingWrite],
 ) -> Result<(), String> {
@@ -467,7 +497,7 @@ fn settle_writes(
 /// other pending writes must hold no reservation (see [`settle_write`]).
 /// Returns the write's id once acked.
 fn finish_write(
-    engine: &SimLock<Sim<'_>>,
+    (engine, write_path): (&SimLock<Sim<'_>>, &WritePath<Borrowed<'_>>),
     host: &SimHost<'_, pcache_engine::host_mem::Borrowed<'_>>,
     pmem: &mut SimPmem,
     mut w: PendingWrite,
@@ -475,13 +505,14 @@ fn finish_write(
     let off = w.s * SECTOR as u64;
     loop {
         let (had, before) = (w.held.is_some(), w.done);
-        settle_write(engine, pmem, &mut w)?;
+        settle_write((engine, write_path), pmem, &mut w)?;
         // Done, or the commit found the cache full.
         if w.done == w.data.len() || (had && w.done == before) {
             break;
         }
         let left = w.data.len() - w.done;
-        match engine.with(|c| c.write_reserve(off + w.done as u64, left, 0, w.cpu)) {
+        let at = off + w.done as u64;
+        match reserve((engine, write_path), pmem, (at, left), w.cpu) {
             Ok(r) => w.held = Some(r),
             Err(_) => break,
         }
@@ -494,7 +525,8 @@ fn finish_write(
             return Some(Ok(()));
         }
         let left = w.data.len() - w.done;
-        let r = match engine.with(|c| c.write_reserve(off + w.done as u64, left, 0, w.cpu)) {
+        let at = off + w.done as u64;
+        let r = match reserve((engine, write_path), pmem, (at, left), w.cpu) {
             Ok(r) => r,
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(e)),
@@ -504,7 +536,7 @@ fn finish_write(
             return Some(Err(CacheError::Invalid("copy_in failed")));
         };
         pmem.fence();
-        match engine.with(|c| c.write_commit(&r, crc, w.fua)) {
+        match commit((engine, write_path), pmem, &r, crc, w.fua) {
             Ok(_) => w.done += r.len as usize,
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(e)),
@@ -830,6 +862,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         // `with_room`, writeback runs as the background's plan/copy/commit, and a
         // planned batch may stay out across any number of other operations.
         let reader = &cache.reader();
+        let write_path = &cache.write_path();
         let engine = SimLock(RefCell::new(cache));
         let host = SimHost::new(&engine, &world, rng.next_u64());
         let mut model = Model::base(&values);
@@ -874,8 +907,8 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                 let w = pending_writes.swap_remove(rng.below(pending_writes.len() as u64) as usize);
                 settle_fills(&engine, &mut filling);
                 settle_reads((&engine, reader), &model, &mut pending_reads)?;
-                settle_writes(&engine, &mut copier, &mut pending_writes)?;
-                let id = finish_write(&engine, &host, &mut copier, w)?;
+                settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
+                let id = finish_write((&engine, write_path), &host, &mut copier, w)?;
                 let now = world.borrow().ops;
                 model.writes.get_mut(&id).unwrap().ack_op = Some(now);
             }
@@ -893,8 +926,8 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         let w = pending_writes.swap_remove(i);
                         settle_fills(&engine, &mut filling);
                         settle_reads((&engine, reader), &model, &mut pending_reads)?;
-                        settle_writes(&engine, &mut copier, &mut pending_writes)?;
-                        let id = finish_write(&engine, &host, &mut copier, w)?;
+                        settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
+                        let id = finish_write((&engine, write_path), &host, &mut copier, w)?;
                         model.writes.get_mut(&id).unwrap().ack_op = Some(now());
                     }
                     let fua = rng.chance(1, 8);
@@ -922,9 +955,8 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     // copy and commit later.
                     let split = !cfg_writes_through && rng.chance(1, 3);
                     let first = if split {
-                        engine
-                            .with(|c| c.write_reserve(s * SECTOR as u64, data.len(), 0, cpu))
-                            .ok()
+                        let at = (s * SECTOR as u64, data.len());
+                        reserve((&engine, write_path), &mut copier, at, cpu).ok()
                     } else {
                         None
                     };
@@ -941,7 +973,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     } else {
                         settle_fills(&engine, &mut filling);
                         settle_reads((&engine, reader), &model, &mut pending_reads)?;
-                        settle_writes(&engine, &mut copier, &mut pending_writes)?;
+                        settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
                             busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
                         });
@@ -998,7 +1030,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     });
                     settle_fills(&engine, &mut filling);
                     settle_reads((&engine, reader), &model, &mut pending_reads)?;
-                    settle_writes(&engine, &mut copier, &mut pending_writes)?;
+                    settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
                     let r = with_room(&engine, &host, |c: &mut Sim<'_>| busy_is_none(c.flush()));
                     match r {
                         Ok(Ok(())) => model.flushes.last_mut().unwrap().complete_op = Some(now()),
@@ -1055,9 +1087,9 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
         }
         settle_fills(&engine, &mut filling);
         settle_reads((&engine, reader), &model, &mut pending_reads)?;
-        settle_writes(&engine, &mut copier, &mut pending_writes)?;
+        settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
         for w in pending_writes.drain(..) {
-            finish_write(&engine, &host, &mut copier, w)?;
+            finish_write((&engine, write_path), &host, &mut copier, w)?;
         }
         // The background finishes the copy it had planned, as the module's
         // suspend or destroy waits for it.

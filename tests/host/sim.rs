@@ -489,7 +489,9 @@ impl OwnedMem {
             log: crate::host_mem::HostLock::new(crate::cache_core::KeyLog::new(
                 &mut self.ksets[..],
             )),
-            heads: &mut self.heads,
+            space: crate::host_mem::HostLock::new(crate::cache_core::Space::new(
+                &mut self.heads[..],
+            )),
             scratch: &mut self.scratch,
             bounce: &mut self.bounce,
             wb_extents: &mut self.wb_extents,

@@ -25,8 +25,8 @@ use pcache_engine::cache_core::fill::fill_copy;
 use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
 use pcache_engine::cache_core::request::{until_room, with_room};
 use pcache_engine::cache_core::{
-    Backing, Cache, CacheError, CacheOptions, Commit, Committer, IoError, Locked, Pmem, Reader,
-    Waiting, WbExtent,
+    Backing, Cache, CacheError, CacheOptions, Commit, IoError, Locked, Pmem, Reader, Waiting,
+    WbExtent, WritePath,
 };
 use pcache_engine::host_mem::Borrowed;
 use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
@@ -333,7 +333,7 @@ impl History {
 /// finds the cache full, the worker goes on from there each time room is made
 /// (what is committed stays, and each commit is in the history at once).
 fn write(
-    (lock, committer): (&Lock<Engine<'_>>, &Committer<Borrowed<'_>>),
+    (lock, write_path): (&Lock<Engine<'_>>, &WritePath<Borrowed<'_>>),
     room: &Room,
     pmem: &mut TPmem,
     history: &History,
@@ -341,14 +341,14 @@ fn write(
 ) -> Result<(), String> {
     let mut done = 0usize;
     until_room(room, || {
-        write_chunks((lock, committer), pmem, history, w, &mut done)
+        write_chunks((lock, write_path), pmem, history, w, &mut done)
     })
     .unwrap_or_else(|_| Err("write stalled waiting for room".into()))
 }
 
 /// The chunks of a write from `*done` on; `None` when the cache is full.
 fn write_chunks(
-    (lock, committer): (&Lock<Engine<'_>>, &Committer<Borrowed<'_>>),
+    (lock, write_path): (&Lock<Engine<'_>>, &WritePath<Borrowed<'_>>),
     pmem: &mut TPmem,
     history: &History,
     (off, data, version): (u64, &[u8], u64),
@@ -356,7 +356,13 @@ fn write_chunks(
 ) -> Option<Result<(), String>> {
     while *done < data.len() {
         let at = *done;
-        let r = match lock.with(|c| c.write_reserve(off + at as u64, data.len() - at, 0, 0)) {
+        let (from, rest) = (off + at as u64, data.len() - at);
+        // As the module: without the engine lock, unless that needs the engine.
+        let reserved = match write_path.reserve(pmem, from, rest, 0, 0) {
+            Some(r) => Ok(r),
+            None => lock.with(|c| c.write_reserve(from, rest, 0, 0)),
+        };
+        let r = match reserved {
             Ok(r) => r,
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(format!("reserve: {e}"))),
@@ -368,7 +374,7 @@ fn write_chunks(
         // As the module: without the engine lock, unless the commit needs the
         // engine. The history records each commit as its key goes in.
         let mut record = || history.commit(r.off, u64::from(r.len), version);
-        let committed = match committer.commit_with(pmem, &r, crc, false, &mut record) {
+        let committed = match write_path.commit_with(pmem, &r, crc, false, &mut record) {
             Commit::Done(replaced) => Ok(replaced),
             Commit::Persist(replaced) => lock.with(|c| c.kset_persist(r.off)).map(|()| replaced),
             Commit::Engine => lock.with(|c| c.write_commit_with(&r, crc, false, &mut record)),
@@ -487,7 +493,7 @@ fn request_thread(
     t: u64,
     shared: bool,
     (lock, reader, room, history): (&Lock<Engine<'_>>, &Reader<Borrowed<'_>>, &Room, &History),
-    committer: &Committer<Borrowed<'_>>,
+    write_path: &WritePath<Borrowed<'_>>,
     (pmem, backing): (TPmem, TBacking),
     ops: u64,
 ) -> Result<(), String> {
@@ -513,7 +519,7 @@ fn request_thread(
                 fill(first + i, next, &mut buf[at..at + SECTOR]);
             }
             write(
-                (lock, committer),
+                (lock, write_path),
                 room,
                 &mut pmem,
                 history,
@@ -578,7 +584,7 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
     )
     .map_err(|e| format!("start: {e}"))?;
     let reader = &cache.reader();
-    let committer = &cache.committer();
+    let write_path = &cache.write_path();
     let lock = Lock(Mutex::new(cache), sched.clone());
     let room = Room::new(sched.clone());
     let running = AtomicU64::new(THREADS);
@@ -619,7 +625,7 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
                         t,
                         shared,
                         (lock, reader, room, history),
-                        committer,
+                        write_path,
                         (p, b),
                         ops,
                     );
@@ -829,7 +835,7 @@ fn seeded_schedules_of_threads_sharing_a_range_read_only_current_data() {
 }
 
 /// Two threads commit overlapping writes to one range at once, without the
-/// engine lock, as the module does (`Committer`), under the seeded scheduler
+/// engine lock, as the module does (`WritePath`), under the seeded scheduler
 /// (which may switch before each lock a thread takes holding none): the index
 /// takes one key over the other in some order, and the key log must hold them
 /// in that order, since replay applies it in order. After the commits, the
@@ -856,7 +862,7 @@ fn commits_without_the_engine_lock_log_overlapping_keys_in_index_order() {
         let geo = Geometry::small(SEG).expect("geometry");
         let cache =
             Cache::start(pmem.clone(), backing.clone(), geo, mem.borrow(), &opts()).expect("start");
-        let committer = &cache.committer();
+        let write_path = &cache.write_path();
         let lock = &Lock(Mutex::new(cache), Some(sched.clone()));
         std::thread::scope(|sc| {
             for t in 0..2u64 {
@@ -872,12 +878,16 @@ fn commits_without_the_engine_lock_log_overlapping_keys_in_index_order() {
                         }
                         let mut at = 0usize;
                         while at < SPAN {
-                            let r = lock
-                                .with(|c| c.write_reserve(off + at as u64, SPAN - at, 0, 0))
-                                .expect("reserve");
+                            let (from, rest) = (off + at as u64, SPAN - at);
+                            let r = match write_path.reserve(&mut pmem, from, rest, 0, 0) {
+                                Some(r) => r,
+                                None => lock
+                                    .with(|c| c.write_reserve(from, rest, 0, 0))
+                                    .expect("reserve"),
+                            };
                             let crc = copy_in(&mut pmem, &r, &data[..], at).expect("copy");
                             pmem.fence();
-                            match committer.commit(&mut pmem, &r, crc, false) {
+                            match write_path.commit(&mut pmem, &r, crc, false) {
                                 Commit::Done(_) => {}
                                 Commit::Persist(_) | Commit::Engine => lock
                                     .with(|c| c.write_commit(&r, crc, false))

@@ -1224,10 +1224,10 @@ fn a_pinned_segment_is_not_handed_out_again() {
                 Err(e) => panic!("write {i}: {e}"),
             }
         }
-        let now = c.segment(seg);
-        freed |= !now.used;
+        let now_used = c.seg_used(seg);
+        freed |= !now_used;
         assert!(
-            !(freed && now.used),
+            !(freed && now_used),
             "write {i}: segment {seg} handed out again while pinned"
         );
     }
@@ -1243,7 +1243,7 @@ fn a_pinned_segment_is_not_handed_out_again() {
             c.writeback_all().unwrap();
             c.gc_all().unwrap();
         }
-        reused |= c.segment(seg).used;
+        reused |= c.seg_used(seg);
     }
     assert!(
         reused,
@@ -1603,7 +1603,7 @@ fn read_hits_without_the_lock_never_copy_from_a_segment_handed_out_again() {
             let new = vec![0x5au8; 4096];
             let mut off = 1u64 << 20;
             for _ in 0..10_000 {
-                if c.seg_gen(seg) > key.gen && c.segment(seg).used {
+                if c.seg_gen(seg) > key.gen && c.seg_used(seg) {
                     return;
                 }
                 match c.write(off, &new, false, 0) {
@@ -1623,7 +1623,7 @@ fn read_hits_without_the_lock_never_copy_from_a_segment_handed_out_again() {
     let mut hits = [Hit::default(); 4];
     let found = reader.hits(&pmem, 0, 4096, 0, &mut hits);
     assert!(pmem.race.borrow().is_none(), "the race did not run");
-    assert!(cache.borrow().seg_gen(seg) > key.gen && cache.borrow().segment(seg).used);
+    assert!(cache.borrow().seg_gen(seg) > key.gen && cache.borrow().seg_used(seg));
     let mut buf = vec![0u8; 4096];
     let copied = copy_hits(&pmem, &hits[..found.hits], &mut buf[..]);
     release_hits(&pmem, &hits[..found.hits]);

@@ -162,15 +162,12 @@ pub fn show(img: &Image, opts: &Options) -> Result<ShowReport, ToolError> {
         |c| {
             let st = c.status();
             let segs: Vec<_> = (0..st.n_segs)
-                .map(|i| {
-                    let s = c.segment(i);
-                    SegmentReport {
-                        id: i,
-                        phys: c.seg_phys(i),
-                        gen: c.seg_gen(i),
-                        used: s.used,
-                        refs: s.refs,
-                    }
+                .map(|i| SegmentReport {
+                    id: i,
+                    phys: c.seg_phys(i),
+                    gen: c.seg_gen(i),
+                    used: c.seg_used(i),
+                    refs: c.seg_refs(i),
                 })
                 .collect();
             let mut keys: Vec<Key> = Vec::new();

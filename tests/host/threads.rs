@@ -931,3 +931,81 @@ fn commits_without_the_engine_lock_log_overlapping_keys_in_index_order() {
         }
     }
 }
+
+/// Two threads reserve room and commit without the engine lock, under the
+/// seeded scheduler, through one data head and through two: no two
+/// reservations share a byte of the cache, and each lies in a segment in use.
+#[test]
+fn reservations_without_the_engine_lock_never_share_room() {
+    for seed in 0..100u64 {
+        let sched = Arc::new(Sched::new(2, seed));
+        let world = World::tracked(
+            vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
+            BackingModel::new(BACKING, Default::default()),
+            seed,
+        );
+        let devices = Arc::new(Devices {
+            world: Mutex::new(world),
+            sched: Some(sched.clone()),
+            history: History::default(),
+        });
+        let (pmem, backing) = (TPmem(devices.clone()), TBacking(devices.clone()));
+        let heads = 1 + (seed % 2) as usize;
+        let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, heads);
+        let geo = Geometry::small(SEG).expect("geometry");
+        let cache =
+            Cache::start(pmem.clone(), backing.clone(), geo, mem.borrow(), &opts()).expect("start");
+        let write_path = &cache.write_path();
+        let lock = &Lock(Mutex::new(cache), Some(sched.clone()));
+        let rooms = Mutex::new(Vec::new());
+        std::thread::scope(|sc| {
+            for t in 0..2u64 {
+                let (mut pmem, sched, rooms) = (pmem.clone(), sched.clone(), &rooms);
+                sc.spawn(move || {
+                    let _turn = sched.enter(t as usize);
+                    let data = vec![t as u8; 12 << 10];
+                    for i in 0..8u64 {
+                        // Each thread in its own subtree, 12 KiB a write.
+                        let off = (t << 22) + i * (12 << 10);
+                        let r = match write_path.reserve(&mut pmem, off, data.len(), 0, t as usize)
+                        {
+                            Some(r) => r,
+                            None => lock
+                                .with(|c| c.write_reserve(off, data.len(), 0, t as usize))
+                                .expect("reserve"),
+                        };
+                        rooms
+                            .lock()
+                            .expect("rooms")
+                            .push((r.addr, u64::from(r.len)));
+                        let crc = copy_in(&mut pmem, &r, &data[..], 0).expect("copy");
+                        pmem.fence();
+                        if write_path.commit(&mut pmem, &r, crc, false) == Commit::Engine {
+                            lock.with(|c| c.write_commit(&r, crc, false))
+                                .expect("commit");
+                        }
+                    }
+                });
+            }
+        });
+        let mut rooms = rooms.into_inner().expect("rooms");
+        rooms.sort_unstable();
+        for w in rooms.windows(2) {
+            assert!(
+                w[0].0 + w[0].1 <= w[1].0,
+                "seed {seed}: rooms {:?} and {:?} overlap",
+                w[0],
+                w[1]
+            );
+        }
+        let c = lock.0.lock().expect("engine lock");
+        let seg_bytes = geo.seg_data_size() as u64;
+        for &(addr, _) in &rooms {
+            let used = (0..N_SEGS as u32).any(|id| {
+                let start = geo.seg_data_off(c.seg_phys(id));
+                c.seg_used(id) && addr >= start && addr < start + seg_bytes
+            });
+            assert!(used, "seed {seed}: room at {addr} is in no segment in use");
+        }
+    }
+}

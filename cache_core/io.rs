@@ -4,10 +4,9 @@
 use super::data::{Sink, Source};
 use super::env::{Backing, IoError, Locked, Pmem};
 use super::error::CacheError;
-use super::index::Trees;
+use super::index::{Index, Trees};
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
 use super::segment::SegMap;
-use super::through::THROUGH_TAG;
 use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
@@ -62,6 +61,11 @@ impl Reservation {
             crc,
             flags,
         }
+    }
+
+    /// The segment its room is in (it holds a reference there).
+    pub(crate) fn segment(&self) -> SegId {
+        self.pos.seg
     }
 
     /// The key of the data copied into it, with its data CRC if it has one.
@@ -829,19 +833,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// A placeholder over `off..off + len` (one subtree); its tag, 0 if the key
     /// pool has no room.
     fn place(&mut self, off: u64, len: u32) -> u32 {
-        // Tags with THROUGH_TAG name writes in flight (see `through`).
-        self.last_tag = (self.last_tag.wrapping_add(1) & !THROUGH_TAG).max(1);
-        let hole = Key {
-            off,
-            len,
-            flags: KEY_FLAGS_EMPTY,
-            crc: self.last_tag,
-            ..Key::default()
-        };
-        match self.index.insert_vacant(hole) {
-            Ok(true) => self.last_tag,
-            Ok(false) | Err(_) => 0,
-        }
+        let tag = self.with_space(|sp| sp.next_tag());
+        place(&self.index, off, len, tag)
     }
 
     /// The backing device's data for `gap` arrived: `src[gap.at..]` holds it.
@@ -852,6 +845,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// without it ([`Cache::fill_start`]).
     pub fn read_fill<S: Source + ?Sized>(&mut self, gap: &Gap, src: &S, cpu: usize) {
         self.fill_now(gap, src, cpu);
+    }
+
+    /// A fill made without the engine lock gave back the last reference on
+    /// `seg` (see [`super::WritePath::fill`]): the segment goes, as
+    /// [`Cache::write_cancel`] would have let it.
+    pub fn segment_released(&mut self, seg: SegId) {
+        self.seg_invalidate(seg);
     }
 
     /// The backing device failed to read `gap`: counts the error and gives the
@@ -1045,6 +1045,22 @@ impl Hit {
             seg: Some(k.pos.seg),
             check,
         })
+    }
+}
+
+/// Places a read-miss placeholder tagged `tag` over `off..off + len` (one
+/// subtree) if the index holds nothing there; the tag, or 0.
+pub(crate) fn place<M: Memory>(index: &Index<M>, off: u64, len: u32, tag: u32) -> u32 {
+    let hole = Key {
+        off,
+        len,
+        flags: KEY_FLAGS_EMPTY,
+        crc: tag,
+        ..Key::default()
+    };
+    match index.insert_vacant(hole) {
+        Ok(true) => tag,
+        Ok(false) | Err(_) => 0,
     }
 }
 

@@ -147,8 +147,6 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     /// The application's FLUSHes ahead of the dirty tail: writeback batches
     /// ksets between them.
     pub(crate) barriers: barriers::Barriers,
-    /// The tag of the last read-miss placeholder (see [`io::Gap`]).
-    pub(crate) last_tag: u32,
     /// Writes through to the backing device in flight (see [`through`]).
     pub(crate) in_flight: through::InFlight,
 }

@@ -12,6 +12,7 @@ use super::error::CacheError;
 use super::io::Reservation;
 use super::key::{Pos, SegId};
 use super::segment::SegMap;
+use super::through::THROUGH_TAG;
 use super::{DataHead, Memory};
 use crate::meta::layout::{Geometry, SUBTREE_SIZE};
 
@@ -35,6 +36,8 @@ pub struct Space<M: Memory> {
     /// The table's `data_crc` differs from the media flag: the engine syncs
     /// it before the next reservation (see `Cache::sync_crc_flag`).
     pub(crate) crc_flag_pending: bool,
+    /// The tag of the last read-miss placeholder (see [`super::io::Gap`]).
+    last_tag: u32,
 }
 
 impl<M: Memory> Space<M> {
@@ -47,7 +50,16 @@ impl<M: Memory> Space<M> {
             room_wanted: false,
             data_crc: false,
             crc_flag_pending: false,
+            last_tag: 0,
         }
+    }
+
+    /// A tag for a new read-miss placeholder: never 0, never with
+    /// [`THROUGH_TAG`] (which names writes in flight, see `super::through`),
+    /// and not again before 2^31 more placeholders.
+    pub(crate) fn next_tag(&mut self) -> u32 {
+        self.last_tag = (self.last_tag.wrapping_add(1) & !THROUGH_TAG).max(1);
+        self.last_tag
     }
 
     pub(crate) fn n_heads(&self) -> usize {

@@ -155,7 +155,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             log_seq_tail: 0,
             dirty_seq: 0,
             barriers: Default::default(),
-            last_tag: 0,
             in_flight: Default::default(),
         };
 

@@ -12,13 +12,16 @@
 //! [`super::Cache::write_reserve`] and [`super::Cache::write_commit`] under
 //! that lock.
 
+use super::data::Source;
 use super::env::{Locked, Pmem};
 use super::index::Index;
-use super::io::Reservation;
+use super::io::{copy_in, place, Gap, Reservation};
+use super::key::SegId;
 use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo};
 use super::segment::SegMap;
 use super::space::Space;
 use super::Memory;
+use crate::meta::kset::KEY_FLAGS_CLEAN;
 use crate::meta::layout::Geometry;
 
 /// What [`WritePath::commit`] did.
@@ -125,6 +128,176 @@ impl<M: Memory> WritePath<M> {
             Ok(Append::RoomWantsSegment | Append::CrcWanted | Append::Superseded) | Err(_) => {
                 Commit::Engine
             }
+        }
+    }
+}
+
+/// What [`WritePath::place_gap`] found at the start of the rest of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// A part the cache does not hold, with its placeholder if it got one
+    /// ([`super::io::Gap::tag`]); the read goes on at `next`.
+    Gap { gap: Gap, next: u64 },
+    /// A key is there now (a write came since the read looked): the read
+    /// looks for hits again.
+    Hit,
+    /// What is there needs the engine (a key of a segment GC freed, to be
+    /// dropped): the caller goes on under the engine lock.
+    Engine,
+}
+
+impl<M: Memory> WritePath<M> {
+    /// The part of the read of `len` bytes at `off` that starts at `from`,
+    /// which holds no hit: as [`super::Cache::read_resume`] places a gap, with
+    /// no engine lock. With `cache`, the gap gets a placeholder, which the
+    /// fill of the backing device's data replaces ([`WritePath::fill`]), if
+    /// the index holds nothing there and the key slab has room. For the modes
+    /// that cache writes (no write goes through, so none is in flight).
+    pub fn place_gap(&self, off: u64, len: usize, from: u64, cache: bool) -> Placed {
+        let Some(end) = off.checked_add(len as u64).filter(|&e| e <= self.dev_bytes) else {
+            return Placed::Engine;
+        };
+        if from < off || from >= end {
+            return Placed::Engine;
+        }
+        let Some((sub, to)) = self.index.stripe(from, end) else {
+            return Placed::Engine;
+        };
+        let (stop, place_it) = match self.index.first_overlap(sub, from, to) {
+            Some(k) if k.off <= from && !k.empty() => {
+                return if self.seg_map.stale(&k) {
+                    Placed::Engine
+                } else {
+                    Placed::Hit
+                };
+            }
+            // Another read's placeholder: its fill caches the data.
+            Some(k) if k.off <= from => (to.min(k.end()), false),
+            Some(k) => (k.off, true),
+            None => (to, true),
+        };
+        let n = (stop - from) as u32;
+        let tag = if place_it && cache && !self.key_pressure() {
+            let tag = self.space.with(|sp| sp.next_tag());
+            place(&self.index, from, n, tag)
+        } else {
+            0
+        };
+        Placed::Gap {
+            gap: Gap {
+                off: from,
+                at: (from - off) as usize,
+                len: n as usize,
+                tag,
+            },
+            next: stop,
+        }
+    }
+
+    /// Fewer than an eighth of the key slab is free (as the engine's
+    /// `key_pressure`): clean data does not take the last keys from writes.
+    fn key_pressure(&self) -> bool {
+        (self.index.free_nodes() as usize) < self.index.capacity() / 8 + 2
+    }
+
+    /// The backing device's data for read-miss `gap` arrived in
+    /// `src[gap.at..]`: as [`super::Cache::read_fill`], with no engine lock.
+    /// Caches it as clean keys wherever the gap's placeholder still covers it
+    /// (each checked as its key goes in, see [`super::key_log::commit_key`]),
+    /// best effort, and drops what is left of the placeholder. Returns a
+    /// segment whose last reference a reservation given back held, for the
+    /// engine to free ([`super::Cache::segment_released`]).
+    pub fn fill<P: Pmem, S: Source + ?Sized>(
+        &self,
+        pmem: &mut P,
+        gap: &Gap,
+        src: &S,
+        cpu: usize,
+    ) -> Option<SegId> {
+        if gap.tag == 0 {
+            return None;
+        }
+        let end = gap.off + gap.len as u64;
+        let mut released = None;
+        let mut cur = gap.off;
+        while cur < end && !self.key_pressure() {
+            let Some((sub, to)) = self.index.stripe(cur, end) else {
+                break;
+            };
+            let Some(k) = self.index.first_overlap(sub, cur, to) else {
+                break;
+            };
+            if !(k.empty() && k.crc == gap.tag) {
+                cur = k.end().max(cur + 1);
+                continue;
+            }
+            let from = k.off.max(cur);
+            let piece = k.end().min(to) - from;
+            let Some(r) = self.reserve(pmem, from, piece as usize, KEY_FLAGS_CLEAN, cpu) else {
+                break;
+            };
+            let at = gap.at + (r.off - gap.off) as usize;
+            let committed = match copy_in(pmem, &r, src, at) {
+                Ok(crc) => {
+                    pmem.fence();
+                    let key = r.key(r.crc.then_some(crc));
+                    let mut spare = None;
+                    let mut io = LogIo {
+                        pmem: &mut *pmem,
+                        seg_map: &self.seg_map,
+                        geo: &self.geo,
+                        spare: &mut spare,
+                    };
+                    let over = Some(gap.tag);
+                    matches!(
+                        commit_key(
+                            &self.index,
+                            &self.log,
+                            &mut io,
+                            &key,
+                            false,
+                            over,
+                            &mut || {}
+                        ),
+                        Ok(Append::Done { .. } | Append::CloseWantsSegment { .. })
+                    )
+                }
+                Err(_) => false,
+            };
+            if !committed {
+                // The room goes back; on the segment's last reference the
+                // engine frees it, and the fill stops there (one at a time).
+                if self.seg_map.put(r.segment()) {
+                    released = Some(r.segment());
+                    break;
+                }
+            }
+            cur = r.off + u64::from(r.len);
+        }
+        self.abandon(gap);
+        released
+    }
+
+    /// Drops what is left of `gap`'s placeholder (as
+    /// [`super::Cache::read_abandon`]): index only, each piece looked at and
+    /// dropped in one hold of its subtree's lock.
+    pub fn abandon(&self, gap: &Gap) {
+        if gap.tag == 0 {
+            return;
+        }
+        let end = gap.off + gap.len as u64;
+        let mut cur = gap.off;
+        while cur < end {
+            let Some((sub, to)) = self.index.stripe(cur, end) else {
+                return;
+            };
+            let Some(k) = self.index.first_overlap(sub, cur, to) else {
+                return;
+            };
+            let tag = gap.tag;
+            self.index
+                .remove_if(sub, k.off, |x| x.empty() && x.crc == tag);
+            cur = k.end().max(cur + 1);
         }
     }
 }

@@ -94,6 +94,8 @@ pub(crate) struct LiveCache {
     /// The cache mode caches writes (writeback, writeonly): `map` copies them without the
     /// engine lock. Fixed for the life of the instance (the table sets the mode).
     pub(crate) caches_writes: bool,
+    /// The cache mode caches what reads miss (all but writeonly). Fixed as `caches_writes` is.
+    pub(crate) caches_misses: bool,
 }
 
 impl LiveCache {
@@ -110,6 +112,7 @@ impl LiveCache {
         let dax = engine.pmem().map.clone();
         let pins = engine.pmem().pins.clone();
         let caches_writes = !engine.writes_need_backing();
+        let caches_misses = engine.mode().caches_misses();
         let reader = engine.reader();
         let write_path = engine.write_path();
         pin_init!(Self {
@@ -133,6 +136,7 @@ impl LiveCache {
             reader,
             write_path,
             caches_writes,
+            caches_misses,
         })
     }
 

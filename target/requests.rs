@@ -16,6 +16,7 @@ use crate::cache_core::{
     io::{copy_hits, copy_in, release_hits, Gap, Hit, HitError},
     request,
     through::{THROUGH_MAX, THROUGH_TAG},
+    write_path::Placed,
     CacheError, Commit, Pmem, Source, Waiting, Zeros,
 };
 use core::sync::atomic::Ordering;
@@ -433,6 +434,17 @@ impl LiveCache {
             // A read that caches nothing (no placeholder): nothing to give up either.
             return;
         }
+        // In the modes that cache writes, a read's fill takes no engine lock (see
+        // `WritePath::fill`), unless it gave back a segment's last reference.
+        if let (true, false, Some(data)) = (self.caches_writes, through, data) {
+            if let Some(seg) = self
+                .write_path
+                .fill(&mut self.pmem(), gap, data, this_cpu())
+            {
+                self.core.lock().engine.segment_released(seg);
+            }
+            return;
+        }
         // The slot is given up under the lock taken last: was the table full then?
         let mut core = self.core.lock();
         let mut full = core.engine.in_flight().len() == THROUGH_MAX;
@@ -472,11 +484,37 @@ impl LiveCache {
         let mut hits = [Hit::default(); MAX_HITS];
         let mut from = off;
         let mut placed = 0usize;
+        let mut looked_again = false;
         let pmem = self.pmem();
         loop {
             let found = self.reader.hits(&pmem, off, len, from, &mut hits);
+            let placed_here = if found.hits == 0 && self.caches_writes && !looked_again {
+                self.place_gap(off, len, from)
+            } else {
+                Placed::Engine
+            };
+            looked_again = false;
             let (n_hits, next) = if found.hits > 0 {
                 (found.hits, found.next)
+            } else if let Placed::Gap { gap, next } = placed_here {
+                // Placed without the engine lock (the modes that cache writes have no write
+                // through in flight).
+                match gaps.get_mut(placed) {
+                    Some(slot) => {
+                        *slot = gap;
+                        placed += 1;
+                    }
+                    None => {
+                        self.write_path.abandon(&gap);
+                        self.abandon(gaps.get(..placed).unwrap_or_default());
+                        return ReadServed::TooManyGaps;
+                    }
+                }
+                (0, next)
+            } else if placed_here == Placed::Hit {
+                // A write put a key there since the reader looked: look once more.
+                looked_again = true;
+                continue;
             } else {
                 let room = gaps.get_mut(placed..).unwrap_or_default();
                 let started = self
@@ -536,10 +574,20 @@ impl LiveCache {
         }
     }
 
+    /// The gap at `from` of the read of `len` bytes at `off`, placed without the engine lock
+    /// ([`crate::cache_core::WritePath::place_gap`]). Not inlined: `read_unlocked`'s frame
+    /// holds its hits already.
+    #[inline(never)]
+    fn place_gap(&self, off: u64, len: usize, from: u64) -> Placed {
+        self.write_path
+            .place_gap(off, len, from, self.caches_misses)
+    }
+
     /// Gives up the placeholders of gaps a read placed and will not send.
     fn abandon(&self, gaps: &[Gap]) {
-        if !gaps.is_empty() {
-            self.core.lock().engine.read_cancel(gaps, &[]);
+        // Index only: no engine lock.
+        for gap in gaps {
+            self.write_path.abandon(gap);
         }
     }
 

@@ -9,6 +9,7 @@
 use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
 use pcache_engine::cache_core::request::{until_room, with_room, Stalled};
+use pcache_engine::cache_core::write_path::Placed;
 use pcache_engine::cache_core::{Backing, Commit, Locked, Pmem, Reader, WritePath};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::host_mem::Borrowed;
@@ -238,7 +239,7 @@ struct PendingFill {
 /// copies every hit itself.
 fn split_read(
     cache: &mut Sim<'_>,
-    reader: &Reader<Borrowed<'_>>,
+    (reader, write_path): (&Reader<Borrowed<'_>>, Option<&WritePath<Borrowed<'_>>>),
     s0: u64,
     n: u64,
     pending: &mut Vec<PendingFill>,
@@ -253,9 +254,23 @@ fn split_read(
     let (mut from, mut placed) = (off, 0usize);
     let held = loop {
         let found = reader.hits(cache.pmem(), off, buf.len(), from, &mut hits[..room]);
+        // In the modes that cache writes, as the module: the gap placed
+        // without the engine (`WritePath::place_gap`) when it can be.
+        let here = match write_path {
+            Some(wp) if found.hits == 0 => wp.place_gap(off, buf.len(), from, true),
+            _ => Placed::Engine,
+        };
         let (n, next) = if found.hits > 0 {
             (found.hits, found.next)
+        } else if let (Placed::Gap { gap, next }, Some(slot)) = (here, gaps.get_mut(placed)) {
+            *slot = gap;
+            placed += 1;
+            (0, next)
         } else {
+            if let Placed::Gap { gap, .. } = here {
+                // No room for it: the engine reads the rest as below.
+                cache.read_abandon(&gap);
+            }
             let started = cache.read_resume(
                 off,
                 from,
@@ -883,7 +898,13 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
             if !pending.is_empty() && rng.chance(1, 3) {
                 let p = pending.swap_remove(rng.below(pending.len() as u64) as usize);
                 let cpu = rng.below(2) as usize;
-                if rng.chance(1, 2) {
+                if !cfg_writes_through && rng.chance(1, 2) {
+                    // As the module in the modes that cache writes: no engine
+                    // lock, unless the fill gives back a segment's last reference.
+                    if let Some(seg) = write_path.fill(&mut copier, &p.gap, &p.data[..], cpu) {
+                        engine.with(|c| c.segment_released(seg));
+                    }
+                } else if rng.chance(1, 2) {
                     engine.with(|c| c.read_fill(&p.gap, &p.data[..], cpu));
                 } else {
                     // As the module: room under the lock, the copy without it,
@@ -994,7 +1015,12 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         1 => engine
                             .with(|c| read_sectors(c, s, n, true))
                             .map(SplitRead::Done),
-                        _ => engine.with(|c| split_read(c, reader, s, n, &mut pending, hits_room)),
+                        _ => {
+                            let wp = (!cfg_writes_through).then_some(write_path);
+                            engine.with(|c| {
+                                split_read(c, (reader, wp), s, n, &mut pending, hits_room)
+                            })
+                        }
                     }
                     .map_err(|e| format!("read: {e}"))?;
                     match read {

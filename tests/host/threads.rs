@@ -21,9 +21,9 @@
 mod sched;
 
 use pcache_engine::cache_core::background::Background;
-use pcache_engine::cache_core::fill::fill_copy;
 use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
 use pcache_engine::cache_core::request::{until_room, with_room};
+use pcache_engine::cache_core::write_path::Placed;
 use pcache_engine::cache_core::{
     Backing, Cache, CacheError, CacheOptions, Commit, IoError, Locked, Pmem, Reader, Waiting,
     WbExtent, WritePath,
@@ -417,7 +417,11 @@ fn flush(lock: &Lock<Engine<'_>>, room: &Room, history: &History) -> Result<(), 
 /// without it; the fills under it. Returns the history's sequence numbers at
 /// its start and its end.
 fn read(
-    (lock, reader): (&Lock<Engine<'_>>, &Reader<Borrowed<'_>>),
+    (lock, reader, write_path): (
+        &Lock<Engine<'_>>,
+        &Reader<Borrowed<'_>>,
+        &WritePath<Borrowed<'_>>,
+    ),
     pmem: &TPmem,
     backing: &mut TBacking,
     history: &History,
@@ -430,11 +434,40 @@ fn read(
     let start = history.now();
     let mut placed = 0;
     let mut from = off;
+    let mut looked_again = false;
+    let abandon = |gaps: &[Gap]| gaps.iter().for_each(|g| write_path.abandon(g));
     loop {
         pmem.0.switch();
         let found = reader.hits(pmem, off, len, from, &mut hits);
+        // As the module: the gap placed without the engine lock when it can be.
+        let placed_here = if found.hits == 0 && !looked_again {
+            write_path.place_gap(off, len, from, true)
+        } else {
+            Placed::Engine
+        };
+        looked_again = false;
         let (n, next) = if found.hits > 0 {
             (found.hits, found.next)
+        } else if let Placed::Gap { gap, next } = placed_here {
+            match gaps.get_mut(placed) {
+                Some(slot) => {
+                    *slot = gap;
+                    placed += 1;
+                    (0, next)
+                }
+                None => {
+                    write_path.abandon(&gap);
+                    abandon(&gaps[..placed]);
+                    return lock.with(|c| {
+                        c.read(off, buf, true, 0)
+                            .map(|_| (history.now(), history.now()))
+                            .map_err(|e| format!("read: {e}"))
+                    });
+                }
+            }
+        } else if placed_here == Placed::Hit {
+            looked_again = true;
+            continue;
         } else {
             let started =
                 lock.with(|c| c.read_resume(off, from, &mut *buf, &mut gaps[placed..], &mut hits));
@@ -444,7 +477,7 @@ fn read(
                     (s.hits, s.next)
                 }
                 None => {
-                    lock.with(|c| c.read_cancel(&gaps[..placed], &[]));
+                    abandon(&gaps[..placed]);
                     return lock.with(|c| {
                         c.read(off, buf, true, 0)
                             .map(|_| (history.now(), history.now()))
@@ -461,7 +494,7 @@ fn read(
         }
         release_hits(pmem, held);
         if copied.is_err() {
-            lock.with(|c| c.read_cancel(&gaps[..placed], &[]));
+            abandon(&gaps[..placed]);
             return Err("pmem read".into());
         }
         if next >= end {
@@ -474,13 +507,11 @@ fn read(
             .read(g.off, &mut buf[g.at..g.at + g.len])
             .map_err(|_| "backing read")?;
     }
-    // As the module: room under the lock, the copy without it, the commit
-    // under it.
+    // As the module: the fills without the engine lock (room, copy,
+    // commit), unless one gives back a segment's last reference.
     for g in &gaps[..placed] {
-        let mut f = lock.with(|c| c.fill_start(g, 0));
-        if f.is_open() {
-            fill_copy(&mut pmem.clone(), &mut f, &buf[..]);
-            lock.with(|c| c.fill_end(f));
+        if let Some(seg) = write_path.fill(&mut pmem.clone(), g, &buf[..], 0) {
+            lock.with(|c| c.segment_released(seg));
         }
     }
     Ok((start, lock.with(|_| history.now())))
@@ -526,7 +557,14 @@ fn request_thread(
                 (off, &buf, next),
             )?;
         } else {
-            let (from, to) = read((lock, reader), &pmem, &mut backing, history, off, &mut buf)?;
+            let (from, to) = read(
+                (lock, reader, write_path),
+                &pmem,
+                &mut backing,
+                history,
+                off,
+                &mut buf,
+            )?;
             for i in 0..n {
                 let at = i as usize * SECTOR;
                 let sec = first + i;

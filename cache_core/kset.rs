@@ -5,6 +5,7 @@
 
 use super::env::{Backing, Locked, Pmem};
 use super::error::CacheError;
+use super::index::Index;
 use super::key::{Key, Pos};
 use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo};
 use super::{Cache, Memory};
@@ -95,15 +96,22 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.with_log(|l| l.head)
     }
 
-    /// Runs `close` on the key log with the engine's pmem and, when the log
-    /// needs a new segment, one from the engine's free segments.
-    fn log_close(
+    /// Runs `step` on the index and the key log with the engine's pmem until
+    /// it is done (`Some`); each time it wants a new segment for the log
+    /// (`None`), it gets one from the engine's free segments. A segment it
+    /// did not use goes back.
+    fn with_log_segment<T>(
         &mut self,
-        mut close: impl FnMut(&mut KeyLog<M>, &mut LogIo<'_, P, M>) -> Result<Closed, CacheError>,
-    ) -> Result<(), CacheError> {
+        mut step: impl FnMut(
+            &Index<M>,
+            &M::Lock<KeyLog<M>>,
+            &mut LogIo<'_, P, M>,
+        ) -> Result<Option<T>, CacheError>,
+    ) -> Result<T, CacheError> {
         let mut spare = None;
         let r = loop {
             let Cache {
+                index,
                 log,
                 pmem,
                 seg_map,
@@ -116,16 +124,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 geo,
                 spare: &mut spare,
             };
-            match log.with(|l| close(l, &mut io)) {
-                Ok(Closed::Done) => break Ok(()),
-                Ok(Closed::WantsSegment) if spare.is_none() => match self.get_cache_segment() {
+            match step(index, log, &mut io) {
+                Ok(Some(t)) => break Ok(t),
+                Ok(None) if spare.is_none() => match self.get_cache_segment() {
                     Some(seg) => spare = Some(seg),
                     None => break Err(CacheError::Busy("no free segment for the key log")),
                 },
-                // A close with a spare segment does not ask for another.
-                Ok(Closed::WantsSegment) => {
-                    break Err(CacheError::Busy("the key log wants a second segment"))
-                }
+                // A step with a spare segment does not ask for another.
+                Ok(None) => break Err(CacheError::Busy("the key log wants a second segment")),
                 Err(e) => break Err(e),
             }
         };
@@ -134,6 +140,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             self.set_used(seg, false);
         }
         r
+    }
+
+    /// Runs `close` on the key log (see [`Cache::with_log_segment`]).
+    fn log_close(
+        &mut self,
+        mut close: impl FnMut(&mut KeyLog<M>, &mut LogIo<'_, P, M>) -> Result<Closed, CacheError>,
+    ) -> Result<(), CacheError> {
+        self.with_log_segment(|_, log, io| {
+            log.with(|l| close(l, io))
+                .map(|c| (c == Closed::Done).then_some(()))
+        })
     }
 
     /// Persist open kset `id` at the key head (see [`KeyLog::close`]).
@@ -164,47 +181,23 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         over: Option<u32>,
         on_insert: &mut dyn FnMut(),
     ) -> Result<Result<bool, CacheError>, CacheError> {
-        let mut spare = None;
-        let r = loop {
-            let Cache {
-                index,
-                log,
-                pmem,
-                seg_map,
-                geo,
-                ..
-            } = self;
-            let mut io = LogIo {
-                pmem,
-                seg_map,
-                geo,
-                spare: &mut spare,
-            };
-            match commit_key(index, log, &mut io, key, fua, over, on_insert) {
-                Ok(Append::Done { replaced }) => break Ok(Ok(replaced)),
-                Ok(Append::CloseWantsSegment { replaced }) => {
-                    let id = self.with_log(|l| l.kset_id(key.off));
-                    break Ok(self.kset_close(id).map(|()| replaced));
-                }
-                Ok(Append::RoomWantsSegment) if spare.is_none() => match self.get_cache_segment() {
-                    Some(seg) => spare = Some(seg),
-                    None => break Err(CacheError::Busy("no free segment for the key log")),
-                },
-                Ok(Append::RoomWantsSegment) => {
-                    break Err(CacheError::Busy("the key log wants a second segment"))
-                }
-                // The engine computed the CRC wherever the log wants one.
-                Ok(Append::CrcWanted) => {
-                    break Err(CacheError::Invalid("key without its data crc"))
-                }
-                Ok(Append::Superseded) => break Err(CacheError::Busy("placeholder replaced")),
-                Err(e) => break Err(e),
+        let appended = self.with_log_segment(|index, log, io| {
+            match commit_key(index, log, io, key, fua, over, on_insert)? {
+                Append::RoomWantsSegment => Ok(None),
+                done => Ok(Some(done)),
             }
-        };
-        if let Some(seg) = spare {
-            self.set_used(seg, false);
+        })?;
+        match appended {
+            Append::Done { replaced } => Ok(Ok(replaced)),
+            Append::CloseWantsSegment { replaced } => {
+                let id = self.with_log(|l| l.kset_id(key.off));
+                Ok(self.kset_close(id).map(|()| replaced))
+            }
+            // The engine computed the CRC wherever the log wants one.
+            Append::CrcWanted => Err(CacheError::Invalid("key without its data crc")),
+            Append::Superseded => Err(CacheError::Busy("placeholder replaced")),
+            Append::RoomWantsSegment => Err(CacheError::Busy("the key log wants a segment")),
         }
-        r
     }
 
     /// Persists the kset of the keys at `off` (a FUA write whose commit

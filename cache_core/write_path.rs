@@ -49,6 +49,21 @@ pub struct WritePath<M: Memory> {
 }
 
 impl<M: Memory> WritePath<M> {
+    /// What a kset close goes through: `pmem`, and no spare log segment (the
+    /// engine hands those out).
+    fn log_io<'a, P: Pmem>(
+        &'a self,
+        pmem: &'a mut P,
+        spare: &'a mut Option<SegId>,
+    ) -> LogIo<'a, P, M> {
+        LogIo {
+            pmem,
+            seg_map: &self.seg_map,
+            geo: &self.geo,
+            spare,
+        }
+    }
+
     /// Room for the first chunk of a write of `len` bytes at `off`, as
     /// [`super::Cache::write_reserve`] takes it, with no engine lock; `None`
     /// when that needs the engine (the caller asks it, under its lock). A kset
@@ -67,12 +82,7 @@ impl<M: Memory> WritePath<M> {
         }
         let id = self.log.with(|l| l.kset_id(off));
         let mut spare = None;
-        let mut io = LogIo {
-            pmem,
-            seg_map: &self.seg_map,
-            geo: &self.geo,
-            spare: &mut spare,
-        };
+        let mut io = self.log_io(pmem, &mut spare);
         let room = self.log.with(|l| {
             if l.kset_full(id) {
                 l.close(id, &mut io)
@@ -113,12 +123,7 @@ impl<M: Memory> WritePath<M> {
     ) -> Commit {
         let key = r.key(r.crc.then_some(crc));
         let mut spare = None;
-        let mut io = LogIo {
-            pmem,
-            seg_map: &self.seg_map,
-            geo: &self.geo,
-            spare: &mut spare,
-        };
+        let mut io = self.log_io(pmem, &mut spare);
         match commit_key(&self.index, &self.log, &mut io, &key, fua, None, on_insert) {
             Ok(Append::Done { replaced }) => Commit::Done(replaced),
             Ok(Append::CloseWantsSegment { replaced }) if fua => Commit::Persist(replaced),
@@ -242,12 +247,7 @@ impl<M: Memory> WritePath<M> {
                     pmem.fence();
                     let key = r.key(r.crc.then_some(crc));
                     let mut spare = None;
-                    let mut io = LogIo {
-                        pmem: &mut *pmem,
-                        seg_map: &self.seg_map,
-                        geo: &self.geo,
-                        spare: &mut spare,
-                    };
+                    let mut io = self.log_io(&mut *pmem, &mut spare);
                     let over = Some(gap.tag);
                     matches!(
                         commit_key(

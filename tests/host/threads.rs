@@ -872,6 +872,23 @@ fn seeded_schedules_of_threads_sharing_a_range_read_only_current_data() {
     seeded(true);
 }
 
+/// Blank devices for two threads under the seeded scheduler.
+fn two_scheduled_threads(seed: u64) -> (Arc<Sched>, Arc<Devices>, TPmem, TBacking) {
+    let sched = Arc::new(Sched::new(2, seed));
+    let world = World::tracked(
+        vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
+        BackingModel::new(BACKING, Default::default()),
+        seed,
+    );
+    let devices = Arc::new(Devices {
+        world: Mutex::new(world),
+        sched: Some(sched.clone()),
+        history: History::default(),
+    });
+    let (pmem, backing) = (TPmem(devices.clone()), TBacking(devices.clone()));
+    (sched, devices, pmem, backing)
+}
+
 /// Two threads commit overlapping writes to one range at once, without the
 /// engine lock, as the module does (`WritePath`), under the seeded scheduler
 /// (which may switch before each lock a thread takes holding none): the index
@@ -884,18 +901,7 @@ fn commits_without_the_engine_lock_log_overlapping_keys_in_index_order() {
     const SPAN: usize = 8 << 10;
     const RANGE: usize = 12 << 10;
     for seed in 0..300u64 {
-        let sched = Arc::new(Sched::new(2, seed));
-        let world = World::tracked(
-            vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
-            BackingModel::new(BACKING, Default::default()),
-            seed,
-        );
-        let devices = Arc::new(Devices {
-            world: Mutex::new(world),
-            sched: Some(sched.clone()),
-            history: History::default(),
-        });
-        let (pmem, backing) = (TPmem(devices.clone()), TBacking(devices.clone()));
+        let (sched, devices, pmem, backing) = two_scheduled_threads(seed);
         let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
         let geo = Geometry::small(SEG).expect("geometry");
         let cache =
@@ -976,18 +982,7 @@ fn commits_without_the_engine_lock_log_overlapping_keys_in_index_order() {
 #[test]
 fn reservations_without_the_engine_lock_never_share_room() {
     for seed in 0..100u64 {
-        let sched = Arc::new(Sched::new(2, seed));
-        let world = World::tracked(
-            vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
-            BackingModel::new(BACKING, Default::default()),
-            seed,
-        );
-        let devices = Arc::new(Devices {
-            world: Mutex::new(world),
-            sched: Some(sched.clone()),
-            history: History::default(),
-        });
-        let (pmem, backing) = (TPmem(devices.clone()), TBacking(devices.clone()));
+        let (sched, _devices, pmem, backing) = two_scheduled_threads(seed);
         let heads = 1 + (seed % 2) as usize;
         let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, heads);
         let geo = Geometry::small(SEG).expect("geometry");

@@ -10,6 +10,7 @@
 //! hands out: a close without one says so ([`Closed::WantsSegment`]) and the
 //! caller takes the engine lock for it.
 
+use super::barriers::Barriers;
 use super::env::{persist, Pmem};
 use super::error::CacheError;
 use super::index::Index;
@@ -36,6 +37,10 @@ pub struct KeyLog<M: Memory> {
     pub(crate) dirty_bytes: u64,
     /// Ksets closed since attach.
     pub(crate) written: u64,
+    /// The application's FLUSHes ahead of the dirty tail: writeback batches
+    /// ksets between them. Recorded in the same hold of the lock as the
+    /// closes of the FLUSH, so a kset closed after them is after it.
+    pub(crate) barriers: Barriers,
     /// Keys appended from now on need a data CRC: the table's `data_crc` is
     /// on, or the on-media `DATA_CRC` flag is (or is about to be) set. A key
     /// committed without one goes to the engine ([`Append::CrcWanted`]).
@@ -90,6 +95,7 @@ impl<M: Memory> KeyLog<M> {
             nocrc_until: 0,
             dirty_bytes: 0,
             written: 0,
+            barriers: Barriers::default(),
             crc_wanted: false,
         }
     }
@@ -108,6 +114,7 @@ impl<M: Memory> KeyLog<M> {
         self.nocrc_until = 0;
         self.dirty_bytes = 0;
         self.written = 0;
+        self.barriers = Barriers::default();
         self.crc_wanted = false;
     }
 
@@ -205,6 +212,22 @@ impl<M: Memory> KeyLog<M> {
             }
         }
         Ok(Closed::Done)
+    }
+
+    /// An application FLUSH: closes every open kset and records the FLUSH
+    /// after them (see [`Barriers`]). Nothing is recorded when a close wants
+    /// a segment.
+    pub(crate) fn flush<P: Pmem>(
+        &mut self,
+        io: &mut LogIo<'_, P, M>,
+    ) -> Result<Closed, CacheError> {
+        let closed = self.close_all(io)?;
+        if closed == Closed::Done {
+            // Writeback may not put a kset from before this FLUSH and one
+            // from after it in one batch.
+            self.barriers.record(self.seq_head);
+        }
+        Ok(closed)
     }
 }
 

@@ -212,13 +212,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// In the modes that write through, the backing device holds the data: it
     /// is flushed too.
     pub fn flush(&mut self) -> Result<(), CacheError> {
-        self.flush_idle()?;
-        // Writeback may not put a kset from before this FLUSH and one from
-        // after it in one batch. A commit without the engine lock may have
-        // closed a kset since: it raced with the FLUSH, which orders nothing
-        // for it.
-        let seq_head = self.with_log(|l| l.seq_head);
-        self.barriers.record(seq_head);
+        self.log_close(|l, io| l.flush(io))?;
         if self.mode().writes_through() && self.backing.flush().is_err() {
             self.stats.backing_errors += 1;
             return Err(CacheError::Io("backing device flush failed"));

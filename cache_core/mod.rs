@@ -144,9 +144,6 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     /// Ordinal of the key-carrying kset at (or, past a LAST kset, after) the
     /// dirty tail.
     pub(crate) dirty_seq: u64,
-    /// The application's FLUSHes ahead of the dirty tail: writeback batches
-    /// ksets between them.
-    pub(crate) barriers: barriers::Barriers,
     /// Writes through to the backing device in flight (see [`through`]).
     pub(crate) in_flight: through::InFlight,
 }

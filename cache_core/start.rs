@@ -154,7 +154,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             data_crc: opts.data_crc,
             log_seq_tail: 0,
             dirty_seq: 0,
-            barriers: Default::default(),
             in_flight: Default::default(),
         };
 
@@ -163,7 +162,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cache.segs_init(new_cache, sb.seg_num)?;
         cache.tail_init(new_cache)?;
         cache.replay()?;
-        cache.barriers = Barriers::attached(cache.with_log(|l| l.seq_head));
+        cache.with_log(|l| l.barriers = Barriers::attached(l.seq_head));
         // The table's data_crc applies from now on; the media flag follows it as
         // far as the keys already in the log allow (see `set_data_crc`), but only
         // from the first write (or GC step) on: a constructor that never serves

@@ -103,6 +103,16 @@ impl<M: Memory> WritePath<M> {
         })
     }
 
+    /// An application FLUSH (REQ_PREFLUSH) as [`super::Cache::flush`] does it
+    /// in the modes that cache writes, with no engine lock: every open kset
+    /// persisted, and the FLUSH recorded for writeback. `false` when a close
+    /// needs a new log segment: the caller has the engine flush.
+    pub fn flush<P: Pmem>(&self, pmem: &mut P) -> bool {
+        let mut spare = None;
+        let mut io = self.log_io(pmem, &mut spare);
+        self.log.with(|l| l.flush(&mut io)) == Ok(Closed::Done)
+    }
+
     /// Makes the data copied into `r` (with CRC `crc`, see
     /// [`super::io::copy_in`]) a key, with no engine lock: see
     /// [`super::Cache::write_commit`], which this does the same as, when it

@@ -507,7 +507,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             || batch.bytes >= WB_STEP_BYTES
             || batch.end == self.key_head()
             || room.saturating_sub(batch.n) < KSET_KEYS_MAX
-            || !self.barriers.joins(next_seq)
+            || !self.with_log(|l| l.barriers.joins(next_seq))
         {
             return Ok(false);
         }
@@ -594,7 +594,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.dirty_tail.pos = batch.end;
         self.encode_tail(CtrlPos::DirtyTail);
         self.dirty_seq += u64::from(batch.ksets);
-        self.barriers.passed(self.dirty_seq);
+        let dirty_seq = self.dirty_seq;
+        self.with_log(|l| l.barriers.passed(dirty_seq));
         self.stats.ksets_written_back += u64::from(batch.ksets);
         self.stats.bytes_written_back += batch.bytes;
         self.with_log(|l| {

@@ -212,8 +212,14 @@ impl LiveCache {
     /// gaps): no context switch to the worker, as upstream and dm-writecache do. `None` hands
     /// it to the worker.
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
+        // A flush persists the open ksets under the key log's lock alone, unless a close needs a
+        // new log segment.
+        if self.caches_writes && bio.op() == BioOp::Flush && self.write_path.flush(&mut self.pmem())
+        {
+            return Some(Served::Done(Ok(())));
+        }
         if self.caches_writes && matches!(bio.op(), BioOp::Write | BioOp::WriteZeroes) {
-            if bio.is_preflush() {
+            if bio.is_preflush() && !self.write_path.flush(&mut self.pmem()) {
                 let mut core = self.core.lock();
                 match outcome(core.engine.flush()) {
                     Some(Ok(())) => {}

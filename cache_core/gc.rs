@@ -30,9 +30,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         u64::from(used) >= threshold || self.key_pressure() || room_wanted
     }
 
-    /// Fewer than an eighth of the key slab is free.
+    /// Fewer than an eighth of the key slab is free (see
+    /// [`Index::key_pressure`](super::Index::key_pressure)).
     pub fn key_pressure(&self) -> bool {
-        (self.index.free_nodes() as usize) < self.index.capacity() / 8 + 2
+        self.index.key_pressure()
     }
 
     /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration).

@@ -496,6 +496,13 @@ impl<M: Memory> Index<M> {
         self.free.n_free.load(Relaxed)
     }
 
+    /// Fewer than an eighth of the key slab is free: clean data (read fills,
+    /// writethrough copies) does not take the last keys from writes, and GC
+    /// collects whatever is written back.
+    pub fn key_pressure(&self) -> bool {
+        (self.free_nodes() as usize) < self.capacity() / 8 + 2
+    }
+
     /// Takes the node on top of the free list (`NIL`: none left).
     fn pop_free(&self) -> u32 {
         let mut top = self.free.top.load(Acquire);

@@ -863,11 +863,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Drops what is left of `gap`'s placeholder (the miss failed, or was filled).
     pub fn read_abandon(&mut self, gap: &Gap) {
-        let tag = gap.tag;
-        self.each_placeholder(gap, |c, sub, k| {
-            c.index.remove_if(sub, k.off, |x| x.empty() && x.crc == tag);
-            true
-        });
+        abandon_placeholder(&self.index, gap);
     }
 
     /// Calls `f(self, subtree, piece)` on each piece of `gap`'s placeholder still
@@ -889,15 +885,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let Some(k) = self.index.first_overlap(sub, cur, to) else {
                 return;
             };
-            if self.placeholder_of(&k, gap.tag) && !f(self, sub, &k) {
+            if k.placeholder_of(gap.tag) && !f(self, sub, &k) {
                 return;
             }
             cur = k.end().max(cur + 1);
         }
-    }
-
-    fn placeholder_of(&self, k: &Key, tag: u32) -> bool {
-        k.empty() && k.crc == tag
     }
 
     pub(crate) fn key_stale(&self, k: &Key) -> bool {
@@ -1061,6 +1053,27 @@ pub(crate) fn place<M: Memory>(index: &Index<M>, off: u64, len: u32, tag: u32) -
     match index.insert_vacant(hole) {
         Ok(true) => tag,
         Ok(false) | Err(_) => 0,
+    }
+}
+
+/// Drops what is left of `gap`'s placeholder: index only, each piece looked
+/// at and dropped in one hold of its subtree's lock (a commit may come
+/// between two pieces, not within one).
+pub(crate) fn abandon_placeholder<M: Memory>(index: &Index<M>, gap: &Gap) {
+    if gap.tag == 0 {
+        return;
+    }
+    let end = gap.off + gap.len as u64;
+    let mut cur = gap.off;
+    while cur < end {
+        let Some((sub, to)) = index.stripe(cur, end) else {
+            return;
+        };
+        let Some(k) = index.first_overlap(sub, cur, to) else {
+            return;
+        };
+        index.remove_if(sub, k.off, |x| x.placeholder_of(gap.tag));
+        cur = k.end().max(cur + 1);
     }
 }
 

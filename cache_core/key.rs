@@ -88,6 +88,10 @@ impl Key {
     pub fn empty(&self) -> bool {
         self.flags & KEY_FLAGS_EMPTY != 0
     }
+    /// The read-miss placeholder tagged `tag` (see `super::io::Gap::tag`).
+    pub fn placeholder_of(&self, tag: u32) -> bool {
+        self.empty() && self.crc == tag
+    }
     /// Writeback copies this key to the backing device once it is logged.
     pub fn dirty(&self) -> bool {
         !self.clean() && !self.empty()

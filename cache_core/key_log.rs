@@ -124,7 +124,7 @@ impl<M: Memory> KeyLog<M> {
         ((off >> SUBTREE_SHIFT) % n) as usize
     }
 
-    pub(crate) fn kset_full(&self, id: usize) -> bool {
+    fn kset_full(&self, id: usize) -> bool {
         self.ksets.get(id).is_none_or(|k| k.is_full())
     }
 
@@ -136,6 +136,20 @@ impl<M: Memory> KeyLog<M> {
     /// Bytes of the dirty keys in the open ksets; `None` if one does not decode.
     pub(crate) fn open_dirty_bytes(&self) -> Option<u64> {
         self.ksets.iter().map(|k| k.dirty_bytes()).sum()
+    }
+
+    /// The kset keys at `off` go to, and room in it for one more: closed
+    /// first if it is full.
+    pub(crate) fn room<P: Pmem>(
+        &mut self,
+        off: u64,
+        io: &mut LogIo<'_, P, M>,
+    ) -> (usize, Result<Closed, CacheError>) {
+        let id = self.kset_id(off);
+        if !self.kset_full(id) {
+            return (id, Ok(Closed::Done));
+        }
+        (id, self.close(id, io))
     }
 
     /// Persist open kset `id` at the key head (nothing if it is empty).
@@ -270,15 +284,10 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
 ) -> Result<Append, CacheError> {
     use super::env::Locked;
     let om = key_to_onmedia(key);
-    let id = log.with(|l| l.kset_id(key.off));
     loop {
         // Room first, without the subtree lock: a close copies the kset.
-        let room = log.with(|l| {
-            if !l.kset_full(id) {
-                return Ok(Closed::Done);
-            }
-            l.close(id, io)
-        })?;
+        let (id, room) = log.with(|l| l.room(key.off, io));
+        let room = room?;
         if room == Closed::WantsSegment {
             return Ok(Append::RoomWantsSegment);
         }
@@ -292,7 +301,7 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
                         let (from, to) = (key.off, key.end());
                         let covered = index.subtree_of(from).is_some_and(|sub| {
                             index.first_overlap_held(sub, from, to).is_some_and(|k| {
-                                k.empty() && k.crc == tag && k.off <= from && k.end() >= to
+                                k.placeholder_of(tag) && k.off <= from && k.end() >= to
                             })
                         });
                         if !covered {

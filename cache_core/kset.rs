@@ -160,14 +160,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Make sure the kset for `off` can take one more key (closing it if full).
     pub(crate) fn kset_room(&mut self, off: u64) -> Result<(), CacheError> {
-        let id = self.with_log(|l| l.kset_id(off));
-        self.log_close(|l, io| {
-            if l.kset_full(id) {
-                l.close(id, io)
-            } else {
-                Ok(Closed::Done)
-            }
-        })
+        self.log_close(|l, io| l.room(off, io).1)
     }
 
     /// Makes `key` a key of the cache (see [`commit_key`]), with the engine

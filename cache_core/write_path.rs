@@ -15,7 +15,7 @@
 use super::data::Source;
 use super::env::{Locked, Pmem};
 use super::index::Index;
-use super::io::{copy_in, place, Gap, Reservation};
+use super::io::{abandon_placeholder, copy_in, place, Gap, Reservation};
 use super::key::SegId;
 use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo};
 use super::segment::SegMap;
@@ -80,17 +80,9 @@ impl<M: Memory> WritePath<M> {
         if end > self.dev_bytes || self.index.free_nodes() < 2 {
             return None;
         }
-        let id = self.log.with(|l| l.kset_id(off));
         let mut spare = None;
         let mut io = self.log_io(pmem, &mut spare);
-        let room = self.log.with(|l| {
-            if l.kset_full(id) {
-                l.close(id, &mut io)
-            } else {
-                Ok(Closed::Done)
-            }
-        });
-        if room != Ok(Closed::Done) {
+        if self.log.with(|l| l.room(off, &mut io)).1 != Ok(Closed::Done) {
             return None;
         }
         let (seg_map, geo, n_segs) = (&self.seg_map, &self.geo, self.n_segs);
@@ -192,7 +184,7 @@ impl<M: Memory> WritePath<M> {
             None => (to, true),
         };
         let n = (stop - from) as u32;
-        let tag = if place_it && cache && !self.key_pressure() {
+        let tag = if place_it && cache && !self.index.key_pressure() {
             let tag = self.space.with(|sp| sp.next_tag());
             place(&self.index, from, n, tag)
         } else {
@@ -207,12 +199,6 @@ impl<M: Memory> WritePath<M> {
             },
             next: stop,
         }
-    }
-
-    /// Fewer than an eighth of the key slab is free (as the engine's
-    /// `key_pressure`): clean data does not take the last keys from writes.
-    fn key_pressure(&self) -> bool {
-        (self.index.free_nodes() as usize) < self.index.capacity() / 8 + 2
     }
 
     /// The backing device's data for read-miss `gap` arrived in
@@ -235,14 +221,14 @@ impl<M: Memory> WritePath<M> {
         let end = gap.off + gap.len as u64;
         let mut released = None;
         let mut cur = gap.off;
-        while cur < end && !self.key_pressure() {
+        while cur < end && !self.index.key_pressure() {
             let Some((sub, to)) = self.index.stripe(cur, end) else {
                 break;
             };
             let Some(k) = self.index.first_overlap(sub, cur, to) else {
                 break;
             };
-            if !(k.empty() && k.crc == gap.tag) {
+            if !k.placeholder_of(gap.tag) {
                 cur = k.end().max(cur + 1);
                 continue;
             }
@@ -292,22 +278,6 @@ impl<M: Memory> WritePath<M> {
     /// [`super::Cache::read_abandon`]): index only, each piece looked at and
     /// dropped in one hold of its subtree's lock.
     pub fn abandon(&self, gap: &Gap) {
-        if gap.tag == 0 {
-            return;
-        }
-        let end = gap.off + gap.len as u64;
-        let mut cur = gap.off;
-        while cur < end {
-            let Some((sub, to)) = self.index.stripe(cur, end) else {
-                return;
-            };
-            let Some(k) = self.index.first_overlap(sub, cur, to) else {
-                return;
-            };
-            let tag = gap.tag;
-            self.index
-                .remove_if(sub, k.off, |x| x.empty() && x.crc == tag);
-            cur = k.end().max(cur + 1);
-        }
+        abandon_placeholder(&self.index, gap);
     }
 }

@@ -48,8 +48,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let unreadable = Broken("the key log between the dirty tail and head is unreadable");
         // One snapshot of the log: commits made without the engine lock only
         // add ksets past this head, and count them in as they add them.
-        let (open, head, dirty_bytes) =
-            self.with_log(|l| (l.open_dirty_bytes(), l.head, l.dirty_bytes));
+        let (open, head, dirty_bytes) = self.log.snapshot(|open, head, d| (open, head, d));
         let mut sum = open.ok_or(unreadable)?;
         let mut cur = LogCursor::new(self.dirty_tail.pos);
         while cur.pos != head {

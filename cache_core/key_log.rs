@@ -1,17 +1,20 @@
-//! The key log's head: the open ksets, where the next closed one goes, and
-//! what the log holds that the engine counts (upstream: the per-CPU ksets'
-//! locks and `key_head_lock`). It has a lock of its own ([`super::Memory::Lock`]),
-//! so that a write commits its key ([`commit_key`]) without the engine lock:
-//! the index insert and the kset append of one key happen under its
-//! subtree's lock and the log's, in that order, so the log holds overlapping
-//! keys in the order the index took them, and replay rebuilds the same index.
+//! The key log's head and its open ksets (upstream: the per-CPU ksets' locks
+//! and `key_head_lock`). Each open kset has a lock of its own, and the key
+//! head another ([`super::Memory::Lock`]), so that writes to two ksets commit
+//! their keys ([`commit_key`]) at once and without the engine lock: the index
+//! insert and the kset append of one key happen under its subtree's lock and
+//! its kset's, in that order, so the log holds overlapping keys (one subtree's
+//! keys all go to one kset) in the order the index took them, and replay
+//! rebuilds the same index. Only closing a kset takes the head's lock, inside
+//! the kset's: the closes are persisted one after another, each at the head,
+//! so the log on the media never has a hole.
 //!
 //! Closing a kset may need a new segment for the log, which only the engine
 //! hands out: a close without one says so ([`Closed::WantsSegment`]) and the
 //! caller takes the engine lock for it.
 
 use super::barriers::Barriers;
-use super::env::{persist, Pmem};
+use super::env::{persist, Locked, Pmem};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
@@ -20,10 +23,29 @@ use super::segment::SegMap;
 use super::Memory;
 use crate::meta::kset::{encode_last_kset, kset_size, KeyOnmedia, KSET_HEADER_SIZE};
 use crate::meta::layout::{Geometry, SUBTREE_SHIFT};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// The open ksets and the key head, under the log's lock.
+/// The key log: its open ksets, each under its own lock, and its head.
 pub struct KeyLog<M: Memory> {
-    ksets: M::Buf<KsetBuf>,
+    ksets: M::Buf<M::KsetLock>,
+    head: M::Lock<LogHead>,
+    /// Bytes of dirty keys logged (open ksets included) and not yet written
+    /// back (see [`super::Status::dirty_bytes`]): added to under a kset's lock
+    /// as a key is appended, taken from by writeback.
+    dirty_bytes: AtomicU64,
+    /// Keys appended from now on need a data CRC: the table's `data_crc` is
+    /// on, or the on-media `DATA_CRC` flag is (or is about to be) set. A key
+    /// committed without one goes to the engine ([`Append::CrcWanted`]). Read
+    /// under the kset's lock the key goes to, and set before the engine looks
+    /// at each kset under its lock (see `Cache::sync_crc_flag`), so no key
+    /// without a CRC gets past a look that found none.
+    crc_wanted: AtomicBool,
+}
+
+/// Where the next closed kset goes, and what the closes count, under the
+/// head's lock (upstream `key_head_lock`).
+#[derive(Debug, Default)]
+pub struct LogHead {
     /// Where the next kset goes.
     pub(crate) head: Pos,
     /// Ordinal of the next key-carrying kset (see `Cache::log_seq_tail`).
@@ -32,19 +54,14 @@ pub struct KeyLog<M: Memory> {
     /// CRC (0: none). The on-media `DATA_CRC` flag may only be set once the key
     /// tail has passed it.
     pub(crate) nocrc_until: u64,
-    /// Bytes of dirty keys logged (open ksets included) and not yet written
-    /// back (see [`super::Status::dirty_bytes`]).
-    pub(crate) dirty_bytes: u64,
     /// Ksets closed since attach.
     pub(crate) written: u64,
     /// The application's FLUSHes ahead of the dirty tail: writeback batches
-    /// ksets between them. Recorded in the same hold of the lock as the
-    /// closes of the FLUSH, so a kset closed after them is after it.
+    /// ksets between them. A FLUSH is recorded after it has closed every open
+    /// kset, so every kset closed before it is before the barrier; a kset
+    /// closed by another CPU meanwhile holds writes that raced with the FLUSH,
+    /// which may fall on either side of it.
     pub(crate) barriers: Barriers,
-    /// Keys appended from now on need a data CRC: the table's `data_crc` is
-    /// on, or the on-media `DATA_CRC` flag is (or is about to be) set. A key
-    /// committed without one goes to the engine ([`Append::CrcWanted`]).
-    pub(crate) crc_wanted: bool,
 }
 
 /// What closing a kset did.
@@ -86,17 +103,14 @@ pub(crate) struct LogIo<'a, P: Pmem, M: Memory> {
 }
 
 impl<M: Memory> KeyLog<M> {
-    /// A log over `ksets` (at least one), set up by the engine as it starts.
-    pub fn new(ksets: M::Buf<KsetBuf>) -> Self {
+    /// A log over `ksets` (at least one) and `head`, set up by the engine as
+    /// it starts.
+    pub fn new(ksets: M::Buf<M::KsetLock>, head: M::Lock<LogHead>) -> Self {
         KeyLog {
             ksets,
-            head: Pos::default(),
-            seq_head: 0,
-            nocrc_until: 0,
-            dirty_bytes: 0,
-            written: 0,
-            barriers: Barriers::default(),
-            crc_wanted: false,
+            head,
+            dirty_bytes: AtomicU64::new(0),
+            crc_wanted: AtomicBool::new(false),
         }
     }
 
@@ -105,54 +119,119 @@ impl<M: Memory> KeyLog<M> {
     }
 
     /// Empties every open kset and forgets the log (at start, before replay).
-    pub(crate) fn reset(&mut self) {
-        for k in self.ksets.iter_mut() {
-            k.reset();
+    pub(crate) fn reset(&self) {
+        for k in self.ksets.iter() {
+            k.with(|k| k.reset());
         }
-        self.head = Pos::default();
-        self.seq_head = 0;
-        self.nocrc_until = 0;
-        self.dirty_bytes = 0;
-        self.written = 0;
-        self.barriers = Barriers::default();
-        self.crc_wanted = false;
+        self.head.with(|h| *h = LogHead::default());
+        self.dirty_bytes.store(0, Ordering::Relaxed);
+        self.crc_wanted.store(false, Ordering::SeqCst);
+    }
+
+    /// Runs `f` on the head under its lock.
+    pub(crate) fn with_head<R>(&self, f: impl FnOnce(&mut LogHead) -> R) -> R {
+        self.head.with(f)
     }
 
     /// The kset keys at `off` go to: one subtree's keys always go to one.
+    /// The number of ksets is fixed, so this needs no lock.
     pub(crate) fn kset_id(&self, off: u64) -> usize {
         let n = self.ksets.len().max(1) as u64;
         ((off >> SUBTREE_SHIFT) % n) as usize
     }
 
-    fn kset_full(&self, id: usize) -> bool {
-        self.ksets.get(id).is_none_or(|k| k.is_full())
+    /// Runs `f` on open kset `id` under its lock; `None` if there is no such kset.
+    fn with_kset<R>(&self, id: usize, f: impl FnOnce(&mut KsetBuf) -> R) -> Option<R> {
+        self.ksets.get(id).map(|k| k.with(f))
     }
 
-    /// Some open kset holds a key without a data CRC.
+    /// Bytes of dirty keys logged and not written back.
+    pub(crate) fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`KeyLog::dirty_bytes`] (replay).
+    pub(crate) fn set_dirty_bytes(&self, bytes: u64) {
+        self.dirty_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Writeback took `bytes` of dirty keys off the log.
+    pub(crate) fn written_back(&self, bytes: u64) {
+        let _ = self
+            .dirty_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                debug_assert!(d >= bytes);
+                Some(d.saturating_sub(bytes))
+            });
+    }
+
+    pub(crate) fn crc_wanted(&self) -> bool {
+        self.crc_wanted.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_crc_wanted(&self, wanted: bool) {
+        self.crc_wanted.store(wanted, Ordering::SeqCst);
+    }
+
+    /// Some open kset holds a key without a data CRC (each looked at under
+    /// its lock).
     pub(crate) fn any_nocrc(&self) -> bool {
-        self.ksets.iter().any(|k| k.has_nocrc())
+        self.ksets.iter().any(|k| k.with(|k| k.has_nocrc()))
     }
 
-    /// Bytes of the dirty keys in the open ksets; `None` if one does not decode.
-    pub(crate) fn open_dirty_bytes(&self) -> Option<u64> {
-        self.ksets.iter().map(|k| k.dirty_bytes()).sum()
+    /// Runs `f` with every kset's lock and then the head's held, on what the
+    /// log counts: the open ksets' dirty bytes, the head and the dirty bytes
+    /// logged, as one snapshot (for the invariants). Takes the kset locks
+    /// nested, which no other path does: never in the module.
+    pub(crate) fn snapshot<R>(&self, f: impl FnOnce(Option<u64>, Pos, u64) -> R) -> R {
+        fn nest<M: Memory, R>(
+            log: &KeyLog<M>,
+            i: usize,
+            open: Option<u64>,
+            f: impl FnOnce(Option<u64>, Pos, u64) -> R,
+        ) -> R {
+            match log.ksets.get(i) {
+                Some(k) => k.with(|k| {
+                    let open = open.and_then(|o| Some(o + k.dirty_bytes()?));
+                    nest(log, i + 1, open, f)
+                }),
+                None => log.head.with(|h| f(open, h.head, log.dirty_bytes())),
+            }
+        }
+        nest(self, 0, Some(0), f)
     }
 
     /// The kset keys at `off` go to, and room in it for one more: closed
     /// first if it is full.
     pub(crate) fn room<P: Pmem>(
-        &mut self,
+        &self,
         off: u64,
         io: &mut LogIo<'_, P, M>,
     ) -> (usize, Result<Closed, CacheError>) {
         let id = self.kset_id(off);
-        if !self.kset_full(id) {
-            return (id, Ok(Closed::Done));
-        }
-        (id, self.close(id, io))
+        let closed = self.with_kset(id, |k| {
+            if k.is_full() {
+                self.close_held(k, io)
+            } else {
+                Ok(Closed::Done)
+            }
+        });
+        (id, closed.unwrap_or(Ok(Closed::Done)))
     }
 
-    /// Persist open kset `id` at the key head (nothing if it is empty).
+    /// Persist open kset `id` at the key head (nothing if it is empty), under
+    /// its lock (see [`KeyLog::close_held`]).
+    pub(crate) fn close<P: Pmem>(
+        &self,
+        id: usize,
+        io: &mut LogIo<'_, P, M>,
+    ) -> Result<Closed, CacheError> {
+        self.with_kset(id, |k| self.close_held(k, io))
+            .unwrap_or(Ok(Closed::Done))
+    }
+
+    /// Persist open kset `k`, whose lock the caller holds, at the key head,
+    /// under the head's lock (nothing if it is empty).
     ///
     /// In this order: the data of its keys (stored and flushed by the write
     /// path, fenced here) together with an empty header after the kset's
@@ -163,61 +242,62 @@ impl<M: Memory> KeyLog<M> {
     /// segment is too full for the kset plus a LAST kset, the log moves to the
     /// spare segment: its first header is cleared, then the LAST kset pointing
     /// at it is written.
-    pub(crate) fn close<P: Pmem>(
-        &mut self,
-        id: usize,
+    fn close_held<P: Pmem>(
+        &self,
+        k: &mut KsetBuf,
         io: &mut LogIo<'_, P, M>,
     ) -> Result<Closed, CacheError> {
-        let key_num = self.ksets.get(id).map_or(0, |k| k.key_num());
+        let key_num = k.key_num();
         if key_num == 0 {
             return Ok(Closed::Done);
         }
         let size = kset_size(key_num) as u32;
         let data_size = io.geo.seg_data_size();
-        let addr = |pos: Pos| io.seg_map.addr(io.geo, pos);
-        // Room for this kset and the LAST kset that may have to follow it.
-        if data_size - self.head.off < size + KSET_HEADER_SIZE as u32 {
-            let Some(next) = io.spare.take() else {
-                return Ok(Closed::WantsSegment);
-            };
-            persist(
-                io.pmem,
-                addr(Pos { seg: next, off: 0 }),
-                &[0u8; KSET_HEADER_SIZE],
-            );
-            let mut last = [0u8; KSET_HEADER_SIZE];
-            encode_last_kset(next.get(), &mut last);
-            persist(io.pmem, addr(self.head), &last);
-            self.head = Pos { seg: next, off: 0 };
-        }
-        let head = addr(self.head);
-        // Clear the header after the new kset first (see above). Its fence
-        // also makes the data of the kset's keys durable — the write path
-        // stores and flushes data without a fence of its own, on this CPU or
-        // fenced on its own — before the kset that points at it is stored.
-        if self.head.off + size + KSET_HEADER_SIZE as u32 <= data_size {
-            persist(io.pmem, head + u64::from(size), &[0u8; KSET_HEADER_SIZE]);
-        } else {
-            io.pmem.fence();
-        }
-        let Some(k) = self.ksets.get_mut(id) else {
-            return Ok(Closed::Done);
-        };
-        let nocrc = k.has_nocrc();
-        persist(io.pmem, head, k.seal()?);
-        k.reset();
-        self.head.off += size;
-        if nocrc {
-            self.nocrc_until = self.seq_head + 1;
-        }
-        self.seq_head += 1;
-        self.written += 1;
-        Ok(Closed::Done)
+        self.head.with(|h| {
+            let addr = |pos: Pos| io.seg_map.addr(io.geo, pos);
+            // Room for this kset and the LAST kset that may have to follow it.
+            if data_size - h.head.off < size + KSET_HEADER_SIZE as u32 {
+                let Some(next) = io.spare.take() else {
+                    return Ok(Closed::WantsSegment);
+                };
+                persist(
+                    io.pmem,
+                    addr(Pos { seg: next, off: 0 }),
+                    &[0u8; KSET_HEADER_SIZE],
+                );
+                let mut last = [0u8; KSET_HEADER_SIZE];
+                encode_last_kset(next.get(), &mut last);
+                persist(io.pmem, addr(h.head), &last);
+                h.head = Pos { seg: next, off: 0 };
+            }
+            let head = addr(h.head);
+            // Clear the header after the new kset first (see above). Its fence
+            // also makes the data of the kset's keys durable — the write path
+            // stores and flushes data without a fence of its own, on this CPU
+            // or fenced on its own — before the kset that points at it is
+            // stored.
+            if h.head.off + size + KSET_HEADER_SIZE as u32 <= data_size {
+                persist(io.pmem, head + u64::from(size), &[0u8; KSET_HEADER_SIZE]);
+            } else {
+                io.pmem.fence();
+            }
+            let nocrc = k.has_nocrc();
+            persist(io.pmem, head, k.seal()?);
+            k.reset();
+            h.head.off += size;
+            if nocrc {
+                h.nocrc_until = h.seq_head + 1;
+            }
+            h.seq_head += 1;
+            h.written += 1;
+            Ok(Closed::Done)
+        })
     }
 
-    /// Closes every open kset, as far as the log's segment has room.
+    /// Closes every open kset, one after another, as far as the log's segment
+    /// has room.
     pub(crate) fn close_all<P: Pmem>(
-        &mut self,
+        &self,
         io: &mut LogIo<'_, P, M>,
     ) -> Result<Closed, CacheError> {
         for id in 0..self.ksets.len() {
@@ -228,18 +308,15 @@ impl<M: Memory> KeyLog<M> {
         Ok(Closed::Done)
     }
 
-    /// An application FLUSH: closes every open kset and records the FLUSH
-    /// after them (see [`Barriers`]). Nothing is recorded when a close wants
-    /// a segment.
-    pub(crate) fn flush<P: Pmem>(
-        &mut self,
-        io: &mut LogIo<'_, P, M>,
-    ) -> Result<Closed, CacheError> {
+    /// An application FLUSH: closes every open kset and then records the
+    /// FLUSH at the head (see [`LogHead::barriers`]). Nothing is recorded
+    /// when a close wants a segment.
+    pub(crate) fn flush<P: Pmem>(&self, io: &mut LogIo<'_, P, M>) -> Result<Closed, CacheError> {
         let closed = self.close_all(io)?;
         if closed == Closed::Done {
             // Writeback may not put a kset from before this FLUSH and one
             // from after it in one batch.
-            self.barriers.record(self.seq_head);
+            self.head.with(|h| h.barriers.record(h.seq_head));
         }
         Ok(closed)
     }
@@ -275,20 +352,18 @@ pub(crate) fn key_to_onmedia(key: &Key) -> KeyOnmedia {
 /// done leave everything as it was.
 pub(crate) fn commit_key<P: Pmem, M: Memory>(
     index: &Index<M>,
-    log: &M::Lock<KeyLog<M>>,
+    log: &KeyLog<M>,
     io: &mut LogIo<'_, P, M>,
     key: &Key,
     fua: bool,
     over: Option<u32>,
     on_insert: &mut dyn FnMut(),
 ) -> Result<Append, CacheError> {
-    use super::env::Locked;
     let om = key_to_onmedia(key);
     loop {
         // Room first, without the subtree lock: a close copies the kset.
-        let (id, room) = log.with(|l| l.room(key.off, io));
-        let room = room?;
-        if room == Closed::WantsSegment {
+        let (id, room) = log.room(key.off, io);
+        if room? == Closed::WantsSegment {
             return Ok(Append::RoomWantsSegment);
         }
         let mut replaced = false;
@@ -308,17 +383,11 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
                             return Ok(Some(Append::Superseded));
                         }
                     }
-                    log.with(|l| {
-                        if !key.has_crc() && l.crc_wanted {
+                    let pushed = log.with_kset(id, |k| {
+                        if !key.has_crc() && log.crc_wanted() {
                             return Ok(Some(Append::CrcWanted));
                         }
                         // Filled by a commit of another subtree meanwhile.
-                        if l.kset_full(id) {
-                            return Ok(None);
-                        }
-                        let Some(k) = l.ksets.get_mut(id) else {
-                            return Err(CacheError::NoMem("no kset"));
-                        };
                         if !k.push(&om) {
                             return Ok(None);
                         }
@@ -329,11 +398,13 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
                         // Logged from here on (the kset is written when it
                         // closes), so writeback will copy it.
                         if key.dirty() {
-                            l.dirty_bytes += u64::from(key.len);
+                            log.dirty_bytes
+                                .fetch_add(u64::from(key.len), Ordering::Relaxed);
                         }
                         on_insert();
                         Ok(Some(Append::Done { replaced: false }))
-                    })
+                    });
+                    pushed.unwrap_or(Err(CacheError::NoMem("no kset")))
                 },
             )
             .map_err(|_| CacheError::Invalid("key beyond the index"))??;
@@ -342,14 +413,14 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
             Some(Append::Done { .. }) => {}
             Some(other) => return Ok(other),
         }
-        let closed = log.with(|l| {
-            if fua || l.kset_full(id) {
-                l.close(id, io)
+        let closed = log.with_kset(id, |k| {
+            if fua || k.is_full() {
+                log.close_held(k, io)
             } else {
                 Ok(Closed::Done)
             }
-        })?;
-        return Ok(match closed {
+        });
+        return Ok(match closed.unwrap_or(Ok(Closed::Done))? {
             Closed::Done => Append::Done { replaced },
             Closed::WantsSegment => Append::CloseWantsSegment { replaced },
         });

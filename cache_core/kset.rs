@@ -3,7 +3,7 @@
 //! ([`super::key_log`]): closes and commits with the engine at hand for a new
 //! log segment.
 
-use super::env::{Backing, Locked, Pmem};
+use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::{Key, Pos};
@@ -86,14 +86,9 @@ impl KsetBuf {
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
-    /// Runs `f` on the key log under its lock.
-    pub(crate) fn with_log<R>(&self, f: impl FnOnce(&mut KeyLog<M>) -> R) -> R {
-        self.log.with(f)
-    }
-
     /// The key head: where the next kset goes.
     pub(crate) fn key_head(&self) -> Pos {
-        self.with_log(|l| l.head)
+        self.log.with_head(|h| h.head)
     }
 
     /// Runs `step` on the index and the key log with the engine's pmem until
@@ -104,7 +99,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         &mut self,
         mut step: impl FnMut(
             &Index<M>,
-            &M::Lock<KeyLog<M>>,
+            &KeyLog<M>,
             &mut LogIo<'_, P, M>,
         ) -> Result<Option<T>, CacheError>,
     ) -> Result<T, CacheError> {
@@ -145,11 +140,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Runs `close` on the key log (see [`Cache::with_log_segment`]).
     fn log_close(
         &mut self,
-        mut close: impl FnMut(&mut KeyLog<M>, &mut LogIo<'_, P, M>) -> Result<Closed, CacheError>,
+        mut close: impl FnMut(&KeyLog<M>, &mut LogIo<'_, P, M>) -> Result<Closed, CacheError>,
     ) -> Result<(), CacheError> {
         self.with_log_segment(|_, log, io| {
-            log.with(|l| close(l, io))
-                .map(|c| (c == Closed::Done).then_some(()))
+            close(log, io).map(|c| (c == Closed::Done).then_some(()))
         })
     }
 
@@ -183,7 +177,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         match appended {
             Append::Done { replaced } => Ok(Ok(replaced)),
             Append::CloseWantsSegment { replaced } => {
-                let id = self.with_log(|l| l.kset_id(key.off));
+                let id = self.log.kset_id(key.off);
                 Ok(self.kset_close(id).map(|()| replaced))
             }
             // The engine computed the CRC wherever the log wants one.
@@ -197,7 +191,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// without the engine lock found the log needing a new segment, see
     /// [`super::Commit::Persist`]).
     pub fn kset_persist(&mut self, off: u64) -> Result<(), CacheError> {
-        let id = self.with_log(|l| l.kset_id(off));
+        let id = self.log.kset_id(off);
         self.kset_close(id)
     }
 
@@ -221,7 +215,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Ksets closed since attach.
     pub(crate) fn ksets_written(&self) -> u64 {
-        self.with_log(|l| l.written)
+        self.log.with_head(|h| h.written)
     }
 
     /// CRC of a key's data as stored (`cache_key_data_crc`).

@@ -10,6 +10,7 @@
 use super::env::{Locked, SubtreeLocks};
 use super::index::FreeList;
 use super::key_log::KeyLog;
+use super::kset::KsetBuf;
 use super::space::Space;
 use super::{Node, Root, SegMapEntry, SegState, WbExtent};
 use core::ops::{Deref, DerefMut};
@@ -25,11 +26,15 @@ pub trait Memory {
     /// The locks of the index's subtrees, shared the same way.
     type Locks: SubtreeLocks + Clone;
     /// One object the engine shares with the requests it serves without its
-    /// lock (the free list of the key slab).
+    /// lock (the free list of the key slab, the key log).
     type One<T>: Deref<Target = T> + Clone;
-    /// A `T` under a lock of its own, shared the same way (the key log: a
-    /// spinlock in the kernel). Nothing under it sleeps or waits for IO.
+    /// A `T` under a lock of its own, shared the same way (an open kset, the
+    /// key head, the data heads: a spinlock in the kernel). Nothing under it
+    /// sleeps or waits for IO.
     type Lock<T: Unpin>: Locked<T> + Clone;
+    /// An open kset under a lock of its own, as [`Memory::Lock`]: the key
+    /// log holds them in a [`Memory::Buf`].
+    type KsetLock: Locked<KsetBuf> + 'static;
 }
 
 /// The memory an engine works in, handed over at construction.
@@ -48,8 +53,8 @@ pub struct CacheMem<M: Memory> {
     /// The free list of the key slab.
     pub free: M::One<FreeList>,
     /// The key log: the open ksets (upstream: one per CPU; keys go to
-    /// `(off >> 22) % len`) and the key head, under their lock.
-    pub log: M::Lock<KeyLog<M>>,
+    /// `(off >> 22) % len`) and the key head, each under its lock.
+    pub log: M::One<KeyLog<M>>,
     /// The data heads (upstream: per CPU) and the free segments, under their
     /// lock.
     pub space: M::Lock<Space<M>>,

@@ -53,7 +53,7 @@ pub use env::{Backing, IoError, Locked, Pmem, SubtreeLocks, Waiting};
 pub use error::CacheError;
 pub use index::{FreeList, Index, Node, Root, Trees};
 pub use key::{Key, Pos, SegId};
-pub use key_log::KeyLog;
+pub use key_log::{KeyLog, LogHead};
 pub use kset::KsetBuf;
 pub use memory::{key_capacity, CacheMem, Memory};
 pub use mode::Mode;
@@ -119,8 +119,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) segs: M::Buf<SegState>,
     pub(crate) seg_map: SegMap<M>,
     pub(crate) index: Index<M>,
-    /// The open ksets and the key head, under their own lock.
-    pub(crate) log: M::Lock<KeyLog<M>>,
+    /// The open ksets and the key head, each under its own lock.
+    pub(crate) log: M::One<KeyLog<M>>,
     /// The data heads and the free segments, under their own lock.
     pub(crate) space: M::Lock<Space<M>>,
     pub(crate) scratch: M::Buf<u8>,
@@ -150,8 +150,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub fn status(&self) -> Status {
-        let (key_head, dirty_bytes, written) =
-            self.with_log(|l| (l.head, l.dirty_bytes, l.written));
+        let (key_head, written) = self.log.with_head(|h| (h.head, h.written));
+        let dirty_bytes = self.log.dirty_bytes();
         let mut stats = self.stats;
         stats.ksets_written = written;
         Status {
@@ -173,7 +173,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// `stats reset` (see [`Stats::reset`]).
     pub fn reset_stats(&mut self) {
         self.stats.reset();
-        self.with_log(|l| l.written = 0);
+        self.log.with_head(|h| h.written = 0);
     }
 
     /// Whether the cache holds any of `off..off + len` (a write there is a write

@@ -148,12 +148,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             )
             .into());
         }
-        self.with_log(|l| {
-            l.head = cur.pos;
-            l.seq_head = seq_head;
-            l.dirty_bytes = dirty_bytes;
-            l.nocrc_until = nocrc_until;
+        self.log.with_head(|h| {
+            h.head = cur.pos;
+            h.seq_head = seq_head;
+            h.nocrc_until = nocrc_until;
         });
+        self.log.set_dirty_bytes(dirty_bytes);
         Ok(())
     }
 

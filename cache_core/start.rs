@@ -6,7 +6,6 @@ use super::env::{persist, Backing, Locked, Pmem, SubtreeLocks};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::Pos;
-use super::key_log::KeyLog;
 use super::options::CacheOptions;
 use super::segment::SegMap;
 use super::{roots_needed, Cache, CacheMem, Memory, Stats, Tail, SCRATCH_BYTES};
@@ -108,7 +107,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if mem.locks.len() < roots_needed(dev_bytes) {
             return Err(CacheError::NoMem("fewer subtree locks than 4 MiB stripes"));
         }
-        if mem.log.with(|l| l.n_ksets()) == 0 || mem.space.with(|sp| sp.n_heads()) == 0 {
+        if mem.log.n_ksets() == 0 || mem.space.with(|sp| sp.n_heads()) == 0 {
             return Err(CacheError::NoMem(
                 "need at least one kset and one data head",
             ));
@@ -126,10 +125,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         for s in mem.segs.iter_mut() {
             *s = Default::default();
         }
-        mem.log.with(|l| l.reset());
+        mem.log.reset();
         mem.space.with(|sp| sp.reset());
 
-        let mut cache = Cache {
+        let mut cache: Cache<P, B, M> = Cache {
             pmem,
             backing,
             geo,
@@ -162,7 +161,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cache.segs_init(new_cache, sb.seg_num)?;
         cache.tail_init(new_cache)?;
         cache.replay()?;
-        cache.with_log(|l| l.barriers = Barriers::attached(l.seq_head));
+        cache
+            .log
+            .with_head(|h| h.barriers = Barriers::attached(h.seq_head));
         // The table's data_crc applies from now on; the media flag follows it as
         // far as the keys already in the log allow (see `set_data_crc`), but only
         // from the first write (or GC step) on: a constructor that never serves
@@ -175,12 +176,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             sp.data_crc = data_crc;
         });
         let crc_wanted = cache.data_crc || cache.info.data_crc();
-        cache.with_log(|l| l.crc_wanted = crc_wanted);
+        cache.log.set_crc_wanted(crc_wanted);
         // Another mode than the one recorded: only for a cache without dirty data,
         // whose keys all match the backing device (the modes that write through
         // never have any), so no mode takes over data it would handle otherwise.
         if cache.info.cache_mode() != opts.cache_mode {
-            if cache.with_log(|l| l.dirty_bytes) != 0 {
+            if cache.log.dirty_bytes() != 0 {
                 return Err(CacheError::Invalid(MODE_MISMATCH));
             }
             cache.info.set_cache_mode(opts.cache_mode);
@@ -286,32 +287,33 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// The on-media `DATA_CRC` flag may be set: data CRC is on, no open kset
     /// holds a key without a CRC, and the key tail has passed every logged one.
     pub(crate) fn media_crc_allowed(&self) -> bool {
-        self.with_log(|l| self.media_crc_allowed_in(l))
-    }
-
-    fn media_crc_allowed_in(&self, l: &KeyLog<M>) -> bool {
-        self.data_crc && self.log_seq_tail >= l.nocrc_until && !l.any_nocrc()
+        // The open ksets first, then the head: a kset closed after its look
+        // has counted its keys in `nocrc_until` by the time the head is read.
+        self.data_crc
+            && !self.log.any_nocrc()
+            && self.log_seq_tail >= self.log.with_head(|h| h.nocrc_until)
     }
 
     /// Set or clear the on-media `DATA_CRC` flag as [`Self::media_crc_allowed`] says.
     ///
     /// The key log's `crc_wanted` keeps commits made without the engine lock
-    /// in step: it is set in the same hold of the log's lock that found no key
-    /// without a CRC, before the flag is persisted, so none is appended after
-    /// the check; and cleared only once a cleared flag is persisted.
+    /// in step: it is set before the look at the open ksets that found no key
+    /// without a CRC, each under its kset's lock, and the flag persisted after
+    /// it, so none is appended after the look (a commit reads it under its
+    /// kset's lock); and cleared only once a cleared flag is persisted.
     pub(crate) fn sync_crc_flag(&mut self) {
         self.with_space(|sp| sp.crc_flag_pending = false);
         let data_crc = self.data_crc;
-        let want = self.with_log(|l| {
-            l.crc_wanted |= data_crc;
-            self.media_crc_allowed_in(l)
-        });
+        if data_crc {
+            self.log.set_crc_wanted(true);
+        }
+        let want = self.media_crc_allowed();
         if want != self.info.data_crc() {
             self.info.flags ^= CACHE_FLAGS_DATA_CRC;
             self.cache_info_write();
         }
         let media = self.info.data_crc();
-        self.with_log(|l| l.crc_wanted = media || data_crc);
+        self.log.set_crc_wanted(media || data_crc);
     }
 
     fn segs_init(&mut self, new_cache: bool, seg_num: u32) -> Result<(), CacheError> {
@@ -430,7 +432,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     fn tail_init(&mut self, new_cache: bool) -> Result<(), CacheError> {
         if new_cache {
             let head = Pos::default();
-            self.with_log(|l| l.head = head);
+            self.log.with_head(|h| h.head = head);
             self.set_used(head.seg, true);
             self.key_tail = Tail {
                 pos: head,

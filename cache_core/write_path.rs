@@ -40,7 +40,7 @@ pub enum Commit {
 /// What a write needs of the engine, shared with it (see [`super::Cache::write_path`]).
 pub struct WritePath<M: Memory> {
     pub(crate) index: Index<M>,
-    pub(crate) log: M::Lock<KeyLog<M>>,
+    pub(crate) log: M::One<KeyLog<M>>,
     pub(crate) space: M::Lock<Space<M>>,
     pub(crate) seg_map: SegMap<M>,
     pub(crate) geo: Geometry,
@@ -82,7 +82,7 @@ impl<M: Memory> WritePath<M> {
         }
         let mut spare = None;
         let mut io = self.log_io(pmem, &mut spare);
-        if self.log.with(|l| l.room(off, &mut io)).1 != Ok(Closed::Done) {
+        if self.log.room(off, &mut io).1 != Ok(Closed::Done) {
             return None;
         }
         let (seg_map, geo, n_segs) = (&self.seg_map, &self.geo, self.n_segs);
@@ -102,7 +102,7 @@ impl<M: Memory> WritePath<M> {
     pub fn flush<P: Pmem>(&self, pmem: &mut P) -> bool {
         let mut spare = None;
         let mut io = self.log_io(pmem, &mut spare);
-        self.log.with(|l| l.flush(&mut io)) == Ok(Closed::Done)
+        self.log.flush(&mut io) == Ok(Closed::Done)
     }
 
     /// Makes the data copied into `r` (with CRC `crc`, see

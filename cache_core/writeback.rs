@@ -507,7 +507,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             || batch.bytes >= WB_STEP_BYTES
             || batch.end == self.key_head()
             || room.saturating_sub(batch.n) < KSET_KEYS_MAX
-            || !self.with_log(|l| l.barriers.joins(next_seq))
+            || !self.log.with_head(|h| h.barriers.joins(next_seq))
         {
             return Ok(false);
         }
@@ -595,13 +595,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.encode_tail(CtrlPos::DirtyTail);
         self.dirty_seq += u64::from(batch.ksets);
         let dirty_seq = self.dirty_seq;
-        self.with_log(|l| l.barriers.passed(dirty_seq));
+        self.log.with_head(|h| h.barriers.passed(dirty_seq));
         self.stats.ksets_written_back += u64::from(batch.ksets);
         self.stats.bytes_written_back += batch.bytes;
-        self.with_log(|l| {
-            debug_assert!(l.dirty_bytes >= batch.dirty);
-            l.dirty_bytes = l.dirty_bytes.saturating_sub(batch.dirty);
-        });
+        self.log.written_back(batch.dirty);
     }
 
     /// Write back everything logged so far (used at stop and by tests).

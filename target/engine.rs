@@ -13,8 +13,8 @@ use super::{
 };
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
-    FreeList, IoError, KeyLog, KsetBuf, Locked, Memory, Node, Pmem, Root, SegMapEntry, SegState,
-    Space, SubtreeLocks, WbExtent,
+    FreeList, IoError, KeyLog, KsetBuf, Locked, LogHead, Memory, Node, Pmem, Root, SegMapEntry,
+    SegState, Space, SubtreeLocks, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
@@ -187,10 +187,16 @@ impl Memory for KernelMem {
     type Locks = SharedLocks;
     type One<T> = Arc<T>;
     type Lock<T: Unpin> = SharedSpinLock<T>;
+    type KsetLock = SharedSpinLock<KsetBuf>;
 }
 
+// SAFETY: every field of a `KsetBuf` (a count, a flag and a byte array) is valid all zeroes, and
+// all zeroes is an empty kset: so an open kset is made in place in its lock's allocation
+// ([`pin_init::init_zeroed`]), not built on the stack, which its 5 KiB buffer would overflow.
+unsafe impl Zeroable for KsetBuf {}
+
 /// A `T` under a spinlock, shared by the engine and the requests it serves without its lock
-/// (the key log, see [`Memory::Lock`]); the last clone frees it.
+/// (an open kset, the key head, the data heads, see [`Memory::Lock`]); the last clone frees it.
 pub(crate) struct SharedSpinLock<T>(Arc<SpinLock<T>>);
 
 impl<T> Clone for SharedSpinLock<T> {
@@ -301,14 +307,18 @@ pub(crate) fn start(
     let mut ksets =
         KVVec::with_capacity(sizing.ksets, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     for _ in 0..sizing.ksets {
+        // One lock class for all: no path holds two open ksets' locks at once.
+        let kset = Arc::pin_init(new_spinlock!(pin_init::init_zeroed()), GFP_KERNEL)
+            .map_err(|_| StartError::NoMem)?;
         ksets
-            .push(KsetBuf::default(), GFP_KERNEL)
+            .push(SharedSpinLock(kset), GFP_KERNEL)
             .map_err(|_| StartError::NoMem)?;
     }
-    let log = SharedSpinLock(
-        Arc::pin_init(new_spinlock!(KeyLog::new(ksets)), GFP_KERNEL)
+    let head = SharedSpinLock(
+        Arc::pin_init(new_spinlock!(LogHead::default()), GFP_KERNEL)
             .map_err(|_| StartError::NoMem)?,
     );
+    let log = Arc::new(KeyLog::new(ksets, head), GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     let mem = CacheMem::<KernelMem> {
         segs: filled(n_segs, SegState::default())?,
         seg_map: shared(n_segs, SegMapEntry::default())?,

@@ -22,6 +22,7 @@ impl<'a> Memory for Borrowed<'a> {
     type Locks = SpinLocks<'a>;
     type One<T> = Arc<T>;
     type Lock<T: Unpin> = HostLock<T>;
+    type KsetLock = HostLock<crate::cache_core::KsetBuf>;
 }
 
 /// Subtree locks for hosts: a flag each, taken by spinning. Never in the

@@ -451,7 +451,7 @@ pub struct OwnedMem {
     pub nodes: Vec<crate::cache_core::Node>,
     pub roots: Vec<crate::cache_core::Root>,
     pub locks: Vec<std::sync::atomic::AtomicBool>,
-    pub ksets: Vec<crate::cache_core::KsetBuf>,
+    pub ksets: Vec<crate::host_mem::HostLock<crate::cache_core::KsetBuf>>,
     pub heads: Vec<crate::cache_core::DataHead>,
     pub scratch: Vec<u8>,
     pub bounce: Vec<u8>,
@@ -468,7 +468,9 @@ impl OwnedMem {
             locks: (0..crate::cache_core::roots_needed(backing_bytes))
                 .map(|_| Default::default())
                 .collect(),
-            ksets: vec![Default::default(); ksets],
+            ksets: (0..ksets)
+                .map(|_| crate::host_mem::HostLock::new(Default::default()))
+                .collect(),
             heads: vec![Default::default(); heads],
             scratch: vec![0; crate::cache_core::SCRATCH_BYTES],
             // Small enough that large keys take the piecewise path, large enough
@@ -486,8 +488,9 @@ impl OwnedMem {
             roots: &self.roots,
             locks: crate::host_mem::SpinLocks(&self.locks),
             free: Default::default(),
-            log: crate::host_mem::HostLock::new(crate::cache_core::KeyLog::new(
+            log: std::sync::Arc::new(crate::cache_core::KeyLog::new(
                 &mut self.ksets[..],
+                crate::host_mem::HostLock::new(Default::default()),
             )),
             space: crate::host_mem::HostLock::new(crate::cache_core::Space::new(
                 &mut self.heads[..],

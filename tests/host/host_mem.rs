@@ -4,13 +4,13 @@
 //! ([`HostLock`]), which a seeded scheduler can watch ([`set_lock_hook`]).
 
 use crate::cache_core::{Locked, Memory, SubtreeLocks};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::sync::atomic::{
     AtomicBool,
     Ordering::{Acquire, Relaxed, Release},
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 
 /// Buffers lent for `'a` (host tests that reuse their memory between lives);
 /// the shared objects and locks are the engine's own.
@@ -42,15 +42,15 @@ impl SubtreeLocks for SpinLocks<'_> {
                 .compare_exchange_weak(false, true, Acquire, Relaxed)
                 .is_err()
             {
-                std::hint::spin_loop();
+                if !contended() {
+                    std::hint::spin_loop();
+                }
             }
-            HELD.with(|h| h.set(h.get() + 1));
         }
     }
 
     fn unlock(&self, sub: usize) {
         if let Some(l) = self.0.get(sub) {
-            HELD.with(|h| h.set(h.get().saturating_sub(1)));
             l.store(false, Release);
         }
     }
@@ -74,40 +74,56 @@ impl<T> Clone for HostLock<T> {
 impl<T> Locked<T> for HostLock<T> {
     fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         before_lock();
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        HELD.with(|h| h.set(h.get() + 1));
-        let r = f(&mut g);
-        HELD.with(|h| h.set(h.get().saturating_sub(1)));
-        r
+        let mut g = loop {
+            match self.0.try_lock() {
+                Ok(g) => break g,
+                Err(TryLockError::Poisoned(e)) => break e.into_inner(),
+                Err(TryLockError::WouldBlock) if !contended() => {
+                    break self.0.lock().unwrap_or_else(|e| e.into_inner());
+                }
+                Err(TryLockError::WouldBlock) => {}
+            }
+        };
+        f(&mut g)
     }
 }
 
+/// What a seeded scheduler does at a host lock (see [`set_lock_hook`]).
+pub trait LockHook {
+    /// Before each host lock this thread takes: a point where another thread
+    /// may be given the turn.
+    fn before(&self);
+    /// The lock is held by another thread: give it the turn (the caller tries
+    /// again when it comes back).
+    fn contended(&self);
+}
+
 thread_local! {
-    /// Host locks (subtree and [`HostLock`]s) this thread holds.
-    static HELD: Cell<u32> = const { Cell::new(0) };
-    /// Called before this thread takes a host lock it does not hold yet.
-    static HOOK: RefCell<Option<Box<dyn Fn()>>> = const { RefCell::new(None) };
+    /// What a seeded scheduler does at this thread's host locks.
+    static HOOK: RefCell<Option<Box<dyn LockHook>>> = const { RefCell::new(None) };
 }
 
-/// How many host locks this thread holds: a seeded scheduler gives the turn
-/// away only when it holds none, since a thread waiting for a lock whose
-/// holder never gets the turn back would wait forever.
-pub fn locks_held() -> u32 {
-    HELD.with(|h| h.get())
-}
-
-/// Has `hook` run before each host lock this thread takes while it holds none
-/// (a seeded scheduler's switch point); `None` removes it.
-pub fn set_lock_hook(hook: Option<Box<dyn Fn()>>) {
+/// Has `hook` see each host lock this thread takes; `None` removes it.
+pub fn set_lock_hook(hook: Option<Box<dyn LockHook>>) {
     HOOK.with(|h| *h.borrow_mut() = hook);
 }
 
 fn before_lock() {
-    if locks_held() == 0 {
-        HOOK.with(|h| {
-            if let Some(f) = h.borrow().as_ref() {
-                f();
-            }
-        });
-    }
+    HOOK.with(|h| {
+        if let Some(f) = h.borrow().as_ref() {
+            f.before();
+        }
+    });
+}
+
+/// The lock is busy: the hook gives its holder the turn (`true`), or there is
+/// no hook and the caller waits as any thread does (`false`).
+fn contended() -> bool {
+    HOOK.with(|h| match h.borrow().as_ref() {
+        Some(f) => {
+            f.contended();
+            true
+        }
+        None => false,
+    })
 }

@@ -142,15 +142,26 @@ impl Backing for TBacking {
 type Engine<'a> = Cache<TPmem, TBacking, pcache_engine::host_mem::Borrowed<'a>>;
 
 /// The engine lock: a mutex, as in the module; under a [`Sched`], taking it
-/// is a point where another thread may be given the turn.
+/// is a point where another thread may be given the turn, and (in a deep
+/// schedule) finding it held gives the turn away until it is let go.
 struct Lock<T>(Mutex<T>, Option<Arc<Sched>>);
 
 impl<T> Locked<T> for Lock<T> {
     fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        let run = || f(&mut self.0.lock().expect("engine lock poisoned"));
         match &self.1 {
-            Some(s) => s.locked(run),
-            None => run(),
+            Some(s) => {
+                s.switch();
+                loop {
+                    match self.0.try_lock() {
+                        Ok(mut g) => break f(&mut g),
+                        Err(std::sync::TryLockError::WouldBlock) => s.contended(),
+                        Err(std::sync::TryLockError::Poisoned(_)) => {
+                            panic!("engine lock poisoned")
+                        }
+                    }
+                }
+            }
+            None => f(&mut self.0.lock().expect("engine lock poisoned")),
         }
     }
 }
@@ -250,17 +261,22 @@ struct HistoryState {
     sectors: std::collections::HashMap<u64, Vec<(u64, u64)>>,
     /// The sequence number at the start of the last FLUSH that completed.
     flushed: u64,
+    /// Per sector, the sequence number of its newest version written with
+    /// FUA that completed: it must survive, as a flushed one.
+    fua: std::collections::HashMap<u64, u64>,
     /// One per crash image, in the order the world took them.
     marks: Vec<Mark>,
 }
 
 /// What the history held when a crash image was taken.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Mark {
     /// Commits so far.
     seq: u64,
     /// See [`HistoryState::flushed`]: every commit up to it must survive.
     flushed: u64,
+    /// See [`HistoryState::fua`]: these must survive too.
+    fua: std::collections::HashMap<u64, u64>,
 }
 
 impl History {
@@ -290,12 +306,29 @@ impl History {
         st.flushed = st.flushed.max(start);
     }
 
+    /// The write of `version` to `off..off + len` with FUA completed.
+    fn fua_done(&self, off: u64, len: u64, version: u64) {
+        let mut st = self.state();
+        for s in off / SECTOR as u64..(off + len) / SECTOR as u64 {
+            let seq = st
+                .sectors
+                .get(&s)
+                .and_then(|h| h.iter().find(|&&(v, _)| v == version))
+                .map(|&(_, seq)| seq);
+            if let Some(seq) = seq {
+                let at = st.fua.entry(s).or_default();
+                *at = (*at).max(seq);
+            }
+        }
+    }
+
     /// A crash image was just taken.
     fn mark(&self) {
         let mut st = self.state();
         let m = Mark {
             seq: st.seq,
             flushed: st.flushed,
+            fua: st.fua.clone(),
         };
         st.marks.push(m);
     }
@@ -338,12 +371,17 @@ fn write(
     pmem: &mut TPmem,
     history: &History,
     w: (u64, &[u8], u64),
+    fua: bool,
 ) -> Result<(), String> {
     let mut done = 0usize;
     until_room(room, || {
-        write_chunks((lock, write_path), pmem, history, w, &mut done)
+        write_chunks((lock, write_path), pmem, history, w, fua, &mut done)
     })
-    .unwrap_or_else(|_| Err("write stalled waiting for room".into()))
+    .unwrap_or_else(|_| Err("write stalled waiting for room".into()))?;
+    if fua {
+        history.fua_done(w.0, w.1.len() as u64, w.2);
+    }
+    Ok(())
 }
 
 /// The chunks of a write from `*done` on; `None` when the cache is full.
@@ -352,6 +390,7 @@ fn write_chunks(
     pmem: &mut TPmem,
     history: &History,
     (off, data, version): (u64, &[u8], u64),
+    fua: bool,
     done: &mut usize,
 ) -> Option<Result<(), String>> {
     while *done < data.len() {
@@ -374,10 +413,10 @@ fn write_chunks(
         // As the module: without the engine lock, unless the commit needs the
         // engine. The history records each commit as its key goes in.
         let mut record = || history.commit(r.off, u64::from(r.len), version);
-        let committed = match write_path.commit_with(pmem, &r, crc, false, &mut record) {
+        let committed = match write_path.commit_with(pmem, &r, crc, fua, &mut record) {
             Commit::Done(replaced) => Ok(replaced),
             Commit::Persist(replaced) => lock.with(|c| c.kset_persist(r.off)).map(|()| replaced),
-            Commit::Engine => lock.with(|c| c.write_commit_with(&r, crc, false, &mut record)),
+            Commit::Engine => lock.with(|c| c.write_commit_with(&r, crc, fua, &mut record)),
         };
         match committed {
             Ok(_) => *done += r.len as usize,
@@ -557,6 +596,7 @@ fn request_thread(
             flush((lock, write_path), &mut pmem, room, history)?;
         } else if rng.chance(1, 2) {
             next += 1;
+            let fua = rng.chance(1, 8);
             for i in 0..n {
                 let at = i as usize * SECTOR;
                 fill(first + i, next, &mut buf[at..at + SECTOR]);
@@ -567,6 +607,7 @@ fn request_thread(
                 &mut pmem,
                 history,
                 (off, &buf, next),
+                fua,
             )?;
         } else {
             let (from, to) = read(
@@ -814,11 +855,15 @@ fn check_crash(img: CrashImage, mark: Mark, history: &History) -> Result<(), Str
                 "sector {s} reads {got:?}, committed after the crash ({mark:?}, key {ks}, status {:?}, versions {hist:?})", cache.status()
             ));
         }
-        // The last version that had to survive, if any.
-        let floor = hist.iter().rposition(|&(_, seq)| seq <= mark.flushed);
+        // The last version that had to survive, if any: flushed, or written
+        // with FUA.
+        let fua = mark.fua.get(&s).copied().unwrap_or(0);
+        let floor = hist
+            .iter()
+            .rposition(|&(_, seq)| seq <= mark.flushed || seq <= fua);
         if floor.is_some_and(|f| at.is_none_or(|at| at < f)) {
             return Err(format!(
-                "sector {s} lost a flushed write: reads {got:?}, the last version \
+                "sector {s} lost a flushed or FUA write: reads {got:?}, the last version \
                  committed before the last completed FLUSH is {:?} ({mark:?}, versions {hist:?})",
                 floor.map(|f| hist[f])
             ));
@@ -903,7 +948,7 @@ fn two_scheduled_threads(seed: u64) -> (Arc<Sched>, Arc<Devices>, TPmem, TBackin
 
 /// Two threads commit overlapping writes to one range at once, without the
 /// engine lock, as the module does (`WritePath`), under the seeded scheduler
-/// (which may switch before each lock a thread takes holding none): the index
+/// (which may switch before each lock a thread takes and inside it): the index
 /// takes one key over the other in some order, and the key log must hold them
 /// in that order, since replay applies it in order. After the commits, the
 /// cache replayed from the pmem must read what the live one reads.
@@ -1051,6 +1096,70 @@ fn reservations_without_the_engine_lock_never_share_room() {
                 c.seg_used(id) && addr >= start && addr < start + seg_bytes
             });
             assert!(used, "seed {seed}: room at {addr} is in no segment in use");
+        }
+    }
+}
+
+/// Two threads write with FUA into two subtrees, whose keys go to two open
+/// ksets, under a deep schedule (switches inside locks, as on two CPUs): the
+/// ksets close at once, each persisted at the key head in turn. A crash at any
+/// device operation must keep every FUA write that completed before it: a
+/// kset persisted after one placed behind it would leave a hole in the log
+/// where replay stops.
+#[test]
+fn fua_writes_to_two_ksets_survive_a_crash_at_any_point() {
+    for seed in 0..40u64 {
+        let (sched, devices, pmem, backing) = two_scheduled_threads(seed);
+        let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
+        let geo = Geometry::small(SEG).expect("geometry");
+        let cache =
+            Cache::start(pmem.clone(), backing.clone(), geo, mem.borrow(), &opts()).expect("start");
+        devices.world().crash_ppm = 1_000_000;
+        let write_path = &cache.write_path();
+        let lock = &Lock(Mutex::new(cache), Some(sched.clone()));
+        let room = &Room::new(Some(sched.clone()));
+        let history = &devices.history;
+        std::thread::scope(|sc| {
+            for t in 0..2u64 {
+                let (mut pmem, sched) = (pmem.clone(), sched.clone());
+                sc.spawn(move || {
+                    let _turn = sched.enter(t as usize);
+                    let mut buf = vec![0u8; 4096];
+                    for i in 0..6u64 {
+                        let (off, v) = ((t << 22) + i * 4096, (t << 16) | (i + 1));
+                        for (s, d) in buf.chunks_mut(SECTOR).enumerate() {
+                            fill(off / SECTOR as u64 + s as u64, v, d);
+                        }
+                        write(
+                            (lock, write_path),
+                            room,
+                            &mut pmem,
+                            history,
+                            (off, &buf, v),
+                            true,
+                        )
+                        .expect("write");
+                    }
+                });
+            }
+        });
+        let images = std::mem::take(&mut devices.world().crashes);
+        let marks = std::mem::take(&mut history.state().marks);
+        assert_eq!(
+            images.len(),
+            marks.len(),
+            "seed {seed}: a mark per crash image"
+        );
+        assert!(
+            images.len() > 20,
+            "seed {seed}: {} crash images",
+            images.len()
+        );
+        for (img, mark) in images.into_iter().zip(marks) {
+            let at_op = img.at_op;
+            if let Err(e) = check_crash(img, mark, history) {
+                panic!("seed {seed}: crash at op {at_op}: {e}");
+            }
         }
     }
 }

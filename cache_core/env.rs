@@ -73,6 +73,19 @@ pub trait Backing {
     fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
         each_batch_write(data, extents, |off, d| self.write(off, d))
     }
+    /// [`Backing::write_batch`] with each extent's data taken where it is on
+    /// the cache device, `pmem` (`e.len` bytes at `e.addr`), with no copy,
+    /// as upstream writes back from the pmem pages: the device reads the
+    /// cache's memory itself. The caller keeps that data where it is until
+    /// this returns. `Ok(false)`: this device cannot (nothing written); the
+    /// caller copies.
+    fn write_batch_from<P: Pmem>(
+        &mut self,
+        _pmem: &P,
+        _extents: &[WbExtent],
+    ) -> Result<bool, IoError> {
+        Ok(false)
+    }
 }
 
 /// Most writes in one [`Backing::write_batch`]: a writeback step's worth of
@@ -140,6 +153,13 @@ impl<T: Backing + ?Sized> Backing for &mut T {
     }
     fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
         (**self).write_batch(data, extents)
+    }
+    fn write_batch_from<P: Pmem>(
+        &mut self,
+        pmem: &P,
+        extents: &[WbExtent],
+    ) -> Result<bool, IoError> {
+        (**self).write_batch_from(pmem, extents)
     }
 }
 

@@ -137,13 +137,15 @@ impl From<WbError> for CacheError {
 /// An extent that a later one of the step covers whole is not written: the
 /// step's ksets lie between two FLUSH barriers, so the backing device may end up
 /// with any of their writes before the flush, and after it holds the later one
-/// either way. What is left goes out in batches ([`Backing::write_batch`]) of
-/// extents that fit in `bounce` together, in offset order when none of them
-/// overlap (the block layer merges neighbours), and otherwise in log order with
-/// a new batch at each extent that overlaps an earlier one of its batch, so that
-/// a later key is never overtaken by an earlier one it overwrites. Every
-/// extent's CRC is checked before its batch is written. The extents are
-/// reordered in place.
+/// either way. What is left goes out in batches, in offset order when none of
+/// them overlap (the block layer merges neighbours), and otherwise in log order
+/// with a new batch at each extent that overlaps an earlier one of its batch,
+/// so that a later key is never overtaken by an earlier one it overwrites.
+/// Extents without a data CRC go out straight from the pmem where the backing
+/// device can ([`Backing::write_batch_from`]), as upstream's writeback does;
+/// the others are copied into `bounce`, as many as fit, and each one's CRC is
+/// checked before its batch is written ([`Backing::write_batch`]). The extents
+/// are reordered in place.
 pub fn writeback_extents<P: Pmem, B: Backing>(
     pmem: &P,
     backing: &mut B,
@@ -157,6 +159,21 @@ pub fn writeback_extents<P: Pmem, B: Backing>(
     }
     let mut rest: &[WbExtent] = extents;
     while let Some(first) = rest.first() {
+        // Extents without a data CRC go out from the pmem itself where the
+        // backing device can take them so: no copy. Those with one are copied
+        // (machine-check safe) and checked before anything is written.
+        let plain = rest.iter().take_while(|e| e.crc.is_none()).count();
+        if plain > 0 {
+            let n = batch_len(rest.get(..plain).unwrap_or_default(), usize::MAX, overlap);
+            let (batch, next) = rest.split_at_checked(n).ok_or(WbError::Pmem)?;
+            if backing
+                .write_batch_from(pmem, batch)
+                .map_err(|_| WbError::Backing)?
+            {
+                rest = next;
+                continue;
+            }
+        }
         let n = batch_len(rest, bounce.len(), overlap);
         if n == 0 {
             // Larger than the bounce buffer: on its own, in pieces.

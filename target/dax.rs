@@ -185,6 +185,13 @@ impl DaxMapping {
         &self.dev
     }
 
+    /// Where bytes `off..off + len` of the device are mapped (for a device to read them from,
+    /// [`super::device::TargetDevice::write_batch_mapped`]): `EINVAL` out of range. The pointer
+    /// is valid as long as `self`.
+    pub(crate) fn mapped(&self, off: u64, len: usize) -> Result<*const u8> {
+        self.range(off, len).map(<*mut u8>::cast_const)
+    }
+
     fn range(&self, off: u64, len: usize) -> Result<*mut u8> {
         let end = off.checked_add(len as u64).ok_or(EINVAL)?;
         if end > self.len {

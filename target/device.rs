@@ -3,6 +3,7 @@
 //! A device that a target holds open: `dm_get_device` on creation, `dm_put_device` on drop.
 
 use super::bindings;
+use super::dax::DaxMapping;
 use crate::cache_core::{env::each_batch_write, IoError, WbExtent};
 use core::ptr::NonNull;
 use kernel::prelude::*;
@@ -211,6 +212,42 @@ impl TargetDevice {
         // SAFETY: the block device is open (type invariant); the first `extents.len()` entries
         // of `c` describe pieces of `data`, borrowed for the duration of the call, which waits
         // for every write to finish and only reads them.
+        let ret = unsafe {
+            bindings::pcache_rs_write_batch(self.bdev(), c.as_ptr(), extents.len() as u32)
+        };
+        kernel::error::to_result(ret)
+    }
+
+    /// Writes each of `extents` (at most as many as `slots` has) from the cache device's mapping
+    /// `map`: `e.len` bytes at `e.addr`, handed to the backing device as the mapping's own pages
+    /// (upstream's writeback does the same), all submitted at once, and waits for them. The
+    /// caller keeps those bytes unchanged until this returns (writeback holds the dirty tail, so
+    /// GC gives none of their segments out again). A media error in them is met by the device's
+    /// read of the memory, not by a machine-check-safe copy: keys with a data CRC are copied and
+    /// checked instead (see `cache_core::writeback::writeback_extents`).
+    pub(crate) fn write_batch_mapped(
+        &self,
+        map: &DaxMapping,
+        extents: &[WbExtent],
+        slots: &mut WriteSlots,
+    ) -> Result {
+        let c = slots.0.get_mut(..extents.len()).ok_or(EINVAL)?;
+        for (slot, e) in c.iter_mut().zip(extents) {
+            let end = e.off.checked_add(u64::from(e.len)).ok_or(EINVAL)?;
+            if e.off % 512 != 0 || e.len % 512 != 0 || end > self.size_bytes() {
+                return Err(EINVAL);
+            }
+            *slot = bindings::pcache_rs_write {
+                sector: e.off >> 9,
+                buf: map.mapped(e.addr, e.len as usize)?.cast(),
+                len: e.len as usize,
+            };
+        }
+        // SAFETY: the block device is open (type invariant); the first `extents.len()` entries
+        // of `c` describe ranges inside `map` (checked by `mapped`), which stays mapped while it
+        // is borrowed, for the duration of the call, which waits for every write to finish and
+        // only reads them. The mapping has a `struct page` for each of its pages (`DaxMapping`
+        // takes only pfn-backed memory), which the bios are built on.
         let ret = unsafe {
             bindings::pcache_rs_write_batch(self.bdev(), c.as_ptr(), extents.len() as u32)
         };

@@ -145,11 +145,13 @@ impl Backing for BackingIo {
     }
 }
 
-/// The background writer's side of the backing device: [`BackingIo`], and room to send a
-/// writeback step's extents to the device all at once.
+/// The background writer's side of the backing device: [`BackingIo`], room to send a
+/// writeback step's extents to the device all at once, and the cache device's mapping, which
+/// the backing device writes them out from with no copy ([`Backing::write_batch_from`]).
 pub(crate) struct WritebackIo {
     dev: BackingIo,
     slots: WriteSlots,
+    map: Arc<DaxMapping>,
 }
 
 impl Backing for WritebackIo {
@@ -173,6 +175,20 @@ impl Backing for WritebackIo {
         self.dev
             .0
             .write_batch(data, extents, &mut self.slots)
+            .map_err(|_| IoError)
+    }
+
+    /// From this writer's own mapping of the cache device (the same device as the engine's
+    /// pmem), so that the pages handed to the backing device are the mapping's, whatever `P`.
+    fn write_batch_from<P: Pmem>(
+        &mut self,
+        _pmem: &P,
+        extents: &[WbExtent],
+    ) -> Result<bool, IoError> {
+        self.dev
+            .0
+            .write_batch_mapped(&self.map, extents, &mut self.slots)
+            .map(|()| true)
             .map_err(|_| IoError)
     }
 }
@@ -365,6 +381,7 @@ pub(crate) fn writer(
         WritebackIo {
             dev: BackingIo(backing),
             slots: WriteSlots::new(WRITE_BATCH_MAX).map_err(|_| StartError::NoMem)?,
+            map: pmem.map.clone(),
         },
         filled(WB_EXTENTS_MAX, WbExtent::default())?,
         filled(bounce, 0u8)?,

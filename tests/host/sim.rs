@@ -442,6 +442,32 @@ impl Backing for SimBacking {
         }
         Ok(())
     }
+    fn write_batch_from<P: Pmem>(
+        &mut self,
+        pmem: &P,
+        extents: &[crate::cache_core::WbExtent],
+    ) -> Result<bool, IoError> {
+        write_batch_reading(self, pmem, extents)
+    }
+}
+
+/// [`Backing::write_batch_from`] for the host's models: a device that reads
+/// the cache's memory itself, as a DMA does, sees what the pmem holds at that
+/// moment (the stores, durable or not): [`Pmem::read`], then the batch as
+/// [`Backing::write_batch`] writes it.
+pub fn write_batch_reading<B: Backing, P: Pmem>(
+    backing: &mut B,
+    pmem: &P,
+    extents: &[crate::cache_core::WbExtent],
+) -> Result<bool, IoError> {
+    let mut data = Vec::new();
+    for e in extents {
+        let at = data.len();
+        data.resize(at + e.len as usize, 0);
+        pmem.read(e.addr, &mut data[at..])?;
+    }
+    backing.write_batch(&data, extents)?;
+    Ok(true)
 }
 
 /// Owned memory for one engine instance.

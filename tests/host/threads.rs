@@ -137,6 +137,13 @@ impl Backing for TBacking {
     fn flush(&mut self) -> Result<(), IoError> {
         self.0.op(|w| w.backing_flush())
     }
+    fn write_batch_from<P: Pmem>(
+        &mut self,
+        pmem: &P,
+        extents: &[pcache_engine::cache_core::WbExtent],
+    ) -> Result<bool, IoError> {
+        pcache_engine::sim::write_batch_reading(self, pmem, extents)
+    }
 }
 
 type Engine<'a> = Cache<TPmem, TBacking, pcache_engine::host_mem::Borrowed<'a>>;
@@ -666,12 +673,18 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
     let backing = TBacking(devices.clone());
     let history = &devices.history;
     let mut mem = OwnedMem::new(N_SEGS as usize, 2048, BACKING, 2, 1);
+    // Odd seeds keep a data CRC, whose keys writeback copies and checks; the
+    // others' go to the backing device straight from the pmem.
+    let opts = CacheOptions {
+        data_crc: seed % 2 == 1,
+        ..opts()
+    };
     let cache = Cache::start(
         pmem.clone(),
         backing.clone(),
         Geometry::small(SEG).map_err(|e| e.to_string())?,
         mem.borrow(),
-        &opts(),
+        &opts,
     )
     .map_err(|e| format!("start: {e}"))?;
     let reader = &cache.reader();

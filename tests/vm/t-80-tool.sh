@@ -4,13 +4,14 @@
 
 # The tool as tests/run builds it (cargo test --release builds the binary); a plain cargo build
 # puts it under build/cargo too when CARGO_TARGET_DIR is unset.
+# Prints nothing if it is not built: the caller skips (a skip inside $(...) would end only the
+# subshell).
 t_tool() {
 	local b
 	for b in "${PCACHE_TOOL:-}" "$REPO_ROOT_DIR/build/cargo/release/pcache-rs" \
 		"$REPO_ROOT_DIR/build/cargo/debug/pcache-rs"; do
 		[ -n "$b" ] && [ -x "$b" ] && { echo "$b"; return; }
 	done
-	skip "pcache-rs is not built (cargo build --release)"
 }
 
 # The backing device is a dm-linear swapped for dm-error while the data is written, so all of it
@@ -20,6 +21,7 @@ test_tool_check_and_writeback_after_remove() {
 	local tool back=${DM_PREFIX}tb_back cache dev sz out
 	[ "$TARGET" = pcache_rs ] || skip "runs on our module's cache"
 	tool=$(t_tool)
+	[ -n "$tool" ] || skip "pcache-rs is not built (cargo build --release)"
 	ensure_module
 	wipe_cache
 	sz=$(sectors "$BACKING_DEV")

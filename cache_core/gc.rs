@@ -26,8 +26,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             return false;
         }
         let threshold = u64::from(self.n_segs) * u64::from(self.info.gc_percent()) / 100;
-        let (used, room_wanted) = self.with_space(|sp| (sp.used_segs, sp.room_wanted));
-        u64::from(used) >= threshold || self.key_pressure() || room_wanted
+        u64::from(self.used_segs()) >= threshold || self.key_pressure() || self.space.room_wanted()
     }
 
     /// Fewer than an eighth of the key slab is free (see
@@ -49,7 +48,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             // collected and it waits for writeback. Either way GC goes back to
             // `gc_percent`: collecting on would empty the cache of data that
             // reads still want.
-            self.with_space(|sp| sp.room_wanted = false);
+            self.space.set_room_wanted(false);
         }
         if r.is_err() {
             self.stats.gc_errors += 1;
@@ -109,7 +108,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 // The key tail (persisted above) may have passed the last key
                 // without a CRC: the DATA_CRC flag can follow the table now.
                 self.log_seq_tail += 1;
-                let pending = self.with_space(|sp| sp.crc_flag_pending);
+                let pending = self.space.crc_flag_pending();
                 if pending || (self.data_crc && !self.info.data_crc()) {
                     self.sync_crc_flag();
                 }

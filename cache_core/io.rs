@@ -2,7 +2,7 @@
 //! and data-head allocation (upstream `cache_req.c`).
 
 use super::data::{Sink, Source};
-use super::env::{Backing, IoError, Locked, Pmem};
+use super::env::{Backing, IoError, Pmem};
 use super::error::CacheError;
 use super::index::{Index, Trees};
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
@@ -431,7 +431,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         cpu: usize,
     ) -> Result<Reservation, CacheError> {
         self.check_range(off, len)?;
-        if self.with_space(|sp| sp.crc_flag_pending) {
+        if self.space.crc_flag_pending() {
             self.sync_crc_flag();
         }
         if self.index.free_nodes() < 2 {
@@ -446,7 +446,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             n_segs,
             ..
         } = self;
-        space.with(|sp| sp.reserve(seg_map, pmem, geo, *n_segs, (off, len, flags), cpu))
+        space.reserve(seg_map, pmem, geo, *n_segs, (off, len, flags), cpu)
     }
 
     /// Makes the data copied into `r` (with CRC `crc`, see [`copy_in`]) a key:
@@ -833,7 +833,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// A placeholder over `off..off + len` (one subtree); its tag, 0 if the key
     /// pool has no room.
     fn place(&mut self, off: u64, len: u32) -> u32 {
-        let tag = self.with_space(|sp| sp.next_tag());
+        let tag = self.space.next_tag();
         place(&self.index, off, len, tag)
     }
 

@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The key log: its open ksets, each under its own lock, and its head.
 pub struct KeyLog<M: Memory> {
-    ksets: M::Buf<M::KsetLock>,
+    ksets: M::Buf<M::Slot<KsetBuf>>,
     head: M::Lock<LogHead>,
     /// Bytes of dirty keys logged (open ksets included) and not yet written
     /// back (see [`super::Status::dirty_bytes`]): added to under a kset's lock
@@ -105,7 +105,7 @@ pub(crate) struct LogIo<'a, P: Pmem, M: Memory> {
 impl<M: Memory> KeyLog<M> {
     /// A log over `ksets` (at least one) and `head`, set up by the engine as
     /// it starts.
-    pub fn new(ksets: M::Buf<M::KsetLock>, head: M::Lock<LogHead>) -> Self {
+    pub fn new(ksets: M::Buf<M::Slot<KsetBuf>>, head: M::Lock<LogHead>) -> Self {
         KeyLog {
             ksets,
             head,

@@ -10,7 +10,6 @@
 use super::env::{Locked, SubtreeLocks};
 use super::index::FreeList;
 use super::key_log::KeyLog;
-use super::kset::KsetBuf;
 use super::space::Space;
 use super::{Node, Root, SegMapEntry, SegState, WbExtent};
 use core::ops::{Deref, DerefMut};
@@ -28,13 +27,13 @@ pub trait Memory {
     /// One object the engine shares with the requests it serves without its
     /// lock (the free list of the key slab, the key log).
     type One<T>: Deref<Target = T> + Clone;
-    /// A `T` under a lock of its own, shared the same way (an open kset, the
-    /// key head, the data heads: a spinlock in the kernel). Nothing under it
-    /// sleeps or waits for IO.
+    /// A `T` under a lock of its own, shared the same way (the key head, the
+    /// segments in use: a spinlock in the kernel). Nothing under it sleeps or
+    /// waits for IO.
     type Lock<T: Unpin>: Locked<T> + Clone;
-    /// An open kset under a lock of its own, as [`Memory::Lock`]: the key
-    /// log holds them in a [`Memory::Buf`].
-    type KsetLock: Locked<KsetBuf> + 'static;
+    /// A `T` under a lock of its own, as [`Memory::Lock`], one of many in a
+    /// [`Memory::Buf`] (the open ksets, the data heads).
+    type Slot<T: Unpin + 'static>: Locked<T> + 'static;
 }
 
 /// The memory an engine works in, handed over at construction.
@@ -55,9 +54,9 @@ pub struct CacheMem<M: Memory> {
     /// The key log: the open ksets (upstream: one per CPU; keys go to
     /// `(off >> 22) % len`) and the key head, each under its lock.
     pub log: M::One<KeyLog<M>>,
-    /// The data heads (upstream: per CPU) and the free segments, under their
-    /// lock.
-    pub space: M::Lock<Space<M>>,
+    /// The data heads (upstream: per CPU) and the free segments, each under
+    /// its lock.
+    pub space: M::One<Space<M>>,
     /// At least `KSET_ONMEDIA_SIZE_MAX` bytes for reading ksets back.
     pub scratch: M::Buf<u8>,
     /// Bounce buffer for writeback and CRC checks (4 KiB or more).

@@ -60,7 +60,7 @@ pub use mode::Mode;
 pub use options::CacheOptions;
 pub use reader::Reader;
 pub use segment::{SegMap, SegMapEntry, SegState};
-pub use space::Space;
+pub use space::{SegCount, Space};
 pub use stats::{RequestCounts, Stats, STATUS_STATS};
 pub use write_path::{Commit, WritePath};
 pub use writeback::WbExtent;
@@ -121,8 +121,8 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) index: Index<M>,
     /// The open ksets and the key head, each under its own lock.
     pub(crate) log: M::One<KeyLog<M>>,
-    /// The data heads and the free segments, under their own lock.
-    pub(crate) space: M::Lock<Space<M>>,
+    /// The data heads and the free segments, each under its own lock.
+    pub(crate) space: M::One<Space<M>>,
     pub(crate) scratch: M::Buf<u8>,
     pub(crate) bounce: M::Buf<u8>,
     pub(crate) wb_extents: M::Buf<WbExtent>,

@@ -10,8 +10,7 @@
 use super::env::{persist, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos, SegId};
-use super::space::Space;
-use super::{Cache, Locked, Memory};
+use super::{Cache, Memory};
 use crate::meta::header::MetaHeader;
 use crate::meta::header::{SlotIndex, Slotted};
 use crate::meta::layout::Geometry;
@@ -253,23 +252,16 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
 
     /// Segments in use.
     pub(crate) fn used_segs(&self) -> u32 {
-        self.with_space(|sp| sp.used_segs)
-    }
-
-    /// Runs `f` on the data heads and free segments under their lock.
-    pub(crate) fn with_space<R>(&self, f: impl FnOnce(&mut Space<M>) -> R) -> R {
-        self.space.with(f)
+        self.space.used_segs()
     }
 
     pub(crate) fn set_used(&mut self, id: SegId, used: bool) {
-        let seg_map = &self.seg_map;
-        self.space.with(|sp| sp.set_used(seg_map, id, used));
+        self.space.set_used(&self.seg_map, id, used);
     }
 
     /// `get_cache_segment`: a free segment (see [`Space::alloc`]).
     pub(crate) fn get_cache_segment(&mut self) -> Option<SegId> {
-        let (seg_map, pmem, n) = (&self.seg_map, &self.pmem, self.n_segs);
-        self.space.with(|sp| sp.alloc(seg_map, pmem, n, 0))
+        self.space.alloc(&self.seg_map, &self.pmem, self.n_segs, 0)
     }
 
     pub(crate) fn seg_get(&mut self, id: SegId) {

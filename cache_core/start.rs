@@ -2,7 +2,7 @@
 //! one, then replay (upstream `cache_dev_start` + `pcache_cache_start`).
 
 use super::barriers::Barriers;
-use super::env::{persist, Backing, Locked, Pmem, SubtreeLocks};
+use super::env::{persist, Backing, Pmem, SubtreeLocks};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::Pos;
@@ -107,7 +107,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if mem.locks.len() < roots_needed(dev_bytes) {
             return Err(CacheError::NoMem("fewer subtree locks than 4 MiB stripes"));
         }
-        if mem.log.n_ksets() == 0 || mem.space.with(|sp| sp.n_heads()) == 0 {
+        if mem.log.n_ksets() == 0 || mem.space.n_heads() == 0 {
             return Err(CacheError::NoMem(
                 "need at least one kset and one data head",
             ));
@@ -126,7 +126,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             *s = Default::default();
         }
         mem.log.reset();
-        mem.space.with(|sp| sp.reset());
+        mem.space.reset();
 
         let mut cache: Cache<P, B, M> = Cache {
             pmem,
@@ -171,10 +171,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         // — must not change the flag under the instance that owns the device.
         let pending = cache.media_crc_allowed() != cache.info.data_crc();
         let data_crc = cache.data_crc;
-        cache.with_space(|sp| {
-            sp.crc_flag_pending = pending;
-            sp.data_crc = data_crc;
-        });
+        cache.space.set_crc_flag_pending(pending);
+        cache.space.set_data_crc(data_crc);
         let crc_wanted = cache.data_crc || cache.info.data_crc();
         cache.log.set_crc_wanted(crc_wanted);
         // Another mode than the one recorded: only for a cache without dirty data,
@@ -279,7 +277,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// from GC). Until then the C module attaches with `data_crc false`.
     pub fn set_data_crc(&mut self, on: bool) -> Result<(), CacheError> {
         self.data_crc = on;
-        self.with_space(|sp| sp.data_crc = on);
+        self.space.set_data_crc(on);
         self.sync_crc_flag();
         Ok(())
     }
@@ -302,7 +300,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// it, so none is appended after the look (a commit reads it under its
     /// kset's lock); and cleared only once a cleared flag is persisted.
     pub(crate) fn sync_crc_flag(&mut self) {
-        self.with_space(|sp| sp.crc_flag_pending = false);
+        self.space.set_crc_flag_pending(false);
         let data_crc = self.data_crc;
         if data_crc {
             self.log.set_crc_wanted(true);

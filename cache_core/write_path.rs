@@ -13,7 +13,7 @@
 //! that lock.
 
 use super::data::Source;
-use super::env::{Locked, Pmem};
+use super::env::Pmem;
 use super::index::Index;
 use super::io::{abandon_placeholder, copy_in, place, Gap, Reservation};
 use super::key::SegId;
@@ -41,7 +41,7 @@ pub enum Commit {
 pub struct WritePath<M: Memory> {
     pub(crate) index: Index<M>,
     pub(crate) log: M::One<KeyLog<M>>,
-    pub(crate) space: M::Lock<Space<M>>,
+    pub(crate) space: M::One<Space<M>>,
     pub(crate) seg_map: SegMap<M>,
     pub(crate) geo: Geometry,
     pub(crate) n_segs: u32,
@@ -85,14 +85,14 @@ impl<M: Memory> WritePath<M> {
         if self.log.room(off, &mut io).1 != Ok(Closed::Done) {
             return None;
         }
+        // Set only as the engine starts, before any write (see `Cache::start`).
+        if self.space.crc_flag_pending() {
+            return None;
+        }
         let (seg_map, geo, n_segs) = (&self.seg_map, &self.geo, self.n_segs);
-        self.space.with(|sp| {
-            if sp.crc_flag_pending {
-                return None;
-            }
-            sp.reserve(seg_map, &*io.pmem, geo, n_segs, (off, len, flags), cpu)
-                .ok()
-        })
+        self.space
+            .reserve(seg_map, &*io.pmem, geo, n_segs, (off, len, flags), cpu)
+            .ok()
     }
 
     /// An application FLUSH (REQ_PREFLUSH) as [`super::Cache::flush`] does it
@@ -185,7 +185,7 @@ impl<M: Memory> WritePath<M> {
         };
         let n = (stop - from) as u32;
         let tag = if place_it && cache && !self.index.key_pressure() {
-            let tag = self.space.with(|sp| sp.next_tag());
+            let tag = self.space.next_tag();
             place(&self.index, from, n, tag)
         } else {
             0

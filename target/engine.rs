@@ -13,8 +13,8 @@ use super::{
 };
 use crate::cache_core::{
     self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
-    FreeList, IoError, KeyLog, KsetBuf, Locked, LogHead, Memory, Node, Pmem, Root, SegMapEntry,
-    SegState, Space, SubtreeLocks, WbExtent,
+    FreeList, IoError, KeyLog, KsetBuf, Locked, LogHead, Memory, Node, Pmem, Root, SegCount,
+    SegMapEntry, SegState, Space, SubtreeLocks, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
@@ -203,7 +203,7 @@ impl Memory for KernelMem {
     type Locks = SharedLocks;
     type One<T> = Arc<T>;
     type Lock<T: Unpin> = SharedSpinLock<T>;
-    type KsetLock = SharedSpinLock<KsetBuf>;
+    type Slot<T: Unpin + 'static> = SharedSpinLock<T>;
 }
 
 // SAFETY: every field of a `KsetBuf` (a count, a flag and a byte array) is valid all zeroes, and
@@ -335,6 +335,21 @@ pub(crate) fn start(
             .map_err(|_| StartError::NoMem)?,
     );
     let log = Arc::new(KeyLog::new(ksets, head), GFP_KERNEL).map_err(|_| StartError::NoMem)?;
+    let mut heads =
+        KVVec::with_capacity(sizing.heads, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
+    for _ in 0..sizing.heads {
+        // One lock class for all: no path holds two data heads' locks at once.
+        let head = Arc::pin_init(new_spinlock!(DataHead::default()), GFP_KERNEL)
+            .map_err(|_| StartError::NoMem)?;
+        heads
+            .push(SharedSpinLock(head), GFP_KERNEL)
+            .map_err(|_| StartError::NoMem)?;
+    }
+    let segs = SharedSpinLock(
+        Arc::pin_init(new_spinlock!(SegCount::default()), GFP_KERNEL)
+            .map_err(|_| StartError::NoMem)?,
+    );
+    let space = Arc::new(Space::new(heads, segs), GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     let mem = CacheMem::<KernelMem> {
         segs: filled(n_segs, SegState::default())?,
         seg_map: shared(n_segs, SegMapEntry::default())?,
@@ -350,13 +365,7 @@ pub(crate) fn start(
         ),
         free: Arc::new(FreeList::default(), GFP_KERNEL).map_err(|_| StartError::NoMem)?,
         log,
-        space: SharedSpinLock(
-            Arc::pin_init(
-                new_spinlock!(Space::new(filled(sizing.heads, DataHead::default())?)),
-                GFP_KERNEL,
-            )
-            .map_err(|_| StartError::NoMem)?,
-        ),
+        space,
         scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,
         bounce: filled(sizing.bounce, 0u8)?,
         // The writer plans a kset at a time into the engine's buffer and copies it out

@@ -22,7 +22,7 @@ impl<'a> Memory for Borrowed<'a> {
     type Locks = SpinLocks<'a>;
     type One<T> = Arc<T>;
     type Lock<T: Unpin> = HostLock<T>;
-    type KsetLock = HostLock<crate::cache_core::KsetBuf>;
+    type Slot<T: Unpin + 'static> = HostLock<T>;
 }
 
 /// Subtree locks for hosts: a flag each, taken by spinning. Never in the

@@ -478,7 +478,7 @@ pub struct OwnedMem {
     pub roots: Vec<crate::cache_core::Root>,
     pub locks: Vec<std::sync::atomic::AtomicBool>,
     pub ksets: Vec<crate::host_mem::HostLock<crate::cache_core::KsetBuf>>,
-    pub heads: Vec<crate::cache_core::DataHead>,
+    pub heads: Vec<crate::host_mem::HostLock<crate::cache_core::DataHead>>,
     pub scratch: Vec<u8>,
     pub bounce: Vec<u8>,
     pub wb_extents: Vec<crate::cache_core::WbExtent>,
@@ -497,7 +497,9 @@ impl OwnedMem {
             ksets: (0..ksets)
                 .map(|_| crate::host_mem::HostLock::new(Default::default()))
                 .collect(),
-            heads: vec![Default::default(); heads],
+            heads: (0..heads)
+                .map(|_| crate::host_mem::HostLock::new(Default::default()))
+                .collect(),
             scratch: vec![0; crate::cache_core::SCRATCH_BYTES],
             // Small enough that large keys take the piecewise path, large enough
             // that writeback batches several extents.
@@ -518,8 +520,9 @@ impl OwnedMem {
                 &mut self.ksets[..],
                 crate::host_mem::HostLock::new(Default::default()),
             )),
-            space: crate::host_mem::HostLock::new(crate::cache_core::Space::new(
+            space: std::sync::Arc::new(crate::cache_core::Space::new(
                 &mut self.heads[..],
+                crate::host_mem::HostLock::new(Default::default()),
             )),
             scratch: &mut self.scratch,
             bounce: &mut self.bounce,

@@ -11,6 +11,7 @@ use pcache_engine::host_mem::{Borrowed, SpinLocks};
 use pcache_engine::meta::kset::{kset_key, kset_read, KeyOnmedia, KSET_KEYS_MAX};
 use pcache_engine::meta::layout::Geometry;
 use pcache_engine::sim::OwnedMem;
+use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -64,52 +65,55 @@ fn key(off: u64, len: u32) -> Key {
 
 /// Pmem in RAM: `write` is the copy (`memcpy_flushcache` in the kernel, so
 /// `flush` is free) and `fence` a real store fence (`pmem_wmb`).
+/// Cells: the engine's device handle is shared (`&self`); this bench runs one
+/// thread.
 struct RamPmem {
-    mem: Vec<u8>,
-    fences: u64,
+    mem: RefCell<Vec<u8>>,
+    fences: Cell<u64>,
 }
 
 impl Pmem for RamPmem {
     fn size(&self) -> u64 {
-        self.mem.len() as u64
+        self.mem.borrow().len() as u64
     }
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let off = off as usize;
-        buf.copy_from_slice(self.mem.get(off..off + buf.len()).ok_or(IoError)?);
+        buf.copy_from_slice(self.mem.borrow().get(off..off + buf.len()).ok_or(IoError)?);
         Ok(())
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         let off = off as usize;
-        self.mem[off..off + data.len()].copy_from_slice(data);
+        self.mem.borrow_mut()[off..off + data.len()].copy_from_slice(data);
     }
-    fn flush(&mut self, _off: u64, _len: u64) {}
-    fn fence(&mut self) {
-        self.fences += 1;
+    fn flush(&self, _off: u64, _len: u64) {}
+    fn fence(&self) {
+        self.fences.set(self.fences.get() + 1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 /// A backing device in RAM.
-struct RamBacking(Vec<u8>);
+struct RamBacking(RefCell<Vec<u8>>);
 
 impl Backing for RamBacking {
     fn size(&self) -> u64 {
-        self.0.len() as u64
+        self.0.borrow().len() as u64
     }
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let off = off as usize;
-        buf.copy_from_slice(self.0.get(off..off + buf.len()).ok_or(IoError)?);
+        buf.copy_from_slice(self.0.borrow().get(off..off + buf.len()).ok_or(IoError)?);
         Ok(())
     }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         let off = off as usize;
         self.0
+            .borrow_mut()
             .get_mut(off..off + data.len())
             .ok_or(IoError)?
             .copy_from_slice(data);
         Ok(())
     }
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
 }
@@ -128,8 +132,8 @@ fn bench_requests(data_crc: bool) {
     let mut ram = vec![0u8; PMEM];
     ram.iter_mut().step_by(4096).for_each(|b| *b = black_box(0));
     let pmem = RamPmem {
-        mem: ram,
-        fences: 0,
+        mem: RefCell::new(ram),
+        fences: Cell::new(0),
     };
     let opts = CacheOptions {
         data_crc,
@@ -137,7 +141,7 @@ fn bench_requests(data_crc: bool) {
     };
     let mut c = Cache::start(
         pmem,
-        RamBacking(vec![0u8; BACKING]),
+        RamBacking(RefCell::new(vec![0u8; BACKING])),
         geo,
         mem.borrow(),
         &opts,
@@ -147,7 +151,7 @@ fn bench_requests(data_crc: bool) {
     let mut rng = Lcg(7);
     let buf = vec![0xA5u8; 4096];
     let mut out = vec![0u8; 4096];
-    let fences0 = c.pmem().fences;
+    let fences0 = c.pmem().fences.get();
     let mut writes = 0u64;
     // 9 batches of 10,000 writes fit the cache: no writeback or GC is timed.
     bench(&format!("cache write 4 KiB ({crc})"), 10_000, 9, |_| {
@@ -167,7 +171,7 @@ fn bench_requests(data_crc: bool) {
     });
     println!(
         "  {:.2} pmem fences per write",
-        (c.pmem().fences - fences0) as f64 / writes as f64
+        (c.pmem().fences.get() - fences0) as f64 / writes as f64
     );
     c.flush().expect("flush");
     // Make every offset of the span a hit.

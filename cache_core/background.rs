@@ -138,7 +138,7 @@ where
     /// locked: the batch pins the data it reads).
     pub fn copy(&mut self, batch: &WbBatch) -> Result<(), super::writeback::WbError> {
         let planned = self.extents.get_mut(..batch.n).unwrap_or_default();
-        writeback_extents(&self.pmem, &mut self.backing, &mut self.bounce, planned)
+        writeback_extents(&self.pmem, &self.backing, &mut self.bounce, planned)
     }
 
     /// Writes back the ksets at the dirty tail: plan, copy, commit.

@@ -28,11 +28,14 @@ pub trait Pmem {
     /// Copy bytes out (machine-check safe in the kernel); `Err` on poison.
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError>;
     /// Store bytes. Not durable until [`Pmem::flush`] of the range and a [`Pmem::fence`].
-    fn write(&mut self, off: u64, data: &[u8]);
+    /// Shared (`&self`), as the device is: every CPU stores into its own
+    /// reservations at once, and what orders stores to one place is the
+    /// engine's locks, not the handle.
+    fn write(&self, off: u64, data: &[u8]);
     /// Write back the CPU cache lines covering `off..off+len`.
-    fn flush(&mut self, off: u64, len: u64);
+    fn flush(&self, off: u64, len: u64);
     /// Wait for preceding flushes to reach the persistence domain (`pmem_wmb`).
-    fn fence(&mut self);
+    fn fence(&self);
     /// CRC32C of `data` continuing from `crc`, raw (no inversion): the kernel's
     /// `crc32c(crc, data, len)`. The default is the table-driven `meta::crc32c`;
     /// the kernel glue should forward to the kernel's (hardware accelerated)
@@ -60,17 +63,19 @@ pub trait Pmem {
 pub trait Backing {
     /// Size in bytes.
     fn size(&self) -> u64;
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    /// Read. Shared (`&self`), as the device is: requests, writeback and
+    /// messages send it bios at once.
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError>;
     /// Write; may sit in the device's volatile cache until [`Backing::flush`].
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError>;
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError>;
     /// REQ_PREFLUSH: make every completed write durable.
-    fn flush(&mut self) -> Result<(), IoError>;
+    fn flush(&self) -> Result<(), IoError>;
     /// Write each of `extents` (at most [`WRITE_BATCH_MAX`], never overlapping)
     /// at its `off`, their data one after another in `data` (see
     /// [`each_batch_write`]): the kernel glue submits them all at once and
     /// waits, so that writeback overlaps the backing device's latency. In any
     /// order.
-    fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+    fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
         each_batch_write(data, extents, |off, d| self.write(off, d))
     }
     /// [`Backing::write_batch`] with each extent's data taken where it is on
@@ -79,11 +84,7 @@ pub trait Backing {
     /// cache's memory itself. The caller keeps that data where it is until
     /// this returns. `Ok(false)`: this device cannot (nothing written); the
     /// caller copies.
-    fn write_batch_from<P: Pmem>(
-        &mut self,
-        _pmem: &P,
-        _extents: &[WbExtent],
-    ) -> Result<bool, IoError> {
+    fn write_batch_from<P: Pmem>(&self, _pmem: &P, _extents: &[WbExtent]) -> Result<bool, IoError> {
         Ok(false)
     }
 }
@@ -108,20 +109,20 @@ pub fn each_batch_write(
     Ok(())
 }
 
-impl<T: Pmem + ?Sized> Pmem for &mut T {
+impl<T: Pmem + ?Sized> Pmem for &T {
     fn size(&self) -> u64 {
         (**self).size()
     }
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         (**self).read(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         (**self).write(off, data)
     }
-    fn flush(&mut self, off: u64, len: u64) {
+    fn flush(&self, off: u64, len: u64) {
         (**self).flush(off, len)
     }
-    fn fence(&mut self) {
+    fn fence(&self) {
         (**self).fence()
     }
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
@@ -138,27 +139,74 @@ impl<T: Pmem + ?Sized> Pmem for &mut T {
     }
 }
 
+impl<T: Pmem + ?Sized> Pmem for &mut T {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        (**self).read(off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8]) {
+        (**self).write(off, data)
+    }
+    fn flush(&self, off: u64, len: u64) {
+        (**self).flush(off, len)
+    }
+    fn fence(&self) {
+        (**self).fence()
+    }
+    fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
+        (**self).crc32c(crc, data)
+    }
+    fn pin(&self, seg: u32) {
+        (**self).pin(seg)
+    }
+    fn unpin(&self, seg: u32) {
+        (**self).unpin(seg)
+    }
+    fn pinned(&self, seg: u32) -> bool {
+        (**self).pinned(seg)
+    }
+}
+
+impl<T: Backing + ?Sized> Backing for &T {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        (**self).read(off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
+        (**self).write(off, data)
+    }
+    fn flush(&self) -> Result<(), IoError> {
+        (**self).flush()
+    }
+    fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+        (**self).write_batch(data, extents)
+    }
+    fn write_batch_from<P: Pmem>(&self, pmem: &P, extents: &[WbExtent]) -> Result<bool, IoError> {
+        (**self).write_batch_from(pmem, extents)
+    }
+}
+
 impl<T: Backing + ?Sized> Backing for &mut T {
     fn size(&self) -> u64 {
         (**self).size()
     }
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         (**self).read(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         (**self).write(off, data)
     }
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         (**self).flush()
     }
-    fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+    fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
         (**self).write_batch(data, extents)
     }
-    fn write_batch_from<P: Pmem>(
-        &mut self,
-        pmem: &P,
-        extents: &[WbExtent],
-    ) -> Result<bool, IoError> {
+    fn write_batch_from<P: Pmem>(&self, pmem: &P, extents: &[WbExtent]) -> Result<bool, IoError> {
         (**self).write_batch_from(pmem, extents)
     }
 }
@@ -206,7 +254,7 @@ pub trait Waiting {
 }
 
 /// Store `data` at `off`, flush it and fence: `memcpy_flushcache` + `pmem_wmb`.
-pub(crate) fn persist<P: Pmem>(pmem: &mut P, off: u64, data: &[u8]) {
+pub(crate) fn persist<P: Pmem>(pmem: &P, off: u64, data: &[u8]) {
     pmem.write(off, data);
     pmem.flush(off, data.len() as u64);
     pmem.fence();

@@ -102,7 +102,7 @@ impl Fill {
 /// its room, without the engine lock, and fences, so that the commit finds the
 /// data durable whichever CPU it runs on. A source shorter than the gap
 /// leaves the fill uncopied: its end commits nothing.
-pub fn fill_copy<P: Pmem, S: Source + ?Sized>(pmem: &mut P, fill: &mut Fill, src: &S) {
+pub fn fill_copy<P: Pmem, S: Source + ?Sized>(pmem: &P, fill: &mut Fill, src: &S) {
     let gap = fill.gap;
     let copied = fill
         .rooms
@@ -157,7 +157,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub fn fill_now<S: Source + ?Sized>(&mut self, gap: &Gap, src: &S, cpu: usize) {
         let mut fill = self.fill_start(gap, cpu);
         if fill.is_open() {
-            fill_copy(&mut self.pmem, &mut fill, src);
+            fill_copy(&self.pmem, &mut fill, src);
             self.fill_end(fill);
         }
     }

@@ -91,7 +91,7 @@ impl Reservation {
 /// `src` holds them, storing and flushing each (`memcpy_flushcache`) but not
 /// fencing; returns the data CRC over the same pieces (0 if `r` wants none).
 pub fn copy_in<P: Pmem, S: Source + ?Sized>(
-    pmem: &mut P,
+    pmem: &P,
     r: &Reservation,
     src: &S,
     at: usize,
@@ -409,7 +409,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let r = self.write_reserve(off + done as u64, total - done, flags, cpu)?;
             // No fence here: the copy and the commit run in one context, and
             // closing a kset fences before the kset is stored (see `kset_close`).
-            let Ok(crc) = copy_in(&mut self.pmem, &r, src, at + done) else {
+            let Ok(crc) = copy_in(&self.pmem, &r, src, at + done) else {
                 self.write_cancel(&r);
                 return Err(CacheError::Invalid("request data shorter than its length"));
             };

@@ -95,7 +95,7 @@ pub(crate) enum Append {
 /// What a kset close writes through: the pmem, where the log's segments
 /// live, and a spare segment for the log if the caller has one.
 pub(crate) struct LogIo<'a, P: Pmem, M: Memory> {
-    pub pmem: &'a mut P,
+    pub pmem: &'a P,
     pub seg_map: &'a SegMap<M>,
     pub geo: &'a Geometry,
     /// Taken when the log needs a new segment.

@@ -221,11 +221,7 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
         let phys = self.seg_map.phys(id);
         let mut b = [0u8; SEG_INFO_STRUCT_SIZE];
         info.encode_with_crc(&mut b);
-        persist(
-            &mut self.pmem,
-            SegmentInfo::slot_off(&geo, phys, idx.get()),
-            &b,
-        );
+        persist(&self.pmem, SegmentInfo::slot_off(&geo, phys, idx.get()), &b);
     }
 
     /// `cache_seg_ctrl_write`: persist the generation in the next slot.
@@ -247,7 +243,7 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
         let idx = s.gen_index;
         let mut b = [0u8; SEG_GEN_STRUCT_SIZE];
         g.encode_with_crc(&mut b);
-        persist(&mut self.pmem, SegGen::slot_off(&geo, phys, idx.get()), &b);
+        persist(&self.pmem, SegGen::slot_off(&geo, phys, idx.get()), &b);
     }
 
     /// Segments in use.

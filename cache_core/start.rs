@@ -25,7 +25,7 @@ use crate::meta::{MetaError, MetaErrorKind};
 
 const ZERO_4K: [u8; 4096] = [0u8; 4096];
 
-fn zero_range<P: Pmem>(pmem: &mut P, off: u64, len: u64) {
+fn zero_range<P: Pmem>(pmem: &P, off: u64, len: u64) {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(4096);
@@ -59,7 +59,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// data written from now on follows it (a table reload can switch it, and the
     /// line `dmsetup table` prints loads back), as [`Self::set_data_crc`] would.
     pub fn start(
-        mut pmem: P,
+        pmem: P,
         backing: B,
         geo: Geometry,
         mem: CacheMem<M>,
@@ -78,7 +78,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if raw.magic == 0 {
             let sb = Superblock::format(&geo, dev_size)?;
             zero_range(
-                &mut pmem,
+                &pmem,
                 CACHE_INFO_OFF,
                 CACHE_INFO_SIZE * META_INDEX_MAX as u64 + CACHE_CTRL_SIZE,
             );
@@ -91,7 +91,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if let Some(sb) = format_sb {
             let mut b = [0u8; SB_STRUCT_SIZE];
             sb.encode(&mut b);
-            persist(&mut pmem, SB_OFF, &b);
+            persist(&pmem, SB_OFF, &b);
         }
 
         let dev_bytes = backing.size();
@@ -252,7 +252,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let mut b = [0u8; CACHE_INFO_STRUCT_SIZE];
         self.info.encode_with_crc(&mut b);
         let off = CacheInfo::slot_off(self.info_index.get());
-        persist(&mut self.pmem, off, &b);
+        persist(&self.pmem, off, &b);
     }
 
     /// `pcache_cache_set_gc_percent` (message `gc_percent N`).
@@ -376,7 +376,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             self.seg_map.set_phys(id, phys);
 
             if new_cache {
-                zero_range(&mut self.pmem, geo.seg_off(phys), SEG_DATA_OFF);
+                zero_range(&self.pmem, geo.seg_off(phys), SEG_DATA_OFF);
                 self.seg_map.set_gen(id, 0);
                 if let Some(s) = self.seg_mut(id) {
                     s.gen_seq = 0;
@@ -390,11 +390,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 }
                 self.seg_info_write(id);
                 // Clear any stale kset at the start of the data area.
-                persist(
-                    &mut self.pmem,
-                    geo.seg_data_off(phys),
-                    &[0u8; KSET_HEADER_SIZE],
-                );
+                persist(&self.pmem, geo.seg_data_off(phys), &[0u8; KSET_HEADER_SIZE]);
             } else {
                 let a: [u8; 16] = read_slot(&self.pmem, SegmentInfo::slot_off(&geo, phys, 0))?;
                 let b: [u8; 16] = read_slot(&self.pmem, SegmentInfo::slot_off(&geo, phys, 1))?;
@@ -468,7 +464,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let off = which.slot_off(t.index.get());
         let mut b = [0u8; CACHE_POS_STRUCT_SIZE];
         p.encode_with_crc(&mut b);
-        persist(&mut self.pmem, off, &b);
+        persist(&self.pmem, off, &b);
     }
 
     fn decode_tail(&self, which: CtrlPos) -> Result<Tail, CacheError> {

@@ -51,11 +51,7 @@ pub struct WritePath<M: Memory> {
 impl<M: Memory> WritePath<M> {
     /// What a kset close goes through: `pmem`, and no spare log segment (the
     /// engine hands those out).
-    fn log_io<'a, P: Pmem>(
-        &'a self,
-        pmem: &'a mut P,
-        spare: &'a mut Option<SegId>,
-    ) -> LogIo<'a, P, M> {
+    fn log_io<'a, P: Pmem>(&'a self, pmem: &'a P, spare: &'a mut Option<SegId>) -> LogIo<'a, P, M> {
         LogIo {
             pmem,
             seg_map: &self.seg_map,
@@ -70,7 +66,7 @@ impl<M: Memory> WritePath<M> {
     /// found full is closed if the log's segment has room for it.
     pub fn reserve<P: Pmem>(
         &self,
-        pmem: &mut P,
+        pmem: &P,
         off: u64,
         len: usize,
         flags: u32,
@@ -91,7 +87,7 @@ impl<M: Memory> WritePath<M> {
         }
         let (seg_map, geo, n_segs) = (&self.seg_map, &self.geo, self.n_segs);
         self.space
-            .reserve(seg_map, &*io.pmem, geo, n_segs, (off, len, flags), cpu)
+            .reserve(seg_map, io.pmem, geo, n_segs, (off, len, flags), cpu)
             .ok()
     }
 
@@ -99,7 +95,7 @@ impl<M: Memory> WritePath<M> {
     /// in the modes that cache writes, with no engine lock: every open kset
     /// persisted, and the FLUSH recorded for writeback. `false` when a close
     /// needs a new log segment: the caller has the engine flush.
-    pub fn flush<P: Pmem>(&self, pmem: &mut P) -> bool {
+    pub fn flush<P: Pmem>(&self, pmem: &P) -> bool {
         let mut spare = None;
         let mut io = self.log_io(pmem, &mut spare);
         self.log.flush(&mut io) == Ok(Closed::Done)
@@ -109,7 +105,7 @@ impl<M: Memory> WritePath<M> {
     /// [`super::io::copy_in`]) a key, with no engine lock: see
     /// [`super::Cache::write_commit`], which this does the same as, when it
     /// can. A caller that copied on another CPU fences first.
-    pub fn commit<P: Pmem>(&self, pmem: &mut P, r: &Reservation, crc: u32, fua: bool) -> Commit {
+    pub fn commit<P: Pmem>(&self, pmem: &P, r: &Reservation, crc: u32, fua: bool) -> Commit {
         self.commit_with(pmem, r, crc, fua, &mut || {})
     }
 
@@ -117,7 +113,7 @@ impl<M: Memory> WritePath<M> {
     /// the key goes in (see [`super::Cache::write_commit_with`]).
     pub fn commit_with<P: Pmem>(
         &self,
-        pmem: &mut P,
+        pmem: &P,
         r: &Reservation,
         crc: u32,
         fua: bool,
@@ -210,7 +206,7 @@ impl<M: Memory> WritePath<M> {
     /// engine to free ([`super::Cache::segment_released`]).
     pub fn fill<P: Pmem, S: Source + ?Sized>(
         &self,
-        pmem: &mut P,
+        pmem: &P,
         gap: &Gap,
         src: &S,
         cpu: usize,
@@ -243,7 +239,7 @@ impl<M: Memory> WritePath<M> {
                     pmem.fence();
                     let key = r.key(r.crc.then_some(crc));
                     let mut spare = None;
-                    let mut io = self.log_io(&mut *pmem, &mut spare);
+                    let mut io = self.log_io(pmem, &mut spare);
                     let over = Some(gap.tag);
                     matches!(
                         commit_key(

@@ -148,7 +148,7 @@ impl From<WbError> for CacheError {
 /// are reordered in place.
 pub fn writeback_extents<P: Pmem, B: Backing>(
     pmem: &P,
-    backing: &mut B,
+    backing: &B,
     bounce: &mut [u8],
     extents: &mut [WbExtent],
 ) -> Result<(), WbError> {
@@ -305,7 +305,7 @@ fn batch_len(ext: &[WbExtent], room: usize, overlap: bool) -> usize {
 /// first, then copied piece by piece.
 fn writeback_large<P: Pmem, B: Backing>(
     pmem: &P,
-    backing: &mut B,
+    backing: &B,
     bounce: &mut [u8],
     e: &WbExtent,
 ) -> Result<(), WbError> {

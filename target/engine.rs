@@ -18,6 +18,7 @@ use crate::cache_core::{
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
+use core::cell::RefCell;
 use core::ops::Deref;
 use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{
@@ -88,7 +89,7 @@ impl<D: Deref<Target = DaxMapping>, S: Deref<Target = SegmentPins>> Pmem for Dax
         self.map.read(off, buf).map_err(|_| IoError)
     }
 
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         // `memcpy_flushcache` both stores and writes back the cache lines, so `flush` has
         // nothing left to do; `fence` orders it. The engine never writes out of range; if it
         // did, dropping the store is safer than scribbling, and the log says so.
@@ -101,9 +102,9 @@ impl<D: Deref<Target = DaxMapping>, S: Deref<Target = SegmentPins>> Pmem for Dax
         }
     }
 
-    fn flush(&mut self, _off: u64, _len: u64) {}
+    fn flush(&self, _off: u64, _len: u64) {}
 
-    fn fence(&mut self) {
+    fn fence(&self) {
         self.map.fence();
     }
 
@@ -132,15 +133,15 @@ impl Backing for BackingIo {
         self.0.size_bytes()
     }
 
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.0.read_at(off, buf).map_err(|_| IoError)
     }
 
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         self.0.write_at(off, data).map_err(|_| IoError)
     }
 
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         self.0.flush().map_err(|_| IoError)
     }
 }
@@ -150,7 +151,9 @@ impl Backing for BackingIo {
 /// the backing device writes them out from with no copy ([`Backing::write_batch_from`]).
 pub(crate) struct WritebackIo {
     dev: BackingIo,
-    slots: WriteSlots,
+    /// A cell: the device handle is shared (`&self`), and only the writer that owns this one
+    /// ever sends a batch through it, one at a time.
+    slots: RefCell<WriteSlots>,
     map: Arc<DaxMapping>,
 }
 
@@ -159,35 +162,33 @@ impl Backing for WritebackIo {
         self.dev.size()
     }
 
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.dev.read(off, buf)
     }
 
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         self.dev.write(off, data)
     }
 
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         self.dev.flush()
     }
 
-    fn write_batch(&mut self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+    fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+        let mut slots = self.slots.try_borrow_mut().map_err(|_| IoError)?;
         self.dev
             .0
-            .write_batch(data, extents, &mut self.slots)
+            .write_batch(data, extents, &mut slots)
             .map_err(|_| IoError)
     }
 
     /// From this writer's own mapping of the cache device (the same device as the engine's
     /// pmem), so that the pages handed to the backing device are the mapping's, whatever `P`.
-    fn write_batch_from<P: Pmem>(
-        &mut self,
-        _pmem: &P,
-        extents: &[WbExtent],
-    ) -> Result<bool, IoError> {
+    fn write_batch_from<P: Pmem>(&self, _pmem: &P, extents: &[WbExtent]) -> Result<bool, IoError> {
+        let mut slots = self.slots.try_borrow_mut().map_err(|_| IoError)?;
         self.dev
             .0
-            .write_batch_mapped(&self.map, extents, &mut self.slots)
+            .write_batch_mapped(&self.map, extents, &mut slots)
             .map(|()| true)
             .map_err(|_| IoError)
     }
@@ -389,7 +390,7 @@ pub(crate) fn writer(
         },
         WritebackIo {
             dev: BackingIo(backing),
-            slots: WriteSlots::new(WRITE_BATCH_MAX).map_err(|_| StartError::NoMem)?,
+            slots: RefCell::new(WriteSlots::new(WRITE_BATCH_MAX).map_err(|_| StartError::NoMem)?),
             map: pmem.map.clone(),
         },
         filled(WB_EXTENTS_MAX, WbExtent::default())?,

@@ -214,12 +214,11 @@ impl LiveCache {
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
         // A flush persists the open ksets under the key log's lock alone, unless a close needs a
         // new log segment.
-        if self.caches_writes && bio.op() == BioOp::Flush && self.write_path.flush(&mut self.pmem())
-        {
+        if self.caches_writes && bio.op() == BioOp::Flush && self.write_path.flush(&self.pmem()) {
             return Some(Served::Done(Ok(())));
         }
         if self.caches_writes && matches!(bio.op(), BioOp::Write | BioOp::WriteZeroes) {
-            if bio.is_preflush() && !self.write_path.flush(&mut self.pmem()) {
+            if bio.is_preflush() && !self.write_path.flush(&self.pmem()) {
                 let mut core = self.core.lock();
                 match outcome(core.engine.flush()) {
                     Some(Ok(())) => {}
@@ -318,13 +317,10 @@ impl LiveCache {
             }
             let at = *done;
             let (from, rest) = (off + at as u64, len - at);
-            let mut pmem = self.pmem();
+            let pmem = self.pmem();
             // The room comes from the data head without the engine lock; only what needs the
             // engine (a full cache, the CRC flag to sync, a new log segment) takes it.
-            let reserved = match self
-                .write_path
-                .reserve(&mut pmem, from, rest, 0, this_cpu())
-            {
+            let reserved = match self.write_path.reserve(&pmem, from, rest, 0, this_cpu()) {
                 Some(r) => Ok(r),
                 None => (self.core.lock().engine).write_reserve(from, rest, 0, this_cpu()),
             };
@@ -332,14 +328,14 @@ impl LiveCache {
                 Ok(r) => r,
                 Err(e) => return outcome(Err(e)),
             };
-            let Ok(crc) = copy_in(&mut pmem, &r, src, at) else {
+            let Ok(crc) = copy_in(&pmem, &r, src, at) else {
                 self.core.lock().engine.write_cancel(&r);
                 return Some(Err(EIO));
             };
             pmem.fence();
             // The key goes in under its subtree's lock and the key log's; only what needs the
             // engine (a new log segment, an empty key pool) takes the engine lock.
-            let committed = match self.write_path.commit(&mut pmem, &r, crc, fua) {
+            let committed = match self.write_path.commit(&pmem, &r, crc, fua) {
                 Commit::Done(replaced) => Ok(replaced),
                 Commit::Persist(replaced) => {
                     let persisted = self.core.lock().engine.kset_persist(r.off);
@@ -443,10 +439,7 @@ impl LiveCache {
         // In the modes that cache writes, a read's fill takes no engine lock (see
         // `WritePath::fill`), unless it gave back a segment's last reference.
         if let (true, false, Some(data)) = (self.caches_writes, through, data) {
-            if let Some(seg) = self
-                .write_path
-                .fill(&mut self.pmem(), gap, data, this_cpu())
-            {
+            if let Some(seg) = self.write_path.fill(&self.pmem(), gap, data, this_cpu()) {
                 self.core.lock().engine.segment_released(seg);
             }
             return;
@@ -461,7 +454,7 @@ impl LiveCache {
                 let mut fill = core.engine.fill_start(gap, this_cpu());
                 if fill.is_open() {
                     drop(core);
-                    fill_copy(&mut self.pmem(), &mut fill, data);
+                    fill_copy(&self.pmem(), &mut fill, data);
                     core = self.core.lock();
                     full = core.engine.in_flight().len() == THROUGH_MAX;
                     core.engine.fill_end(fill);

@@ -6,6 +6,7 @@
 //! zeros, zstd-compressed; only its non-zero pages are kept in memory.
 //! Decompression runs the `zstd` command (no crate dependency for one test).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
@@ -26,7 +27,7 @@ const PAGE: u64 = 4096;
 
 /// Pmem over the image's non-zero 4 KiB pages; every other page reads as zeros.
 struct SparsePmem {
-    pages: HashMap<u64, Box<[u8; PAGE as usize]>>,
+    pages: RefCell<HashMap<u64, Box<[u8; PAGE as usize]>>>,
 }
 
 impl Pmem for SparsePmem {
@@ -46,7 +47,7 @@ impl Pmem for SparsePmem {
             let in_page = (a % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(buf.len() - done);
             let out = &mut buf[done..done + n];
-            match self.pages.get(&(a / PAGE)) {
+            match self.pages.borrow().get(&(a / PAGE)) {
                 Some(p) => out.copy_from_slice(&p[in_page..in_page + n]),
                 None => out.fill(0),
             }
@@ -54,53 +55,53 @@ impl Pmem for SparsePmem {
         }
         Ok(())
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
+        let mut pages = self.pages.borrow_mut();
         let mut done = 0usize;
         while done < data.len() {
             let a = off + done as u64;
             let in_page = (a % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(data.len() - done);
-            let p = self
-                .pages
+            let p = pages
                 .entry(a / PAGE)
                 .or_insert_with(|| Box::new([0; PAGE as usize]));
             p[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
     }
-    fn flush(&mut self, _off: u64, _len: u64) {}
-    fn fence(&mut self) {}
+    fn flush(&self, _off: u64, _len: u64) {}
+    fn fence(&self) {}
 }
 
 /// An empty backing device: whatever the C module wrote back is not in the image.
 #[derive(Default)]
 struct ZeroBacking {
-    sectors: HashMap<u64, [u8; 512]>,
+    sectors: RefCell<HashMap<u64, [u8; 512]>>,
 }
 
 impl Backing for ZeroBacking {
     fn size(&self) -> u64 {
         BACKING_BYTES
     }
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         for (i, c) in buf.chunks_mut(512).enumerate() {
             let s = off / 512 + i as u64;
-            match self.sectors.get(&s) {
+            match self.sectors.borrow().get(&s) {
                 Some(d) => c.copy_from_slice(&d[..c.len()]),
                 None => c.fill(0),
             }
         }
         Ok(())
     }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         for (i, c) in data.chunks(512).enumerate() {
             let mut d = [0u8; 512];
             d[..c.len()].copy_from_slice(c);
-            self.sectors.insert(off / 512 + i as u64, d);
+            self.sectors.borrow_mut().insert(off / 512 + i as u64, d);
         }
         Ok(())
     }
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
 }
@@ -139,7 +140,9 @@ fn load_image() -> SparsePmem {
     assert!(child.wait().unwrap().success(), "zstd -dc failed");
     assert_eq!(total, DEV_BYTES, "image size");
     eprintln!("image: {} non-zero pages of {}", pages.len(), total / PAGE);
-    SparsePmem { pages }
+    SparsePmem {
+        pages: RefCell::new(pages),
+    }
 }
 
 #[test]

@@ -901,7 +901,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                 if !cfg_writes_through && rng.chance(1, 2) {
                     // As the module in the modes that cache writes: no engine
                     // lock, unless the fill gives back a segment's last reference.
-                    if let Some(seg) = write_path.fill(&mut copier, &p.gap, &p.data[..], cpu) {
+                    if let Some(seg) = write_path.fill(&copier, &p.gap, &p.data[..], cpu) {
                         engine.with(|c| c.segment_released(seg));
                     }
                 } else if rng.chance(1, 2) {
@@ -911,7 +911,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     // the commit at some later point.
                     let mut f = engine.with(|c| c.fill_start(&p.gap, cpu));
                     if f.is_open() {
-                        fill_copy(&mut copier, &mut f, &p.data[..]);
+                        fill_copy(&copier, &mut f, &p.data[..]);
                         filling.push(f);
                     }
                 }
@@ -1059,7 +1059,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
                     // As the module in the modes that cache writes: without the
                     // engine lock, unless a close needs a new log segment.
-                    let r = if !cfg_writes_through && write_path.flush(&mut copier) {
+                    let r = if !cfg_writes_through && write_path.flush(&copier) {
                         Ok(Ok(()))
                     } else {
                         with_room(&engine, &host, |c: &mut Sim<'_>| busy_is_none(c.flush()))

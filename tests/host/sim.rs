@@ -383,13 +383,13 @@ impl Pmem for SimPmem {
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.0.borrow().pmem_read(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         self.0.borrow_mut().pmem_write(off, data)
     }
-    fn flush(&mut self, off: u64, len: u64) {
+    fn flush(&self, off: u64, len: u64) {
         self.0.borrow_mut().pmem_flush(off, len)
     }
-    fn fence(&mut self) {
+    fn fence(&self) {
         self.0.borrow_mut().pmem_fence()
     }
     fn pin(&self, seg: u32) {
@@ -407,19 +407,19 @@ impl Backing for SimBacking {
     fn size(&self) -> u64 {
         self.0.borrow().backing.size
     }
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.0.borrow().backing_read(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         self.0.borrow_mut().backing_write(off, data)
     }
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         self.0.borrow_mut().backing_flush()
     }
     /// The kernel submits a batch at once, so its writes may land in any order:
     /// model the worst by writing it backwards (the engine promises no overlaps).
     fn write_batch(
-        &mut self,
+        &self,
         data: &[u8],
         extents: &[crate::cache_core::WbExtent],
     ) -> Result<(), IoError> {
@@ -443,7 +443,7 @@ impl Backing for SimBacking {
         Ok(())
     }
     fn write_batch_from<P: Pmem>(
-        &mut self,
+        &self,
         pmem: &P,
         extents: &[crate::cache_core::WbExtent],
     ) -> Result<bool, IoError> {
@@ -456,7 +456,7 @@ impl Backing for SimBacking {
 /// moment (the stores, durable or not): [`Pmem::read`], then the batch as
 /// [`Backing::write_batch`] writes it.
 pub fn write_batch_reading<B: Backing, P: Pmem>(
-    backing: &mut B,
+    backing: &B,
     pmem: &P,
     extents: &[crate::cache_core::WbExtent],
 ) -> Result<bool, IoError> {

@@ -97,13 +97,13 @@ impl Pmem for TPmem {
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.0.op(|w| w.pmem_read(off, buf))
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         self.0.op(|w| w.pmem_write(off, data))
     }
-    fn flush(&mut self, off: u64, len: u64) {
+    fn flush(&self, off: u64, len: u64) {
         self.0.world().pmem_flush(off, len)
     }
-    fn fence(&mut self) {
+    fn fence(&self) {
         self.0.op(|w| w.pmem_fence())
     }
     // A read without the engine lock looks the key up, pins its segment and
@@ -128,17 +128,17 @@ impl Backing for TBacking {
     fn size(&self) -> u64 {
         BACKING
     }
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.0.op(|w| w.backing_read(off, buf))
     }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         self.0.op(|w| w.backing_write(off, data))
     }
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         self.0.op(|w| w.backing_flush())
     }
     fn write_batch_from<P: Pmem>(
-        &mut self,
+        &self,
         pmem: &P,
         extents: &[pcache_engine::cache_core::WbExtent],
     ) -> Result<bool, IoError> {
@@ -568,7 +568,7 @@ fn read(
     // As the module: the fills without the engine lock (room, copy,
     // commit), unless one gives back a segment's last reference.
     for g in &gaps[..placed] {
-        if let Some(seg) = write_path.fill(&mut pmem.clone(), g, &buf[..], 0) {
+        if let Some(seg) = write_path.fill(&pmem.clone(), g, &buf[..], 0) {
             lock.with(|c| c.segment_released(seg));
         }
     }
@@ -980,7 +980,7 @@ fn commits_without_the_engine_lock_log_overlapping_keys_in_index_order() {
         let lock = &Lock(Mutex::new(cache), Some(sched.clone()));
         std::thread::scope(|sc| {
             for t in 0..2u64 {
-                let (mut pmem, sched) = (pmem.clone(), sched.clone());
+                let (pmem, sched) = (pmem.clone(), sched.clone());
                 sc.spawn(move || {
                     let _turn = sched.enter(t as usize);
                     let off = t * 4096;
@@ -993,15 +993,15 @@ fn commits_without_the_engine_lock_log_overlapping_keys_in_index_order() {
                         let mut at = 0usize;
                         while at < SPAN {
                             let (from, rest) = (off + at as u64, SPAN - at);
-                            let r = match write_path.reserve(&mut pmem, from, rest, 0, 0) {
+                            let r = match write_path.reserve(&pmem, from, rest, 0, 0) {
                                 Some(r) => r,
                                 None => lock
                                     .with(|c| c.write_reserve(from, rest, 0, 0))
                                     .expect("reserve"),
                             };
-                            let crc = copy_in(&mut pmem, &r, &data[..], at).expect("copy");
+                            let crc = copy_in(&pmem, &r, &data[..], at).expect("copy");
                             pmem.fence();
-                            match write_path.commit(&mut pmem, &r, crc, false) {
+                            match write_path.commit(&pmem, &r, crc, false) {
                                 Commit::Done(_) => {}
                                 Commit::Persist(_) | Commit::Engine => lock
                                     .with(|c| c.write_commit(&r, crc, false))
@@ -1063,15 +1063,14 @@ fn reservations_without_the_engine_lock_never_share_room() {
         let rooms = Mutex::new(Vec::new());
         std::thread::scope(|sc| {
             for t in 0..2u64 {
-                let (mut pmem, sched, rooms) = (pmem.clone(), sched.clone(), &rooms);
+                let (pmem, sched, rooms) = (pmem.clone(), sched.clone(), &rooms);
                 sc.spawn(move || {
                     let _turn = sched.enter(t as usize);
                     let data = vec![t as u8; 12 << 10];
                     for i in 0..8u64 {
                         // Each thread in its own subtree, 12 KiB a write.
                         let off = (t << 22) + i * (12 << 10);
-                        let r = match write_path.reserve(&mut pmem, off, data.len(), 0, t as usize)
-                        {
+                        let r = match write_path.reserve(&pmem, off, data.len(), 0, t as usize) {
                             Some(r) => r,
                             None => lock
                                 .with(|c| c.write_reserve(off, data.len(), 0, t as usize))
@@ -1081,9 +1080,9 @@ fn reservations_without_the_engine_lock_never_share_room() {
                             .lock()
                             .expect("rooms")
                             .push((r.addr, u64::from(r.len)));
-                        let crc = copy_in(&mut pmem, &r, &data[..], 0).expect("copy");
+                        let crc = copy_in(&pmem, &r, &data[..], 0).expect("copy");
                         pmem.fence();
-                        if write_path.commit(&mut pmem, &r, crc, false) == Commit::Engine {
+                        if write_path.commit(&pmem, &r, crc, false) == Commit::Engine {
                             lock.with(|c| c.write_commit(&r, crc, false))
                                 .expect("commit");
                         }

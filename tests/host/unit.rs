@@ -1165,8 +1165,8 @@ fn write_commit_tells_a_hit() {
                   off: u64,
                   len: usize| {
         let r = c.write_reserve(off, len, 0, 0).unwrap();
-        let mut pmem = pcache_engine::sim::SimPmem(world.clone());
-        let crc = copy_in(&mut pmem, &r, &data[..], 0).unwrap();
+        let pmem = pcache_engine::sim::SimPmem(world.clone());
+        let crc = copy_in(&pmem, &r, &data[..], 0).unwrap();
         c.write_commit(&r, crc, false).unwrap()
     };
     assert!(!commit(&mut c, 1 << 20, 4096));
@@ -1399,9 +1399,9 @@ fn writeback_plans_a_kset_per_call_and_a_flush_between_ends_the_batch() {
     for (i, e) in ext[..batch.n].iter().enumerate() {
         assert_eq!((e.off, e.order), (i as u64 * 512, i as u32));
     }
-    let mut backing = pcache_engine::sim::SimBacking(world.clone());
+    let backing = pcache_engine::sim::SimBacking(world.clone());
     let mut bounce = vec![0u8; 64 << 10];
-    writeback_extents(c.pmem(), &mut backing, &mut bounce, &mut ext[..batch.n]).unwrap();
+    writeback_extents(c.pmem(), &backing, &mut bounce, &mut ext[..batch.n]).unwrap();
     c.writeback_commit(batch);
     assert_eq!(c.status().stats.ksets_written_back, 2);
     for s in 0..2 * keys {
@@ -1466,20 +1466,20 @@ fn the_clean_pass_drops_stale_keys_a_bounded_step_at_a_time() {
 }
 
 /// A backing device that records the writes it is given.
-struct Writes<B>(B, Vec<(u64, usize)>);
+struct Writes<B>(B, std::cell::RefCell<Vec<(u64, usize)>>);
 
 impl<B: pcache_engine::cache_core::Backing> pcache_engine::cache_core::Backing for Writes<B> {
     fn size(&self) -> u64 {
         self.0.size()
     }
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), pcache_engine::cache_core::IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), pcache_engine::cache_core::IoError> {
         self.0.read(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), pcache_engine::cache_core::IoError> {
-        self.1.push((off, data.len()));
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), pcache_engine::cache_core::IoError> {
+        self.1.borrow_mut().push((off, data.len()));
         self.0.write(off, data)
     }
-    fn flush(&mut self) -> Result<(), pcache_engine::cache_core::IoError> {
+    fn flush(&self) -> Result<(), pcache_engine::cache_core::IoError> {
         self.0.flush()
     }
 }
@@ -1501,13 +1501,16 @@ fn writeback_skips_keys_a_later_key_of_the_step_covers() {
         panic!("nothing planned");
     };
     assert_eq!(batch.n, 4);
-    let mut backing = Writes(pcache_engine::sim::SimBacking(world.clone()), Vec::new());
+    let backing = Writes(
+        pcache_engine::sim::SimBacking(world.clone()),
+        Default::default(),
+    );
     let mut bounce = vec![0u8; 64 << 10];
-    writeback_extents(c.pmem(), &mut backing, &mut bounce, &mut ext[..batch.n]).unwrap();
+    writeback_extents(c.pmem(), &backing, &mut bounce, &mut ext[..batch.n]).unwrap();
     c.writeback_commit(batch);
     assert!(c.is_clean());
     // The first 4 KiB once, then the two that overlap in part, in log order.
-    let mut writes = backing.1;
+    let mut writes = backing.1.into_inner();
     writes[..2].sort();
     assert_eq!(writes, [(0, 4096), (8192, 8192), (12288, 8192)]);
     let w = world.borrow();
@@ -1553,13 +1556,13 @@ impl Pmem for RacingPmem<'_> {
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), pcache_engine::cache_core::IoError> {
         self.pmem.read(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         self.pmem.write(off, data)
     }
-    fn flush(&mut self, off: u64, len: u64) {
+    fn flush(&self, off: u64, len: u64) {
         self.pmem.flush(off, len)
     }
-    fn fence(&mut self) {
+    fn fence(&self) {
         self.pmem.fence()
     }
     fn pin(&self, seg: u32) {

@@ -9,6 +9,7 @@
 //! [`FileBacking`]).
 
 use crate::cache_core::{Backing, IoError, Pmem};
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -132,20 +133,22 @@ impl Image {
 /// never changes.
 pub struct OverlayPmem<'i> {
     img: &'i Image,
-    pages: HashMap<u64, Box<[u8; PAGE as usize]>>,
+    /// The pages stored to (the engine's handle is shared, so the overlay is
+    /// a cell; the tool runs one thread).
+    pages: RefCell<HashMap<u64, Box<[u8; PAGE as usize]>>>,
 }
 
 impl<'i> OverlayPmem<'i> {
     pub fn new(img: &'i Image) -> Self {
         OverlayPmem {
             img,
-            pages: HashMap::new(),
+            pages: RefCell::new(HashMap::new()),
         }
     }
 
     /// Pages the engine stored to (never written to the image).
     pub fn dirty_pages(&self) -> usize {
-        self.pages.len()
+        self.pages.borrow().len()
     }
 }
 
@@ -154,7 +157,8 @@ impl Pmem for OverlayPmem<'_> {
         self.img.size()
     }
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        if self.pages.is_empty() {
+        let pages = self.pages.borrow();
+        if pages.is_empty() {
             return self.img.read_at(off, buf);
         }
         let end = off.checked_add(buf.len() as u64).ok_or(IoError)?;
@@ -167,7 +171,7 @@ impl Pmem for OverlayPmem<'_> {
             let in_page = (a % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(buf.len() - done);
             let out = buf.get_mut(done..done + n).ok_or(IoError)?;
-            match self.pages.get(&(a / PAGE)) {
+            match pages.get(&(a / PAGE)) {
                 Some(p) => out.copy_from_slice(p.get(in_page..in_page + n).ok_or(IoError)?),
                 None => self.img.read_at(a, out)?,
             }
@@ -175,7 +179,7 @@ impl Pmem for OverlayPmem<'_> {
         }
         Ok(())
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         let Some(end) = off.checked_add(data.len() as u64) else {
             return;
         };
@@ -191,7 +195,8 @@ impl Pmem for OverlayPmem<'_> {
             let in_page = (a % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(data.len() - done);
             let img = self.img;
-            let p = self.pages.entry(page).or_insert_with(|| {
+            let mut pages = self.pages.borrow_mut();
+            let p = pages.entry(page).or_insert_with(|| {
                 let mut b = Box::new([0u8; PAGE as usize]);
                 // The last page of an odd-sized image is partly outside it.
                 let len = (img.size() - page * PAGE).min(PAGE) as usize;
@@ -208,8 +213,8 @@ impl Pmem for OverlayPmem<'_> {
             done += n;
         }
     }
-    fn flush(&mut self, _off: u64, _len: u64) {}
-    fn fence(&mut self) {}
+    fn flush(&self, _off: u64, _len: u64) {}
+    fn fence(&self) {}
 }
 
 /// The image, written in place (`writeback` only). A fence is an `fdatasync`,
@@ -218,12 +223,15 @@ impl Pmem for OverlayPmem<'_> {
 pub struct WritePmem<'i> {
     img: &'i Image,
     /// Stores or syncs that failed: the run must not claim success.
-    pub errors: u64,
+    pub errors: Cell<u64>,
 }
 
 impl<'i> WritePmem<'i> {
     pub fn new(img: &'i Image) -> Self {
-        WritePmem { img, errors: 0 }
+        WritePmem {
+            img,
+            errors: Cell::new(0),
+        }
     }
 }
 
@@ -234,15 +242,15 @@ impl Pmem for WritePmem<'_> {
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.img.read_at(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) {
+    fn write(&self, off: u64, data: &[u8]) {
         if self.img.write_at(off, data).is_err() {
-            self.errors += 1;
+            self.errors.set(self.errors.get() + 1);
         }
     }
-    fn flush(&mut self, _off: u64, _len: u64) {}
-    fn fence(&mut self) {
+    fn flush(&self, _off: u64, _len: u64) {}
+    fn fence(&self) {
         if self.img.sync().is_err() {
-            self.errors += 1;
+            self.errors.set(self.errors.get() + 1);
         }
     }
 }
@@ -257,13 +265,13 @@ impl Backing for NoBacking {
     fn size(&self) -> u64 {
         self.size
     }
-    fn read(&mut self, _off: u64, _buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, _off: u64, _buf: &mut [u8]) -> Result<(), IoError> {
         Err(IoError)
     }
-    fn write(&mut self, _off: u64, _data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, _off: u64, _data: &[u8]) -> Result<(), IoError> {
         Err(IoError)
     }
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         Err(IoError)
     }
 }
@@ -272,10 +280,10 @@ impl Backing for NoBacking {
 /// an `fdatasync`. Counts what went through it, for progress reports.
 pub struct FileBacking {
     img: Image,
-    pub bytes_written: u64,
-    pub flushes: u64,
+    pub bytes_written: Cell<u64>,
+    pub flushes: Cell<u64>,
     /// Called after each flush (one per kset written back) with the totals.
-    pub on_flush: Option<Box<dyn FnMut(u64, u64)>>,
+    pub on_flush: Option<Box<dyn Fn(u64, u64)>>,
 }
 
 impl FileBacking {
@@ -289,8 +297,8 @@ impl FileBacking {
         }
         Ok(FileBacking {
             img,
-            bytes_written: 0,
-            flushes: 0,
+            bytes_written: Cell::new(0),
+            flushes: Cell::new(0),
             on_flush: None,
         })
     }
@@ -300,23 +308,24 @@ impl Backing for FileBacking {
     fn size(&self) -> u64 {
         self.img.size()
     }
-    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.img.read_at(off, buf)
     }
-    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), IoError> {
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
         let end = off.checked_add(data.len() as u64).ok_or(IoError)?;
         if end > self.img.size() {
             return Err(IoError);
         }
         self.img.write_at(off, data)?;
-        self.bytes_written += data.len() as u64;
+        self.bytes_written
+            .set(self.bytes_written.get() + data.len() as u64);
         Ok(())
     }
-    fn flush(&mut self) -> Result<(), IoError> {
+    fn flush(&self) -> Result<(), IoError> {
         self.img.sync()?;
-        self.flushes += 1;
-        if let Some(f) = self.on_flush.as_mut() {
-            f(self.flushes, self.bytes_written);
+        self.flushes.set(self.flushes.get() + 1);
+        if let Some(f) = &self.on_flush {
+            f(self.flushes.get(), self.bytes_written.get());
         }
         Ok(())
     }

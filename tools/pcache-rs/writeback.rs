@@ -49,7 +49,7 @@ pub fn writeback<B: Backing>(
             let was_clean = c.is_clean();
             let res = c.writeback_all();
             let after = c.status();
-            let pmem_errors = c.pmem().errors;
+            let pmem_errors = c.pmem().errors.get();
             (before, after, was_clean, c.is_clean(), res, pmem_errors)
         },
     );

@@ -22,7 +22,6 @@ mod cache_core;
 mod meta;
 mod target;
 
-use cache_core::Locked;
 use target::{
     args::Args,
     background::TICK_MS,
@@ -117,8 +116,8 @@ impl Running {
         })
     }
 
-    fn engine<R>(&self, f: impl FnOnce(&mut PcacheEngine) -> R) -> R {
-        self.live.with(f)
+    fn engine(&self) -> &PcacheEngine {
+        &self.live.engine
     }
 }
 
@@ -257,7 +256,7 @@ impl TargetOperations for Pcache {
         // A full buffer cuts the line; device-mapper then asks again with a larger one.
         let _ = match (kind, self.running()) {
             (StatusType::Info, Some(run)) => {
-                let s = run.engine(|e| e.status());
+                let s = run.engine().status();
                 report::write_status(out, d.seg_num, &s, &run.live.request_counts())
             }
             // A loaded table that has not taken over yet has no state to show.
@@ -267,7 +266,7 @@ impl TargetOperations for Pcache {
                 d.cache_dev.device().name(),
                 d.backing.name(),
                 &d.options,
-                run.map_or(d.options.data_crc, |r| r.engine(|e| e.data_crc())),
+                run.map_or(d.options.data_crc, |r| r.engine().data_crc()),
             ),
             (StatusType::Ima, _) => Ok(()),
         };
@@ -284,11 +283,11 @@ impl TargetOperations for Pcache {
             .ok_or(table::MessageError::ArgCount)
             .and_then(table::parse_message);
         match parsed {
-            Ok(table::Message::GcPercent(p)) => run.engine(|e| e.set_gc_percent(p)).map_err(|e| {
+            Ok(table::Message::GcPercent(p)) => run.engine().set_gc_percent(p).map_err(|e| {
                 pr_err!("pcache_rs: gc_percent: {}\n", ErrorText(&e));
                 EIO
             }),
-            Ok(table::Message::DataCrc(on)) => run.engine(|e| e.set_data_crc(on)).map_err(|e| {
+            Ok(table::Message::DataCrc(on)) => run.engine().set_data_crc(on).map_err(|e| {
                 pr_err!("pcache_rs: data_crc: {}\n", ErrorText(&e));
                 EIO
             }),

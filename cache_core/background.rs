@@ -3,14 +3,14 @@
 //! `cache_writeback_fn` and `pcache_cache_gc_fn`, in one round).
 //!
 //! There is one writeback path. [`Background::writeback_step`] plans the ksets at
-//! the dirty tail under the engine's lock (taken once per kset), copies their extents to the backing
+//! the dirty tail under the control lock (taken once per kset), copies their extents to the backing
 //! device with the lock let go (the copy waits for the backing device, and
 //! requests are served meanwhile), and commits under the lock. The plan's
 //! [`WbBatch`] pins the dirty tail while the copy runs, so no other writer
 //! commits that kset and GC, which never passes the dirty tail, cannot free its
 //! data segments for new writes to fill before the copy reads them.
 
-use super::env::{Backing, Locked, Pmem, Waiting};
+use super::env::{Backing, Pmem, Waiting};
 use super::error::CacheError;
 use super::writeback::{writeback_extents, Step, WbBatch, WbExtent, WbPlan, WB_KSETS_MAX};
 use super::{Cache, Memory};
@@ -50,7 +50,7 @@ pub struct Round {
 }
 
 /// The writer's own handles on the two devices and its buffers: the part of
-/// writeback that runs without the engine's lock.
+/// writeback that runs without the control lock.
 pub struct Background<P, B, E, U> {
     pmem: P,
     backing: B,
@@ -85,12 +85,14 @@ where
     /// lock once per kset: resolving a kset's keys is an index lookup each, and
     /// a step of up to [`WB_KSETS_MAX`] ksets in one hold kept requests out for
     /// milliseconds. `Ok(None)`: nothing to copy now.
-    pub fn plan<CP, CB, M, L>(&mut self, engine: &L) -> Result<Option<WbBatch>, CacheError>
+    pub fn plan<CP, CB, M>(
+        &mut self,
+        engine: &Cache<CP, CB, M>,
+    ) -> Result<Option<WbBatch>, CacheError>
     where
         CP: Pmem,
         CB: Backing,
         M: Memory,
-        L: Locked<Cache<CP, CB, M>>,
     {
         let Some(mut batch) = self.plan_start(engine)? else {
             return Ok(None);
@@ -100,16 +102,18 @@ where
     }
 
     /// The first part of [`Self::plan`]: the kset at the dirty tail, in one
-    /// hold of the engine's lock.
-    pub fn plan_start<CP, CB, M, L>(&mut self, engine: &L) -> Result<Option<WbBatch>, CacheError>
+    /// hold of the control lock.
+    pub fn plan_start<CP, CB, M>(
+        &mut self,
+        engine: &Cache<CP, CB, M>,
+    ) -> Result<Option<WbBatch>, CacheError>
     where
         CP: Pmem,
         CB: Backing,
         M: Memory,
-        L: Locked<Cache<CP, CB, M>>,
     {
         loop {
-            match engine.with(|c| c.writeback_plan(&mut self.extents))? {
+            match engine.writeback_plan(&mut self.extents)? {
                 WbPlan::Idle => return Ok(None),
                 WbPlan::Moved => continue,
                 WbPlan::Batch(b) => return Ok(Some(b)),
@@ -120,18 +124,17 @@ where
     /// The rest of [`Self::plan`], a kset per call and per hold of the engine's
     /// lock: false once `batch` is complete. After an error the batch is
     /// failed (see [`Cache::writeback_plan_more`]) and is dropped.
-    pub fn plan_more<CP, CB, M, L>(
+    pub fn plan_more<CP, CB, M>(
         &mut self,
-        engine: &L,
+        engine: &Cache<CP, CB, M>,
         batch: &mut WbBatch,
     ) -> Result<bool, CacheError>
     where
         CP: Pmem,
         CB: Backing,
         M: Memory,
-        L: Locked<Cache<CP, CB, M>>,
     {
-        engine.with(|c| c.writeback_plan_more(batch, &mut self.extents))
+        engine.writeback_plan_more(batch, &mut self.extents)
     }
 
     /// Copies a planned batch to the backing device and flushes it (engine not
@@ -142,22 +145,24 @@ where
     }
 
     /// Writes back the ksets at the dirty tail: plan, copy, commit.
-    pub fn writeback_step<CP, CB, M, L>(&mut self, engine: &L) -> Result<Step, CacheError>
+    pub fn writeback_step<CP, CB, M>(
+        &mut self,
+        engine: &Cache<CP, CB, M>,
+    ) -> Result<Step, CacheError>
     where
         CP: Pmem,
         CB: Backing,
         M: Memory,
-        L: Locked<Cache<CP, CB, M>>,
     {
         let Some(batch) = self.plan(engine)? else {
             return Ok(Step::Idle);
         };
         match self.copy(&batch) {
             Ok(()) => {
-                engine.with(|c| c.writeback_commit(batch));
+                engine.writeback_commit(batch);
                 Ok(Step::Progress)
             }
-            Err(e) => Err(engine.with(|c| c.writeback_failed(batch, e))),
+            Err(e) => Err(engine.writeback_failed(batch, e)),
         }
     }
 
@@ -168,12 +173,16 @@ where
     /// steps, collect up to [`GC_STEPS_PER_ROUND`] ksets and run up to
     /// [`CLEAN_STEPS_PER_ROUND`] steps of the clean pass, and wake the
     /// requests waiting for room if anything moved.
-    pub fn run<CP, CB, M, L, W>(&mut self, engine: &L, waiting: &W, urgent: bool) -> Round
+    pub fn run<CP, CB, M, W>(
+        &mut self,
+        engine: &Cache<CP, CB, M>,
+        waiting: &W,
+        urgent: bool,
+    ) -> Round
     where
         CP: Pmem,
         CB: Backing,
         M: Memory,
-        L: Locked<Cache<CP, CB, M>>,
         W: Waiting,
     {
         let mut round = Round::default();
@@ -184,10 +193,11 @@ where
                 .is_none_or(|t| now.saturating_sub(t) >= KSET_IDLE_MS);
         if due {
             self.last_kset_flush_ms = Some(now);
-            match engine.with(|c| {
-                let before = c.ksets_written();
-                c.flush_idle().map(|()| c.ksets_written() != before)
-            }) {
+            let before = engine.ksets_written();
+            match engine
+                .flush_idle()
+                .map(|()| engine.ksets_written() != before)
+            {
                 Ok(persisted) => round.progress |= persisted,
                 Err(e) => round.flush_error = Some(e),
             }
@@ -211,7 +221,7 @@ where
                 round.more = true;
                 break;
             }
-            match engine.with(|c| c.gc_step()) {
+            match engine.gc_step() {
                 Ok(Step::Progress) => {
                     round.progress = true;
                     // Requests waiting for room look again now, not at the end of the
@@ -233,7 +243,7 @@ where
                 round.more = true;
                 break;
             }
-            match engine.with(|c| c.clean_step()) {
+            match engine.clean_step() {
                 Some(0) => {}
                 Some(_) => round.progress = true,
                 None => break,

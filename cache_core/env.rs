@@ -43,13 +43,12 @@ pub trait Pmem {
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
         crate::meta::crc32c::crc32c(crc, data)
     }
-    /// A read is to copy from cache segment `seg` without the engine lock
-    /// ([`super::io::Hit`]): until as many [`Pmem::unpin`]s, the engine does not
-    /// hand the segment out again (the data stays where the read finds it, even
-    /// if GC invalidates the segment meanwhile). `pin` and [`Pmem::pinned`] run
-    /// under the engine lock; `unpin` runs wherever the read copied, without
-    /// it, so the kernel counts in atomics. The defaults count nothing: for a
-    /// pmem whose reads all copy under the engine lock (images, tools).
+    /// A read is to copy from cache segment `seg` ([`super::io::Hit`]): until
+    /// as many [`Pmem::unpin`]s, the engine does not hand the segment out again
+    /// (the data stays where the read finds it, even if GC invalidates the
+    /// segment meanwhile). All three run on any CPU with no lock held, so the
+    /// kernel counts in atomics. The defaults count nothing: for a pmem no
+    /// other thread reuses segments of while a read copies (images, tools).
     fn pin(&self, _seg: u32) {}
     /// See [`Pmem::pin`]; after the read's last access to the segment.
     fn unpin(&self, _seg: u32) {}
@@ -109,107 +108,69 @@ pub fn each_batch_write(
     Ok(())
 }
 
-impl<T: Pmem + ?Sized> Pmem for &T {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        (**self).read(off, buf)
-    }
-    fn write(&self, off: u64, data: &[u8]) {
-        (**self).write(off, data)
-    }
-    fn flush(&self, off: u64, len: u64) {
-        (**self).flush(off, len)
-    }
-    fn fence(&self) {
-        (**self).fence()
-    }
-    fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
-        (**self).crc32c(crc, data)
-    }
-    fn pin(&self, seg: u32) {
-        (**self).pin(seg)
-    }
-    fn unpin(&self, seg: u32) {
-        (**self).unpin(seg)
-    }
-    fn pinned(&self, seg: u32) -> bool {
-        (**self).pinned(seg)
-    }
+/// A shared or unique reference to a device is the device: callers lend the
+/// engine theirs (the tool's devices, a test's).
+macro_rules! forward_devices {
+    ($($r:tt)+) => {
+        impl<T: Pmem + ?Sized> Pmem for $($r)+ T {
+            fn size(&self) -> u64 {
+                (**self).size()
+            }
+            fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+                (**self).read(off, buf)
+            }
+            fn write(&self, off: u64, data: &[u8]) {
+                (**self).write(off, data)
+            }
+            fn flush(&self, off: u64, len: u64) {
+                (**self).flush(off, len)
+            }
+            fn fence(&self) {
+                (**self).fence()
+            }
+            fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
+                (**self).crc32c(crc, data)
+            }
+            fn pin(&self, seg: u32) {
+                (**self).pin(seg)
+            }
+            fn unpin(&self, seg: u32) {
+                (**self).unpin(seg)
+            }
+            fn pinned(&self, seg: u32) -> bool {
+                (**self).pinned(seg)
+            }
+        }
+
+        impl<T: Backing + ?Sized> Backing for $($r)+ T {
+            fn size(&self) -> u64 {
+                (**self).size()
+            }
+            fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
+                (**self).read(off, buf)
+            }
+            fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
+                (**self).write(off, data)
+            }
+            fn flush(&self) -> Result<(), IoError> {
+                (**self).flush()
+            }
+            fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
+                (**self).write_batch(data, extents)
+            }
+            fn write_batch_from<P: Pmem>(
+                &self,
+                pmem: &P,
+                extents: &[WbExtent],
+            ) -> Result<bool, IoError> {
+                (**self).write_batch_from(pmem, extents)
+            }
+        }
+    };
 }
 
-impl<T: Pmem + ?Sized> Pmem for &mut T {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        (**self).read(off, buf)
-    }
-    fn write(&self, off: u64, data: &[u8]) {
-        (**self).write(off, data)
-    }
-    fn flush(&self, off: u64, len: u64) {
-        (**self).flush(off, len)
-    }
-    fn fence(&self) {
-        (**self).fence()
-    }
-    fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
-        (**self).crc32c(crc, data)
-    }
-    fn pin(&self, seg: u32) {
-        (**self).pin(seg)
-    }
-    fn unpin(&self, seg: u32) {
-        (**self).unpin(seg)
-    }
-    fn pinned(&self, seg: u32) -> bool {
-        (**self).pinned(seg)
-    }
-}
-
-impl<T: Backing + ?Sized> Backing for &T {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        (**self).read(off, buf)
-    }
-    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
-        (**self).write(off, data)
-    }
-    fn flush(&self) -> Result<(), IoError> {
-        (**self).flush()
-    }
-    fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
-        (**self).write_batch(data, extents)
-    }
-    fn write_batch_from<P: Pmem>(&self, pmem: &P, extents: &[WbExtent]) -> Result<bool, IoError> {
-        (**self).write_batch_from(pmem, extents)
-    }
-}
-
-impl<T: Backing + ?Sized> Backing for &mut T {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        (**self).read(off, buf)
-    }
-    fn write(&self, off: u64, data: &[u8]) -> Result<(), IoError> {
-        (**self).write(off, data)
-    }
-    fn flush(&self) -> Result<(), IoError> {
-        (**self).flush()
-    }
-    fn write_batch(&self, data: &[u8], extents: &[WbExtent]) -> Result<(), IoError> {
-        (**self).write_batch(data, extents)
-    }
-    fn write_batch_from<P: Pmem>(&self, pmem: &P, extents: &[WbExtent]) -> Result<bool, IoError> {
-        (**self).write_batch_from(pmem, extents)
-    }
-}
+forward_devices!(&);
+forward_devices!(&mut);
 
 /// A lock for each subtree of the key index, guarding no data of its own
 /// (upstream: each subtree's `tree_lock`): spinlocks in the kernel. The index

@@ -26,6 +26,7 @@
 //! uncached, and the next read misses there again.
 
 use super::data::Source;
+use super::env::Locked;
 use super::env::{Backing, IoError, Pmem};
 use super::io::{copy_in, Gap, Reservation};
 use super::mode::Mode;
@@ -77,7 +78,7 @@ impl Fill {
     /// Takes room for `off..end` in parts; false when some of it got none.
     fn reserve<P: Pmem, B: Backing, M: Memory>(
         &mut self,
-        c: &mut Cache<P, B, M>,
+        c: &Cache<P, B, M>,
         mut off: u64,
         end: u64,
         cpu: usize,
@@ -99,7 +100,7 @@ impl Fill {
 }
 
 /// Copies the data of `fill` from `src` (the gap's bytes at [`Gap::at`]) into
-/// its room, without the engine lock, and fences, so that the commit finds the
+/// its room, outside the engine, and fences, so that the commit finds the
 /// data durable whichever CPU it runs on. A source shorter than the gap
 /// leaves the fill uncopied: its end commits nothing.
 pub fn fill_copy<P: Pmem, S: Source + ?Sized>(pmem: &P, fill: &mut Fill, src: &S) {
@@ -126,13 +127,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// the [module](self) comment). When there are none, the fill is over at
     /// once (its placeholder is given up, or the write is no longer in flight)
     /// and [`Fill::is_open`] is false.
-    pub fn fill_start(&mut self, gap: &Gap, cpu: usize) -> Fill {
+    pub fn fill_start(&self, gap: &Gap, cpu: usize) -> Fill {
         let mut fill = Fill::new(*gap);
         let end = gap.off + gap.len as u64;
         if gap.tag & THROUGH_TAG != 0 {
             let wanted = self
                 .in_flight
-                .get((gap.tag & !THROUGH_TAG) as usize)
+                .with(|f| f.get((gap.tag & !THROUGH_TAG) as usize))
                 .is_some_and(|contested| !contested)
                 && self.mode() == Mode::Writethrough
                 && !self.key_pressure();
@@ -154,7 +155,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// The three steps of a fill in one go, all under the lock (callers that
     /// copy under it: the simulator's and the engine's own paths).
-    pub fn fill_now<S: Source + ?Sized>(&mut self, gap: &Gap, src: &S, cpu: usize) {
+    pub fn fill_now<S: Source + ?Sized>(&self, gap: &Gap, src: &S, cpu: usize) {
         let mut fill = self.fill_start(gap, cpu);
         if fill.is_open() {
             fill_copy(&self.pmem, &mut fill, src);
@@ -166,34 +167,43 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// keys, that is still wanted, and gives back the room of the others; the
     /// read's placeholder is given up, or the write is no longer in flight.
     /// Nothing to do when the fill is not open.
-    pub fn fill_end(&mut self, fill: Fill) {
+    pub fn fill_end(&self, fill: Fill) {
         if !fill.open {
             return;
         }
         let gap = &fill.gap;
-        let through = gap.tag & THROUGH_TAG != 0;
-        // A write through is contested by any write or discard that overlapped
-        // it meanwhile; its slot goes now, whatever becomes of the data.
-        let uncontested = through
-            && self
-                .in_flight
-                .release((gap.tag & !THROUGH_TAG) as usize)
-                .is_some_and(|contested| !contested);
+        if gap.tag & THROUGH_TAG != 0 {
+            // A write through is contested by any write or discard that
+            // overlapped it meanwhile. Its parts go in, or back, before its
+            // slot goes, in one hold of the lock of the writes in flight: a
+            // write of the range that starts later drops them (it claims its
+            // slot first, see `Cache::through_start`).
+            self.in_flight.with(|f| {
+                let slot = (gap.tag & !THROUGH_TAG) as usize;
+                let uncontested = f.get(slot).is_some_and(|contested| !contested);
+                self.fill_commit(&fill, uncontested, None);
+                f.release(slot);
+            });
+            return;
+        }
+        // A read's part goes in only where its placeholder still covers it,
+        // checked as it goes in (writes commit outside the engine).
+        self.fill_commit(&fill, true, Some(gap.tag));
+        self.read_abandon(gap);
+    }
+
+    /// Commits each part of `fill`, as clean keys, if `wanted` and copied
+    /// (over placeholder `over`), or gives back its room.
+    fn fill_commit(&self, fill: &Fill, wanted: bool, over: Option<u32>) {
         for (room, crc) in fill.rooms.iter().zip(fill.crcs.iter()) {
             let Some(r) = room else { continue };
-            // A read's part goes in only where its placeholder still covers
-            // it, checked as it goes in (writes commit without the engine lock).
-            let over = (!through).then_some(gap.tag);
-            if fill.copied && (!through || uncontested) {
+            if fill.copied && wanted {
                 // Best effort: a commit that fails gives the room back, or
                 // leaves it to the key it inserted (see `write_commit`).
                 let _ = self.commit_over(r, *crc, false, over, &mut || {});
             } else {
                 self.write_cancel(r);
             }
-        }
-        if !through {
-            self.read_abandon(gap);
         }
     }
 }

@@ -6,15 +6,17 @@
 //! frees it — and then the key tail advances past the kset. A LAST kset frees the
 //! key-log segment it ends once the dirty tail has left that segment.
 
+use super::ctrl::Held;
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Pos, SegId};
+use super::stats::Counter;
 use super::writeback::Step;
 use super::{Cache, Memory};
 use crate::meta::cache_info::CtrlPos;
 use crate::meta::kset::{KsetRead, KSET_KEYS_MAX};
 
-impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
     /// GC runs while there is a written-back kset to consume and either the
     /// used segments reach `gc_percent`, or keys run short (small writes can use
     /// up the key slab long before the data space, and only GC frees keys: a
@@ -22,22 +24,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// no data space (a write larger than the room `gc_percent` leaves would
     /// otherwise wait for ever).
     fn need_gc(&self) -> bool {
-        if self.key_tail.pos == self.dirty_tail.pos {
+        if self.t.key_tail.pos == self.t.dirty_tail.pos {
             return false;
         }
-        let threshold = u64::from(self.n_segs) * u64::from(self.info.gc_percent()) / 100;
+        let threshold = u64::from(self.n_segs) * u64::from(self.t.info.gc_percent()) / 100;
         u64::from(self.used_segs()) >= threshold || self.key_pressure() || self.space.room_wanted()
     }
 
-    /// Fewer than an eighth of the key slab is free (see
-    /// [`Index::key_pressure`](super::Index::key_pressure)).
-    pub fn key_pressure(&self) -> bool {
-        self.index.key_pressure()
-    }
-
-    /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration).
-    pub fn gc_step(&mut self) -> Result<Step, CacheError> {
-        if self.stats.gc_errors > 0 {
+    /// Reclaim one kset at the key tail (see [`Cache::gc_step`]).
+    fn gc_step(&mut self) -> Result<Step, CacheError> {
+        if self.stats.get(Counter::GcErrors) > 0 {
             return Err(CacheError::Io("gc stopped after an error"));
         }
         let used = self.used_segs();
@@ -51,7 +47,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             self.space.set_room_wanted(false);
         }
         if r.is_err() {
-            self.stats.gc_errors += 1;
+            self.stats.inc(Counter::GcErrors);
         }
         r
     }
@@ -60,14 +56,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if !self.need_gc() {
             return Ok(Step::Idle);
         }
-        let tail = self.key_tail.pos;
+        let tail = self.t.key_tail.pos;
         match self.read_kset(tail)? {
             KsetRead::End => Ok(Step::Idle),
             KsetRead::Last { next_cache_seg_id } => {
-                if self.dirty_tail.pos.seg == tail.seg {
+                if self.t.dirty_tail.pos.seg == tail.seg {
                     return Ok(Step::Idle);
                 }
-                self.key_tail.pos = Pos {
+                self.t.key_tail.pos = Pos {
                     seg: self.next_log_seg(next_cache_seg_id)?,
                     off: 0,
                 };
@@ -78,7 +74,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             KsetRead::Keys { key_num, size } => {
                 // GC never passes the dirty tail (`need_gc`), so it never frees the
                 // data of a kset that is not written back, or being written back.
-                debug_assert!(tail != self.dirty_tail.pos);
+                debug_assert!(tail != self.t.dirty_tail.pos);
                 // Decode every key first: a bad key must not leave a half-done kset.
                 for i in 0..key_num as usize {
                     self.scratch_key(i)?;
@@ -100,26 +96,41 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                         }
                     }
                 }
-                self.key_tail.pos.off += size;
+                self.t.key_tail.pos.off += size;
                 self.encode_tail(CtrlPos::KeyTail);
                 for &seg in emptied.iter().take(n_emptied) {
                     self.seg_invalidate(seg);
                 }
                 // The key tail (persisted above) may have passed the last key
                 // without a CRC: the DATA_CRC flag can follow the table now.
-                self.log_seq_tail += 1;
+                self.t.log_seq_tail += 1;
                 let pending = self.space.crc_flag_pending();
-                if pending || (self.data_crc && !self.info.data_crc()) {
+                if pending || (self.data_crc() && !self.t.info.data_crc()) {
                     self.sync_crc_flag();
                 }
-                self.stats.ksets_gced += 1;
+                self.stats.inc(Counter::KsetsGced);
                 Ok(Step::Progress)
             }
         }
     }
+}
+
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+    /// Fewer than an eighth of the key slab is free (see
+    /// [`Index::key_pressure`](super::Index::key_pressure)).
+    pub fn key_pressure(&self) -> bool {
+        self.index.key_pressure()
+    }
+
+    /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration),
+    /// under the control lock. One GC at a time: a second caller meanwhile
+    /// waits for the lock, then finds the kset gone.
+    pub fn gc_step(&self) -> Result<Step, CacheError> {
+        self.held(|h| h.gc_step())
+    }
 
     /// Run GC until it has nothing to do, and the clean pass to its end.
-    pub fn gc_all(&mut self) -> Result<(), CacheError> {
+    pub fn gc_all(&self) -> Result<(), CacheError> {
         while self.gc_step()? == Step::Progress {}
         self.clean_all();
         Ok(())

@@ -224,8 +224,8 @@ impl<L: SubtreeLocks> Drop for Held<'_, L> {
     }
 }
 
-/// The subtrees over the slab: what a lookup needs, and all a read without
-/// the engine lock holds of the index ([`super::reader::Reader`]). Every
+/// The subtrees over the slab: what a lookup needs, and all a read served
+/// outside the engine holds of the index ([`super::reader::Reader`]). Every
 /// operation holds its subtree's lock; a clone shares the slab, the roots and
 /// the locks.
 pub struct Trees<M: Memory> {
@@ -264,7 +264,7 @@ pub struct FreeList {
 
 /// The whole index over the preallocated slab and subtree roots: the
 /// [`Trees`], and the free list that inserts take nodes from. A clone shares
-/// them all (a commit without the engine lock inserts through one, see
+/// them all (a commit outside the engine inserts through one, see
 /// [`super::key_log::commit_key`]).
 pub struct Index<M: Memory> {
     trees: Trees<M>,
@@ -487,7 +487,7 @@ impl<M: Memory> Index<M> {
         index
     }
 
-    /// The subtrees, for reads without the engine lock.
+    /// The subtrees, for reads outside the engine.
     pub fn trees(&self) -> Trees<M> {
         self.trees.clone()
     }

@@ -13,6 +13,7 @@
 //! - The dirty-byte count is the length of the dirty keys from the dirty tail
 //!   to the key head, and in the open ksets.
 
+use super::ctrl::Held;
 use super::env::{Backing, Pmem};
 use super::key::Key;
 use super::log_cursor::{LogCursor, LogEntry};
@@ -24,11 +25,18 @@ use crate::meta::layout::SUBTREE_SHIFT;
 pub struct Broken(pub &'static str);
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
-    /// Checks every invariant (see the module docs). Reads the key log, so it
-    /// takes `&mut self` for the scratch buffer; it changes nothing else.
-    pub fn check_invariants(&mut self) -> Result<(), Broken> {
-        if let Some(pinned) = self.wb_pinned {
-            if pinned != self.dirty_tail.pos {
+    /// Checks every invariant (see the module docs), under the control lock
+    /// (it reads the key log back into the control state's buffer). It
+    /// changes nothing.
+    pub fn check_invariants(&self) -> Result<(), Broken> {
+        self.held(|h| h.check_invariants())
+    }
+}
+
+impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
+    fn check_invariants(&mut self) -> Result<(), Broken> {
+        if let Some(pinned) = self.t.wb_pinned {
+            if pinned != self.t.dirty_tail.pos {
                 return Err(Broken("a writeback batch is out but the dirty tail moved"));
             }
         }
@@ -46,11 +54,11 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     fn check_dirty_bytes(&mut self) -> Result<(), Broken> {
         let unreadable = Broken("the key log between the dirty tail and head is unreadable");
-        // One snapshot of the log: commits made without the engine lock only
+        // One snapshot of the log: commits made outside the engine only
         // add ksets past this head, and count them in as they add them.
         let (open, head, dirty_bytes) = self.log.snapshot(|open, head, d| (open, head, d));
         let mut sum = open.ok_or(unreadable)?;
-        let mut cur = LogCursor::new(self.dirty_tail.pos);
+        let mut cur = LogCursor::new(self.t.dirty_tail.pos);
         while cur.pos != head {
             let entry = self.log_next(&mut cur, |_, _| {}).map_err(|_| unreadable)?;
             // A hop to the next segment may land on the head.
@@ -79,8 +87,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Key tail, dirty tail, key head: each reached walking the log from the
     /// one before.
     fn check_log_order(&mut self) -> Result<(), Broken> {
-        let (dirty, head) = (self.dirty_tail.pos, self.key_head());
-        let mut cur = LogCursor::new(self.key_tail.pos);
+        let (dirty, head) = (self.t.dirty_tail.pos, self.key_head());
+        let mut cur = LogCursor::new(self.t.key_tail.pos);
         let mut seen_dirty = cur.pos == dirty;
         loop {
             if cur.pos == head {

@@ -2,18 +2,21 @@
 //! and data-head allocation (upstream `cache_req.c`).
 
 use super::data::{Sink, Source};
-use super::env::{Backing, IoError, Pmem};
+use super::env::{Backing, IoError, Locked, Pmem};
 use super::error::CacheError;
 use super::index::{Index, Trees};
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
+use super::kset::KEY_WITHOUT_CRC;
 use super::segment::SegMap;
+use super::stats::Counter;
 use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
-use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
+use crate::meta::kset::{KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 use crate::meta::layout::Geometry;
+use core::sync::atomic::Ordering;
 
 /// Keys (and empty subtrees) one step of the clean pass looks at: one hold of
-/// the engine lock (see [`Cache::clean_step`]).
+/// the control lock (see [`Cache::clean_step`]).
 pub const CLEAN_KEYS_PER_STEP: usize = 256;
 
 /// What a read found.
@@ -24,7 +27,7 @@ pub struct ReadResult {
 }
 
 /// Room in the cache for one chunk of a write (see [`Cache::write_reserve`]).
-/// The module copies into it without the engine lock, so writes on two CPUs
+/// The module copies into it outside the engine, so writes on two CPUs
 /// copy at once; the engine takes it back in [`Cache::write_commit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
@@ -110,8 +113,8 @@ pub fn copy_in<P: Pmem, S: Source + ?Sized>(
     Ok(if r.crc { crc } else { 0 })
 }
 
-/// A part of a read the cache holds, for the caller to copy without the
-/// engine lock (see [`Cache::read_start`]). It holds a pin on its segment
+/// A part of a read the cache holds, for the caller to copy with no
+/// lock held (see [`Cache::read_start`]). It holds a pin on its segment
 /// ([`Pmem::pin`]), so the segment is not handed out again, and its data not
 /// overwritten, before [`release_hits`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -151,7 +154,7 @@ impl Hit {
     }
 
     /// [`copy_hits`] checks its data against the key's CRC; once it did,
-    /// [`Cache::read_verified`] records that under the engine lock.
+    /// [`Cache::read_verified`] records that under the subtree's lock.
     pub fn checks(&self) -> bool {
         self.check.is_some()
     }
@@ -182,7 +185,7 @@ pub enum HitError {
 }
 
 /// Bytes of pmem a CRC check over a whole extent reads at a time, into a
-/// buffer on the stack: the copy runs without the engine lock and its buffers.
+/// buffer on the stack: the copy runs outside the engine and its buffers.
 const CHECK_CHUNK: usize = 512;
 
 /// Copies each hit from the cache into `dst`, one piece at a time as `dst`
@@ -244,7 +247,7 @@ fn extent_crc<P: Pmem>(pmem: &P, start: u64, len: u32) -> Result<u32, HitError> 
 }
 
 /// Gives back the pins of `hits` once they are copied (or the read gave up):
-/// without the engine lock, on the CPU that copied them (see [`Pmem::pin`]).
+/// outside the engine, on the CPU that copied them (see [`Pmem::pin`]).
 pub fn release_hits<P: Pmem + ?Sized>(pmem: &P, hits: &[Hit]) {
     for seg in hits.iter().filter_map(|h| h.seg) {
         pmem.unpin(seg.get());
@@ -319,13 +322,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Writes `data` at `off` as the cache mode says (see [`Cache::write_from`]).
-    pub fn write(
-        &mut self,
-        off: u64,
-        data: &[u8],
-        fua: bool,
-        cpu: usize,
-    ) -> Result<(), CacheError> {
+    pub fn write(&self, off: u64, data: &[u8], fua: bool, cpu: usize) -> Result<(), CacheError> {
         self.write_from(off, data, fua, cpu)
     }
 
@@ -337,7 +334,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// backing device holds the data when this returns `Ok` (with `fua`,
     /// durably), and on `Err` the cache holds none of the range.
     pub fn write_from<S: Source + ?Sized>(
-        &mut self,
+        &self,
         off: u64,
         src: &S,
         fua: bool,
@@ -347,21 +344,35 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let len = src.len() as u64;
         match self.mode() {
             Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, 0, fua, cpu),
-            mode => {
-                // Next to a write through in flight to an overlapping range, neither
-                // caches its data (see `super::through`).
-                let contested = self.in_flight.contest(off, off + len);
-                if mode == Mode::Writethrough && !contested {
-                    // The cache first, so that a read meanwhile finds the new data; its
-                    // keys are clean, and need no persisting (see `super::mode`).
-                    if let Err(e) = self.insert_data(off, src, 0, KEY_FLAGS_CLEAN, false, cpu) {
+            _ => {
+                // As a write sent without the engine (see `super::through`): in
+                // flight while the backing device writes, so that a read or
+                // another write of the range meanwhile caches nothing, then
+                // cached in writethrough mode unless contested.
+                let gap = match self.through_start(off, len as usize) {
+                    Ok(gap) => gap,
+                    // The table is full: the write is not recorded, so it caches
+                    // nothing and contests what overlaps it. Coherent for a
+                    // caller with no read or write through of the range out
+                    // meanwhile (one that owns the engine: the tests, the
+                    // tool); the module waits for a slot instead.
+                    Err(CacheError::Busy(_)) => {
+                        self.in_flight.with(|f| f.contest(off, off + len));
                         self.drop_range(off, len)?;
-                        return Err(e);
+                        return self.write_backing(off, src, fua);
                     }
-                } else {
-                    self.drop_range(off, len)?;
+                    Err(e) => return Err(e),
+                };
+                match self.write_backing(off, src, fua) {
+                    Ok(()) => {
+                        self.through_done(&gap, Some(src), cpu);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.through_release(&gap);
+                        Err(e)
+                    }
                 }
-                self.write_backing(off, src, fua)
             }
         }
     }
@@ -370,13 +381,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// failure the cache gives up what it holds of the range: it must not serve
     /// data the backing device may not have.
     fn write_backing<S: Source + ?Sized>(
-        &mut self,
+        &self,
         off: u64,
         src: &S,
         fua: bool,
     ) -> Result<(), CacheError> {
         let mut at = off;
-        let backing = &mut self.backing;
+        let backing = &self.backing;
         let written = src
             .pieces(0, src.len(), &mut |p| {
                 backing.write(at, p)?;
@@ -385,7 +396,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             })
             .and_then(|()| if fua { backing.flush() } else { Ok(()) });
         if written.is_err() {
-            self.stats.backing_errors += 1;
+            self.stats.inc(Counter::BackingErrors);
             self.drop_range(off, src.len() as u64)?;
             return Err(CacheError::Io("backing device write failed"));
         }
@@ -395,7 +406,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Copies `src[at..]` into the cache as keys from `off` on, with `flags`:
     /// reserve, copy and commit each chunk in turn (see [`Reservation`]).
     pub(crate) fn insert_data<S: Source + ?Sized>(
-        &mut self,
+        &self,
         off: u64,
         src: &S,
         at: usize,
@@ -424,7 +435,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// holds a reference on its segment, so nothing reclaims the room before
     /// [`Cache::write_commit`] or [`Cache::write_cancel`].
     pub fn write_reserve(
-        &mut self,
+        &self,
         off: u64,
         len: usize,
         flags: u32,
@@ -454,21 +465,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// returns. A caller that copied on another CPU fences first (`pmem_wmb` only
     /// orders the stores of the CPU it runs on). On `Err` the room is given back.
     /// `Ok(true)`: the key replaced data the cache held (the write was a hit).
-    pub fn write_commit(
-        &mut self,
-        r: &Reservation,
-        crc: u32,
-        fua: bool,
-    ) -> Result<bool, CacheError> {
+    pub fn write_commit(&self, r: &Reservation, crc: u32, fua: bool) -> Result<bool, CacheError> {
         self.commit_over(r, crc, fua, None, &mut || {})
     }
 
     /// [`Cache::write_commit`], running `on_insert` under the subtree's lock
     /// as the key goes in: what it records is in the order the index took the
-    /// keys, with commits made without the engine lock beside
+    /// keys, with commits made outside the engine beside
     /// ([`super::WritePath::commit_with`]).
     pub fn write_commit_with(
-        &mut self,
+        &self,
         r: &Reservation,
         crc: u32,
         fua: bool,
@@ -483,7 +489,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// that replaced any of it meanwhile is newer than the backing device's
     /// data). `Err` (nothing committed) gives the room back.
     pub(crate) fn commit_over(
-        &mut self,
+        &self,
         r: &Reservation,
         crc: u32,
         fua: bool,
@@ -496,33 +502,40 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             return Err(CacheError::Busy("key pool exhausted"));
         }
         // `data_crc` was switched on since the reservation, and the media flag may
-        // be set already: every key logged from now on needs its CRC.
-        let crc = if !r.crc && (self.data_crc || self.info.data_crc()) {
-            match self.data_crc_at(r.pos, r.len) {
-                Ok(c) => Some(c),
+        // be set already: every key logged from now on needs its CRC. The log
+        // says so (`crc_wanted`), and says it again under the kset's lock as
+        // the key goes in: a switch between the two has the key's CRC
+        // computed then.
+        let mut add_crc = !r.crc && self.log.crc_wanted();
+        loop {
+            let crc = if add_crc {
+                match self.data_crc_at(r.pos, r.len) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        self.write_cancel(r);
+                        return Err(e);
+                    }
+                }
+            } else {
+                r.crc.then_some(crc)
+            };
+            let key = r.key(crc);
+            // FUA covers every key of the request: each chunk's kset is persisted.
+            // A commit that did not get its key in gives the room back; one that
+            // got it in and failed to close its kset keeps it (the key holds it).
+            match self.key_commit(&key, fua, over, on_insert) {
+                Ok(closed) => return closed,
+                Err(CacheError::Invalid(KEY_WITHOUT_CRC)) if !add_crc && !r.crc => add_crc = true,
                 Err(e) => {
                     self.write_cancel(r);
                     return Err(e);
                 }
             }
-        } else {
-            r.crc.then_some(crc)
-        };
-        let key = r.key(crc);
-        // FUA covers every key of the request: each chunk's kset is persisted.
-        // A commit that did not get its key in gives the room back; one that
-        // got it in and failed to close its kset keeps it (the key holds it).
-        match self.key_commit(&key, fua, over, on_insert) {
-            Ok(closed) => closed,
-            Err(e) => {
-                self.write_cancel(r);
-                Err(e)
-            }
         }
     }
 
     /// Gives back the room of a reservation that will not be committed.
-    pub fn write_cancel(&mut self, r: &Reservation) {
+    pub fn write_cancel(&self, r: &Reservation) {
         self.seg_put(r.pos.seg);
     }
 
@@ -533,17 +546,17 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// [`Cache::writeback_plan`]). Nothing is logged, so the on-media format is
     /// upstream's: after a crash, replay brings the dropped keys back (and
     /// writeback then copies the dirty ones), which a discard allows.
-    pub fn discard(&mut self, off: u64, len: u64) -> Result<(), CacheError> {
+    pub fn discard(&self, off: u64, len: u64) -> Result<(), CacheError> {
         off.checked_add(len)
             .filter(|&e| e <= self.dev_bytes)
             .ok_or(CacheError::Invalid("discard beyond the backing device"))?;
-        self.in_flight.contest(off, off + len);
+        self.in_flight.with(|f| f.contest(off, off + len));
         self.drop_range(off, len)
     }
 
     /// Drops every key in `off..off + len` from the index (trimming the keys
     /// that stick out); logs nothing.
-    pub(crate) fn drop_range(&mut self, off: u64, len: u64) -> Result<(), CacheError> {
+    pub(crate) fn drop_range(&self, off: u64, len: u64) -> Result<(), CacheError> {
         let end = off.saturating_add(len).min(self.dev_bytes);
         let mut cur = off;
         while cur < end {
@@ -560,7 +573,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// device. With `cache_misses`, data read from the backing device is inserted
     /// as clean keys (best effort). A hit whose data fails its CRC is an IO error.
     pub fn read(
-        &mut self,
+        &self,
         off: u64,
         buf: &mut [u8],
         cache_misses: bool,
@@ -579,16 +592,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// touching the backing device; `Ok(None)` at the first gap (`buf` then
     /// holds some of the hits). For callers that cannot wait for the backing
     /// device (device-mapper's `map`) and hand the request on when it misses.
-    pub fn read_cached(
-        &mut self,
-        off: u64,
-        buf: &mut [u8],
-    ) -> Result<Option<ReadResult>, CacheError> {
+    pub fn read_cached(&self, off: u64, buf: &mut [u8]) -> Result<Option<ReadResult>, CacheError> {
         self.read_with(off, buf, Misses::Stop)
     }
 
     fn read_with<S: Sink + ?Sized>(
-        &mut self,
+        &self,
         off: u64,
         buf: &mut S,
         misses: Misses,
@@ -615,46 +624,62 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 }
                 // A placeholder holds no data: the range is a miss.
                 Some(k) if !k.empty() => {
-                    self.read_hit(&k, cur, buf, b0, n)?;
+                    // Pinned, so that GC does not hand its segment out while
+                    // the data is copied.
+                    if !self.pin_current(&k) {
+                        continue;
+                    }
+                    let read = self.read_hit(&k, cur, buf, b0, n);
+                    self.pmem.unpin(k.pos.seg.get());
+                    read?;
                     res.hit_bytes += n as u64;
                 }
                 _ => {
                     if misses == Misses::Stop {
                         return Ok(None);
                     }
+                    // Cached as a read miss the caller sends itself is: a
+                    // placeholder first, which a write meanwhile replaces, and
+                    // the data only where it still covers the range.
+                    let tag = match misses {
+                        Misses::ReadAndCache(_) => self.place_unless_through(cur, n as u32),
+                        _ => 0,
+                    };
+                    let gap = Gap {
+                        off: cur,
+                        at: 0,
+                        len: n,
+                        tag,
+                    };
                     let mut at = cur;
-                    let backing = &mut self.backing;
+                    let backing = &self.backing;
                     let read = buf.pieces_mut(b0, n, &mut |p| {
                         backing.read(at, p)?;
                         at += p.len() as u64;
                         Ok(())
                     });
                     if read.is_err() {
-                        self.stats.backing_errors += 1;
+                        self.read_failed(&gap);
                         return Err(CacheError::Io("backing device read failed"));
                     }
                     res.miss_bytes += n as u64;
                     if let Misses::ReadAndCache(cpu) = misses {
-                        // Best effort: a full cache simply does not cache this read,
-                        // and clean data never takes the last keys from writes.
-                        if !self.key_pressure() && !self.in_flight.overlaps(cur, seg_end) {
-                            let part = Part {
-                                data: &*buf,
-                                at: b0,
-                                len: n,
-                            };
-                            let _ = self.insert_data(cur, &part, 0, KEY_FLAGS_CLEAN, false, cpu);
-                        }
+                        let part = Part {
+                            data: &*buf,
+                            at: b0,
+                            len: n,
+                        };
+                        self.fill_now(&gap, &part, cpu);
                     }
                 }
             }
             cur = seg_end;
         }
         if res.hit_bytes > 0 {
-            self.stats.read_hits += 1;
+            self.stats.inc(Counter::ReadHits);
         }
         if res.miss_bytes > 0 {
-            self.stats.read_misses += 1;
+            self.stats.inc(Counter::ReadMisses);
         }
         Ok(Some(res))
     }
@@ -662,7 +687,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Starts a read that may miss, for a caller that sends the misses to the
     /// backing device itself, all at once, without the engine (the kernel
     /// clones the bio per gap). Describes each gap in `gaps` and each hit in
-    /// `hits`, for the caller to copy without the engine lock (a hit of a key
+    /// `hits`, for the caller to copy outside the engine (a hit of a key
     /// whose CRC is still to be checked carries the check: [`copy_hits`] runs
     /// it, [`Cache::read_verified`] records it); hits beyond what `hits` holds
     /// are copied (and checked) into `dst` here. `None` (with no placeholder and no hit left
@@ -674,7 +699,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// [`Cache::read_fill`] later caches the backing device's data only where
     /// nothing newer came meanwhile (upstream's EMPTY keys).
     pub fn read_start<S: Sink + ?Sized>(
-        &mut self,
+        &self,
         off: u64,
         dst: &mut S,
         gaps: &mut [Gap],
@@ -684,7 +709,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// [`Cache::read_start`] of `dst` (at `off`) from `from` on, that stops
-    /// once `hits` is full rather than copy more hits under the engine lock
+    /// once `hits` is full rather than copy more hits itself
     /// ([`Started::next`]): the caller copies them, gives them back, and
     /// resumes there, with the room left in its gaps. Each call's gaps and
     /// hits are its own: a call that fails or returns `None` gives up only
@@ -692,7 +717,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// ([`Cache::read_cancel`]). A key whose CRC is still to be checked is a
     /// hit like any other, with its check, as in `read_start`.
     pub fn read_resume<S: Sink + ?Sized>(
-        &mut self,
+        &self,
         off: u64,
         from: u64,
         dst: &mut S,
@@ -703,7 +728,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     fn read_from<S: Sink + ?Sized>(
-        &mut self,
+        &self,
         off: u64,
         from: u64,
         dst: &mut S,
@@ -748,14 +773,20 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                         Ok(h) => h,
                         Err(e) => return Err(self.read_unwind(gaps, hits, &out, e)),
                     };
+                    // Pinned, and only then checked current: GC does not
+                    // hand the segment out again until the pin goes.
+                    if !self.pin_current(&k) {
+                        continue;
+                    }
                     match hits.get_mut(out.hits) {
                         Some(h) => {
                             *h = hit;
-                            self.pmem.pin(k.pos.seg.get());
                             out.hits += 1;
                         }
                         None => {
-                            if let Err(e) = self.read_hit(&k, cur, dst, at, len) {
+                            let read = self.read_hit(&k, cur, dst, at, len);
+                            self.pmem.unpin(k.pos.seg.get());
+                            if let Err(e) = read {
                                 return Err(self.read_unwind(gaps, hits, &out, e));
                             }
                         }
@@ -769,11 +800,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     };
                     // A write through in flight may or may not be on the
                     // backing device yet: what the read brings back is not cached.
-                    let tag = if place
-                        && !self.key_pressure()
-                        && !self.in_flight.overlaps(cur, seg_end)
-                    {
-                        self.place(cur, len as u32)
+                    let tag = if place {
+                        self.place_unless_through(cur, len as u32)
                     } else {
                         0
                     };
@@ -791,10 +819,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         }
         out.next = cur;
         if out.res.hit_bytes > 0 {
-            self.stats.read_hits += 1;
+            self.stats.inc(Counter::ReadHits);
         }
         if out.res.miss_bytes > 0 {
-            self.stats.read_misses += 1;
+            self.stats.inc(Counter::ReadMisses);
         }
         Ok(Some(out))
     }
@@ -802,7 +830,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Gives back what a read started: the placeholders of its gaps and the
     /// segment references of its hits; returns `e`.
     fn read_unwind(
-        &mut self,
+        &self,
         gaps: &[Gap],
         hits: &[Hit],
         started: &Started,
@@ -817,7 +845,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// A started read fails (its hits could not be copied, or a gap could not
     /// be read): gives up the placeholders of `gaps` and the pins of `hits`.
-    pub fn read_cancel(&mut self, gaps: &[Gap], hits: &[Hit]) {
+    pub fn read_cancel(&self, gaps: &[Gap], hits: &[Hit]) {
         for gap in gaps {
             self.read_abandon(gap);
         }
@@ -825,16 +853,40 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// The caller copied `hits` (or gave up): their segments may go (see
-    /// [`release_hits`], which needs no engine lock).
-    pub fn read_done(&mut self, hits: &[Hit]) {
+    /// [`release_hits`], which needs no lock).
+    pub fn read_done(&self, hits: &[Hit]) {
         release_hits(&self.pmem, hits);
     }
 
     /// A placeholder over `off..off + len` (one subtree); its tag, 0 if the key
-    /// pool has no room.
-    fn place(&mut self, off: u64, len: u32) -> u32 {
-        let tag = self.space.next_tag();
-        place(&self.index, off, len, tag)
+    /// pool has no room, or clean data is to leave the last keys to writes, or
+    /// a write through in flight overlaps it (the backing device may hold its
+    /// data or not yet: what a read brings back is not cached). Placed under
+    /// the lock of the writes in flight, so that a write through that starts
+    /// after the look drops it ([`Cache::through_start`]).
+    fn place_unless_through(&self, off: u64, len: u32) -> u32 {
+        if self.key_pressure() {
+            return 0;
+        }
+        self.in_flight.with(|f| {
+            if f.overlaps(off, off + u64::from(len)) {
+                return 0;
+            }
+            let tag = self.space.next_tag();
+            place(&self.index, off, len, tag)
+        })
+    }
+
+    /// Pins the segment of `k` and checks that `k` is still current: until
+    /// the pin is given back, GC does not hand the segment out again. False
+    /// (no pin) when GC reclaimed it first.
+    fn pin_current(&self, k: &Key) -> bool {
+        self.pmem.pin(k.pos.seg.get());
+        if self.key_stale(k) {
+            self.pmem.unpin(k.pos.seg.get());
+            return false;
+        }
+        true
     }
 
     /// The backing device's data for `gap` arrived: `src[gap.at..]` holds it.
@@ -843,35 +895,35 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// rest uncached, and clean data never takes the last keys from writes),
     /// and gives up the placeholder. All under the lock: the module copies
     /// without it ([`Cache::fill_start`]).
-    pub fn read_fill<S: Source + ?Sized>(&mut self, gap: &Gap, src: &S, cpu: usize) {
+    pub fn read_fill<S: Source + ?Sized>(&self, gap: &Gap, src: &S, cpu: usize) {
         self.fill_now(gap, src, cpu);
     }
 
-    /// A fill made without the engine lock gave back the last reference on
+    /// A fill made outside the engine gave back the last reference on
     /// `seg` (see [`super::WritePath::fill`]): the segment goes, as
     /// [`Cache::write_cancel`] would have let it.
-    pub fn segment_released(&mut self, seg: SegId) {
-        self.seg_invalidate(seg);
+    pub fn segment_released(&self, seg: SegId) {
+        self.held(|h| h.seg_invalidate(seg));
     }
 
     /// The backing device failed to read `gap`: counts the error and gives the
     /// placeholder up.
-    pub fn read_failed(&mut self, gap: &Gap) {
-        self.stats.backing_errors += 1;
+    pub fn read_failed(&self, gap: &Gap) {
+        self.stats.inc(Counter::BackingErrors);
         self.read_abandon(gap);
     }
 
     /// Drops what is left of `gap`'s placeholder (the miss failed, or was filled).
-    pub fn read_abandon(&mut self, gap: &Gap) {
+    pub fn read_abandon(&self, gap: &Gap) {
         abandon_placeholder(&self.index, gap);
     }
 
     /// Calls `f(self, subtree, piece)` on each piece of `gap`'s placeholder still
     /// in the index, in order, until it returns false.
     pub(crate) fn each_placeholder(
-        &mut self,
+        &self,
         gap: &Gap,
-        mut f: impl FnMut(&mut Self, usize, &Key) -> bool,
+        mut f: impl FnMut(&Self, usize, &Key) -> bool,
     ) {
         if gap.tag == 0 {
             return;
@@ -898,14 +950,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// [`copy_hits`] checked `hits` (those that carry a check) and they
     /// passed: marks each key verified (see [`mark_verified`]).
-    pub fn read_verified(&mut self, hits: &[Hit]) {
+    pub fn read_verified(&self, hits: &[Hit]) {
         mark_verified(&self.index, hits);
     }
 
     /// [`copy_hits`] found data that failed its CRC check: counts it (the
     /// caller fails the read and gives its hits and gaps back).
-    pub fn read_crc_failed(&mut self) {
-        self.stats.crc_errors += 1;
+    pub fn read_crc_failed(&self) {
+        self.stats.inc(Counter::CrcErrors);
     }
 
     /// Reads `dst[at..at + n]` from key `k` at logical offset `cur`. A key whose
@@ -913,7 +965,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// extent, and marked verified (see [`KEY_FLAGS_VERIFIED`]): a partial read
     /// of a large extent pays for the extent once, not on every read.
     fn read_hit<S: Sink + ?Sized>(
-        &mut self,
+        &self,
         k: &Key,
         cur: u64,
         dst: &mut S,
@@ -921,7 +973,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         n: usize,
     ) -> Result<(), CacheError> {
         let addr = self.pos_addr(k.pos) + (cur - k.off);
-        let verified = |c: &mut Self| {
+        let verified = |c: &Self| {
             if let Some(sub) = c.index.subtree_of(k.off) {
                 c.index.add_flags(sub, k.off, KEY_FLAGS_VERIFIED);
             }
@@ -931,7 +983,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let start = k.crc_start().ok_or(CacheError::Io("key crc range"))?;
             let crc = self.data_crc_at(start, k.crc_len)?;
             if crc != k.crc {
-                self.stats.crc_errors += 1;
+                self.stats.inc(Counter::CrcErrors);
                 return Err(CacheError::Io("cached data failed its crc check"));
             }
             verified(self);
@@ -960,7 +1012,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     p.fill(0);
                     Ok(())
                 });
-                self.stats.crc_errors += 1;
+                self.stats.inc(Counter::CrcErrors);
                 return Err(CacheError::Io("cached data failed its crc check"));
             }
             verified(self);
@@ -975,27 +1027,26 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// otherwise how many keys the step dropped.
     ///
     /// Stale keys cost only their nodes: reads and writeback skip them by
-    /// generation. So the pass goes a step per hold of the engine lock rather
+    /// generation. So the pass goes a step per hold of the control lock rather
     /// than scan the whole index in one, which held every request up for the
     /// length of the index each time a segment was freed.
-    pub fn clean_step(&mut self) -> Option<usize> {
-        let (sub, from) = match self.clean_at {
-            Some(at) => at,
-            None if self.need_clean => {
-                self.need_clean = false;
-                (0, 0)
-            }
-            None => return None,
-        };
-        let Cache { index, seg_map, .. } = self;
-        let (next, removed) =
-            index.retain_from(sub, from, CLEAN_KEYS_PER_STEP, |k| seg_map.stale(k));
-        self.clean_at = next;
-        Some(removed)
+    pub fn clean_step(&self) -> Option<usize> {
+        self.held(|h| {
+            let (sub, from) = match h.t.clean_at {
+                Some(at) => at,
+                None if h.need_clean.swap(false, Ordering::Relaxed) => (0, 0),
+                None => return None,
+            };
+            let (index, seg_map) = (&h.c.index, &h.c.seg_map);
+            let (next, removed) =
+                index.retain_from(sub, from, CLEAN_KEYS_PER_STEP, |k| seg_map.stale(k));
+            h.t.clean_at = next;
+            Some(removed)
+        })
     }
 
     /// Runs the clean pass to its end (tests, the offline tool, [`Cache::gc_all`]).
-    pub fn clean_all(&mut self) -> usize {
+    pub fn clean_all(&self) -> usize {
         let mut removed = 0;
         while let Some(n) = self.clean_step() {
             removed += n;

@@ -1,7 +1,7 @@
 //! The key log's head and its open ksets (upstream: the per-CPU ksets' locks
 //! and `key_head_lock`). Each open kset has a lock of its own, and the key
 //! head another ([`super::Memory::Lock`]), so that writes to two ksets commit
-//! their keys ([`commit_key`]) at once and without the engine lock: the index
+//! their keys ([`commit_key`]) at once and outside the engine: the index
 //! insert and the kset append of one key happen under its subtree's lock and
 //! its kset's, in that order, so the log holds overlapping keys (one subtree's
 //! keys all go to one kset) in the order the index took them, and replay
@@ -11,7 +11,7 @@
 //!
 //! Closing a kset may need a new segment for the log, which only the engine
 //! hands out: a close without one says so ([`Closed::WantsSegment`]) and the
-//! caller takes the engine lock for it.
+//! caller asks the engine for it.
 
 use super::barriers::Barriers;
 use super::env::{persist, Locked, Pmem};
@@ -340,7 +340,7 @@ pub(crate) fn key_to_onmedia(key: &Key) -> KeyOnmedia {
 /// as one step under the key's subtree lock and then the log's lock (so that
 /// the log orders overlapping keys as the index does); the kset is persisted
 /// when full or for `fua`. A kset found full is closed first, under the log's
-/// lock alone. Needs no engine lock: a close that needs a new log segment
+/// lock alone. Needs nothing of the engine: a close that needs a new log segment
 /// uses `io.spare`, or returns without it ([`Append`]).
 ///
 /// With `over`, only if the read miss placeholder tagged `over` still covers

@@ -8,11 +8,16 @@ use super::error::CacheError;
 use super::index::Index;
 use super::key::{Key, Pos};
 use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo};
+use super::stats::Counter;
 use super::{Cache, Memory};
 use crate::meta::kset::{
     kset_key, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC,
     KEY_FLAGS_EMPTY, KEY_ONMEDIA_SIZE, KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX,
 };
+
+/// What a commit of a key without a CRC gets when the log wants one (the
+/// engine computes the CRC then, see [`Cache::write_commit`]).
+pub(crate) const KEY_WITHOUT_CRC: &str = "key without its data crc";
 
 /// An open kset: keys encoded in place, ready to be sealed and copied to pmem.
 #[derive(Clone)]
@@ -96,7 +101,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// (`None`), it gets one from the engine's free segments. A segment it
     /// did not use goes back.
     fn with_log_segment<T>(
-        &mut self,
+        &self,
         mut step: impl FnMut(
             &Index<M>,
             &KeyLog<M>,
@@ -139,7 +144,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Runs `close` on the key log (see [`Cache::with_log_segment`]).
     fn log_close(
-        &mut self,
+        &self,
         mut close: impl FnMut(&KeyLog<M>, &mut LogIo<'_, P, M>) -> Result<Closed, CacheError>,
     ) -> Result<(), CacheError> {
         self.with_log_segment(|_, log, io| {
@@ -148,12 +153,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Persist open kset `id` at the key head (see [`KeyLog::close`]).
-    pub(crate) fn kset_close(&mut self, id: usize) -> Result<(), CacheError> {
+    pub(crate) fn kset_close(&self, id: usize) -> Result<(), CacheError> {
         self.log_close(|l, io| l.close(id, io))
     }
 
     /// Make sure the kset for `off` can take one more key (closing it if full).
-    pub(crate) fn kset_room(&mut self, off: u64) -> Result<(), CacheError> {
+    pub(crate) fn kset_room(&self, off: u64) -> Result<(), CacheError> {
         self.log_close(|l, io| l.room(off, io).1)
     }
 
@@ -162,7 +167,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// is in, but persisting its kset (`fua`, or full) failed. `Ok(Ok(true))`:
     /// it replaced cached data.
     pub(crate) fn key_commit(
-        &mut self,
+        &self,
         key: &Key,
         fua: bool,
         over: Option<u32>,
@@ -181,16 +186,16 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 Ok(self.kset_close(id).map(|()| replaced))
             }
             // The engine computed the CRC wherever the log wants one.
-            Append::CrcWanted => Err(CacheError::Invalid("key without its data crc")),
+            Append::CrcWanted => Err(CacheError::Invalid(KEY_WITHOUT_CRC)),
             Append::Superseded => Err(CacheError::Busy("placeholder replaced")),
             Append::RoomWantsSegment => Err(CacheError::Busy("the key log wants a segment")),
         }
     }
 
     /// Persists the kset of the keys at `off` (a FUA write whose commit
-    /// without the engine lock found the log needing a new segment, see
+    /// outside the engine found the log needing a new segment, see
     /// [`super::Commit::Persist`]).
-    pub fn kset_persist(&mut self, off: u64) -> Result<(), CacheError> {
+    pub fn kset_persist(&self, off: u64) -> Result<(), CacheError> {
         let id = self.log.kset_id(off);
         self.kset_close(id)
     }
@@ -198,10 +203,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// REQ_PREFLUSH: persist every open kset (`pcache_cache_flush`).
     /// In the modes that write through, the backing device holds the data: it
     /// is flushed too.
-    pub fn flush(&mut self) -> Result<(), CacheError> {
+    pub fn flush(&self) -> Result<(), CacheError> {
         self.log_close(|l, io| l.flush(io))?;
         if self.mode().writes_through() && self.backing.flush().is_err() {
-            self.stats.backing_errors += 1;
+            self.stats.inc(Counter::BackingErrors);
             return Err(CacheError::Io("backing device flush failed"));
         }
         Ok(())
@@ -209,7 +214,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// The periodic kset flush (upstream's 1 s `kset_flush_fn`): persists the
     /// open ksets.
-    pub fn flush_idle(&mut self) -> Result<(), CacheError> {
+    pub fn flush_idle(&self) -> Result<(), CacheError> {
         self.log_close(|l, io| l.close_all(io))
     }
 
@@ -219,16 +224,19 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// CRC of a key's data as stored (`cache_key_data_crc`).
-    pub(crate) fn data_crc_at(&mut self, pos: Pos, len: u32) -> Result<u32, CacheError> {
+    /// Read in pieces of a small buffer on the stack: a slow path (a commit
+    /// that finds `data_crc` switched on since its copy, a read of part of an
+    /// extent not checked yet), and one that takes no lock.
+    pub(crate) fn data_crc_at(&self, pos: Pos, len: u32) -> Result<u32, CacheError> {
         let mut crc_state = crate::meta::crc32c::PCACHE_CRC_SEED;
         let addr = self.pos_addr(pos);
+        let mut buf = [0u8; 512];
         let mut done = 0u32;
         while done < len {
-            let n = (len - done).min(self.bounce.len() as u32);
-            let chunk = self
-                .bounce
+            let n = (len - done).min(buf.len() as u32);
+            let chunk = buf
                 .get_mut(..n as usize)
-                .ok_or(CacheError::NoMem("bounce"))?;
+                .ok_or(CacheError::NoMem("crc buffer"))?;
             self.pmem
                 .read(addr + u64::from(done), chunk)
                 .map_err(|_| CacheError::Io("pmem media error"))?;

@@ -6,10 +6,11 @@
 //! (each step persists the tail it moves), so they read one entry where their
 //! tail is and never loop over the chain themselves.
 
+use super::ctrl::Held;
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::Pos;
-use super::{Cache, Memory};
+use super::Memory;
 use crate::meta::kset::KsetRead;
 use crate::meta::{MetaError, MetaErrorKind};
 
@@ -41,7 +42,7 @@ impl LogCursor {
     }
 }
 
-impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
     /// The log entry at `cur`, following LAST ksets into their next segment
     /// (`on_hop` sees each segment entered). A chain that hops more often than
     /// the cache has segments is a cycle, and an error.

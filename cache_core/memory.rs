@@ -7,11 +7,13 @@
 //! [`Cache`](super::Cache), so no caller ever has to promise that a buffer
 //! outlives the engine.
 
+use super::ctrl::Ctrl;
 use super::env::{Locked, SubtreeLocks};
 use super::index::FreeList;
 use super::key_log::KeyLog;
 use super::space::Space;
-use super::{Node, Root, SegMapEntry, SegState, WbExtent};
+use super::through::InFlight;
+use super::{Node, Root, SegMapEntry, WbExtent};
 use core::ops::{Deref, DerefMut};
 
 /// A kind of buffer the engine can own.
@@ -38,10 +40,14 @@ pub trait Memory {
 
 /// The memory an engine works in, handed over at construction.
 pub struct CacheMem<M: Memory> {
-    /// One per cache segment (at least the superblock's `seg_num`).
-    pub segs: M::Buf<SegState>,
+    /// The control state ([`Ctrl::new`]: one [`SegState`](super::SegState) per cache segment,
+    /// at least the superblock's `seg_num`, and the buffer ksets are read
+    /// back into, at least `KSET_ONMEDIA_SIZE_MAX` bytes), under its lock.
+    pub ctrl: M::Lock<Ctrl<M>>,
+    /// The writes through in flight, under their lock (empty).
+    pub in_flight: M::Lock<InFlight>,
     /// One per cache segment too: where each lives and its generation, for
-    /// reads without the engine lock.
+    /// reads outside the engine.
     pub seg_map: M::Shared<SegMapEntry>,
     /// The key slab: the most keys the index can hold (see [`key_capacity`]).
     pub nodes: M::Shared<Node>,
@@ -57,11 +63,10 @@ pub struct CacheMem<M: Memory> {
     /// The data heads (upstream: per CPU) and the free segments, each under
     /// its lock.
     pub space: M::One<Space<M>>,
-    /// At least `KSET_ONMEDIA_SIZE_MAX` bytes for reading ksets back.
-    pub scratch: M::Buf<u8>,
-    /// Bounce buffer for writeback and CRC checks (4 KiB or more).
+    /// The bounce buffer of [`Cache::writeback_step`](super::Cache::writeback_step)
+    /// (4 KiB or more), for callers that own the engine.
     pub bounce: M::Buf<u8>,
-    /// Room for one kset's writeback plan (at least `KSET_KEYS_MAX`).
+    /// Room for its plan (at least `KSET_KEYS_MAX`).
     pub wb_extents: M::Buf<WbExtent>,
 }
 

@@ -17,6 +17,7 @@
 
 pub mod background;
 pub mod barriers;
+pub mod ctrl;
 pub mod data;
 pub mod env;
 pub mod error;
@@ -43,11 +44,12 @@ pub mod through;
 pub mod write_path;
 pub mod writeback;
 
-use crate::meta::cache_info::CacheInfo;
 use crate::meta::header::SlotIndex;
 use crate::meta::kset::KSET_ONMEDIA_SIZE_MAX;
 use crate::meta::layout::Geometry;
+use core::sync::atomic::AtomicBool;
 
+pub use ctrl::Ctrl;
 pub use data::{Sink, Source, Zeros};
 pub use env::{Backing, IoError, Locked, Pmem, SubtreeLocks, Waiting};
 pub use error::CacheError;
@@ -61,7 +63,7 @@ pub use options::CacheOptions;
 pub use reader::Reader;
 pub use segment::{SegMap, SegMapEntry, SegState};
 pub use space::{SegCount, Space};
-pub use stats::{RequestCounts, Stats, STATUS_STATS};
+pub use stats::{Counter, Counters, RequestCounts, Stats, STATUS_STATS};
 pub use write_path::{Commit, WritePath};
 pub use writeback::WbExtent;
 
@@ -108,61 +110,63 @@ pub(crate) struct Tail {
 }
 
 /// The cache engine over pmem `P` and backing device `B`.
+///
+/// Shared: every method a running cache calls takes `&self`, and each part
+/// of the engine is under a lock of its own or is atomic (the index's
+/// subtrees, the open ksets and the key head, the data heads and the
+/// segments in use, the control state ([`ctrl`]), the writes through in
+/// flight). Only starting and the synchronous writeback of a caller that owns
+/// the engine ([`Cache::writeback_all`]) take `&mut self`.
 pub struct Cache<P: Pmem, B: Backing, M: Memory> {
     pub(crate) pmem: P,
     pub(crate) backing: B,
     pub(crate) geo: Geometry,
     pub(crate) dev_bytes: u64,
-    pub(crate) info: CacheInfo,
-    pub(crate) info_index: SlotIndex,
     pub(crate) n_segs: u32,
-    pub(crate) segs: M::Buf<SegState>,
+    /// The cache mode, fixed for the life of the engine (the table sets it).
+    pub(crate) mode: Mode,
     pub(crate) seg_map: SegMap<M>,
     pub(crate) index: Index<M>,
     /// The open ksets and the key head, each under its own lock.
     pub(crate) log: M::One<KeyLog<M>>,
     /// The data heads and the free segments, each under its own lock.
     pub(crate) space: M::One<Space<M>>,
-    pub(crate) scratch: M::Buf<u8>,
-    pub(crate) bounce: M::Buf<u8>,
-    pub(crate) wb_extents: M::Buf<WbExtent>,
-    pub(crate) key_tail: Tail,
-    pub(crate) dirty_tail: Tail,
-    /// The dirty tail of a planned writeback batch that is out (see
-    /// [`writeback::WbBatch`]): nothing else moves the dirty tail meanwhile.
-    pub(crate) wb_pinned: Option<Pos>,
-    pub(crate) need_clean: bool,
-    /// Where the clean pass under way goes on (subtree, offset).
-    pub(crate) clean_at: Option<(usize, u64)>,
-    pub(crate) stats: Stats,
-    /// Data written from now on gets a CRC.
-    pub(crate) data_crc: bool,
-    /// Ordinal of the key-carrying kset at the key tail (the one the next
-    /// close writes is the log's `seq_head`). Replay numbers the ksets it finds
-    /// from 0; GC consumes them in the same order.
-    pub(crate) log_seq_tail: u64,
-    /// Ordinal of the key-carrying kset at (or, past a LAST kset, after) the
-    /// dirty tail.
-    pub(crate) dirty_seq: u64,
+    /// The cache info, the tails and the segments' metadata slots.
+    pub(crate) ctrl: M::Lock<ctrl::Ctrl<M>>,
     /// Writes through to the backing device in flight (see [`through`]).
-    pub(crate) in_flight: through::InFlight,
+    pub(crate) in_flight: M::Lock<through::InFlight>,
+    /// The buffers of [`Cache::writeback_step`], for a caller that owns the
+    /// engine; `None` only while it runs.
+    pub(crate) wb_bufs: Option<(M::Buf<WbExtent>, M::Buf<u8>)>,
+    /// GC freed a segment: the clean pass has keys to drop (see
+    /// [`Cache::clean_step`]).
+    pub(crate) need_clean: AtomicBool,
+    pub(crate) stats: Counters,
 }
 
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub fn status(&self) -> Status {
         let (key_head, written) = self.log.with_head(|h| (h.head, h.written));
         let dirty_bytes = self.log.dirty_bytes();
-        let mut stats = self.stats;
+        let mut stats = self.stats.snapshot();
         stats.ksets_written = written;
+        let (gc_percent, cache_flags, dirty_tail, key_tail) = self.held(|h| {
+            (
+                h.t.info.gc_percent(),
+                h.t.info.flags,
+                h.t.dirty_tail.pos,
+                h.t.key_tail.pos,
+            )
+        });
         Status {
             n_segs: self.n_segs,
             used_segs: self.used_segs(),
-            gc_percent: self.info.gc_percent(),
-            cache_flags: self.info.flags,
+            gc_percent,
+            cache_flags,
             key_head,
-            dirty_tail: self.dirty_tail.pos,
-            key_tail: self.key_tail.pos,
-            data_crc: self.data_crc,
+            dirty_tail,
+            key_tail,
+            data_crc: self.data_crc(),
             keys: self.index.len(),
             key_capacity: self.index.capacity(),
             dirty_bytes,
@@ -171,7 +175,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// `stats reset` (see [`Stats::reset`]).
-    pub fn reset_stats(&mut self) {
+    pub fn reset_stats(&self) {
         self.stats.reset();
         self.log.with_head(|h| h.written = 0);
     }
@@ -196,7 +200,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// State of cache segment `id` (a default value when out of range).
     pub fn segment(&self, id: u32) -> SegState {
-        self.seg_id(id).map(|id| self.seg(id)).unwrap_or_default()
+        self.seg_id(id)
+            .map(|id| self.held(|h| h.seg(id)))
+            .unwrap_or_default()
     }
 
     /// The physical segment cache segment `id` lives on (0 when out of range).
@@ -237,10 +243,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Whether data written from now on gets a CRC (the table's `data_crc`).
     pub fn data_crc(&self) -> bool {
-        self.data_crc
+        self.space.data_crc()
     }
 
-    /// What reads that hit need to be served without the engine lock.
+    /// What reads that hit need to be served outside the engine.
     pub fn reader(&self) -> Reader<M> {
         Reader::new(
             self.index.trees(),
@@ -250,7 +256,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         )
     }
 
-    /// What writes need to reserve and commit without the engine lock.
+    /// What writes need to reserve and commit outside the engine.
     pub fn write_path(&self) -> WritePath<M> {
         WritePath {
             index: self.index.clone(),

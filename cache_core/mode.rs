@@ -60,7 +60,7 @@ impl Mode {
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// The mode the cache runs in.
     pub fn mode(&self) -> Mode {
-        Mode::from_bits(self.info.cache_mode()).unwrap_or(Mode::Writeback)
+        self.mode
     }
 
     /// Writes and flushes need the backing device (so they cannot be served where waiting for

@@ -1,7 +1,6 @@
-//! Reads that hit, served without the engine lock.
+//! Reads that hit, served outside the engine.
 //!
-//! A [`Reader`] holds what a read hit needs and nothing the engine lock
-//! guards: the index's subtrees (each under its own lock) and the segment map
+//! A [`Reader`] holds what a read hit needs and nothing of the control state: the index's subtrees (each under its own lock) and the segment map
 //! (atomics). It looks each piece of a read up under its subtree's lock, pins
 //! the segment of the key it found ([`Pmem::pin`]) and only then checks the
 //! key's generation against the segment's: GC stores a new generation before
@@ -12,7 +11,7 @@
 //!
 //! Whatever a read hit does not cover — a gap, a miss's placeholder, a stale
 //! key (which the engine drops from the index) — stops the reader where it
-//! is, and the caller goes on from there under the engine lock
+//! is, and the caller goes on from there in the engine
 //! ([`super::Cache::read_resume`]), which places the placeholders and counts.
 
 use super::env::Pmem;
@@ -56,7 +55,7 @@ impl<M: Memory> Reader<M> {
     /// bytes at `off` from `from` on, up to the first piece that is not a hit
     /// of a current key, or until `hits` is full. A read out of range finds
     /// nothing (the engine fails it). A key whose CRC is still to be checked
-    /// is a hit with its check, as under the engine lock.
+    /// is a hit with its check, as in the engine.
     pub fn hits<P: Pmem + ?Sized>(
         &self,
         pmem: &P,

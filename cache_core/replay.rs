@@ -6,6 +6,7 @@
 //! reclaimed by GC and are skipped. The walk is bounded: every kset advances the
 //! position within a segment, and more segment hops than segments is a cycle.
 
+use super::ctrl::Held;
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
@@ -17,7 +18,7 @@ use crate::meta::kset::{
 };
 use crate::meta::{MetaError, MetaErrorKind};
 
-impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
     /// Read the kset at `pos` into the scratch buffer and classify it.
     pub(crate) fn read_kset(&mut self, pos: Pos) -> Result<KsetRead, CacheError> {
         let remain = self.geo.seg_data_size().saturating_sub(pos.off) as usize;
@@ -27,7 +28,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         // kset closed early (a FLUSH, an idle flush) is a fraction of the
         // largest one.
         let head = n.min(KSET_HEADER_SIZE);
-        let Cache { scratch, pmem, .. } = self;
+        let (scratch, pmem) = (&mut *self.t.scratch, &self.c.pmem);
         let media = |_| CacheError::Io("pmem media error reading kset");
         let hdr = scratch
             .get_mut(..head)
@@ -39,8 +40,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             .ok_or(CacheError::NoMem("scratch"))?;
         pmem.read(addr + head as u64, rest).map_err(media)?;
         let buf = scratch.get(..n).ok_or(CacheError::NoMem("scratch"))?;
-        Ok(kset_read_with(buf, self.n_segs, |c, b| {
-            self.pmem.crc32c(c, b)
+        Ok(kset_read_with(buf, self.c.n_segs, |c, b| {
+            pmem.crc32c(c, b)
         })?)
     }
 
@@ -48,7 +49,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Under the on-media `DATA_CRC` flag every logged key has a CRC (upstream's
     /// rule); otherwise only keys with `KEY_FLAGS_DATA_CRC` do.
     pub(crate) fn scratch_key(&self, i: usize) -> Result<Key, CacheError> {
-        let om = kset_key(&self.scratch, i)?;
+        let om = kset_key(&self.t.scratch, i)?;
         om.validate(self.dev_bytes, self.n_segs, self.geo.seg_data_size())?;
         let seg = self.seg_id(om.cache_seg_id).ok_or(MetaError::new(
             "pcache_cache_key_onmedia",
@@ -57,7 +58,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         ))?;
         // Nothing read from the media is verified yet.
         let flags = om.flags & !KEY_FLAGS_VERIFIED;
-        let flags = if self.info.data_crc() {
+        let flags = if self.t.info.data_crc() {
             flags | KEY_FLAGS_DATA_CRC
         } else {
             flags
@@ -78,22 +79,22 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     pub(crate) fn replay(&mut self) -> Result<(), CacheError> {
-        let mut cur = LogCursor::new(self.key_tail.pos);
+        let mut cur = LogCursor::new(self.t.key_tail.pos);
         self.set_used(cur.pos.seg, true);
         let mut dirty_tail_seen = false;
         let cold = self.mode().writes_through();
         // What the key log gets once the walk is done.
         let (mut seq_head, mut dirty_bytes, mut nocrc_until) = (0u64, 0u64, 0u64);
         loop {
-            if cur.pos == self.dirty_tail.pos && !dirty_tail_seen {
+            if cur.pos == self.t.dirty_tail.pos && !dirty_tail_seen {
                 dirty_tail_seen = true;
-                self.dirty_seq = seq_head;
+                self.t.dirty_seq = seq_head;
             }
             // A LAST kset leads to the next segment of the log, which is in use.
             let entry = self.log_next(&mut cur, |c, pos| {
-                if pos == c.dirty_tail.pos && !dirty_tail_seen {
+                if pos == c.t.dirty_tail.pos && !dirty_tail_seen {
                     dirty_tail_seen = true;
-                    c.dirty_seq = seq_head;
+                    c.t.dirty_seq = seq_head;
                 }
                 c.set_used(pos.seg, true);
             })?;
@@ -117,7 +118,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 if key.gen < self.seg_map.gen(key.pos.seg) {
                     continue;
                 }
-                if key.key_stale_check_subtree(self) {
+                if key.key_stale_check_subtree(self.c) {
                     return Err(MetaError::new(
                         "pcache_cache_key_onmedia",
                         "off/len",
@@ -159,7 +160,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// `cache_verify_dirty_tail`: the dirty tail's chain must terminate.
     pub(crate) fn verify_dirty_tail(&mut self) -> Result<(), CacheError> {
-        let mut cur = LogCursor::new(self.dirty_tail.pos);
+        let mut cur = LogCursor::new(self.t.dirty_tail.pos);
         while let LogEntry::Keys { size, .. } = self.log_next(&mut cur, |_, _| {})? {
             cur.advance(size);
         }

@@ -37,7 +37,7 @@ where
     until_room(waiting, || engine.with(&mut attempt))
 }
 
-/// [`with_room`] for an attempt that takes the engine lock itself, as often as
+/// [`with_room`] for an attempt that takes the locks it needs itself, as often as
 /// it needs: a write that copies into reserved room without the lock and
 /// commits under it, chunk by chunk, and goes on where it stopped.
 pub fn until_room<W, R>(waiting: &W, mut attempt: impl FnMut() -> Option<R>) -> Result<R, Stalled>

@@ -7,9 +7,11 @@
 //! invalidates every key still pointing there, and frees the segment. Key-log
 //! segments hold no references: GC frees them when the key tail leaves them.
 
+use super::ctrl::Held;
 use super::env::{persist, Pmem};
 use super::error::CacheError;
 use super::key::{Key, Pos, SegId};
+use super::stats::Counter;
 use super::{Cache, Memory};
 use crate::meta::header::MetaHeader;
 use crate::meta::header::{SlotIndex, Slotted};
@@ -21,7 +23,7 @@ use core::sync::atomic::{
     Ordering::{AcqRel, Acquire, Relaxed, SeqCst},
 };
 
-/// In-memory state of one cache segment, under the engine lock. Where it lives,
+/// In-memory state of one cache segment, under the control lock. Where it lives,
 /// its generation, whether it is in use and its references are in the
 /// [`SegMap`]. Create with `SegState::default()`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,7 +36,7 @@ pub struct SegState {
     pub claimed: bool,
 }
 
-/// What reads and writes without the engine lock need of one cache segment
+/// What reads and writes outside the engine need of one cache segment
 /// ([`super::reader::Reader`], [`super::WritePath`]): the physical segment it
 /// lives on, its generation, whether it is in use, and its references.
 /// Create with `SegMapEntry::default()`.
@@ -64,7 +66,7 @@ impl Clone for SegMapEntry {
 /// The segment map: a [`SegMapEntry`] per cache segment, shared by the engine
 /// and the reads it serves without its lock. The physical segments are set
 /// while the engine starts, before any read; a generation changes only under
-/// the engine lock ([`Cache::seg_invalidate`]), and a read checks it after
+/// the control lock ([`Held::seg_invalidate`]), and a read checks it after
 /// pinning the segment: see [`SegMap::gen`].
 pub struct SegMap<M: Memory>(M::Shared<SegMapEntry>);
 
@@ -176,9 +178,10 @@ impl<M: Memory> SegMap<M> {
     }
 }
 
-impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
+impl<P: Pmem, B: super::env::Backing, M: Memory> Held<'_, P, B, M> {
+    /// State of segment `id` (a default value if the table has no entry).
     pub(crate) fn seg(&self, id: SegId) -> SegState {
-        let s = self.segs.get(id.index()).copied();
+        let s = self.t.segs.get(id.index()).copied();
         debug_assert!(s.is_some(), "segment {id} beyond the segment table");
         s.unwrap_or_default()
     }
@@ -187,38 +190,21 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
     /// by construction and the table has an entry per segment, so `None` is a
     /// bug: asserted in debug builds, and the caller does nothing.
     pub(crate) fn seg_mut(&mut self, id: SegId) -> Option<&mut SegState> {
-        let s = self.segs.get_mut(id.index());
+        let s = self.t.segs.get_mut(id.index());
         debug_assert!(s.is_some(), "segment {id} beyond the segment table");
         s
-    }
-
-    /// Segment `raw` of this cache, if there is one.
-    pub(crate) fn seg_id(&self, raw: u32) -> Option<SegId> {
-        SegId::checked(raw, self.n_segs)
-    }
-
-    /// The segment a LAST kset names as the next one of the key log.
-    pub(crate) fn next_log_seg(&self, raw: u32) -> Result<SegId, CacheError> {
-        self.seg_id(raw).ok_or_else(|| {
-            MetaError::new(
-                "pcache_cache_kset_onmedia",
-                "next_cache_seg_id",
-                MetaErrorKind::OutOfRange,
-            )
-            .into()
-        })
     }
 
     /// `cache_seg_info_write`: next slot, seq+1, persist.
     pub(crate) fn seg_info_write(&mut self, id: SegId) {
         let geo = self.geo;
+        let phys = self.seg_map.phys(id);
         let Some(s) = self.seg_mut(id) else {
             return;
         };
         s.info.header.seq = s.info.header.seq.wrapping_add(1);
         s.info_index = s.info_index.other();
         let (idx, info) = (s.info_index, s.info);
-        let phys = self.seg_map.phys(id);
         let mut b = [0u8; SEG_INFO_STRUCT_SIZE];
         info.encode_with_crc(&mut b);
         persist(&self.pmem, SegmentInfo::slot_off(&geo, phys, idx.get()), &b);
@@ -246,45 +232,9 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
         persist(&self.pmem, SegGen::slot_off(&geo, phys, idx.get()), &b);
     }
 
-    /// Segments in use.
-    pub(crate) fn used_segs(&self) -> u32 {
-        self.space.used_segs()
-    }
-
-    pub(crate) fn set_used(&mut self, id: SegId, used: bool) {
-        self.space.set_used(&self.seg_map, id, used);
-    }
-
-    /// `get_cache_segment`: a free segment (see [`Space::alloc`]).
-    pub(crate) fn get_cache_segment(&mut self) -> Option<SegId> {
-        self.space.alloc(&self.seg_map, &self.pmem, self.n_segs, 0)
-    }
-
-    pub(crate) fn seg_get(&mut self, id: SegId) {
-        self.seg_map.get(id);
-    }
-
-    /// `cache_seg_put`: the last reference invalidates and frees the segment.
-    pub(crate) fn seg_put(&mut self, id: SegId) {
-        if self.seg_unref(id) {
-            self.seg_invalidate(id);
-        }
-    }
-
-    /// Drop one reference; true when it was the last.
-    pub(crate) fn seg_unref(&mut self, id: SegId) -> bool {
-        match self.seg_map.try_put(id) {
-            Some(last) => last,
-            None => {
-                // Counted: the simulator asserts it.
-                self.stats.ref_underflows += 1;
-                false
-            }
-        }
-    }
-
     /// Bump and persist the generation (stale-ing every key into the segment), then
-    /// free the segment.
+    /// free the segment. Its last reference went (`seg_unref`): nothing takes
+    /// a new one before it is free again, so only one caller gets here for it.
     pub(crate) fn seg_invalidate(&mut self, id: SegId) {
         if self.seg_map.refs(id) != 0 {
             return;
@@ -293,6 +243,62 @@ impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
             .set_gen(id, self.seg_map.gen(id).wrapping_add(1));
         self.seg_gen_write(id);
         self.set_used(id, false);
-        self.need_clean = true;
+        self.need_clean.store(true, Relaxed);
+    }
+}
+
+impl<P: Pmem, B: super::env::Backing, M: Memory> Cache<P, B, M> {
+    /// Segment `raw` of this cache, if there is one.
+    pub(crate) fn seg_id(&self, raw: u32) -> Option<SegId> {
+        SegId::checked(raw, self.n_segs)
+    }
+
+    /// The segment a LAST kset names as the next one of the key log.
+    pub(crate) fn next_log_seg(&self, raw: u32) -> Result<SegId, CacheError> {
+        self.seg_id(raw).ok_or_else(|| {
+            MetaError::new(
+                "pcache_cache_kset_onmedia",
+                "next_cache_seg_id",
+                MetaErrorKind::OutOfRange,
+            )
+            .into()
+        })
+    }
+
+    /// Segments in use.
+    pub(crate) fn used_segs(&self) -> u32 {
+        self.space.used_segs()
+    }
+
+    pub(crate) fn set_used(&self, id: SegId, used: bool) {
+        self.space.set_used(&self.seg_map, id, used);
+    }
+
+    /// `get_cache_segment`: a free segment (see [`Space::alloc`]).
+    pub(crate) fn get_cache_segment(&self) -> Option<SegId> {
+        self.space.alloc(&self.seg_map, &self.pmem, self.n_segs, 0)
+    }
+
+    pub(crate) fn seg_get(&self, id: SegId) {
+        self.seg_map.get(id);
+    }
+
+    /// `cache_seg_put`: the last reference invalidates and frees the segment.
+    pub(crate) fn seg_put(&self, id: SegId) {
+        if self.seg_unref(id) {
+            self.held(|h| h.seg_invalidate(id));
+        }
+    }
+
+    /// Drop one reference; true when it was the last.
+    pub(crate) fn seg_unref(&self, id: SegId) -> bool {
+        match self.seg_map.try_put(id) {
+            Some(last) => last,
+            None => {
+                // Counted: the simulator asserts it.
+                self.stats.inc(Counter::RefUnderflows);
+                false
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Room for data: the data heads, each under a lock of its own, and the free
 //! segments under another (upstream: each data head's lock and
-//! `seg_map_lock`), so that writes reserve their room without the engine lock
+//! `seg_map_lock`), so that writes reserve their room outside the engine
 //! ([`super::WritePath::reserve`]), two data heads at once.
 //!
 //! Which segments are in use, and their references, are atomics in the
@@ -100,6 +100,11 @@ impl<M: Memory> Space<M> {
 
     pub(crate) fn set_room_wanted(&self, wanted: bool) {
         self.room_wanted.store(wanted, Ordering::Relaxed);
+    }
+
+    /// Whether data written from now on gets a CRC (the table's `data_crc`).
+    pub(crate) fn data_crc(&self) -> bool {
+        self.data_crc.load(Ordering::SeqCst)
     }
 
     pub(crate) fn set_data_crc(&self, on: bool) {

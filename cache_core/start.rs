@@ -2,13 +2,14 @@
 //! one, then replay (upstream `cache_dev_start` + `pcache_cache_start`).
 
 use super::barriers::Barriers;
-use super::env::{persist, Backing, Pmem, SubtreeLocks};
+use super::ctrl::Held;
+use super::env::{persist, Backing, Locked, Pmem, SubtreeLocks};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::Pos;
 use super::options::CacheOptions;
 use super::segment::SegMap;
-use super::{roots_needed, Cache, CacheMem, Memory, Stats, Tail, SCRATCH_BYTES};
+use super::{roots_needed, Cache, CacheMem, Counters, Memory, Mode, Tail, SCRATCH_BYTES};
 use crate::meta::cache_info::{
     CacheInfo, CachePosOnmedia, CtrlPos, CACHE_FLAGS_DATA_CRC, CACHE_FLAGS_INIT_DONE,
     CACHE_INFO_STRUCT_SIZE, CACHE_POS_STRUCT_SIZE, GC_PERCENT_DEFAULT, GC_PERCENT_MAX,
@@ -22,6 +23,7 @@ use crate::meta::layout::{
 use crate::meta::segment::{SegGen, SegmentInfo, SEGMENT_TYPE_CACHE_DATA};
 use crate::meta::superblock::{Superblock, SB_STRUCT_SIZE};
 use crate::meta::{MetaError, MetaErrorKind};
+use core::sync::atomic::AtomicBool;
 
 const ZERO_4K: [u8; 4096] = [0u8; 4096];
 
@@ -98,7 +100,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         if dev_bytes == 0 {
             return Err(CacheError::Invalid("backing device is empty"));
         }
-        if mem.segs.len() < sb.seg_num as usize || mem.seg_map.len() < sb.seg_num as usize {
+        if mem.ctrl.with(|t| t.segs.len()) < sb.seg_num as usize
+            || mem.seg_map.len() < sb.seg_num as usize
+        {
             return Err(CacheError::NoMem("segment table smaller than seg_num"));
         }
         if mem.roots.len() < roots_needed(dev_bytes) {
@@ -112,7 +116,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 "need at least one kset and one data head",
             ));
         }
-        if mem.scratch.len() < SCRATCH_BYTES || mem.bounce.len() < 4096 {
+        if mem.ctrl.with(|t| t.scratch.len()) < SCRATCH_BYTES || mem.bounce.len() < 4096 {
             return Err(CacheError::NoMem("scratch or bounce buffer too small"));
         }
         if mem.wb_extents.len() < KSET_KEYS_MAX {
@@ -121,46 +125,44 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             ));
         }
         let n_roots = roots_needed(dev_bytes);
-        let mut mem = mem;
-        for s in mem.segs.iter_mut() {
-            *s = Default::default();
-        }
+        mem.ctrl.with(|t| t.reset());
         mem.log.reset();
         mem.space.reset();
+        mem.space.set_data_crc(opts.data_crc);
+        mem.in_flight.with(|f| *f = Default::default());
 
         let mut cache: Cache<P, B, M> = Cache {
             pmem,
             backing,
             geo,
             dev_bytes,
-            info: CacheInfo::default(),
-            info_index: SlotIndex::FIRST,
             n_segs: 0,
-            segs: mem.segs,
+            mode: Mode::Writeback,
             seg_map: SegMap::new(mem.seg_map),
             index: Index::new(mem.nodes, mem.roots, mem.locks, mem.free, n_roots),
             log: mem.log,
             space: mem.space,
-            scratch: mem.scratch,
-            bounce: mem.bounce,
-            wb_extents: mem.wb_extents,
-            key_tail: Tail::default(),
-            dirty_tail: Tail::default(),
-            wb_pinned: None,
-            need_clean: false,
-            clean_at: None,
-            stats: Stats::default(),
-            data_crc: opts.data_crc,
-            log_seq_tail: 0,
-            dirty_seq: 0,
-            in_flight: Default::default(),
+            ctrl: mem.ctrl,
+            in_flight: mem.in_flight,
+            wb_bufs: Some((mem.wb_extents, mem.bounce)),
+            need_clean: AtomicBool::new(false),
+            stats: Counters::default(),
         };
 
-        cache.cache_info_init(opts, sb.seg_num)?;
-        let new_cache = !cache.info.init_done();
-        cache.segs_init(new_cache, sb.seg_num)?;
-        cache.tail_init(new_cache)?;
-        cache.replay()?;
+        // The recorded mode until the log is replayed (a mode that writes
+        // through replays nothing into the index), the table's after.
+        let (n_segs, recorded) = cache.held(|h| {
+            h.cache_info_init(opts, sb.seg_num)?;
+            Ok::<_, CacheError>((h.t.info.n_segs, h.t.info.cache_mode()))
+        })?;
+        cache.n_segs = n_segs;
+        cache.mode = Mode::from_bits(recorded).unwrap_or(Mode::Writeback);
+        cache.held(|h| {
+            let new_cache = !h.t.info.init_done();
+            h.segs_init(new_cache, sb.seg_num)?;
+            h.tail_init(new_cache)?;
+            h.replay()
+        })?;
         cache
             .log
             .with_head(|h| h.barriers = Barriers::attached(h.seq_head));
@@ -169,26 +171,67 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         // from the first write (or GC step) on: a constructor that never serves
         // IO — a table load that is cleared again while the old instance stays
         // — must not change the flag under the instance that owns the device.
-        let pending = cache.media_crc_allowed() != cache.info.data_crc();
-        let data_crc = cache.data_crc;
-        cache.space.set_crc_flag_pending(pending);
-        cache.space.set_data_crc(data_crc);
-        let crc_wanted = cache.data_crc || cache.info.data_crc();
-        cache.log.set_crc_wanted(crc_wanted);
-        // Another mode than the one recorded: only for a cache without dirty data,
-        // whose keys all match the backing device (the modes that write through
-        // never have any), so no mode takes over data it would handle otherwise.
-        if cache.info.cache_mode() != opts.cache_mode {
-            if cache.log.dirty_bytes() != 0 {
-                return Err(CacheError::Invalid(MODE_MISMATCH));
+        cache.held(|h| {
+            let pending = h.media_crc_allowed() != h.t.info.data_crc();
+            h.space.set_crc_flag_pending(pending);
+            let crc_wanted = opts.data_crc || h.t.info.data_crc();
+            h.log.set_crc_wanted(crc_wanted);
+            // Another mode than the one recorded: only for a cache without dirty data,
+            // whose keys all match the backing device (the modes that write through
+            // never have any), so no mode takes over data it would handle otherwise.
+            if h.t.info.cache_mode() != opts.cache_mode {
+                if h.log.dirty_bytes() != 0 {
+                    return Err(CacheError::Invalid(MODE_MISMATCH));
+                }
+                h.t.info.set_cache_mode(opts.cache_mode);
             }
-            cache.info.set_cache_mode(opts.cache_mode);
-        }
-        cache.info.flags |= CACHE_FLAGS_INIT_DONE;
-        cache.cache_info_write();
+            h.t.info.flags |= CACHE_FLAGS_INIT_DONE;
+            h.cache_info_write();
+            Ok(())
+        })?;
+        cache.mode = Mode::from_bits(opts.cache_mode).unwrap_or(Mode::Writeback);
         Ok(cache)
     }
+}
 
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+    /// `pcache_cache_set_gc_percent` (message `gc_percent N`).
+    pub fn set_gc_percent(&self, percent: u8) -> Result<(), CacheError> {
+        if percent > GC_PERCENT_MAX {
+            return Err(CacheError::Invalid("gc_percent must be between 0 and 90"));
+        }
+        self.held(|h| {
+            h.t.info.set_gc_percent(percent);
+            h.cache_info_write();
+        });
+        Ok(())
+    }
+
+    /// `dmsetup message <dev> 0 data_crc true|false`: data written from now on
+    /// carries a CRC (checked on read and before writeback) or not; keys record
+    /// which (`KEY_FLAGS_DATA_CRC`), so data already cached keeps its own setting.
+    ///
+    /// The on-media `cache_info` flag `DATA_CRC` keeps upstream's meaning — every
+    /// key in the log has a valid CRC, which the C module checks when it decodes
+    /// a key — so a device stays attachable by the C module: switching off clears
+    /// the flag (persisted before any key without a CRC can be), switching on sets
+    /// it only once the key tail has passed every key without a CRC (now, or later
+    /// from GC). Until then the C module attaches with `data_crc false`.
+    pub fn set_data_crc(&self, on: bool) -> Result<(), CacheError> {
+        self.held(|h| {
+            h.space.set_data_crc(on);
+            h.sync_crc_flag();
+        });
+        Ok(())
+    }
+
+    /// [`Held::sync_crc_flag`] when a reservation finds it pending.
+    pub(crate) fn sync_crc_flag(&self) {
+        self.held(|h| h.sync_crc_flag());
+    }
+}
+
+impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
     fn cache_info_init(&mut self, opts: &CacheOptions, seg_num: u32) -> Result<(), CacheError> {
         let s0: [u8; CACHE_INFO_STRUCT_SIZE] = read_slot(&self.pmem, CacheInfo::slot_off(0))?;
         let s1: [u8; CACHE_INFO_STRUCT_SIZE] = read_slot(&self.pmem, CacheInfo::slot_off(1))?;
@@ -196,8 +239,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             Some((idx, info)) => {
                 // A data_crc differing from the media is not an error (unlike
                 // upstream): `start` switches to the table's value after replay.
-                self.info = info;
-                self.info_index = idx;
+                self.t.info = info;
+                self.t.info_index = idx;
                 const CI: &str = "pcache_cache_info";
                 if info.n_segs == 0 || info.n_segs > seg_num {
                     return Err(MetaError::new(CI, "n_segs", MetaErrorKind::OutOfRange).into());
@@ -236,50 +279,22 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 if opts.data_crc {
                     info.flags |= CACHE_FLAGS_DATA_CRC;
                 }
-                self.info = info;
+                self.t.info = info;
                 // Upstream starts at slot 0 and writes the next one first.
-                self.info_index = SlotIndex::FIRST;
+                self.t.info_index = SlotIndex::FIRST;
             }
         }
-        self.n_segs = self.info.n_segs;
         Ok(())
     }
 
     /// `cache_info_write`: seq+1, next slot, persist.
     pub(crate) fn cache_info_write(&mut self) {
-        self.info.header.seq = self.info.header.seq.wrapping_add(1);
-        self.info_index = self.info_index.other();
+        self.t.info.header.seq = self.t.info.header.seq.wrapping_add(1);
+        self.t.info_index = self.t.info_index.other();
         let mut b = [0u8; CACHE_INFO_STRUCT_SIZE];
-        self.info.encode_with_crc(&mut b);
-        let off = CacheInfo::slot_off(self.info_index.get());
+        self.t.info.encode_with_crc(&mut b);
+        let off = CacheInfo::slot_off(self.t.info_index.get());
         persist(&self.pmem, off, &b);
-    }
-
-    /// `pcache_cache_set_gc_percent` (message `gc_percent N`).
-    pub fn set_gc_percent(&mut self, percent: u8) -> Result<(), CacheError> {
-        if percent > GC_PERCENT_MAX {
-            return Err(CacheError::Invalid("gc_percent must be between 0 and 90"));
-        }
-        self.info.set_gc_percent(percent);
-        self.cache_info_write();
-        Ok(())
-    }
-
-    /// `dmsetup message <dev> 0 data_crc true|false`: data written from now on
-    /// carries a CRC (checked on read and before writeback) or not; keys record
-    /// which (`KEY_FLAGS_DATA_CRC`), so data already cached keeps its own setting.
-    ///
-    /// The on-media `cache_info` flag `DATA_CRC` keeps upstream's meaning — every
-    /// key in the log has a valid CRC, which the C module checks when it decodes
-    /// a key — so a device stays attachable by the C module: switching off clears
-    /// the flag (persisted before any key without a CRC can be), switching on sets
-    /// it only once the key tail has passed every key without a CRC (now, or later
-    /// from GC). Until then the C module attaches with `data_crc false`.
-    pub fn set_data_crc(&mut self, on: bool) -> Result<(), CacheError> {
-        self.data_crc = on;
-        self.space.set_data_crc(on);
-        self.sync_crc_flag();
-        Ok(())
     }
 
     /// The on-media `DATA_CRC` flag may be set: data CRC is on, no open kset
@@ -287,30 +302,30 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub(crate) fn media_crc_allowed(&self) -> bool {
         // The open ksets first, then the head: a kset closed after its look
         // has counted its keys in `nocrc_until` by the time the head is read.
-        self.data_crc
+        self.data_crc()
             && !self.log.any_nocrc()
-            && self.log_seq_tail >= self.log.with_head(|h| h.nocrc_until)
+            && self.t.log_seq_tail >= self.log.with_head(|h| h.nocrc_until)
     }
 
     /// Set or clear the on-media `DATA_CRC` flag as [`Self::media_crc_allowed`] says.
     ///
-    /// The key log's `crc_wanted` keeps commits made without the engine lock
+    /// The key log's `crc_wanted` keeps commits made outside the engine
     /// in step: it is set before the look at the open ksets that found no key
     /// without a CRC, each under its kset's lock, and the flag persisted after
     /// it, so none is appended after the look (a commit reads it under its
     /// kset's lock); and cleared only once a cleared flag is persisted.
     pub(crate) fn sync_crc_flag(&mut self) {
         self.space.set_crc_flag_pending(false);
-        let data_crc = self.data_crc;
+        let data_crc = self.data_crc();
         if data_crc {
             self.log.set_crc_wanted(true);
         }
         let want = self.media_crc_allowed();
-        if want != self.info.data_crc() {
-            self.info.flags ^= CACHE_FLAGS_DATA_CRC;
+        if want != self.t.info.data_crc() {
+            self.t.info.flags ^= CACHE_FLAGS_DATA_CRC;
             self.cache_info_write();
         }
-        let media = self.info.data_crc();
+        let media = self.t.info.data_crc();
         self.log.set_crc_wanted(media || data_crc);
     }
 
@@ -329,7 +344,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 // A blank device hands out physical segments in order.
                 let phys = i;
                 if i == 0 {
-                    self.info.seg_id = phys;
+                    self.t.info.seg_id = phys;
                 } else {
                     if let Some(prev_id) = prev_id {
                         if let Some(prev) = self.seg_mut(prev_id) {
@@ -342,7 +357,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 phys
             } else {
                 let phys = if i == 0 {
-                    self.info.seg_id
+                    self.t.info.seg_id
                 } else {
                     let prev = prev_id.map(|p| self.seg(p).info).unwrap_or_default();
                     if !prev.has_next() {
@@ -428,18 +443,18 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let head = Pos::default();
             self.log.with_head(|h| h.head = head);
             self.set_used(head.seg, true);
-            self.key_tail = Tail {
+            self.t.key_tail = Tail {
                 pos: head,
                 seq: 0,
                 // Upstream writes the position at the current index, then flips.
                 index: SlotIndex::SECOND,
             };
-            self.dirty_tail = self.key_tail;
+            self.t.dirty_tail = self.t.key_tail;
             self.encode_tail(CtrlPos::DirtyTail);
             self.encode_tail(CtrlPos::KeyTail);
         } else {
-            self.key_tail = self.decode_tail(CtrlPos::KeyTail)?;
-            self.dirty_tail = self.decode_tail(CtrlPos::DirtyTail)?;
+            self.t.key_tail = self.decode_tail(CtrlPos::KeyTail)?;
+            self.t.dirty_tail = self.decode_tail(CtrlPos::DirtyTail)?;
             self.verify_dirty_tail()?;
         }
         Ok(())
@@ -448,8 +463,8 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// `cache_pos_encode`: persist a tail position in its next slot.
     pub(crate) fn encode_tail(&mut self, which: CtrlPos) {
         let t = match which {
-            CtrlPos::KeyTail => &mut self.key_tail,
-            CtrlPos::DirtyTail => &mut self.dirty_tail,
+            CtrlPos::KeyTail => &mut self.t.key_tail,
+            CtrlPos::DirtyTail => &mut self.t.dirty_tail,
         };
         t.seq = t.seq.wrapping_add(1);
         t.index = t.index.other();

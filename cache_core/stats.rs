@@ -8,10 +8,11 @@
 //! list.
 
 use super::Status;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Counters for `dmsetup status` and tests. All of them change under the
-/// engine's lock, and none on the hot path of a hit (the module counts hits,
-/// misses and writes per CPU, outside the engine: [`RequestCounts`]).
+/// Counters for `dmsetup status` and tests: a snapshot of [`Counters`]. None
+/// changes on the hot path of a hit (the module counts hits, misses and writes
+/// per CPU, outside the engine: [`RequestCounts`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub writeback_errors: u32,
@@ -28,21 +29,76 @@ pub struct Stats {
     pub ksets_gced: u64,
     /// Reads that hit, and that missed, as the engine served them: each call
     /// of [`super::Cache::read_resume`] counts as a read. Hits a
-    /// [`super::Reader`] serves without the engine lock are not counted here
+    /// [`super::Reader`] serves outside the engine are not counted here
     /// (the module counts every request itself: [`RequestCounts`]).
     pub read_hits: u64,
     pub read_misses: u64,
 }
 
-impl Stats {
+/// One of the engine's counters (see [`Stats`] for what each counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    WritebackErrors,
+    GcErrors,
+    CrcErrors,
+    BackingErrors,
+    RefUnderflows,
+    KsetsWrittenBack,
+    BytesWrittenBack,
+    KsetsGced,
+    ReadHits,
+    ReadMisses,
+}
+
+const COUNTERS: usize = Counter::ReadMisses as usize + 1;
+
+/// The engine's counters, atomics: requests, the background work and the
+/// messages count from any CPU without a lock. A snapshot is not one instant
+/// (each counter is read on its own), as upstream's status is not.
+#[derive(Debug, Default)]
+pub struct Counters([AtomicU64; COUNTERS]);
+
+impl Counters {
+    pub(crate) fn add(&self, c: Counter, n: u64) {
+        if let Some(a) = self.0.get(c as usize) {
+            a.fetch_add(n, Relaxed);
+        }
+    }
+
+    pub(crate) fn inc(&self, c: Counter) {
+        self.add(c, 1);
+    }
+
+    pub(crate) fn get(&self, c: Counter) -> u64 {
+        self.0.get(c as usize).map_or(0, |a| a.load(Relaxed))
+    }
+
+    /// The counters as [`Stats`] (`ksets_written` is the key log's: 0 here).
+    pub(crate) fn snapshot(&self) -> Stats {
+        let g = |c| self.get(c);
+        Stats {
+            writeback_errors: g(Counter::WritebackErrors) as u32,
+            gc_errors: g(Counter::GcErrors) as u32,
+            crc_errors: g(Counter::CrcErrors),
+            backing_errors: g(Counter::BackingErrors),
+            ref_underflows: g(Counter::RefUnderflows),
+            ksets_written: 0,
+            ksets_written_back: g(Counter::KsetsWrittenBack),
+            bytes_written_back: g(Counter::BytesWrittenBack),
+            ksets_gced: g(Counter::KsetsGced),
+            read_hits: g(Counter::ReadHits),
+            read_misses: g(Counter::ReadMisses),
+        }
+    }
+
     /// `stats reset`: zeroes the counters an operator reads. Leaves alone what
     /// steers the engine (`gc_errors`) and what counts bugs (`ref_underflows`).
-    pub fn reset(&mut self) {
-        *self = Stats {
-            gc_errors: self.gc_errors,
-            ref_underflows: self.ref_underflows,
-            ..Stats::default()
-        };
+    pub(crate) fn reset(&self) {
+        for (i, a) in self.0.iter().enumerate() {
+            if i != Counter::GcErrors as usize && i != Counter::RefUnderflows as usize {
+                a.store(0, Relaxed);
+            }
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Writes in flight to the backing device, in the modes that write through
-//! (see [`super::mode`]), for a caller that sends them itself without the
-//! engine lock ([`Cache::through_start`], then [`Cache::fill_start`] and
+//! (see [`super::mode`]), for a caller that sends them itself
+//! ([`Cache::through_start`], then [`Cache::fill_start`] and
 //! [`Cache::fill_end`], or [`Cache::through_failed`]).
 //!
 //! While such a write is out, the backing device may hold the old data of its
@@ -24,9 +24,11 @@
 //! (the kernel target) or is served synchronously ([`Cache::write_from`]).
 
 use super::data::Source;
+use super::env::Locked;
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::io::Gap;
+use super::stats::Counter;
 use super::{Cache, Memory};
 
 /// Most writes through to the backing device in flight at once.
@@ -138,7 +140,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// room to drop the range (the caller waits and tries again, or serves the
     /// write synchronously, [`Cache::write_from`]); `Invalid` outside the
     /// writethrough and writearound modes.
-    pub fn through_start(&mut self, off: u64, len: usize) -> Result<Gap, CacheError> {
+    pub fn through_start(&self, off: u64, len: usize) -> Result<Gap, CacheError> {
         if !self.mode().writes_through() {
             return Err(CacheError::Invalid(
                 "write through in a mode that caches writes",
@@ -146,21 +148,28 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         }
         self.check_range(off, len)?;
         let end = off + len as u64;
-        if self.in_flight.len() == THROUGH_MAX {
-            return Err(CacheError::Busy("writes through in flight"));
-        }
-        self.drop_range(off, len as u64)?;
-        let contested = self.in_flight.contest(off, end);
+        // In flight first, then the range dropped: a read that looked before
+        // the claim placed its placeholder before the drop, which takes it; one
+        // that looks after sees the write and places none (see
+        // `Cache::place_unless_through`).
         let slot = self
             .in_flight
-            .claim(off, end, contested)
+            .with(|f| {
+                let contested = f.contest(off, end);
+                f.claim(off, end, contested)
+            })
             .ok_or(CacheError::Busy("writes through in flight"))?;
-        Ok(Gap {
+        let gap = Gap {
             off,
             at: 0,
             len,
             tag: THROUGH_TAG | slot as u32,
-        })
+        };
+        if let Err(e) = self.drop_range(off, len as u64) {
+            self.through_release(&gap);
+            return Err(e);
+        }
+        Ok(gap)
     }
 
     /// The backing device completed the write `gap` came from
@@ -170,7 +179,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// with `None` it failed, which is counted. Either way the write is no
     /// longer in flight. All under the lock: the module copies the data without
     /// it ([`Cache::fill_start`]).
-    pub fn through_done<S: Source + ?Sized>(&mut self, gap: &Gap, data: Option<&S>, cpu: usize) {
+    pub fn through_done<S: Source + ?Sized>(&self, gap: &Gap, data: Option<&S>, cpu: usize) {
         match data {
             Some(data) => self.fill_now(gap, data, cpu),
             None => self.through_failed(gap),
@@ -179,14 +188,21 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// The write `gap` came from failed ([`Cache::through_start`]): counts the
     /// error; the write is no longer in flight.
-    pub fn through_failed(&mut self, gap: &Gap) {
-        let released = self.in_flight.release((gap.tag & !THROUGH_TAG) as usize);
-        debug_assert!(released.is_some(), "write through {gap:?} is not in flight");
-        self.stats.backing_errors += 1;
+    pub fn through_failed(&self, gap: &Gap) {
+        self.through_release(gap);
+        self.stats.inc(Counter::BackingErrors);
     }
 
-    /// The writes through to the backing device in flight.
-    pub fn in_flight(&self) -> &InFlight {
-        &self.in_flight
+    /// The write `gap` came from is no longer in flight.
+    pub(crate) fn through_release(&self, gap: &Gap) {
+        let released = self
+            .in_flight
+            .with(|f| f.release((gap.tag & !THROUGH_TAG) as usize));
+        debug_assert!(released.is_some(), "write through {gap:?} is not in flight");
+    }
+
+    /// How many writes through to the backing device are in flight.
+    pub fn in_flight_len(&self) -> usize {
+        self.in_flight.with(|f| f.len())
     }
 }

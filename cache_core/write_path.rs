@@ -1,12 +1,12 @@
-//! Writes without the engine lock (upstream's `cache_data_alloc`,
+//! Writes outside the engine (upstream's `cache_data_alloc`,
 //! `cache_key_insert` and `cache_key_append` under the data head, subtree and
 //! kset locks alone).
 //!
 //! A write reserves its room here, under the lock of the data heads and free
 //! segments ([`super::space::Space`]), copies into it on its own CPU, and then
 //! makes it a key: into the index under the subtree's lock and into its kset
-//! under the key log's ([`super::key_log::commit_key`]), while the engine lock
-//! may be held by the background. What needs the engine (a new segment for
+//! under the key log's ([`super::key_log::commit_key`]), while the background
+//! may hold the control lock. What needs the engine (a new segment for
 //! the key log, the on-media CRC flag to sync, a data CRC computed after the
 //! fact, a full cache or an empty key pool, which wait for GC) is left to
 //! [`super::Cache::write_reserve`] and [`super::Cache::write_commit`] under
@@ -61,7 +61,7 @@ impl<M: Memory> WritePath<M> {
     }
 
     /// Room for the first chunk of a write of `len` bytes at `off`, as
-    /// [`super::Cache::write_reserve`] takes it, with no engine lock; `None`
+    /// [`super::Cache::write_reserve`] takes it, outside the engine; `None`
     /// when that needs the engine (the caller asks it, under its lock). A kset
     /// found full is closed if the log's segment has room for it.
     pub fn reserve<P: Pmem>(
@@ -92,7 +92,7 @@ impl<M: Memory> WritePath<M> {
     }
 
     /// An application FLUSH (REQ_PREFLUSH) as [`super::Cache::flush`] does it
-    /// in the modes that cache writes, with no engine lock: every open kset
+    /// in the modes that cache writes, outside the engine: every open kset
     /// persisted, and the FLUSH recorded for writeback. `false` when a close
     /// needs a new log segment: the caller has the engine flush.
     pub fn flush<P: Pmem>(&self, pmem: &P) -> bool {
@@ -102,7 +102,7 @@ impl<M: Memory> WritePath<M> {
     }
 
     /// Makes the data copied into `r` (with CRC `crc`, see
-    /// [`super::io::copy_in`]) a key, with no engine lock: see
+    /// [`super::io::copy_in`]) a key, outside the engine: see
     /// [`super::Cache::write_commit`], which this does the same as, when it
     /// can. A caller that copied on another CPU fences first.
     pub fn commit<P: Pmem>(&self, pmem: &P, r: &Reservation, crc: u32, fua: bool) -> Commit {
@@ -145,14 +145,14 @@ pub enum Placed {
     /// looks for hits again.
     Hit,
     /// What is there needs the engine (a key of a segment GC freed, to be
-    /// dropped): the caller goes on under the engine lock.
+    /// dropped): the caller goes on in the engine.
     Engine,
 }
 
 impl<M: Memory> WritePath<M> {
     /// The part of the read of `len` bytes at `off` that starts at `from`,
     /// which holds no hit: as [`super::Cache::read_resume`] places a gap, with
-    /// no engine lock. With `cache`, the gap gets a placeholder, which the
+    /// nothing of the engine. With `cache`, the gap gets a placeholder, which the
     /// fill of the backing device's data replaces ([`WritePath::fill`]), if
     /// the index holds nothing there and the key slab has room. For the modes
     /// that cache writes (no write goes through, so none is in flight).
@@ -198,7 +198,7 @@ impl<M: Memory> WritePath<M> {
     }
 
     /// The backing device's data for read-miss `gap` arrived in
-    /// `src[gap.at..]`: as [`super::Cache::read_fill`], with no engine lock.
+    /// `src[gap.at..]`: as [`super::Cache::read_fill`], outside the engine.
     /// Caches it as clean keys wherever the gap's placeholder still covers it
     /// (each checked as its key goes in, see [`super::key_log::commit_key`]),
     /// best effort, and drops what is left of the placeholder. Returns a

@@ -10,13 +10,15 @@
 //! writes the application separated by a FLUSH reach it in order.
 //!
 //! A step is three parts so that a caller can run the slow middle one without
-//! the engine's lock: [`Cache::writeback_plan`] resolves the ksets' dirty keys
+//! the control lock: [`Cache::writeback_plan`] resolves the ksets' dirty keys
 //! into extents, [`writeback_extents`] copies them and flushes the backing
 //! device, [`Cache::writeback_commit`] moves the dirty tail.
 
+use super::ctrl::Held;
 use super::env::{Backing, Pmem, WRITE_BATCH_MAX};
 use super::error::CacheError;
 use super::key::Pos;
+use super::stats::Counter;
 use super::{Cache, Memory};
 use crate::meta::cache_info::CtrlPos;
 use crate::meta::crc32c::PCACHE_CRC_SEED;
@@ -82,7 +84,7 @@ impl WbExtent {
 /// can commit the same ksets, and the dirty tail (which GC never passes) stays
 /// on the first. Their data segments are therefore pinned until the batch is
 /// handed back to [`Cache::writeback_commit`] or [`Cache::writeback_failed`],
-/// and the copy in between, which runs without the engine's lock, reads only
+/// and the copy in between, which runs without the control lock, reads only
 /// the data the plan resolved.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a planned batch pins the dirty tail until it is committed or failed"]
@@ -130,7 +132,7 @@ impl From<WbError> for CacheError {
 }
 
 /// Copies planned extents from the cache to the backing device and flushes it.
-/// Needs no engine state, so the target runs it without the engine's lock: the
+/// Needs no engine state, so the target runs it without the control lock: the
 /// data stays put, because only GC frees segments and it never passes the dirty
 /// tail. `bounce` is at least 4 KiB.
 ///
@@ -352,27 +354,37 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Write back the ksets at the dirty tail (`cache_writeback_fn`) in one go:
     /// [`Self::writeback_plan`], [`writeback_extents`] and
     /// [`Self::writeback_commit`] with the engine's own buffers, for callers
-    /// that hold the engine throughout (tests, the offline tool). An error is
+    /// that own the engine (tests, the offline tool). An error is
     /// counted and leaves the dirty tail where it was, so the next step retries
     /// the same ksets (their writes are idempotent): a backing device that
     /// recovers gets every dirty byte. Data that failed its CRC fails again each
     /// time and is never written back. While a batch planned by someone else is
     /// out, there is nothing to do (`Idle`).
     pub fn writeback_step(&mut self) -> Result<Step, CacheError> {
-        let batch = match self.plan_pinned()? {
+        let Some((mut extents, mut bounce)) = self.wb_bufs.take() else {
+            return Err(CacheError::NoMem("writeback buffers"));
+        };
+        let r = self.writeback_step_with(&mut extents, &mut bounce);
+        self.wb_bufs = Some((extents, bounce));
+        r
+    }
+
+    /// [`Self::writeback_step`] with the caller's buffers: `extents` at least
+    /// `KSET_KEYS_MAX` long (more takes more ksets a step), `bounce` at least
+    /// 4 KiB. The control lock is held while planning and committing, not
+    /// while the backing device writes.
+    pub fn writeback_step_with(
+        &self,
+        extents: &mut [WbExtent],
+        bounce: &mut [u8],
+    ) -> Result<Step, CacheError> {
+        let batch = match self.held(|h| h.plan_pinned(extents))? {
             WbPlan::Idle => return Ok(Step::Idle),
             WbPlan::Moved => return Ok(Step::Progress),
             WbPlan::Batch(b) => b,
         };
-        let Cache {
-            pmem,
-            backing,
-            bounce,
-            wb_extents,
-            ..
-        } = self;
-        let planned = wb_extents.get_mut(..batch.n).unwrap_or_default();
-        if let Err(e) = writeback_extents(pmem, backing, bounce, planned) {
+        let planned = extents.get_mut(..batch.n).unwrap_or_default();
+        if let Err(e) = writeback_extents(&self.pmem, &self.backing, bounce, planned) {
             return Err(self.writeback_failed(batch, e));
         }
         self.writeback_commit(batch);
@@ -384,72 +396,90 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// `out` (at least `KSET_KEYS_MAX` long) for [`writeback_extents`], and the
     /// returned [`WbBatch`] pins the dirty tail until it is committed or failed.
     /// [`Self::writeback_plan_more`] adds the ksets after it, one per call, so
-    /// that a caller can let the engine's lock go between them.
-    pub fn writeback_plan(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
-        self.pin_plan(|c| {
-            let plan = c.plan_first(0)?;
-            if let WbPlan::Batch(b) = &plan {
-                c.copy_planned(b, 0, out)?;
-            }
-            Ok(plan)
-        })
+    /// that a caller can let the control lock go between them.
+    pub fn writeback_plan(&self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
+        self.held(|h| h.pin_plan(|h| h.plan_first(out)))
     }
 
     /// Adds the kset after `batch` to it if it may join (see
-    /// [`Self::plan_next`]), its extents in `out` after the batch's. False when
+    /// [`Held::plan_next`]), its extents in `out` after the batch's. False when
     /// the batch is complete. On an error the batch is failed: the dirty tail
     /// is free again and the next plan starts over from it.
     pub fn writeback_plan_more(
-        &mut self,
+        &self,
         batch: &mut WbBatch,
         out: &mut [WbExtent],
     ) -> Result<bool, CacheError> {
-        debug_assert_eq!(self.wb_pinned, Some(batch.tail));
-        let room = out.len();
-        let from = batch.n;
-        let r = self
-            .plan_next(batch, room, 0)
-            .and_then(|more| self.copy_planned(batch, from, out).map(|()| more));
-        if r.is_err() {
-            self.wb_pinned = None;
-            self.stats.writeback_errors += 1;
-        }
-        r
-    }
-
-    /// Copies the extents of `batch` from `from` on, which the last plan put at
-    /// the start of `self.wb_extents`, to the same places in `out`.
-    fn copy_planned(
-        &self,
-        batch: &WbBatch,
-        from: usize,
-        out: &mut [WbExtent],
-    ) -> Result<(), CacheError> {
-        let n = batch.n - from;
-        match (self.wb_extents.get(..n), out.get_mut(from..batch.n)) {
-            (Some(planned), Some(o)) => {
-                // Not `copy_from_slice`: its length check panics (the lengths match).
-                for (d, s) in o.iter_mut().zip(planned) {
-                    *d = *s;
-                }
-                Ok(())
+        self.held(|h| {
+            debug_assert_eq!(h.t.wb_pinned, Some(batch.tail));
+            let r = h.plan_next(batch, out);
+            if r.is_err() {
+                h.t.wb_pinned = None;
+                h.stats.inc(Counter::WritebackErrors);
             }
-            _ => Err(CacheError::NoMem("writeback extents")),
+            r
+        })
+    }
+
+    /// Takes back a batch whose copy failed and counts the error; the dirty
+    /// tail stays, so the ksets are planned again.
+    pub fn writeback_failed(&self, batch: WbBatch, e: WbError) -> CacheError {
+        self.held(|h| {
+            debug_assert_eq!(h.t.wb_pinned, Some(batch.tail));
+            h.t.wb_pinned = None;
+        });
+        self.stats.inc(Counter::WritebackErrors);
+        if e == WbError::Crc {
+            self.stats.inc(Counter::CrcErrors);
+        }
+        e.into()
+    }
+
+    /// After [`writeback_extents`] succeeded (the backing device flushed),
+    /// advances and persists the dirty tail past the batch's ksets.
+    pub fn writeback_commit(&self, batch: WbBatch) {
+        let committed = self.held(|h| {
+            // The batch pinned the dirty tail: nothing else could have moved it.
+            debug_assert_eq!(h.t.wb_pinned, Some(batch.tail));
+            debug_assert_eq!(h.t.dirty_tail.pos, batch.tail);
+            h.t.wb_pinned = None;
+            if h.t.dirty_tail.pos != batch.tail {
+                return false;
+            }
+            h.t.dirty_tail.pos = batch.end;
+            h.encode_tail(CtrlPos::DirtyTail);
+            h.t.dirty_seq += u64::from(batch.ksets);
+            let dirty_seq = h.t.dirty_seq;
+            h.log.with_head(|lh| lh.barriers.passed(dirty_seq));
+            true
+        });
+        if committed {
+            self.stats
+                .add(Counter::KsetsWrittenBack, u64::from(batch.ksets));
+            self.stats.add(Counter::BytesWrittenBack, batch.bytes);
+            self.log.written_back(batch.dirty);
         }
     }
 
-    /// Plans a whole step into `self.wb_extents` in one go, and pins the dirty
-    /// tail for it.
-    fn plan_pinned(&mut self) -> Result<WbPlan, CacheError> {
-        let room = self.wb_extents.len();
-        self.pin_plan(|c| match c.plan_first(0)? {
+    /// Write back everything logged so far (used at stop and by tests).
+    pub fn writeback_all(&mut self) -> Result<(), CacheError> {
+        while self.writeback_step()? == Step::Progress {}
+        Ok(())
+    }
+
+    /// True when every logged key has been written back.
+    pub fn is_clean(&self) -> bool {
+        self.held(|h| h.t.dirty_tail.pos) == self.key_head()
+    }
+}
+
+impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
+    /// Plans a whole step into `out` in one go, and pins the dirty tail for
+    /// it.
+    fn plan_pinned(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
+        self.pin_plan(|h| match h.plan_first(out)? {
             WbPlan::Batch(mut b) => {
-                loop {
-                    let at = b.n;
-                    if !c.plan_next(&mut b, room, at)? {
-                        break;
-                    }
-                }
+                while h.plan_next(&mut b, out)? {}
                 Ok(WbPlan::Batch(b))
             }
             plan => Ok(plan),
@@ -463,28 +493,28 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         &mut self,
         plan: impl FnOnce(&mut Self) -> Result<WbPlan, CacheError>,
     ) -> Result<WbPlan, CacheError> {
-        if self.wb_pinned.is_some() {
+        if self.t.wb_pinned.is_some() {
             return Ok(WbPlan::Idle);
         }
         let r = plan(self);
         match &r {
-            Ok(WbPlan::Batch(b)) => self.wb_pinned = Some(b.tail),
+            Ok(WbPlan::Batch(b)) => self.t.wb_pinned = Some(b.tail),
             Ok(_) => {}
-            Err(_) => self.stats.writeback_errors += 1,
+            Err(_) => self.stats.inc(Counter::WritebackErrors),
         }
         r
     }
 
-    /// Plans the kset at the dirty tail into `self.wb_extents` from `at` on.
-    fn plan_first(&mut self, at: usize) -> Result<WbPlan, CacheError> {
-        let tail = self.dirty_tail.pos;
+    /// Plans the kset at the dirty tail into the start of `out`.
+    fn plan_first(&mut self, out: &mut [WbExtent]) -> Result<WbPlan, CacheError> {
+        let tail = self.t.dirty_tail.pos;
         if tail == self.key_head() {
             return Ok(WbPlan::Idle);
         }
         let (key_num, size) = match self.read_kset(tail)? {
             KsetRead::End => return Ok(WbPlan::Idle),
             KsetRead::Last { next_cache_seg_id } => {
-                self.dirty_tail.pos = Pos {
+                self.t.dirty_tail.pos = Pos {
                     seg: self.next_log_seg(next_cache_seg_id)?,
                     off: 0,
                 };
@@ -501,29 +531,28 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             dirty: 0,
             bytes: 0,
         };
-        self.plan_kset(key_num, size, &mut batch, at)?;
+        self.plan_kset(key_num, size, &mut batch, out)?;
         Ok(WbPlan::Batch(batch))
     }
 
-    /// Plans the kset after `batch` into `self.wb_extents` from `at` on, if it
-    /// may join (see [`super::barriers`]): up to [`WB_KSETS_MAX`] and
-    /// [`WB_STEP_BYTES`], while `room` holds another kset's keys, within one
+    /// Plans the kset after `batch` into `out` after the batch's extents, if
+    /// it may join (see [`super::barriers`]): up to [`WB_KSETS_MAX`] and
+    /// [`WB_STEP_BYTES`], while `out` holds another kset's keys, within one
     /// key-log segment, short of the key head. False if it may not.
     ///
-    /// Between two calls the engine may have served requests: the key head and
-    /// the barriers are read afresh, and the ksets already planned lie behind
-    /// the key head, so a FLUSH meanwhile only ever ends the batch.
-    fn plan_next(
+    /// Between two calls requests go on: the key head and the barriers are
+    /// read afresh, and the ksets already planned lie behind the key head, so
+    /// a FLUSH meanwhile only ever ends the batch.
+    pub(crate) fn plan_next(
         &mut self,
         batch: &mut WbBatch,
-        room: usize,
-        at: usize,
+        out: &mut [WbExtent],
     ) -> Result<bool, CacheError> {
-        let next_seq = self.dirty_seq + u64::from(batch.ksets);
+        let next_seq = self.t.dirty_seq + u64::from(batch.ksets);
         if batch.ksets as usize >= WB_KSETS_MAX
             || batch.bytes >= WB_STEP_BYTES
             || batch.end == self.key_head()
-            || room.saturating_sub(batch.n) < KSET_KEYS_MAX
+            || out.len().saturating_sub(batch.n) < KSET_KEYS_MAX
             || !self.log.with_head(|h| h.barriers.joins(next_seq))
         {
             return Ok(false);
@@ -533,7 +562,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         // alone and reports what is wrong.
         match self.read_kset(batch.end) {
             Ok(KsetRead::Keys { key_num, size }) => {
-                self.plan_kset(key_num, size, batch, at)?;
+                self.plan_kset(key_num, size, batch, out)?;
                 Ok(true)
             }
             _ => Ok(false),
@@ -541,15 +570,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Resolves the dirty, live keys of the kset in the scratch buffer into
-    /// `self.wb_extents` from `at` on, and adds the kset to the batch.
+    /// `out` after the batch's extents, and adds the kset to the batch.
     fn plan_kset(
         &mut self,
         key_num: u32,
         size: u32,
         batch: &mut WbBatch,
-        at: usize,
+        out: &mut [WbExtent],
     ) -> Result<(), CacheError> {
-        let mut slot_at = at;
         for i in 0..key_num as usize {
             let key = self.scratch_key(i)?;
             if !key.dirty() {
@@ -572,60 +600,15 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 crc: key.has_crc().then_some(key.crc),
                 order: batch.n as u32,
             };
-            let slot = self
-                .wb_extents
-                .get_mut(slot_at)
+            let slot = out
+                .get_mut(batch.n)
                 .ok_or(CacheError::NoMem("writeback extents"))?;
             *slot = e;
-            slot_at += 1;
             batch.n += 1;
             batch.bytes += u64::from(key.len);
         }
         batch.end.off += size;
         batch.ksets += 1;
         Ok(())
-    }
-
-    /// Takes back a batch whose copy failed and counts the error; the dirty
-    /// tail stays, so the ksets are planned again.
-    pub fn writeback_failed(&mut self, batch: WbBatch, e: WbError) -> CacheError {
-        debug_assert_eq!(self.wb_pinned, Some(batch.tail));
-        self.wb_pinned = None;
-        self.stats.writeback_errors += 1;
-        if e == WbError::Crc {
-            self.stats.crc_errors += 1;
-        }
-        e.into()
-    }
-
-    /// After [`writeback_extents`] succeeded (the backing device flushed),
-    /// advances and persists the dirty tail past the batch's ksets.
-    pub fn writeback_commit(&mut self, batch: WbBatch) {
-        // The batch pinned the dirty tail: nothing else could have moved it.
-        debug_assert_eq!(self.wb_pinned, Some(batch.tail));
-        debug_assert_eq!(self.dirty_tail.pos, batch.tail);
-        self.wb_pinned = None;
-        if self.dirty_tail.pos != batch.tail {
-            return;
-        }
-        self.dirty_tail.pos = batch.end;
-        self.encode_tail(CtrlPos::DirtyTail);
-        self.dirty_seq += u64::from(batch.ksets);
-        let dirty_seq = self.dirty_seq;
-        self.log.with_head(|h| h.barriers.passed(dirty_seq));
-        self.stats.ksets_written_back += u64::from(batch.ksets);
-        self.stats.bytes_written_back += batch.bytes;
-        self.log.written_back(batch.dirty);
-    }
-
-    /// Write back everything logged so far (used at stop and by tests).
-    pub fn writeback_all(&mut self) -> Result<(), CacheError> {
-        while self.writeback_step()? == Step::Progress {}
-        Ok(())
-    }
-
-    /// True when every logged key has been written back.
-    pub fn is_clean(&self) -> bool {
-        self.dirty_tail.pos == self.key_head()
     }
 }

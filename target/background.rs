@@ -18,7 +18,7 @@ impl LiveCache {
         if self.quiesced.load(Ordering::Acquire) {
             return false;
         }
-        let round = self.writer.lock().run(self, self, false);
+        let round = self.writer.lock().run(&self.engine, self, false);
         self.report(&round);
         round.more
     }

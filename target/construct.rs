@@ -178,7 +178,9 @@ pub(crate) fn start(devices: &Devices, claim: ActiveClaim) -> Result<Started, Ct
         keys: key_capacity(seg_num * u64::from(geo.seg_data_size())),
         ksets: 4,
         heads: cpu::cpu_ids(),
-        bounce: 256 << 10,
+        // The engine's own synchronous writeback, which the target never runs (its writer
+        // has its own buffers): the least the engine takes.
+        bounce: 4096,
     };
     let opts = CacheOptions {
         data_crc: options.data_crc,

@@ -13,8 +13,7 @@ pub(crate) fn cpu_ids() -> usize {
 }
 
 /// The CPU this runs on now (`raw_smp_processor_id`). A hint for picking a data head: the task
-/// may move right after, which costs locality, not correctness (the engine lock serialises the
-/// heads).
+/// may move right after, which costs locality, not correctness (each head has its lock).
 pub(crate) fn this_cpu() -> usize {
     // SAFETY: no preconditions; callable with preemption on (the raw variant does not check).
     unsafe { bindings::pcache_rs_cpu_id() as usize }

@@ -12,9 +12,9 @@ use super::{
     subtree_locks::SubtreeSpinLocks,
 };
 use crate::cache_core::{
-    self, background::Background, Backing, Cache, CacheError, CacheMem, CacheOptions, DataHead,
-    FreeList, IoError, KeyLog, KsetBuf, Locked, LogHead, Memory, Node, Pmem, Root, SegCount,
-    SegMapEntry, SegState, Space, SubtreeLocks, WbExtent,
+    self, background::Background, through::InFlight, Backing, Cache, CacheError, CacheMem,
+    CacheOptions, Ctrl, DataHead, FreeList, IoError, KeyLog, KsetBuf, Locked, LogHead, Memory,
+    Node, Pmem, Root, SegCount, SegMapEntry, SegState, Space, SubtreeLocks, WbExtent,
 };
 use crate::cache_core::{env::WRITE_BATCH_MAX, writeback::WB_EXTENTS_MAX};
 use crate::meta::{kset::KSET_KEYS_MAX, layout::Geometry};
@@ -27,7 +27,7 @@ use kernel::{
     sync::{Arc, SpinLock},
 };
 
-/// The pins of reads copying from cache segments without the engine lock (see [`Pmem::pin`]):
+/// The pins of reads copying from cache segments outside the engine (see [`Pmem::pin`]):
 /// a counter per segment, in atomics, since reads pin and unpin on their own CPUs.
 pub(crate) struct SegmentPins(KVVec<AtomicU32>);
 
@@ -67,7 +67,7 @@ impl SegmentPins {
 
 /// The pmem side of the engine: byte copies into the DAX mapping, and the pins of reads. The
 /// engine owns one over `Arc`s ([`DaxPmem`]); a request copies through a borrowed one
-/// ([`DaxRef`], [`super::live::LiveCache::pmem`]) without the engine lock.
+/// ([`DaxRef`], [`super::live::LiveCache::pmem`]) outside the engine.
 pub(crate) struct Dax<D, S> {
     pub(crate) map: D,
     pub(crate) pins: S,
@@ -76,7 +76,7 @@ pub(crate) struct Dax<D, S> {
 /// The engine's pmem.
 pub(crate) type DaxPmem = Dax<Arc<DaxMapping>, Arc<SegmentPins>>;
 
-/// The pmem borrowed: what a request copies through without the engine lock (see
+/// The pmem borrowed: what a request copies through outside the engine (see
 /// [`crate::cache_core::io::Reservation`] and [`crate::cache_core::io::Hit`]).
 pub(crate) type DaxRef<'a> = Dax<&'a DaxMapping, &'a SegmentPins>;
 
@@ -268,10 +268,10 @@ impl SubtreeLocks for SharedLocks {
 /// The engine the target runs. It owns its memory: dropping it frees everything.
 pub(crate) type PcacheEngine = Cache<DaxPmem, BackingIo, KernelMem>;
 
-/// What serves read hits without the engine lock (see [`cache_core::reader`]).
+/// What serves read hits outside the engine (see [`cache_core::reader`]).
 pub(crate) type HitReader = cache_core::Reader<KernelMem>;
 
-/// What commits writes without the engine lock (see [`cache_core::write_path`]).
+/// What commits writes outside the engine (see [`cache_core::write_path`]).
 pub(crate) type KernelWritePath = cache_core::WritePath<KernelMem>;
 
 /// The background writer: its own handles on both devices, its writeback plan and bounce
@@ -286,7 +286,7 @@ pub(crate) struct Sizing {
     pub(crate) ksets: usize,
     /// Data heads.
     pub(crate) heads: usize,
-    /// Bounce buffer for CRC checks.
+    /// Bounce buffer of the engine's own synchronous writeback.
     pub(crate) bounce: usize,
 }
 
@@ -351,8 +351,20 @@ pub(crate) fn start(
             .map_err(|_| StartError::NoMem)?,
     );
     let space = Arc::new(Space::new(heads, segs), GFP_KERNEL).map_err(|_| StartError::NoMem)?;
+    let ctrl = Ctrl::new(
+        filled(n_segs, SegState::default())?,
+        filled(cache_core::SCRATCH_BYTES, 0u8)?,
+    );
+    let ctrl = SharedSpinLock(
+        Arc::pin_init(new_spinlock!(ctrl), GFP_KERNEL).map_err(|_| StartError::NoMem)?,
+    );
+    let in_flight = SharedSpinLock(
+        Arc::pin_init(new_spinlock!(InFlight::default()), GFP_KERNEL)
+            .map_err(|_| StartError::NoMem)?,
+    );
     let mem = CacheMem::<KernelMem> {
-        segs: filled(n_segs, SegState::default())?,
+        ctrl,
+        in_flight,
         seg_map: shared(n_segs, SegMapEntry::default())?,
         nodes: shared(sizing.keys, Node::default())?,
         roots: shared(cache_core::roots_needed(backing.size()), Root::default())?,
@@ -367,10 +379,9 @@ pub(crate) fn start(
         free: Arc::new(FreeList::default(), GFP_KERNEL).map_err(|_| StartError::NoMem)?,
         log,
         space,
-        scratch: filled(cache_core::SCRATCH_BYTES, 0u8)?,
         bounce: filled(sizing.bounce, 0u8)?,
-        // The writer plans a kset at a time into the engine's buffer and copies it out
-        // ([`Background::plan`]): one kset's worth is enough.
+        // Only the engine's own synchronous writeback uses these, which the target never
+        // runs (its writer has its own, [`writer`]): the least the engine takes.
         wb_extents: filled(KSET_KEYS_MAX, WbExtent::default())?,
     };
     Cache::start(pmem, backing, geo, mem, opts).map_err(StartError::Cache)

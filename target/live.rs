@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! A running cache: the engine under its lock, the bios waiting for the request worker, the
-//! background writer, and the wait queue of requests waiting for room.
+//! A running cache: the engine, shared by every CPU with no lock of ours around it (its parts
+//! have their own), the bios waiting for the request worker, the background writer, and the wait
+//! queue of requests waiting for room.
 //!
-//! [`LiveCache`] gives the engine the host primitives it asks for ([`Locked`], [`Waiting`]);
-//! the decisions (when to wait, what a background round does) are the engine's. The request
-//! glue is in [`super::requests`], the background glue in [`super::background`].
+//! [`LiveCache`] gives the engine the host primitives it asks for ([`Waiting`]); the decisions
+//! (when to wait, what a background round does) are the engine's. The request glue is in
+//! [`super::requests`], the background glue in [`super::background`].
 
 use super::{
     bio::BioQueue,
@@ -15,7 +16,7 @@ use super::{
     engine::{Dax, DaxRef, HitReader, KernelWritePath, PcacheEngine, SegmentPins, Writer},
     miss::MissQueue,
 };
-use crate::cache_core::{io::Gap, CacheError, Locked, RequestCounts, Waiting};
+use crate::cache_core::{io::Gap, CacheError, RequestCounts, Waiting};
 use core::sync::atomic::{AtomicBool, AtomicU32};
 use kernel::{
     new_condvar, new_mutex, new_spinlock,
@@ -23,11 +24,6 @@ use kernel::{
     sync::{Arc, CondVar, Mutex, SpinLock},
     time::{Instant, Monotonic},
 };
-
-/// What the engine lock guards.
-pub(crate) struct Core {
-    pub(crate) engine: PcacheEngine,
-}
 
 /// The request worker's buffers, reserved at construction so that serving never allocates.
 pub(crate) struct WorkerBuffers {
@@ -53,8 +49,8 @@ pub(crate) struct LiveCache {
     /// Read misses in flight. First, so that it goes first: dropping it waits for the fills,
     /// which use the rest.
     pub(crate) misses: MissQueue,
-    #[pin]
-    pub(crate) core: Mutex<Core>,
+    /// The engine: `&self` throughout, each of its parts under its own lock.
+    pub(crate) engine: PcacheEngine,
     /// The request worker's gaps of a read: room for every gap a read can have.
     #[pin]
     pub(crate) worker_gaps: Mutex<KVVec<Gap>>,
@@ -77,22 +73,22 @@ pub(crate) struct LiveCache {
     started: Instant<Monotonic>,
     pub(crate) writeback_errors: AtomicU32,
     pub(crate) gc_errors: AtomicU32,
-    /// Requests served, by kind: counted per CPU, outside the engine lock.
+    /// Requests served, by kind: counted per CPU, outside the engine.
     counts: RequestCounters,
     /// The backing device, for discards passed down to it.
     pub(crate) backing: Arc<TargetDevice>,
     /// The backing device takes discards: pass ours on after dropping the cached keys.
     pub(crate) discard_passdown: bool,
-    /// The cache device, and the pins of reads on its segments, for copies made without the
-    /// engine lock.
+    /// The cache device, and the pins of reads on its segments, for copies made outside the
+    /// engine.
     pub(crate) dax: Arc<DaxMapping>,
     pub(crate) pins: Arc<SegmentPins>,
-    /// Serves read hits without the engine lock: the index's subtrees and the segment map.
+    /// Serves read hits outside the engine: the index's subtrees and the segment map.
     pub(crate) reader: HitReader,
-    /// Commits writes without the engine lock: the index and the key log.
+    /// Commits writes outside the engine: the index and the key log.
     pub(crate) write_path: KernelWritePath,
-    /// The cache mode caches writes (writeback, writeonly): `map` copies them without the
-    /// engine lock. Fixed for the life of the instance (the table sets the mode).
+    /// The cache mode caches writes (writeback, writeonly): `map` copies them outside the
+    /// engine. Fixed for the life of the instance (the table sets the mode).
     pub(crate) caches_writes: bool,
     /// The cache mode caches what reads miss (all but writeonly). Fixed as `caches_writes` is.
     pub(crate) caches_misses: bool,
@@ -117,7 +113,7 @@ impl LiveCache {
         let write_path = engine.write_path();
         pin_init!(Self {
             misses,
-            core <- new_mutex!(Core { engine }),
+            engine,
             worker_gaps <- new_mutex!(buffers.gaps),
             pending <- new_spinlock!(BioQueue::new()),
             writer <- new_mutex!(writer),
@@ -140,7 +136,7 @@ impl LiveCache {
         })
     }
 
-    /// The cache device as requests copy through it without the engine lock.
+    /// The cache device as requests copy through it outside the engine.
     pub(crate) fn pmem(&self) -> DaxRef<'_> {
         Dax {
             map: &*self.dax,
@@ -167,19 +163,7 @@ impl LiveCache {
     /// `stats reset`: the request counters and the engine's.
     pub(crate) fn reset_stats(&self) {
         self.counts.reset();
-        self.with(|e: &mut PcacheEngine| e.reset_stats());
-    }
-}
-
-impl Locked<Core> for LiveCache {
-    fn with<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
-        f(&mut self.core.lock())
-    }
-}
-
-impl Locked<PcacheEngine> for LiveCache {
-    fn with<R>(&self, f: impl FnOnce(&mut PcacheEngine) -> R) -> R {
-        f(&mut self.core.lock().engine)
+        self.engine.reset_stats();
     }
 }
 
@@ -215,7 +199,7 @@ impl Waiting for LiveCache {
         // request waits for room: the open ksets are persisted at once, so that writeback can
         // take their keys.
         if let Some(mut writer) = self.writer.try_lock() {
-            let round = writer.run(self, self, true);
+            let round = writer.run(&self.engine, self, true);
             drop(writer);
             self.report(&round);
         }

@@ -16,7 +16,7 @@
 //!
 //! And the glue of a running cache, which holds no policy of its own: [`claim`] (which pmem
 //! devices are in use), [`construct`] (parsing the table and opening the devices), [`engine`]
-//! (the engine over the DAX mapping and the backing device), [`live`] (the engine's lock and
+//! (the engine over the DAX mapping and the backing device), [`live`] (the shared engine and
 //! wait queue), [`requests`] (bios in and out of the engine), [`miss`] (read misses in flight
 //! to the backing device), [`background`] (the work item that runs the engine's background
 //! rounds) and [`report`] (the status and table lines).

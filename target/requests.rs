@@ -2,14 +2,13 @@
 
 //! Serving bios: in `map` when that needs neither the backing device nor waiting for room, on
 //! the request worker otherwise. Waiting for room is the engine's
-//! ([`crate::cache_core::request::with_room`]); this file only moves bytes between bios and the
+//! ([`crate::cache_core::request::until_room`]); this file only moves bytes between bios and the
 //! engine.
 
 use super::{
     bio::{BioOp, HeldBio},
     cpu::this_cpu,
-    engine::PcacheEngine,
-    live::{Core, Count, ErrorText, LiveCache},
+    live::{Count, ErrorText, LiveCache},
 };
 use crate::cache_core::{
     fill::fill_copy,
@@ -40,7 +39,7 @@ pub(crate) enum Served {
 /// (it has room for [`MAX_READ_GAPS`](super::construct::MAX_READ_GAPS)).
 const MAX_GAPS: usize = 8;
 
-/// Most hits a read pins at once; it copies them without the engine lock, gives them back,
+/// Most hits a read pins at once; it copies them outside the engine, gives them back,
 /// and goes on with the next ones ([`LiveCache::read_unlocked`]).
 const MAX_HITS: usize = 8;
 
@@ -103,7 +102,7 @@ impl LiveCache {
     /// waits for the backing device here either.
     fn read_on_worker(&self, mut bio: HeldBio) {
         if bio.is_preflush() {
-            if let Err(e) = self.with_room(|core| outcome(core.engine.flush())) {
+            if let Err(e) = self.until_room(|| outcome(self.engine.flush())) {
                 bio.end(Err(e));
                 return;
             }
@@ -138,7 +137,7 @@ impl LiveCache {
             return Served::Done(self.write_on_worker(bio));
         }
         let mut onward = None;
-        let result = self.with_room(|core| match self.serve(core, bio, ServeContext::Worker)? {
+        let result = self.until_room(|| match self.serve(bio, ServeContext::Worker)? {
             Served::Done(r) => Some(r),
             other => {
                 onward = Some(other);
@@ -151,7 +150,7 @@ impl LiveCache {
         }
     }
 
-    /// Does what serving `bio` came to, with the engine lock let go.
+    /// Does what serving `bio` came to.
     pub(crate) fn dispatch(&self, bio: HeldBio, served: Served) {
         match served {
             Served::Done(result) => bio.end(result),
@@ -198,12 +197,7 @@ impl LiveCache {
 
     /// Runs `attempt` until it completes, waiting for room while the cache is full; fails
     /// with `EIO` only when writeback has made no progress for [`request::STALL_MS`].
-    pub(crate) fn with_room(&self, attempt: impl FnMut(&mut Core) -> Option<Result>) -> Result {
-        request::with_room(self, self, attempt).unwrap_or_else(stalled)
-    }
-
-    /// [`LiveCache::with_room`] for an attempt that takes the engine lock itself.
-    fn until_room(&self, attempt: impl FnMut() -> Option<Result>) -> Result {
+    pub(crate) fn until_room(&self, attempt: impl FnMut() -> Option<Result>) -> Result {
         request::until_room(self, attempt).unwrap_or_else(stalled)
     }
 
@@ -219,13 +213,12 @@ impl LiveCache {
         }
         if self.caches_writes && matches!(bio.op(), BioOp::Write | BioOp::WriteZeroes) {
             if bio.is_preflush() && !self.write_path.flush(&self.pmem()) {
-                let mut core = self.core.lock();
-                match outcome(core.engine.flush()) {
+                match outcome(self.engine.flush()) {
                     Some(Ok(())) => {}
                     Some(Err(e)) => return Some(Served::Done(Err(e))),
                     None => {
                         // The worker persists and writes it; it is counted here, in `map`.
-                        self.count_write(&core.engine, self.offset_of(bio), bio.size() as usize);
+                        self.count_write(self.offset_of(bio), bio.size() as usize);
                         return None;
                     }
                 }
@@ -254,11 +247,10 @@ impl LiveCache {
                 ReadServed::TooManyGaps => None,
             };
         }
-        let mut core = self.core.lock();
-        self.serve(&mut core, bio, ServeContext::Map)
+        self.serve(bio, ServeContext::Map)
     }
 
-    /// A write served in `map` with its copy outside the engine lock (see
+    /// A write served in `map` with its copy outside the engine (see
     /// [`LiveCache::write_chunks`]). `None`: the cache is full; the worker writes the rest
     /// ([`LiveCache::write_on_worker`]).
     fn write_unlocked(&self, bio: &HeldBio, zeroes: bool) -> Option<Result> {
@@ -270,7 +262,9 @@ impl LiveCache {
             // The commits tell whether the write replaced cached data (a hit); the part not
             // committed here is looked up before the worker writes it.
             let (off, len) = (self.offset_of(bio), bio.size() as usize);
-            hit = (self.core.lock().engine).holds_any(off + done as u64, (len - done) as u64);
+            hit = self
+                .engine
+                .holds_any(off + done as u64, (len - done) as u64);
         }
         self.count(if hit {
             Count::WriteHit
@@ -281,11 +275,11 @@ impl LiveCache {
     }
 
     /// A write `map` found no room for (or one with a preflush, persisted first): copied as in
-    /// `map`, without the engine lock, waiting for room whenever a chunk finds none and going
+    /// `map`, outside the engine, waiting for room whenever a chunk finds none and going
     /// on from there. Before, the worker copied such writes under the lock.
     fn write_on_worker(&self, bio: &mut HeldBio) -> Result {
         if bio.is_preflush() {
-            self.with_room(|core| outcome(core.engine.flush()))?;
+            self.until_room(|| outcome(self.engine.flush()))?;
         }
         let (mut done, mut hit) = (0usize, false);
         let zeroes = bio.op() == BioOp::WriteZeroes;
@@ -297,7 +291,7 @@ impl LiveCache {
     /// Copies `src` (what `bio` writes, see [`write_source`]) into the cache from byte
     /// `*done` on, so that writes on two CPUs copy at once: the room for each chunk is
     /// reserved, filled on this CPU and fenced here (`pmem_wmb` orders only this CPU's
-    /// stores), then committed, all without the engine lock unless the engine is needed
+    /// stores), then committed, all outside the engine unless the engine is needed
     /// ([`crate::cache_core::WritePath`]). `*done` counts the bytes committed
     /// and `*hit` whether a commit replaced cached data. `None`: the cache is full (what is
     /// committed stays).
@@ -318,30 +312,30 @@ impl LiveCache {
             let at = *done;
             let (from, rest) = (off + at as u64, len - at);
             let pmem = self.pmem();
-            // The room comes from the data head without the engine lock; only what needs the
-            // engine (a full cache, the CRC flag to sync, a new log segment) takes it.
+            // The room comes from the data head under its lock alone; only what needs more of
+            // the engine (a full cache, the CRC flag to sync, a new log segment) asks it.
             let reserved = match self.write_path.reserve(&pmem, from, rest, 0, this_cpu()) {
                 Some(r) => Ok(r),
-                None => (self.core.lock().engine).write_reserve(from, rest, 0, this_cpu()),
+                None => self.engine.write_reserve(from, rest, 0, this_cpu()),
             };
             let r = match reserved {
                 Ok(r) => r,
                 Err(e) => return outcome(Err(e)),
             };
             let Ok(crc) = copy_in(&pmem, &r, src, at) else {
-                self.core.lock().engine.write_cancel(&r);
+                self.engine.write_cancel(&r);
                 return Some(Err(EIO));
             };
             pmem.fence();
-            // The key goes in under its subtree's lock and the key log's; only what needs the
-            // engine (a new log segment, an empty key pool) takes the engine lock.
+            // The key goes in under its subtree's lock and the key log's; only what needs more
+            // of the engine (a new log segment, an empty key pool) asks it.
             let committed = match self.write_path.commit(&pmem, &r, crc, fua) {
                 Commit::Done(replaced) => Ok(replaced),
                 Commit::Persist(replaced) => {
-                    let persisted = self.core.lock().engine.kset_persist(r.off);
+                    let persisted = self.engine.kset_persist(r.off);
                     persisted.map(|()| replaced)
                 }
-                Commit::Engine => self.core.lock().engine.write_commit(&r, crc, fua),
+                Commit::Engine => self.engine.write_commit(&r, crc, fua),
             };
             match committed {
                 Ok(replaced) => *hit |= replaced,
@@ -356,8 +350,8 @@ impl LiveCache {
         (bio.sector().saturating_sub(self.begin)) << 9
     }
 
-    /// A write in the modes that write through, sent to the backing device without the
-    /// engine lock: under it the engine drops the cached range and records the write in flight
+    /// A write in the modes that write through, sent to the backing device as it is: the engine records the write in flight and drops the
+    /// cached range
     /// ([`Cache::through_start`](crate::cache_core::Cache::through_start)); the bio goes to
     /// the backing device whole, with its flush and FUA flags, and its completion caches the
     /// data in writethrough mode ([`LiveCache::run_fills`]). `None` when the engine has no
@@ -365,9 +359,8 @@ impl LiveCache {
     fn write_through(&self, bio: &HeldBio) -> Option<Served> {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
-        let mut core = self.core.lock();
-        self.count_write(&core.engine, off, len);
-        match core.engine.through_start(off, len) {
+        self.count_write(off, len);
+        match self.engine.through_start(off, len) {
             Ok(gap) => Some(Served::Misses(Gaps::one(gap))),
             Err(CacheError::Busy(_)) => None,
             Err(e) => Some(Served::Done(Err(failed(&e)))),
@@ -377,14 +370,14 @@ impl LiveCache {
     /// A write or write-zeroes in the modes that write through, on the worker: `map` found no
     /// slot for it, or it is a write-zeroes (whose zeroing waits). Waits for a slot (a
     /// completion frees one, [`LiveCache::run_fills`]), then goes to the backing device as in
-    /// `map` ([`LiveCache::write_through`]), never under the engine lock.
+    /// `map` ([`LiveCache::write_through`]), with no lock held.
     fn through_on_worker(&self, bio: &mut HeldBio) -> Served {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
         let mut started = None;
         // A flush goes to the backing device with the write, or before the zeroing below: the
         // cache's own keys need no persisting in these modes (they start empty on attach).
-        let r = self.with_room(|core| match core.engine.through_start(off, len) {
+        let r = self.until_room(|| match self.engine.through_start(off, len) {
             Ok(gap) => {
                 started = Some(gap);
                 Some(Ok(()))
@@ -427,7 +420,7 @@ impl LiveCache {
 
     /// A read miss or a write through came back from the backing device: `Some` with the data
     /// it returned or took, `None` if it failed. Caches the data with its copy into pmem outside
-    /// the engine lock, as a write copies (see [`crate::cache_core::fill`]), and gives up the
+    /// any lock, as a write copies (see [`crate::cache_core::fill`]), and gives up the
     /// read's placeholder or the write's slot. Wakes the worker if that freed a slot it may be
     /// waiting for ([`LiveCache::through_on_worker`]).
     fn gap_complete<S: Source + ?Sized>(&self, gap: &Gap, data: Option<&S>) {
@@ -436,39 +429,36 @@ impl LiveCache {
             // A read that caches nothing (no placeholder): nothing to give up either.
             return;
         }
-        // In the modes that cache writes, a read's fill takes no engine lock (see
+        // In the modes that cache writes, a read's fill takes no engine path (see
         // `WritePath::fill`), unless it gave back a segment's last reference.
         if let (true, false, Some(data)) = (self.caches_writes, through, data) {
             if let Some(seg) = self.write_path.fill(&self.pmem(), gap, data, this_cpu()) {
-                self.core.lock().engine.segment_released(seg);
+                self.engine.segment_released(seg);
             }
             return;
         }
-        // The slot is given up under the lock taken last: was the table full then?
-        let mut core = self.core.lock();
-        let mut full = core.engine.in_flight().len() == THROUGH_MAX;
+        // Was the table full before this write's slot goes? Then the worker may wait for a
+        // slot: the first slot to go after it found the table full finds it full still (no
+        // write takes one meanwhile), and wakes it.
+        let full = through && self.engine.in_flight_len() == THROUGH_MAX;
         match data {
-            None if through => core.engine.through_failed(gap),
-            None => core.engine.read_failed(gap),
+            None if through => self.engine.through_failed(gap),
+            None => self.engine.read_failed(gap),
             Some(data) => {
-                let mut fill = core.engine.fill_start(gap, this_cpu());
+                let mut fill = self.engine.fill_start(gap, this_cpu());
                 if fill.is_open() {
-                    drop(core);
                     fill_copy(&self.pmem(), &mut fill, data);
-                    core = self.core.lock();
-                    full = core.engine.in_flight().len() == THROUGH_MAX;
-                    core.engine.fill_end(fill);
+                    self.engine.fill_end(fill);
                 }
             }
         }
-        drop(core);
-        if through && full {
+        if full {
             self.wake_all();
         }
     }
 
-    /// A read with its hits copied outside the engine lock, so that reads on two CPUs copy at
-    /// once. The hits are found without the engine lock too: the reader pins the segments of
+    /// A read with its hits copied outside the engine, so that reads on two CPUs copy at
+    /// once. The hits are found outside the engine too: the reader pins the segments of
     /// up to [`MAX_HITS`] current keys, looking each up under its subtree's lock
     /// ([`crate::cache_core::Reader::hits`]). From the first piece that is not such
     /// a hit, the engine goes on under its lock: it pins hits and places the gaps
@@ -496,7 +486,7 @@ impl LiveCache {
             let (n_hits, next) = if found.hits > 0 {
                 (found.hits, found.next)
             } else if let Placed::Gap { gap, next } = placed_here {
-                // Placed without the engine lock (the modes that cache writes have no write
+                // Placed outside the engine (the modes that cache writes have no write
                 // through in flight).
                 match gaps.get_mut(placed) {
                     Some(slot) => {
@@ -516,11 +506,7 @@ impl LiveCache {
                 continue;
             } else {
                 let room = gaps.get_mut(placed..).unwrap_or_default();
-                let started = self
-                    .core
-                    .lock()
-                    .engine
-                    .read_resume(off, from, bio, room, &mut hits);
+                let started = self.engine.read_resume(off, from, bio, room, &mut hits);
                 match started {
                     Ok(Some(s)) => {
                         placed += s.gaps;
@@ -539,12 +525,10 @@ impl LiveCache {
             let held = hits.get(..n_hits).unwrap_or_default();
             if let Err(e) = copy_hits(&pmem, held, bio) {
                 let placed = gaps.get(..placed).unwrap_or_default();
-                let mut core = self.core.lock();
                 if e == HitError::Crc {
-                    core.engine.read_crc_failed();
+                    self.engine.read_crc_failed();
                 }
-                core.engine.read_cancel(placed, held);
-                drop(core);
+                self.engine.read_cancel(placed, held);
                 let what = match e {
                     HitError::Crc => "cached data failed its crc check",
                     HitError::Media => "pmem media error",
@@ -557,7 +541,7 @@ impl LiveCache {
             if held.iter().any(Hit::checks) {
                 self.reader.verified(held);
             }
-            // The pins go back without the engine lock (`Pmem::unpin`).
+            // The pins go back outside the engine (`Pmem::unpin`).
             release_hits(&pmem, held);
             if next >= end {
                 break;
@@ -573,7 +557,7 @@ impl LiveCache {
         }
     }
 
-    /// The gap at `from` of the read of `len` bytes at `off`, placed without the engine lock
+    /// The gap at `from` of the read of `len` bytes at `off`, placed outside the engine
     /// ([`crate::cache_core::WritePath::place_gap`]). Not inlined: `read_unlocked`'s frame
     /// holds its hits already.
     #[inline(never)]
@@ -584,16 +568,16 @@ impl LiveCache {
 
     /// Gives up the placeholders of gaps a read placed and will not send.
     fn abandon(&self, gaps: &[Gap]) {
-        // Index only: no engine lock.
+        // Index only: nothing of the engine.
         for gap in gaps {
             self.write_path.abandon(gap);
         }
     }
 
-    /// One attempt at `bio` under the engine lock. `None`: it cannot complete here and now:
+    /// One attempt at `bio` in the engine. `None`: it cannot complete here and now:
     /// the cache is full, or (in `map`) it needs the backing device. A write that stops on a
     /// full cache may have cached a leading part; serving it again rewrites the same bytes.
-    fn serve(&self, core: &mut Core, bio: &mut HeldBio, at: ServeContext) -> Option<Served> {
+    fn serve(&self, bio: &mut HeldBio, at: ServeContext) -> Option<Served> {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
         let op = bio.op();
@@ -602,23 +586,23 @@ impl LiveCache {
             // Every bio comes to `map` first: count a write there, before any of it is written
             // (a write that waits for room or for the backing device is served on the worker).
             if writes {
-                self.count_write(&core.engine, off, len);
+                self.count_write(off, len);
             }
             // In the modes that write through, writes and flushes wait for the backing device.
-            if core.engine.writes_need_backing()
+            if self.engine.writes_need_backing()
                 && (writes || bio.is_preflush() || op == BioOp::Flush)
             {
                 return None;
             }
         }
         if bio.is_preflush() || op == BioOp::Flush {
-            let done = outcome(core.engine.flush())?;
+            let done = outcome(self.engine.flush())?;
             if done.is_err() || op == BioOp::Flush {
                 return Some(Served::Done(done));
             }
         }
         if op == BioOp::Discard {
-            let done = outcome(core.engine.discard(off, len as u64))?;
+            let done = outcome(self.engine.discard(off, len as u64))?;
             return Some(match done {
                 Ok(()) if self.discard_passdown => Served::ToBacking,
                 r => Served::Done(r),
@@ -626,7 +610,7 @@ impl LiveCache {
         }
         // A flush is done (above). Reads are served by `read_unlocked`, writes and
         // write-zeroes by `write_chunks` (from `map` or the worker) or as writes through, all
-        // without the engine lock; nothing else gets here.
+        // outside the engine; nothing else gets here.
         Some(Served::Done(if op == BioOp::Flush {
             Ok(())
         } else {
@@ -635,8 +619,8 @@ impl LiveCache {
     }
 
     /// Counts a write bio as a hit or a miss.
-    fn count_write(&self, engine: &PcacheEngine, off: u64, len: usize) {
-        self.count(if engine.holds_any(off, len as u64) {
+    fn count_write(&self, off: u64, len: usize) {
+        self.count(if self.engine.holds_any(off, len as u64) {
             Count::WriteHit
         } else {
             Count::WriteMiss
@@ -646,7 +630,7 @@ impl LiveCache {
     /// Persists everything acknowledged, so a later instance (reload) or a power cut finds it.
     pub(crate) fn quiesce(&self) {
         self.quiesced.store(true, Ordering::Release);
-        if let Err(e) = self.with_room(|core| outcome(core.engine.flush())) {
+        if let Err(e) = self.until_room(|| outcome(self.engine.flush())) {
             pr_err!("pcache_rs: persisting the key log failed: {:?}\n", e);
         }
     }

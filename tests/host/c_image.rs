@@ -184,7 +184,7 @@ fn c_image_replays_with_its_data() {
         cache_mode: CACHE_MODE_WRITEBACK,
         data_crc: true,
     };
-    let mut cache = Cache::start(pmem, ZeroBacking::default(), geo, mem.borrow(), &opts)
+    let cache = Cache::start(pmem, ZeroBacking::default(), geo, mem.borrow(), &opts)
         .expect("the engine attaches the C module's cache");
     let st = cache.status();
     eprintln!("status after replay: {st:?}");

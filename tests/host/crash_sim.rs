@@ -230,7 +230,7 @@ struct PendingFill {
 }
 
 /// A read through the module's split path: the hits found and pinned
-/// without the engine lock ([`Reader::hits`]), and from the first piece that
+/// outside the engine ([`Reader::hits`]), and from the first piece that
 /// is not one on, by the engine ([`Cache::read_resume`]); each gap read from
 /// the backing device now and left to fill later; the hits pinned `hits_room`
 /// at a time, as the module does. The hits of every round but the last are
@@ -332,7 +332,7 @@ enum SplitRead {
 }
 
 /// A read whose hits are pinned and not yet copied: in the module the
-/// submitting CPU copies them without the engine lock while the other CPUs go
+/// submitting CPU copies them outside the engine while the other CPUs go
 /// on. The pins must keep GC from handing the data's segment to new writes.
 struct PendingRead {
     s: u64,
@@ -417,7 +417,7 @@ fn check_live_read(
     Ok(())
 }
 
-/// Room for a chunk as the module reserves it: without the engine lock, or
+/// Room for a chunk as the module reserves it: outside the engine, or
 /// under it when that needs the engine.
 fn reserve(
     (engine, write_path): (&SimLock<Sim<'_>>, &WritePath<Borrowed<'_>>),
@@ -431,8 +431,8 @@ fn reserve(
     }
 }
 
-/// A chunk copied into `r` committed as the module commits it: without the
-/// engine lock, or under it when that needs the engine.
+/// A chunk copied into `r` committed as the module commits it: outside the
+/// engine, or in it when that needs the engine.
 fn commit(
     (engine, write_path): (&SimLock<Sim<'_>>, &WritePath<Borrowed<'_>>),
     pmem: &mut SimPmem,
@@ -449,7 +449,7 @@ fn commit(
 
 /// A write as the module serves it in `map`: the room for its first chunk is
 /// reserved, and the copy into it and the commit come any number of
-/// operations later, all without the engine lock unless that needs the engine.
+/// operations later, all outside the engine unless that needs the engine.
 struct PendingWrite {
     id: u64,
     s: u64,
@@ -1057,8 +1057,8 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                     settle_fills(&engine, &mut filling);
                     settle_reads((&engine, reader), &model, &mut pending_reads)?;
                     settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
-                    // As the module in the modes that cache writes: without the
-                    // engine lock, unless a close needs a new log segment.
+                    // As the module in the modes that cache writes: outside the
+                    // engine, unless a close needs a new log segment.
                     let r = if !cfg_writes_through && write_path.flush(&copier) {
                         Ok(Ok(()))
                     } else {

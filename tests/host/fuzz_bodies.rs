@@ -135,7 +135,7 @@ pub fn tool(data: &[u8]) {
 pub fn formatted(geo: Geometry, size: usize) -> Vec<u8> {
     let world = World::untracked(vec![0u8; size], BackingModel::new(BACKING, HashMap::new()));
     let mut mem = OwnedMem::new(SEGS as usize, 1024, BACKING, 2, 1);
-    if let Ok(mut c) = Cache::start(
+    if let Ok(c) = Cache::start(
         SimPmem(world.clone()),
         SimBacking(world.clone()),
         geo,

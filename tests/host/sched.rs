@@ -1,7 +1,7 @@
 //! A seeded, deterministic scheduler for the engine on real threads
 //! (`threads.rs`): only the thread whose turn it is runs, and the turn passes,
 //! to a thread the seed picks, at every boundary the module has: before each
-//! acquisition of the engine lock, before each acquisition of a host lock
+//! call into the engine, before each acquisition of a host lock
 //! (a subtree's, an open kset's, the key head's, the data heads'), and before
 //! each device access, inside locks too, as on two CPUs: a thread that finds a
 //! lock held gives the turn away until its holder has let it go (so a

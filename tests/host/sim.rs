@@ -510,7 +510,11 @@ impl OwnedMem {
 
     pub fn borrow(&mut self) -> crate::cache_core::CacheMem<crate::host_mem::Borrowed<'_>> {
         crate::cache_core::CacheMem {
-            segs: &mut self.segs,
+            ctrl: crate::host_mem::HostLock::new(crate::cache_core::Ctrl::new(
+                &mut self.segs[..],
+                &mut self.scratch[..],
+            )),
+            in_flight: crate::host_mem::HostLock::new(Default::default()),
             seg_map: &self.seg_map,
             nodes: &self.nodes,
             roots: &self.roots,
@@ -524,16 +528,16 @@ impl OwnedMem {
                 &mut self.heads[..],
                 crate::host_mem::HostLock::new(Default::default()),
             )),
-            scratch: &mut self.scratch,
             bounce: &mut self.bounce,
             wb_extents: &mut self.wb_extents,
         }
     }
 }
 
-/// The engine's lock in the single-threaded simulator: a `RefCell`. A nested
-/// lock (a bug in the engine's policy) panics the test, as it would deadlock the
-/// kernel.
+/// A request's turn at the engine in the single-threaded simulator: a
+/// `RefCell`, so that a request's attempt and a background round never
+/// overlap (the engine itself takes `&self`; the threaded tests share it
+/// with no lock at all, as the module does).
 pub struct SimLock<T>(pub RefCell<T>);
 
 impl<T> crate::cache_core::Locked<T> for SimLock<T> {
@@ -586,7 +590,7 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
     }
 
     /// The background's writeback, stopped after planning one more kset (the
-    /// module takes the engine's lock once per kset, and requests run between):
+    /// module takes the control lock once per kset, and requests run between):
     /// the first call plans the kset at the dirty tail, each further one adds
     /// the next kset that may join, until the batch is complete.
     pub fn plan(&self) -> Result<(), String> {
@@ -594,11 +598,11 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
         let mut writer = self.writer.borrow_mut();
         let next = match held {
             None => writer
-                .plan_start(self.engine)
+                .plan_start(&self.engine.0.borrow())
                 .map(|b| b.map(|b| (b, false))),
             Some((b, true)) => Ok(Some((b, true))),
             Some((mut b, false)) => writer
-                .plan_more(self.engine, &mut b)
+                .plan_more(&self.engine.0.borrow(), &mut b)
                 .map(|more| Some((b, !more))),
         };
         *self.held.borrow_mut() = next.map_err(|e| format!("plan: {e}"))?;
@@ -615,7 +619,7 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
         if !planned {
             let mut writer = self.writer.borrow_mut();
             while writer
-                .plan_more(self.engine, &mut batch)
+                .plan_more(&self.engine.0.borrow(), &mut batch)
                 .map_err(|e| format!("plan: {e}"))?
             {}
         }
@@ -634,7 +638,10 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
     /// A background round, as the module's work item runs it (`urgent`: for a
     /// request waiting for room, as the module's `kick`).
     pub fn round(&self, urgent: bool) -> Result<crate::cache_core::background::Round, String> {
-        let r = self.writer.borrow_mut().run(self.engine, self, urgent);
+        let r = self
+            .writer
+            .borrow_mut()
+            .run(&self.engine.0.borrow(), self, urgent);
         if let Some(e) = &r.writeback_error {
             return Err(format!("background writeback: {e}"));
         }

@@ -590,7 +590,7 @@ fn upstream_geometry_format_and_reattach() {
     };
     let mut mem = OwnedMem::new(32, 1024, backing, 2, 2);
     {
-        let mut c = Cache::start(
+        let c = Cache::start(
             SimPmem(world.clone()),
             SimBacking(world.clone()),
             Geometry::UPSTREAM,
@@ -638,7 +638,7 @@ fn upstream_geometry_format_and_reattach() {
         );
     }
     let mut mem = OwnedMem::new(32, 1024, backing, 2, 2);
-    let mut c = Cache::start(
+    let c = Cache::start(
         SimPmem(world.clone()),
         SimBacking(world.clone()),
         Geometry::UPSTREAM,
@@ -856,7 +856,7 @@ fn hits_check_crcs_outside_the_engine_and_mark_the_key_they_found() {
 #[test]
 fn partial_reads_check_an_extent_once_per_attach() {
     let (world, mut mem) = small_world();
-    let mut c = small_cache(&world, &mut mem);
+    let c = small_cache(&world, &mut mem);
     let data: Vec<u8> = (0..65536u32).map(|i| (i * 31 + 7) as u8 ^ 0xa5).collect();
     c.write(0, &data, true, 0).unwrap();
     let corrupt = corrupter(&world, &data);
@@ -930,7 +930,7 @@ fn writeonly_mode_is_recorded_and_switches_only_when_clean() {
             cache_mode: mode,
             ..Default::default()
         };
-        start_small(&world, mem, &opts).map(|mut c| {
+        start_small(&world, mem, &opts).map(|c| {
             c.check_invariants().unwrap();
             let mode = (c.status().cache_flags >> 2) & 0xf;
             let mut buf = vec![0u8; 4096];
@@ -940,7 +940,7 @@ fn writeonly_mode_is_recorded_and_switches_only_when_clean() {
         })
     };
     {
-        let mut c = small_cache(&world, &mut mem);
+        let c = small_cache(&world, &mut mem);
         c.write(0, &[7u8; 8192], false, 0).unwrap();
         c.flush().unwrap();
     }
@@ -981,7 +981,7 @@ fn writethrough_and_writearound_hold_every_write_on_the_backing_device() {
         let b = vec![0x4du8; 4096];
         let mut buf = vec![0u8; 4096];
         {
-            let mut c = start_small(&world, &mut mem, &opts).unwrap();
+            let c = start_small(&world, &mut mem, &opts).unwrap();
             assert!(c.writes_need_backing());
             c.write(0, &a, false, 0).unwrap();
             assert_eq!(&world.borrow().backing.read_sector(15)[..], &a[..512]);
@@ -1008,7 +1008,7 @@ fn writethrough_and_writearound_hold_every_write_on_the_backing_device() {
             c.check_invariants().unwrap();
         }
         // Attached again: empty, and reads come from the backing device.
-        let mut c = start_small(&world, &mut mem, &opts).unwrap();
+        let c = start_small(&world, &mut mem, &opts).unwrap();
         assert_eq!(c.status().keys, 0);
         c.read(0, &mut buf, true, 0).unwrap();
         assert_eq!(&buf[..], &b[..]);
@@ -1022,7 +1022,7 @@ fn writethrough_and_writearound_hold_every_write_on_the_backing_device() {
 #[test]
 fn read_cached_serves_full_hits_and_never_reads_backing() {
     let (world, mut mem) = small_world();
-    let mut c = small_cache(&world, &mut mem);
+    let c = small_cache(&world, &mut mem);
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
     c.write(4096, &data, false, 0).unwrap();
     // A failing backing device proves that no path below reads it.
@@ -1187,7 +1187,7 @@ fn write_commit_tells_a_hit() {
     c.check_invariants().unwrap();
 }
 
-/// A segment a read still copies from without the engine lock (a pinned
+/// A segment a read still copies from outside the engine (a pinned
 /// hit) is not handed out again: GC invalidates and frees it once its keys
 /// are overwritten, but writes cycling through every other segment never get
 /// it, and the read copies the data it found. Once the pin is given back, the
@@ -1265,7 +1265,7 @@ fn a_read_with_many_hits_is_started_in_rounds() {
         data_crc: false,
         ..Default::default()
     };
-    let mut c = start_small(&world, &mut mem, &opts).unwrap();
+    let c = start_small(&world, &mut mem, &opts).unwrap();
     // 20 cached blocks of 4 KiB, each followed by a hole of 4 KiB.
     let base = 1u64 << 20;
     for i in 0..20u64 {
@@ -1370,7 +1370,7 @@ fn writeback_batches_the_ksets_between_flushes() {
     c.check_invariants().unwrap();
 }
 
-/// The module plans a step a kset per hold of the engine's lock, and requests
+/// The module plans a step a kset per hold of the control lock, and requests
 /// run between: each call adds one kset, its extents after the ones before in
 /// log order, and a FLUSH that comes between two calls ends the batch there.
 #[test]
@@ -1417,7 +1417,7 @@ fn writeback_plans_a_kset_per_call_and_a_flush_between_ends_the_batch() {
 
 /// The keys of the segments GC frees leave the index a bounded step at a
 /// time: each clean step looks at no more than `CLEAN_KEYS_PER_STEP` keys
-/// (one hold of the engine lock), and the pass drops every stale key.
+/// (one hold of the control lock), and the pass drops every stale key.
 #[test]
 fn the_clean_pass_drops_stale_keys_a_bounded_step_at_a_time() {
     use pcache_engine::cache_core::io::CLEAN_KEYS_PER_STEP;
@@ -1490,7 +1490,7 @@ impl<B: pcache_engine::cache_core::Backing> pcache_engine::cache_core::Backing f
 #[test]
 fn writeback_skips_keys_a_later_key_of_the_step_covers() {
     let (world, mut mem) = small_world();
-    let mut c = small_cache(&world, &mut mem);
+    let c = small_cache(&world, &mut mem);
     c.write(0, &[1u8; 4096], false, 0).unwrap();
     c.write(0, &[2u8; 4096], false, 0).unwrap();
     c.write(8192, &[3u8; 8192], false, 0).unwrap();
@@ -1580,7 +1580,7 @@ impl Pmem for RacingPmem<'_> {
     }
 }
 
-/// A read hit served without the engine lock finds a key, and before it pins
+/// A read hit served outside the engine finds a key, and before it pins
 /// the key's segment, the key's data is written back, GC frees the segment and
 /// new writes take it. The read pins and then checks the key's generation, so
 /// it leaves that piece to the engine; it never copies another write's data.

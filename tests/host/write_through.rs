@@ -1,12 +1,12 @@
 //! Writes through to the backing device in flight, as the module runs them in
-//! writethrough and writearound mode: started under the engine lock
+//! writethrough and writearound mode: started in the engine
 //! ([`Cache::through_start`]), applied by the device whenever it likes and in
 //! any order, completed later ([`Cache::through_done`]); beside them, reads
 //! whose gaps are read from the device at one moment and filled at another,
 //! writes served synchronously, and discards, all interleaved by a seeded
 //! scheduler. A completion or a fill copies its data into reserved room at one
-//! step ([`Cache::fill_start`], [`fill_copy`]), as the module does without the
-//! engine lock, and commits it at the same step or a later one
+//! step ([`Cache::fill_start`], [`fill_copy`]), as the module does outside the
+//! engine, and commits it at the same step or a later one
 //! ([`Cache::fill_end`]).
 //!
 //! The property, checked after every step: every byte the cache holds is the
@@ -151,9 +151,9 @@ fn run(seed: u64, mode: u32) -> Result<(usize, usize), String> {
                 let i = rng.below(out.len() as u64) as usize;
                 let o = out.swap_remove(i);
                 if o.applied {
-                    let before = c.in_flight().len();
+                    let before = c.in_flight_len();
                     let left = fill(&mut c, &o.gap, &o.data, rng.chance(1, 2), &mut fills);
-                    if c.in_flight().len() + 1 != before + usize::from(left) {
+                    if c.in_flight_len() + 1 != before + usize::from(left) {
                         return Err(format!("step {step}: completion left the write in flight"));
                     }
                     completed += 1;
@@ -251,7 +251,7 @@ fn run(seed: u64, mode: u32) -> Result<(usize, usize), String> {
         c.read_fill(&r.gap, &d[..], 0);
     }
     check_coherent(&mut c, usize::MAX)?;
-    if !c.in_flight().is_empty() {
+    if c.in_flight_len() != 0 {
         return Err("writes still in flight after they all completed".into());
     }
     Ok((completed, late))

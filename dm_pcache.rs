@@ -5,7 +5,7 @@
 //!
 //! The cache engine (`cache_core/`, over the format in `meta/`) owns the cache's policy:
 //! serving requests and waiting for room, writeback, GC and kset flushing. `target/` gives it
-//! the kernel's primitives (pmem, backing IO, a lock, a wait queue, work items) and holds all
+//! the kernel's primitives (pmem, backing IO, spinlocks, a wait queue, work items) and holds all
 //! `unsafe` code. This file is the module and the target's `#[vtable]` operations.
 
 use core::sync::atomic::Ordering;

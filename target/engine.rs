@@ -298,6 +298,19 @@ pub(crate) enum StartError {
     Cache(CacheError),
 }
 
+/// A [`SharedSpinLock`] named `name`, made in place from `init` (a value or an initialiser), or
+/// `Err(StartError::NoMem)` from the enclosing function. A macro, not a function, so that each
+/// place that makes a lock gives it its own lock class (`new_spinlock!` names one per expansion):
+/// lockdep then tells the engine's locks apart and checks the order they nest in.
+macro_rules! spinlock {
+    ($init:expr, $name:literal) => {
+        SharedSpinLock(
+            Arc::pin_init(new_spinlock!($init, $name), GFP_KERNEL)
+                .map_err(|_| StartError::NoMem)?,
+        )
+    };
+}
+
 fn filled<T: Clone>(n: usize, v: T) -> Result<KVVec<T>, StartError> {
     KVVec::from_elem(v, n, GFP_KERNEL).map_err(|_| StartError::NoMem)
 }
@@ -325,46 +338,31 @@ pub(crate) fn start(
         KVVec::with_capacity(sizing.ksets, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     for _ in 0..sizing.ksets {
         // One lock class for all: no path holds two open ksets' locks at once.
-        let kset = Arc::pin_init(new_spinlock!(pin_init::init_zeroed()), GFP_KERNEL)
-            .map_err(|_| StartError::NoMem)?;
+        let kset = spinlock!(pin_init::init_zeroed(), "pcache_rs_kset");
         ksets
-            .push(SharedSpinLock(kset), GFP_KERNEL)
+            .push(kset, GFP_KERNEL)
             .map_err(|_| StartError::NoMem)?;
     }
-    let head = SharedSpinLock(
-        Arc::pin_init(new_spinlock!(LogHead::default()), GFP_KERNEL)
-            .map_err(|_| StartError::NoMem)?,
-    );
+    let head = spinlock!(LogHead::default(), "pcache_rs_key_head");
     let log = Arc::new(KeyLog::new(ksets, head), GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     let mut heads =
         KVVec::with_capacity(sizing.heads, GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     for _ in 0..sizing.heads {
         // One lock class for all: no path holds two data heads' locks at once.
-        let head = Arc::pin_init(new_spinlock!(DataHead::default()), GFP_KERNEL)
-            .map_err(|_| StartError::NoMem)?;
+        let head = spinlock!(DataHead::default(), "pcache_rs_data_head");
         heads
-            .push(SharedSpinLock(head), GFP_KERNEL)
+            .push(head, GFP_KERNEL)
             .map_err(|_| StartError::NoMem)?;
     }
-    let segs = SharedSpinLock(
-        Arc::pin_init(new_spinlock!(SegCount::default()), GFP_KERNEL)
-            .map_err(|_| StartError::NoMem)?,
-    );
+    let segs = spinlock!(SegCount::default(), "pcache_rs_segs_in_use");
     let space = Arc::new(Space::new(heads, segs), GFP_KERNEL).map_err(|_| StartError::NoMem)?;
     let ctrl = Ctrl::new(
         filled(n_segs, SegState::default())?,
         filled(cache_core::SCRATCH_BYTES, 0u8)?,
     );
-    let ctrl = SharedSpinLock(
-        Arc::pin_init(new_spinlock!(ctrl), GFP_KERNEL).map_err(|_| StartError::NoMem)?,
-    );
-    let in_flight = SharedSpinLock(
-        Arc::pin_init(new_spinlock!(InFlight::default()), GFP_KERNEL)
-            .map_err(|_| StartError::NoMem)?,
-    );
     let mem = CacheMem::<KernelMem> {
-        ctrl,
-        in_flight,
+        ctrl: spinlock!(ctrl, "pcache_rs_ctrl"),
+        in_flight: spinlock!(InFlight::default(), "pcache_rs_in_flight"),
         seg_map: shared(n_segs, SegMapEntry::default())?,
         nodes: shared(sizing.keys, Node::default())?,
         roots: shared(cache_core::roots_needed(backing.size()), Root::default())?,

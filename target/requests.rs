@@ -276,7 +276,7 @@ impl LiveCache {
 
     /// A write `map` found no room for (or one with a preflush, persisted first): copied as in
     /// `map`, outside the engine, waiting for room whenever a chunk finds none and going
-    /// on from there. Before, the worker copied such writes under the lock.
+    /// on from there.
     fn write_on_worker(&self, bio: &mut HeldBio) -> Result {
         if bio.is_preflush() {
             self.until_room(|| outcome(self.engine.flush()))?;
@@ -461,10 +461,10 @@ impl LiveCache {
     /// once. The hits are found outside the engine too: the reader pins the segments of
     /// up to [`MAX_HITS`] current keys, looking each up under its subtree's lock
     /// ([`crate::cache_core::Reader::hits`]). From the first piece that is not such
-    /// a hit, the engine goes on under its lock: it pins hits and places the gaps
+    /// a hit, the engine goes on: it pins hits and places the gaps
     /// ([`Cache::read_resume`](crate::cache_core::Cache::read_resume)). Either way the hits are
-    /// copied from pmem into the bio's pages on this CPU and their pins given back without the
-    /// lock, and the read goes on from there until it is all started. The caller sends the
+    /// copied from pmem into the bio's pages on this CPU and their pins given back with no lock
+    /// held, and the read goes on from there until it is all started. The caller sends the
     /// gaps, described in `gaps`, to the backing device.
     fn read_unlocked(&self, bio: &mut HeldBio, gaps: &mut [Gap]) -> ReadServed {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;

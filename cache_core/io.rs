@@ -626,7 +626,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 Some(k) if !k.empty() => {
                     // Pinned, so that GC does not hand its segment out while
                     // the data is copied.
-                    if !self.pin_current(&k) {
+                    if !self.seg_map.pin_current(&self.pmem, &k) {
                         continue;
                     }
                     let read = self.read_hit(&k, cur, buf, b0, n);
@@ -775,7 +775,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                     };
                     // Pinned, and only then checked current: GC does not
                     // hand the segment out again until the pin goes.
-                    if !self.pin_current(&k) {
+                    if !self.seg_map.pin_current(&self.pmem, &k) {
                         continue;
                     }
                     match hits.get_mut(out.hits) {
@@ -875,18 +875,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let tag = self.space.next_tag();
             place(&self.index, off, len, tag)
         })
-    }
-
-    /// Pins the segment of `k` and checks that `k` is still current: until
-    /// the pin is given back, GC does not hand the segment out again. False
-    /// (no pin) when GC reclaimed it first.
-    fn pin_current(&self, k: &Key) -> bool {
-        self.pmem.pin(k.pos.seg.get());
-        if self.key_stale(k) {
-            self.pmem.unpin(k.pos.seg.get());
-            return false;
-        }
-        true
     }
 
     /// The backing device's data for `gap` arrived: `src[gap.at..]` holds it.

@@ -90,10 +90,7 @@ impl<M: Memory> Reader<M> {
             let Ok(hit) = Hit::of_key(&self.geo, &self.seg_map, &k, cur, at, n as usize) else {
                 break;
             };
-            // Pin first, then check: see `SegMap::gen`.
-            pmem.pin(k.pos.seg.get());
-            if self.seg_map.stale(&k) {
-                pmem.unpin(k.pos.seg.get());
+            if !self.seg_map.pin_current(pmem, &k) {
                 break;
             }
             *slot = hit;

@@ -126,6 +126,19 @@ impl<M: Memory> SegMap<M> {
         !k.empty() && k.gen < self.gen(k.pos.seg)
     }
 
+    /// Pins the segment of `k` on `pmem` and only then checks that `k` is
+    /// still current (see [`SegMap::gen`]): until the pin is given back, GC
+    /// does not hand the segment out again. False (no pin) when GC reclaimed
+    /// it first.
+    pub(crate) fn pin_current<P: Pmem + ?Sized>(&self, pmem: &P, k: &Key) -> bool {
+        pmem.pin(k.pos.seg.get());
+        if self.stale(k) {
+            pmem.unpin(k.pos.seg.get());
+            return false;
+        }
+        true
+    }
+
     pub(crate) fn set_gen(&self, id: SegId, gen: u64) {
         if let Some(e) = self.entry(id) {
             e.gen.store(gen, SeqCst);

@@ -243,11 +243,11 @@ impl TargetDevice {
                 len: e.len as usize,
             };
         }
-        // SAFETY: the block device is open (type invariant); the first `extents.len()` entries
-        // of `c` describe ranges inside `map` (checked by `mapped`), which stays mapped while it
-        // is borrowed, for the duration of the call, which waits for every write to finish and
-        // only reads them. The mapping has a `struct page` for each of its pages (`DaxMapping`
-        // takes only pfn-backed memory), which the bios are built on.
+        // The mapping has a `struct page` for each of its pages (`DaxMapping` takes only
+        // pfn-backed memory): the bios are built on them.
+        // SAFETY: the bdev is open (type invariant); `c`'s first `extents.len()` entries lie in
+        // `map` (checked by `mapped`), which stays mapped for this call, which waits for every
+        // write and only reads those ranges.
         let ret = unsafe {
             bindings::pcache_rs_write_batch(self.bdev(), c.as_ptr(), extents.len() as u32)
         };

@@ -43,6 +43,17 @@ pub trait Pmem {
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
         crate::meta::crc32c::crc32c(crc, data)
     }
+    /// [`Pmem::write`] `data` and return its CRC32C continuing from `crc`
+    /// ([`Pmem::crc32c`]), both of the very bytes stored. Memory that can
+    /// change while it is read (a bio's pages: a process may rewrite its
+    /// `O_DIRECT` buffer during the write) must be read once for both, or the
+    /// key's CRC may not match its data, which then fails every read and every
+    /// writeback. The default reads `data` twice, for memory that cannot change
+    /// under the call (`&[u8]` of the host's own buffers).
+    fn write_crc(&self, off: u64, data: &[u8], crc: u32) -> u32 {
+        self.write(off, data);
+        self.crc32c(crc, data)
+    }
     /// A read is to copy from cache segment `seg` ([`super::io::Hit`]): until
     /// as many [`Pmem::unpin`]s, the engine does not hand the segment out again
     /// (the data stays where the read finds it, even if GC invalidates the
@@ -130,6 +141,9 @@ macro_rules! forward_devices {
             }
             fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
                 (**self).crc32c(crc, data)
+            }
+            fn write_crc(&self, off: u64, data: &[u8], crc: u32) -> u32 {
+                (**self).write_crc(off, data, crc)
             }
             fn pin(&self, seg: u32) {
                 (**self).pin(seg)

@@ -92,7 +92,8 @@ impl Reservation {
 
 /// Copies `src[at..at + r.len]` into the room of `r`, one piece at a time as
 /// `src` holds them, storing and flushing each (`memcpy_flushcache`) but not
-/// fencing; returns the data CRC over the same pieces (0 if `r` wants none).
+/// fencing; returns the data CRC of the bytes stored (0 if `r` wants none):
+/// [`Pmem::write_crc`] reads each piece once for both.
 pub fn copy_in<P: Pmem, S: Source + ?Sized>(
     pmem: &P,
     r: &Reservation,
@@ -102,9 +103,10 @@ pub fn copy_in<P: Pmem, S: Source + ?Sized>(
     let mut crc = PCACHE_CRC_SEED;
     let mut to = r.addr;
     src.pieces(at, r.len as usize, &mut |p| {
-        pmem.write(to, p);
         if r.crc {
-            crc = pmem.crc32c(crc, p);
+            crc = pmem.write_crc(to, p, crc);
+        } else {
+            pmem.write(to, p);
         }
         to += p.len() as u64;
         Ok(())

@@ -65,6 +65,9 @@ impl SegmentPins {
     }
 }
 
+/// Bytes of a bio's page [`Dax::write_crc`] takes at a time into a buffer of its own: one sector.
+const STAGE_BYTES: usize = 512;
+
 /// The pmem side of the engine: byte copies into the DAX mapping, and the pins of reads. The
 /// engine owns one over `Arc`s ([`DaxPmem`]); a request copies through a borrowed one
 /// ([`DaxRef`], [`super::live::LiveCache::pmem`]) outside the engine.
@@ -110,6 +113,24 @@ impl<D: Deref<Target = DaxMapping>, S: Deref<Target = SegmentPins>> Pmem for Dax
 
     fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
         super::crc::crc32c(crc, data)
+    }
+
+    fn write_crc(&self, off: u64, data: &[u8], mut crc: u32) -> u32 {
+        // `data` is a bio's page, which its owner may be rewriting meanwhile: each sector of it
+        // is read once, into a buffer of our own, and that is what is stored and CRC'd. The
+        // buffer stays in the L1 cache, and the stack of `map` has room for it.
+        let mut stage = [0u8; STAGE_BYTES];
+        let mut to = off;
+        for piece in data.chunks(STAGE_BYTES) {
+            let Some(staged) = stage.get_mut(..piece.len()) else {
+                break;
+            };
+            staged.copy_from_slice(piece);
+            self.write(to, staged);
+            crc = self.crc32c(crc, staged);
+            to += staged.len() as u64;
+        }
+        crc
     }
 
     fn pin(&self, seg: u32) {

@@ -312,9 +312,11 @@ impl TargetOperations for Pcache {
         // Requests are staged at most `MAX_IO_SECTORS` at a time (device-mapper splits larger
         // bios): say so, so that upper layers build bios of that size to begin with.
         limits.limit_max_sectors(MAX_IO_SECTORS as u32);
-        // A write is copied into pmem straight from its bio's pages, with its CRC computed over
-        // the same bytes as they go: a page that changed meanwhile would leave a key whose data
-        // fails its CRC, and a read of it an error. Stable pages rule that out.
+        // A write is copied into pmem straight from its bio's pages. Stable pages keep the page
+        // cache from changing a page while its writeback is in flight, so a write through holds
+        // the same bytes on both devices. They do not cover a process's own `O_DIRECT` buffer,
+        // which it may rewrite at any time: the data CRC is therefore taken over the bytes as
+        // stored (`Pmem::write_crc`), never over a second read of the pages.
         limits.set_stable_writes();
         // Write-zeroes are written as zeros through the cache (or the backing device's zeroing),
         // as much at a time as any bio.

@@ -255,8 +255,9 @@ impl Source for HeldBio {
         len: usize,
         f: &mut dyn FnMut(&[u8]) -> Result<(), IoError>,
     ) -> Result<(), IoError> {
-        // SAFETY: the bio is live and ours (type invariant). The target asks for stable pages
-        // (`io_hints`), so nobody changes a write bio's data while the bio is in flight.
+        // SAFETY: the bio is live and ours (type invariant); its pages are only read. Their
+        // owner may change them meanwhile (an `O_DIRECT` buffer): what a copy reads is then
+        // whatever they held, and a CRC is taken of the bytes stored (`Pmem::write_crc`).
         unsafe { Self::pieces_of(self.ptr, at, len, f) }
     }
 }

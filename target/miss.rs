@@ -179,9 +179,12 @@ unsafe fn part_done(bio: NonNull<bindings::bio>, err: i32) {
 ///
 /// # Invariants
 ///
-/// The bio is live and its data is not changed by anyone while this exists: the backing
-/// device has completed the gap (its clone is done), the other gaps of a read write other
-/// bytes, and a write's pages are stable (the target asks for stable writes).
+/// The bio is live while this exists: the backing device has completed the gap (its clone is
+/// done) and the bio ends only after its last gap. Its pages are the bio owner's, though: the
+/// other gaps of a read write other bytes, and the page cache keeps a write's pages stable (the
+/// target asks for stable writes), but a process may rewrite its own `O_DIRECT` buffer at any
+/// time. The fill then caches whatever the pages hold when it copies them (a known limit, shared
+/// with upstream, which fills from the request's pages too).
 pub(crate) struct SplitBio(NonNull<bindings::bio>);
 
 impl Source for SplitBio {

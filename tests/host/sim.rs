@@ -569,6 +569,11 @@ pub type SimWriter = crate::cache_core::background::Background<
 >;
 
 impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
+    /// The engine, shared, as the background's steps take it (`&Cache`).
+    fn cache(&self) -> std::cell::Ref<'_, crate::cache_core::Cache<SimPmem, SimBacking, M>> {
+        self.engine.0.borrow()
+    }
+
     pub fn new(
         engine: &'e SimLock<crate::cache_core::Cache<SimPmem, SimBacking, M>>,
         world: &Rc<RefCell<World>>,
@@ -598,11 +603,11 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
         let mut writer = self.writer.borrow_mut();
         let next = match held {
             None => writer
-                .plan_start(&self.engine.0.borrow())
+                .plan_start(&self.cache())
                 .map(|b| b.map(|b| (b, false))),
             Some((b, true)) => Ok(Some((b, true))),
             Some((mut b, false)) => writer
-                .plan_more(&self.engine.0.borrow(), &mut b)
+                .plan_more(&self.cache(), &mut b)
                 .map(|more| Some((b, !more))),
         };
         *self.held.borrow_mut() = next.map_err(|e| format!("plan: {e}"))?;
@@ -619,7 +624,7 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
         if !planned {
             let mut writer = self.writer.borrow_mut();
             while writer
-                .plan_more(&self.engine.0.borrow(), &mut batch)
+                .plan_more(&self.cache(), &mut batch)
                 .map_err(|e| format!("plan: {e}"))?
             {}
         }
@@ -638,10 +643,7 @@ impl<'e, M: crate::cache_core::Memory> SimHost<'e, M> {
     /// A background round, as the module's work item runs it (`urgent`: for a
     /// request waiting for room, as the module's `kick`).
     pub fn round(&self, urgent: bool) -> Result<crate::cache_core::background::Round, String> {
-        let r = self
-            .writer
-            .borrow_mut()
-            .run(&self.engine.0.borrow(), self, urgent);
+        let r = self.writer.borrow_mut().run(&self.cache(), self, urgent);
         if let Some(e) = &r.writeback_error {
             return Err(format!("background writeback: {e}"));
         }

@@ -54,6 +54,17 @@ pub trait Pmem {
         self.write(off, data);
         self.crc32c(crc, data)
     }
+    /// [`Pmem::read`] into `buf` and return the CRC32C of the bytes read,
+    /// continuing from `crc`: the read side of [`Pmem::write_crc`]. `buf` may be
+    /// a bio's page, which its owner may rewrite while the read is in flight;
+    /// a CRC taken over `buf` after the copy would then fail data that is
+    /// sound (an IO error and a CRC error counted). The kernel's reads pmem
+    /// into a buffer of its own, CRCs that and copies it to `buf`. The default
+    /// reads `buf` back, for memory that cannot change under the call.
+    fn read_crc(&self, off: u64, buf: &mut [u8], crc: u32) -> Result<u32, IoError> {
+        self.read(off, buf)?;
+        Ok(self.crc32c(crc, buf))
+    }
     /// A read is to copy from cache segment `seg` ([`super::io::Hit`]): until
     /// as many [`Pmem::unpin`]s, the engine does not hand the segment out again
     /// (the data stays where the read finds it, even if GC invalidates the
@@ -144,6 +155,9 @@ macro_rules! forward_devices {
             }
             fn write_crc(&self, off: u64, data: &[u8], crc: u32) -> u32 {
                 (**self).write_crc(off, data, crc)
+            }
+            fn read_crc(&self, off: u64, buf: &mut [u8], crc: u32) -> Result<u32, IoError> {
+                (**self).read_crc(off, buf, crc)
             }
             fn pin(&self, seg: u32) {
                 (**self).pin(seg)

@@ -206,9 +206,10 @@ pub fn copy_hits<P: Pmem, S: Sink + ?Sized>(
         let mut crc = PCACHE_CRC_SEED;
         let mut from = h.addr;
         dst.pieces_mut(h.at, h.len, &mut |p| {
-            pmem.read(from, p)?;
             if exact {
-                crc = pmem.crc32c(crc, p);
+                crc = pmem.read_crc(from, p, crc)?;
+            } else {
+                pmem.read(from, p)?;
             }
             from += p.len() as u64;
             Ok(())
@@ -985,9 +986,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let mut from = addr;
         let pmem = &self.pmem;
         let copied = dst.pieces_mut(at, n, &mut |p| {
-            pmem.read(from, p)?;
             if check {
-                crc = pmem.crc32c(crc, p);
+                crc = pmem.read_crc(from, p, crc)?;
+            } else {
+                pmem.read(from, p)?;
             }
             from += p.len() as u64;
             Ok(())

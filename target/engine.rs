@@ -65,7 +65,8 @@ impl SegmentPins {
     }
 }
 
-/// Bytes of a bio's page [`Dax::write_crc`] takes at a time into a buffer of its own: one sector.
+/// Bytes of a bio's page [`Dax::write_crc`] and [`Dax::read_crc`] take at a time into a buffer of
+/// their own: one sector.
 const STAGE_BYTES: usize = 512;
 
 /// The pmem side of the engine: byte copies into the DAX mapping, and the pins of reads. The
@@ -131,6 +132,24 @@ impl<D: Deref<Target = DaxMapping>, S: Deref<Target = SegmentPins>> Pmem for Dax
             to += staged.len() as u64;
         }
         crc
+    }
+
+    fn read_crc(&self, off: u64, buf: &mut [u8], mut crc: u32) -> Result<u32, IoError> {
+        // `buf` is a bio's page, which its owner may be rewriting meanwhile: each sector is read
+        // from pmem into a buffer of our own, and what is CRC'd is that, the bytes the cache
+        // holds, before it is handed out.
+        let mut stage = [0u8; STAGE_BYTES];
+        let mut from = off;
+        for piece in buf.chunks_mut(STAGE_BYTES) {
+            let Some(staged) = stage.get_mut(..piece.len()) else {
+                break;
+            };
+            self.read(from, staged)?;
+            crc = self.crc32c(crc, staged);
+            piece.copy_from_slice(staged);
+            from += staged.len() as u64;
+        }
+        Ok(crc)
     }
 
     fn pin(&self, seg: u32) {

@@ -174,23 +174,16 @@ impl HeldBio {
         let (Ok(skip), Ok(len)) = (u32::try_from(at), u32::try_from(len)) else {
             return Err(IoError);
         };
-        let mut visit = Visit { f };
-        // SAFETY: the bio is live (caller); `visit` outlives the call, and `visit_piece` is the
-        // callback that expects it as `ctx`.
-        let ret = unsafe {
-            bindings::pcache_rs_bio_for_each_piece(
-                bio.as_ptr(),
-                skip,
-                len,
-                Some(visit_piece),
-                (&raw mut visit).cast(),
-            )
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(IoError)
-        }
+        visit_pieces(
+            |visit, ctx| {
+                // SAFETY: the bio is live (caller); `visit` is called with `ctx` only, during
+                // this call.
+                unsafe {
+                    bindings::pcache_rs_bio_for_each_piece(bio.as_ptr(), skip, len, visit, ctx)
+                }
+            },
+            f,
+        )
     }
 
     /// [`Source::pieces`] of a bio nobody writes meanwhile.
@@ -199,7 +192,7 @@ impl HeldBio {
     ///
     /// `bio` must be live for the call, and neither its `bi_iter` nor the bytes `at..at + len`
     /// of its data may change meanwhile.
-    pub(crate) unsafe fn pieces_of(
+    unsafe fn pieces_of(
         bio: NonNull<bindings::bio>,
         at: usize,
         len: usize,
@@ -275,7 +268,9 @@ impl Sink for HeldBio {
             Self::for_each_piece(self.ptr, at, len, &mut |p, n| {
                 // SAFETY: `p..p + n` is one piece of a page of the bio, mapped for the duration
                 // of the callback; a read bio's pages are the target's to fill until it ends
-                // the bio, and `&mut self` makes this the only access.
+                // the bio, and `&mut self` makes this the only access of ours. Their owner may
+                // write them meanwhile (an `O_DIRECT` buffer), so nothing is read back from them
+                // to be trusted: a CRC is of the bytes copied (`Pmem::read_crc`).
                 f(core::slice::from_raw_parts_mut(p, n))
             })
         }
@@ -287,13 +282,30 @@ struct Visit<'a> {
     f: &'a mut dyn FnMut(*mut u8, usize) -> Result<(), IoError>,
 }
 
+/// Calls `f` on each page piece (address, length) a C walker of pieces maps: `walk(visit,
+/// ctx)` is to call one of the helpers that take a `pcache_rs_piece_fn`
+/// (`pcache_rs_bio_for_each_piece` and its kind) with `visit` and `ctx`, and return what it
+/// returns.
+pub(crate) fn visit_pieces(
+    walk: impl FnOnce(bindings::pcache_rs_piece_fn, *mut c_void) -> i32,
+    f: &mut dyn FnMut(*mut u8, usize) -> Result<(), IoError>,
+) -> Result<(), IoError> {
+    let mut visit = Visit { f };
+    // `visit` outlives the walk, and `visit_piece` is the callback that expects it as `ctx`.
+    if walk(Some(visit_piece), (&raw mut visit).cast()) == 0 {
+        Ok(())
+    } else {
+        Err(IoError)
+    }
+}
+
 /// `pcache_rs_piece_fn`: hands one piece to the visitor.
 ///
 /// # Safety
 ///
 /// `ctx` points to a live [`Visit`] that nothing else uses during the call.
 unsafe extern "C" fn visit_piece(ctx: *mut c_void, piece: *mut c_void, len: usize) -> i32 {
-    // SAFETY: the caller (`HeldBio::for_each_piece`) passes its own `Visit`.
+    // SAFETY: the caller ([`visit_pieces`]'s walker) passes the walk's own `Visit`.
     let visit = unsafe { &mut *ctx.cast::<Visit<'_>>() };
     match (visit.f)(piece.cast(), len) {
         Ok(()) => 0,

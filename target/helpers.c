@@ -5,6 +5,7 @@
 #include <linux/bio.h>
 #include <linux/blkdev.h>
 #include <linux/dax.h>
+#include <linux/highmem.h>
 #include <linux/delay.h>
 #include <linux/device-mapper.h>
 #include <linux/libnvdimm.h>
@@ -146,10 +147,11 @@ struct bio *pcache_rs_bio_list_pop(struct bio_list *bl)
 	return bio_list_pop(bl);
 }
 
-int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned int len,
-				 pcache_rs_piece_fn fn, void *ctx)
+/* Calls @fn on each mapped piece of bytes @skip..@skip + @len of @bio's data at @iter. */
+static int pcache_rs_iter_for_each_piece(struct bio *bio, struct bvec_iter iter,
+					 unsigned int skip, unsigned int len,
+					 pcache_rs_piece_fn fn, void *ctx)
 {
-	struct bvec_iter iter = bio->bi_iter;
 	struct bvec_iter it;
 	struct bio_vec bv;
 	int ret = 0;
@@ -167,6 +169,12 @@ int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned in
 			break;
 	}
 	return ret;
+}
+
+int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned int len,
+				 pcache_rs_piece_fn fn, void *ctx)
+{
+	return pcache_rs_iter_for_each_piece(bio, bio->bi_iter, skip, len, fn, ctx);
 }
 
 void pcache_rs_limits_set_stable_writes(struct queue_limits *lim)
@@ -358,6 +366,11 @@ struct pcache_rs_miss {
 	u32 at;			/* where the gap starts in @orig's data */
 	u32 len;
 	u32 tag;		/* the gap's placeholder key, 0 for none */
+	/*
+	 * The clone reads into, or writes from, pages of its own rather than @orig's: what the
+	 * backing device returned or took, which the owner of @orig's pages cannot change.
+	 */
+	bool own;
 	/* must be last: allocated from the queue's bio_set with this struct as front pad */
 	struct bio clone;
 };
@@ -408,7 +421,7 @@ struct pcache_rs_missq *pcache_rs_missq_create(struct workqueue_struct *wq)
 		return NULL;
 	/* A rescuer: clones are allocated in map, under the submitter's bio list. */
 	if (bioset_init(&q->bs, BIO_POOL_SIZE, offsetof(struct pcache_rs_miss, clone),
-			BIOSET_NEED_RESCUER)) {
+			BIOSET_NEED_BVECS | BIOSET_NEED_RESCUER)) {
 		kfree(q);
 		return NULL;
 	}
@@ -444,19 +457,99 @@ static void pcache_rs_miss_endio(struct bio *clone)
 	queue_work(q->wq, &q->work);
 }
 
-void pcache_rs_miss_submit(struct pcache_rs_missq *q, struct bio *orig,
-			   struct block_device *bdev, u64 off, u32 at, u32 len, u32 tag)
+/* The bytes @at..@at + @len of @bio, as an iterator over its current data. */
+static struct bvec_iter pcache_rs_bio_range(struct bio *bio, u32 at, u32 len)
 {
-	struct bio *clone = bio_alloc_clone(bdev, orig, GFP_NOIO, &q->bs);
-	struct pcache_rs_miss *m = container_of(clone, struct pcache_rs_miss, clone);
+	struct bvec_iter iter = bio->bi_iter;
 
+	bio_advance_iter(bio, &iter, at);
+	iter.bi_size = len;
+	return iter;
+}
+
+/* Copies from @src's data at @si to @dst's at @di, as much as the shorter of the two holds. */
+static void pcache_rs_bio_copy(struct bio *dst, struct bvec_iter di, struct bio *src,
+			       struct bvec_iter si)
+{
+	while (si.bi_size && di.bi_size) {
+		struct bio_vec s = bio_iter_iovec(src, si);
+		struct bio_vec d = bio_iter_iovec(dst, di);
+		unsigned int n = min(s.bv_len, d.bv_len);
+
+		memcpy_page(d.bv_page, d.bv_offset, s.bv_page, s.bv_offset, n);
+		bio_advance_iter_single(src, &si, n);
+		bio_advance_iter_single(dst, &di, n);
+	}
+}
+
+/* All the data of a miss's own pages (its clone's iterator is spent once it completes). */
+static struct bvec_iter pcache_rs_miss_pages(struct pcache_rs_miss *m)
+{
+	return (struct bvec_iter){ .bi_size = m->len };
+}
+
+/*
+ * A bio over @len bytes of pages of its own, for the gap at @at of @orig, with @orig's data
+ * copied in for a write; NULL when that cannot be had without waiting. It is allocated in
+ * map, under the submitter's bio list: waiting there for the bio_set's reserve or for pages,
+ * which only clones not yet submitted may hold, could deadlock, so nothing here waits.
+ */
+static struct bio *pcache_rs_miss_alloc_own(struct pcache_rs_missq *q, struct bio *orig,
+					    struct block_device *bdev, u32 at, u32 len)
+{
+	const gfp_t gfp = GFP_NOWAIT | __GFP_NOWARN;
+	struct bio *clone = bio_alloc_bioset(bdev, DIV_ROUND_UP(len, PAGE_SIZE), orig->bi_opf, gfp,
+					     &q->bs);
+	u32 left;
+
+	if (!clone)
+		return NULL;
+	for (left = len; left; ) {
+		u32 n = min_t(u32, left, PAGE_SIZE);
+		struct page *page = alloc_page(gfp);
+
+		if (!page) {
+			bio_free_pages(clone);
+			bio_put(clone);
+			return NULL;
+		}
+		__bio_add_page(clone, page, n, 0);
+		left -= n;
+	}
+	clone->bi_ioprio = orig->bi_ioprio;
+	clone->bi_write_hint = orig->bi_write_hint;
+	bio_clone_blkg_association(clone, orig);
+	if (op_is_write(bio_op(orig)))
+		pcache_rs_bio_copy(clone, clone->bi_iter, orig, pcache_rs_bio_range(orig, at, len));
+	return clone;
+}
+
+void pcache_rs_miss_submit(struct pcache_rs_missq *q, struct bio *orig,
+			   struct block_device *bdev, u64 off, u32 at, u32 len, u32 tag, bool fills)
+{
+	struct bio *clone = NULL;
+	struct pcache_rs_miss *m;
+	bool own;
+
+	/*
+	 * Only a gap whose data the cache may hold (@fills, and a tag: a read's placeholder or a
+	 * write's slot) needs pages of its own; a write zeroes has no data to copy.
+	 */
+	if (fills && tag && (bio_op(orig) == REQ_OP_READ || bio_op(orig) == REQ_OP_WRITE))
+		clone = pcache_rs_miss_alloc_own(q, orig, bdev, at, len);
+	own = clone;
+	if (!clone) {
+		clone = bio_alloc_clone(bdev, orig, GFP_NOIO, &q->bs);
+		bio_trim(clone, at >> SECTOR_SHIFT, len >> SECTOR_SHIFT);
+	}
+	m = container_of(clone, struct pcache_rs_miss, clone);
+	m->own = own;
 	m->q = q;
 	m->orig = orig;
 	m->off = off;
 	m->at = at;
 	m->len = len;
 	m->tag = tag;
-	bio_trim(clone, at >> SECTOR_SHIFT, len >> SECTOR_SHIFT);
 	clone->bi_iter.bi_sector = off >> SECTOR_SHIFT;
 	clone->bi_end_io = pcache_rs_miss_endio;
 	/*
@@ -489,11 +582,36 @@ int pcache_rs_miss_error(struct pcache_rs_miss *m)
 	return blk_status_to_errno(m->clone.bi_status);
 }
 
+bool pcache_rs_miss_own(struct pcache_rs_miss *m)
+{
+	return m->own;
+}
+
+/* A completed read into pages of its own: hands its data to the read bio. */
+void pcache_rs_miss_deliver(struct pcache_rs_miss *m)
+{
+	if (!m->own || op_is_write(bio_op(m->orig)))
+		return;
+	pcache_rs_bio_copy(m->orig, pcache_rs_bio_range(m->orig, m->at, m->len), &m->clone,
+			   pcache_rs_miss_pages(m));
+}
+
+int pcache_rs_miss_for_each_piece(struct pcache_rs_miss *m, unsigned int skip, unsigned int len,
+				  pcache_rs_piece_fn fn, void *ctx)
+{
+	if (!m->own)
+		return -EINVAL;
+	return pcache_rs_iter_for_each_piece(&m->clone, pcache_rs_miss_pages(m), skip, len, fn,
+					     ctx);
+}
+
 /* Frees a filled miss. */
 void pcache_rs_miss_put(struct pcache_rs_miss *m)
 {
 	struct pcache_rs_missq *q = m->q;
 
+	if (m->own)
+		bio_free_pages(&m->clone);
 	bio_put(&m->clone);
 	atomic_dec(&q->inflight);
 }

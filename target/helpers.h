@@ -59,10 +59,12 @@ unsigned int pcache_rs_cpu_id(void);
 unsigned int pcache_rs_nr_cpu_ids(void);
 
 /*
- * Read misses in flight: clones of a read bio, each over one gap the cache does not hold, sent
- * to the backing device. A completed clone goes on a lock-free list and the queue's work item
- * hands the list to @fill(@ctx) in process context, which fills the cache from the read bio's
- * pages and ends it after its last gap.
+ * Read misses and writes through in flight: for each gap of a bio, a bio to the backing device
+ * over pages of its own when the gap's data is to be cached and such pages can be had without
+ * waiting, a clone of the bio trimmed to the gap otherwise. A completed one goes on a lock-free
+ * list and the queue's work item hands the list to @fill(@ctx) in process context, which
+ * delivers a read's data to its bio, fills the cache from the pages of its own, and ends the
+ * bio after its last gap.
  */
 struct pcache_rs_miss;
 struct pcache_rs_missq;
@@ -73,12 +75,19 @@ struct pcache_rs_missq *pcache_rs_missq_create(struct workqueue_struct *wq);
 void pcache_rs_missq_bind(struct pcache_rs_missq *q, void (*fill)(void *ctx), void *ctx);
 void pcache_rs_missq_destroy(struct pcache_rs_missq *q);
 void pcache_rs_miss_submit(struct pcache_rs_missq *q, struct bio *orig,
-			   struct block_device *bdev, u64 off, u32 at, u32 len, u32 tag);
+			   struct block_device *bdev, u64 off, u32 at, u32 len, u32 tag, bool fills);
 struct pcache_rs_miss *pcache_rs_missq_take(struct pcache_rs_missq *q);
 struct pcache_rs_miss *pcache_rs_miss_next(struct pcache_rs_miss *m);
 /* The gap @m was for, and the read bio it belongs to. */
 struct bio *pcache_rs_miss_info(struct pcache_rs_miss *m, u64 *off, u32 *at, u32 *len, u32 *tag);
 int pcache_rs_miss_error(struct pcache_rs_miss *m);
+/* Whether @m's data is in pages of its own (else it went straight to or from the bio's). */
+bool pcache_rs_miss_own(struct pcache_rs_miss *m);
+/* Copies a completed read's own pages to its bio; nothing for a write or a clone. */
+void pcache_rs_miss_deliver(struct pcache_rs_miss *m);
+/* pcache_rs_bio_for_each_piece over @m's own pages, byte 0 the gap's first. */
+int pcache_rs_miss_for_each_piece(struct pcache_rs_miss *m, unsigned int skip, unsigned int len,
+				  pcache_rs_piece_fn fn, void *ctx);
 void pcache_rs_miss_put(struct pcache_rs_miss *m);
 void pcache_rs_io_start(struct bio *bio, unsigned int n);
 bool pcache_rs_io_put(struct bio *bio, int err, int *error);

@@ -16,7 +16,7 @@ use super::{
     engine::{Dax, DaxRef, HitReader, KernelWritePath, PcacheEngine, SegmentPins, Writer},
     miss::MissQueue,
 };
-use crate::cache_core::{io::Gap, CacheError, RequestCounts, Waiting};
+use crate::cache_core::{io::Gap, CacheError, Mode, RequestCounts, Waiting};
 use core::sync::atomic::{AtomicBool, AtomicU32};
 use kernel::{
     new_condvar, new_mutex, new_spinlock,
@@ -92,6 +92,9 @@ pub(crate) struct LiveCache {
     pub(crate) caches_writes: bool,
     /// The cache mode caches what reads miss (all but writeonly). Fixed as `caches_writes` is.
     pub(crate) caches_misses: bool,
+    /// The cache mode caches what writes through to the backing device took (writethrough).
+    /// Fixed as `caches_writes` is.
+    pub(crate) caches_writes_through: bool,
 }
 
 impl LiveCache {
@@ -109,6 +112,7 @@ impl LiveCache {
         let pins = engine.pmem().pins.clone();
         let caches_writes = !engine.writes_need_backing();
         let caches_misses = engine.mode().caches_misses();
+        let caches_writes_through = engine.mode() == Mode::Writethrough;
         let reader = engine.reader();
         let write_path = engine.write_path();
         pin_init!(Self {
@@ -133,6 +137,7 @@ impl LiveCache {
             write_path,
             caches_writes,
             caches_misses,
+            caches_writes_through,
         })
     }
 

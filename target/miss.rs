@@ -1,17 +1,27 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! Read misses and writes through in flight: each gap of a read bio that the cache does not
-//! hold goes to the backing device as a clone of the bio, trimmed to the gap, and so does a
-//! write in the modes that write through (one gap, the whole bio, with its flush and FUA
-//! flags); nothing waits for them. The clone's completion puts it on a lock-free list and
-//! queues the [`MissQueue`]'s work item, which hands the list back to Rust in process context
-//! ([`MissQueue::bind`]): there the cache is filled from the bio's pages, and the bio ends
-//! after its last gap.
+//! hold goes to the backing device, and so does a write in the modes that write through (one
+//! gap, the whole bio, with its flush and FUA flags); nothing waits for them. A gap whose data
+//! the cache is to hold goes as a bio over pages of the target's own, a write's data copied in
+//! first: the bio's pages are their owner's, who may rewrite an `O_DIRECT` buffer at any time,
+//! and the cache must hold what the backing device returned or took, not what the buffer holds
+//! by the time the fill copies it. When such pages cannot be had without waiting (`map` must
+//! not wait for memory that only bios not yet submitted may give back), the gap goes as a clone
+//! of the bio trimmed to it, and the cache holds nothing of it. A completion puts the bio on a
+//! lock-free list and queues the [`MissQueue`]'s work item, which hands the list back to Rust
+//! in process context ([`MissQueue::bind`]): there a read's data is copied to its bio, the
+//! cache is filled from the pages of its own, and the bio ends after its last gap.
 //!
 //! The bio stays the target's while its gaps are out: its per-bio data counts them (one more
 //! for the submitter, so that a gap completing during submission cannot end the bio).
 
-use super::{bindings, bio::HeldBio, device::TargetDevice, work::WorkQueue};
+use super::{
+    bindings,
+    bio::{visit_pieces, HeldBio},
+    device::TargetDevice,
+    work::WorkQueue,
+};
 use crate::cache_core::{io::Gap, IoError, Source};
 use core::{ffi::c_void, ptr::NonNull};
 use kernel::{prelude::*, sync::Arc};
@@ -67,8 +77,9 @@ impl MissQueue {
 
     /// Sends the gaps of `bio` to `backing` (whose offsets are the target's) and gives the bio
     /// up until they complete; ends it at once if there are none. A read's gaps go as reads
-    /// without the bio's flush flags; a write's one gap goes with them.
-    pub(crate) fn submit(&self, bio: HeldBio, backing: &TargetDevice, gaps: &[Gap]) {
+    /// without the bio's flush flags; a write's one gap goes with them. `fills`: the cache may
+    /// hold what the gaps with a tag bring back, so they go through pages of their own.
+    pub(crate) fn submit(&self, bio: HeldBio, backing: &TargetDevice, gaps: &[Gap], fills: bool) {
         let n = gaps.len() as u32;
         let raw = bio.into_raw();
         // SAFETY: `raw` came through `map`, so it has the per-bio data `per_bio_data` asks for.
@@ -86,6 +97,7 @@ impl MissQueue {
                     g.at as u32,
                     g.len as u32,
                     g.tag,
+                    fills,
                 )
             };
         }
@@ -93,17 +105,18 @@ impl MissQueue {
         unsafe { part_done(raw, 0) };
     }
 
-    /// Takes the completed gaps, each with its bio, and passes them to `fill`: `Ok` with the
-    /// gap to fill, or the error the backing device returned. Ends each bio after its last
-    /// gap, with the first error of its gaps. Returns whether any came.
-    pub(crate) fn complete(&self, mut fill: impl FnMut(&Gap, Result<&SplitBio, Error>)) -> bool {
+    /// Takes the completed gaps, each with its bio, and passes them to `fill`: `Ok` with what
+    /// the gap brought back, or the error the backing device returned. Copies a read's data
+    /// to its bio first, and ends each bio after its last gap, with the first error of its
+    /// gaps. Returns whether any came.
+    pub(crate) fn complete(&self, mut fill: impl FnMut(&Gap, Result<GapData<'_>, Error>)) -> bool {
         // SAFETY: the queue is live.
         let mut next = unsafe { bindings::pcache_rs_missq_take(self.q.as_ptr()) };
         let any = !next.is_null();
         while let Some(m) = NonNull::new(next) {
             let (mut off, mut at, mut len, mut tag) = (0u64, 0u32, 0u32, 0u32);
             // SAFETY: `m` is a completed miss taken off the list: ours until `miss_put`.
-            let (orig, err) = unsafe {
+            let (orig, err, own) = unsafe {
                 next = bindings::pcache_rs_miss_next(m.as_ptr());
                 let orig = bindings::pcache_rs_miss_info(
                     m.as_ptr(),
@@ -115,6 +128,7 @@ impl MissQueue {
                 (
                     NonNull::new(orig),
                     bindings::pcache_rs_miss_error(m.as_ptr()),
+                    bindings::pcache_rs_miss_own(m.as_ptr()),
                 )
             };
             let gap = Gap {
@@ -123,19 +137,31 @@ impl MissQueue {
                 len: len as usize,
                 tag,
             };
-            // SAFETY: `m` is not used after this; the clone goes back to the bio_set.
-            unsafe { bindings::pcache_rs_miss_put(m.as_ptr()) };
-            let Some(orig) = orig else {
-                continue;
-            };
-            let data = SplitBio(orig);
-            if err == 0 {
-                fill(&gap, Ok(&data));
+            if let Some(orig) = orig {
+                let pages = MissPages {
+                    m,
+                    at: gap.at,
+                    len: gap.len,
+                };
+                let done = match (err, own) {
+                    (0, true) => {
+                        // SAFETY: `m` is ours and completed without error; its bio is live
+                        // (its part is still open).
+                        unsafe { bindings::pcache_rs_miss_deliver(m.as_ptr()) };
+                        Ok(GapData::Own(&pages))
+                    }
+                    (0, false) => Ok(GapData::Unknown),
+                    (e, _) => Err(Error::from_errno(e)),
+                };
+                fill(&gap, done);
+                // SAFETY: `m` is not used after this; its pages and the bio go back.
+                unsafe { bindings::pcache_rs_miss_put(m.as_ptr()) };
+                // SAFETY: the bio is ours until its last part is done; this gap's part is.
+                unsafe { part_done(orig, err) };
             } else {
-                fill(&gap, Err(Error::from_errno(err)));
+                // SAFETY: as above.
+                unsafe { bindings::pcache_rs_miss_put(m.as_ptr()) };
             }
-            // SAFETY: the bio is ours until its last part is done; this gap's part is.
-            unsafe { part_done(orig, err) };
         }
         any
     }
@@ -174,23 +200,30 @@ unsafe fn part_done(bio: NonNull<bindings::bio>, err: i32) {
     }
 }
 
-/// A bio with gaps in flight, as the data of a completed gap: what a read brought back, or
-/// what a write through wrote.
+/// What a completed gap brought back.
+pub(crate) enum GapData<'a> {
+    /// The data the backing device returned or took, in pages of the target's own.
+    Own(&'a MissPages),
+    /// The gap went to or from the bio's own pages, which their owner may have rewritten
+    /// since: what the backing device holds is unknown, so the cache holds nothing of it.
+    Unknown,
+}
+
+/// The pages of a completed gap of its own, `len` bytes, addressed as its bio is (the gap's
+/// first byte is at `at`, [`Gap::at`]).
 ///
 /// # Invariants
 ///
-/// The bio is live while this exists: the backing device has completed the gap (its clone is
-/// done) and the bio ends only after its last gap. Its pages are the bio owner's, though: the
-/// other gaps of a read write other bytes, and the page cache keeps a write's pages stable (the
-/// target asks for stable writes), but a process may rewrite its own `O_DIRECT` buffer at any
-/// time. The fill then caches whatever the pages hold when it copies them (a known limit, shared
-/// with upstream, which fills from the request's pages too).
-pub(crate) struct SplitBio(NonNull<bindings::bio>);
+/// `m` is a completed miss with pages of its own, not yet put: nothing writes its pages.
+pub(crate) struct MissPages {
+    m: NonNull<bindings::pcache_rs_miss>,
+    at: usize,
+    len: usize,
+}
 
-impl Source for SplitBio {
+impl Source for MissPages {
     fn len(&self) -> usize {
-        // SAFETY: the bio is live (type invariant).
-        unsafe { self.0.as_ref().bi_iter.bi_size as usize }
+        self.at + self.len
     }
 
     fn pieces(
@@ -199,7 +232,21 @@ impl Source for SplitBio {
         len: usize,
         f: &mut dyn FnMut(&[u8]) -> Result<(), IoError>,
     ) -> Result<(), IoError> {
-        // SAFETY: the bio is live; only its pages are read (type invariant).
-        unsafe { HeldBio::pieces_of(self.0, at, len, f) }
+        let skip = at.checked_sub(self.at).ok_or(IoError)?;
+        let (Ok(skip), Ok(len)) = (u32::try_from(skip), u32::try_from(len)) else {
+            return Err(IoError);
+        };
+        visit_pieces(
+            |visit, ctx| {
+                // SAFETY: the miss is live (type invariant); `visit` is called with `ctx` only,
+                // during this call.
+                unsafe {
+                    bindings::pcache_rs_miss_for_each_piece(self.m.as_ptr(), skip, len, visit, ctx)
+                }
+            },
+            // SAFETY: `p..p + n` is one piece of the miss's pages, mapped for the duration of
+            // the callback, which nothing writes (type invariant).
+            &mut |p, n| f(unsafe { core::slice::from_raw_parts(p, n) }),
+        )
     }
 }

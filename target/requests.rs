@@ -9,6 +9,7 @@ use super::{
     bio::{BioOp, HeldBio},
     cpu::this_cpu,
     live::{Count, ErrorText, LiveCache},
+    miss::GapData,
 };
 use crate::cache_core::{
     fill::fill_copy,
@@ -56,6 +57,17 @@ impl Gaps {
         gaps[0] = gap;
         Self { gaps, n: 1 }
     }
+}
+
+/// How a read miss or a write through ended, for [`LiveCache::gap_complete`].
+enum GapEnd<'a, S: ?Sized> {
+    /// With the data the backing device returned or took.
+    Data(&'a S),
+    /// With no error, but what the backing device holds is unknown ([`GapData::Unknown`]):
+    /// the cache holds nothing of it.
+    Unknown,
+    /// The backing device failed it.
+    Failed,
 }
 
 /// What serving a read came to (see [`LiveCache::read_unlocked`]).
@@ -112,7 +124,7 @@ impl LiveCache {
             ReadServed::Done(r) => bio.end(r),
             ReadServed::Misses(n) => {
                 self.misses
-                    .submit(bio, &self.backing, gaps.get(..n).unwrap_or_default())
+                    .submit(bio, &self.backing, gaps.get(..n).unwrap_or_default(), true)
             }
             ReadServed::TooManyGaps => {
                 pr_err!(
@@ -151,13 +163,15 @@ impl LiveCache {
     }
 
     /// Does what serving `bio` came to.
-    pub(crate) fn dispatch(&self, bio: HeldBio, served: Served) {
+    pub(crate) fn dispatch(&self, mut bio: HeldBio, served: Served) {
         match served {
             Served::Done(result) => bio.end(result),
             Served::ToBacking => self.pass_down(bio),
             Served::Misses(g) => {
+                // A read's gaps with a placeholder are cached; a write through's, in writethrough.
+                let fills = bio.op() == BioOp::Read || self.caches_writes_through;
                 self.misses
-                    .submit(bio, &self.backing, g.gaps.get(..g.n).unwrap_or_default())
+                    .submit(bio, &self.backing, g.gaps.get(..g.n).unwrap_or_default(), fills)
             }
         }
     }
@@ -165,26 +179,24 @@ impl LiveCache {
     /// Fills the cache from the read misses that came back and the writes through that
     /// completed, and ends their bios.
     pub(crate) fn run_fills(&self) {
-        while self.misses.complete(|gap, done| {
-            let data = match done {
-                Ok(data) => Some(data),
-                Err(e) => {
-                    let what = if gap.tag & THROUGH_TAG != 0 {
-                        "write"
-                    } else {
-                        "read"
-                    };
-                    pr_err!(
-                        "pcache_rs: backing device {} failed at {}+{}: {:?}\n",
-                        what,
-                        gap.off,
-                        gap.len,
-                        e
-                    );
-                    None
-                }
-            };
-            self.gap_complete(gap, data);
+        while self.misses.complete(|gap, done| match done {
+            Ok(GapData::Own(pages)) => self.gap_complete(gap, GapEnd::Data(pages)),
+            Ok(GapData::Unknown) => self.gap_complete(gap, GapEnd::<Zeros>::Unknown),
+            Err(e) => {
+                let what = if gap.tag & THROUGH_TAG != 0 {
+                    "write"
+                } else {
+                    "read"
+                };
+                pr_err!(
+                    "pcache_rs: backing device {} failed at {}+{}: {:?}\n",
+                    what,
+                    gap.off,
+                    gap.len,
+                    e
+                );
+                self.gap_complete(gap, GapEnd::<Zeros>::Failed);
+            }
         }) {}
     }
 
@@ -406,7 +418,14 @@ impl LiveCache {
                     Ok(())
                 }
             });
-        self.gap_complete(&gap, zeroed.is_ok().then_some(&Zeros(len)));
+        let zeros = Zeros(len);
+        self.gap_complete(
+            &gap,
+            match zeroed {
+                Ok(()) => GapEnd::Data(&zeros),
+                Err(_) => GapEnd::Failed,
+            },
+        );
         if let Err(e) = zeroed {
             pr_err!(
                 "pcache_rs: zeroing the backing device at {}+{} failed: {:?}\n",
@@ -418,21 +437,21 @@ impl LiveCache {
         Served::Done(zeroed)
     }
 
-    /// A read miss or a write through came back from the backing device: `Some` with the data
-    /// it returned or took, `None` if it failed. Caches the data with its copy into pmem outside
-    /// any lock, as a write copies (see [`crate::cache_core::fill`]), and gives up the
-    /// read's placeholder or the write's slot. Wakes the worker if that freed a slot it may be
-    /// waiting for ([`LiveCache::through_on_worker`]).
-    fn gap_complete<S: Source + ?Sized>(&self, gap: &Gap, data: Option<&S>) {
+    /// A read miss or a write through came back from the backing device. Caches the data it
+    /// returned or took, if known, with its copy into pmem outside any lock, as a write copies
+    /// (see [`crate::cache_core::fill`]), and gives up the read's placeholder or the write's
+    /// slot. Wakes the worker if that freed a slot it may be waiting for
+    /// ([`LiveCache::through_on_worker`]).
+    fn gap_complete<S: Source + ?Sized>(&self, gap: &Gap, end: GapEnd<'_, S>) {
         let through = gap.tag & THROUGH_TAG != 0;
-        if gap.tag == 0 && data.is_some() {
+        if gap.tag == 0 && !matches!(end, GapEnd::Failed) {
             // A read that caches nothing (no placeholder): nothing to give up either.
             return;
         }
         // In the modes that cache writes, a read's fill takes no engine path (see
         // `WritePath::fill`), unless it gave back a segment's last reference.
-        if let (true, false, Some(data)) = (self.caches_writes, through, data) {
-            if let Some(seg) = self.write_path.fill(&self.pmem(), gap, data, this_cpu()) {
+        if let (true, false, GapEnd::Data(data)) = (self.caches_writes, through, &end) {
+            if let Some(seg) = self.write_path.fill(&self.pmem(), gap, *data, this_cpu()) {
                 self.engine.segment_released(seg);
             }
             return;
@@ -441,10 +460,12 @@ impl LiveCache {
         // slot: the first slot to go after it found the table full finds it full still (no
         // write takes one meanwhile), and wakes it.
         let full = through && self.engine.in_flight_len() == THROUGH_MAX;
-        match data {
-            None if through => self.engine.through_failed(gap),
-            None => self.engine.read_failed(gap),
-            Some(data) => {
+        match end {
+            GapEnd::Failed if through => self.engine.through_failed(gap),
+            GapEnd::Failed => self.engine.read_failed(gap),
+            GapEnd::Unknown if through => self.engine.through_release(gap),
+            GapEnd::Unknown => self.engine.read_abandon(gap),
+            GapEnd::Data(data) => {
                 let mut fill = self.engine.fill_start(gap, this_cpu());
                 if fill.is_open() {
                     fill_copy(&self.pmem(), &mut fill, data);

@@ -124,6 +124,47 @@ test_cache_data_crc_buffer_rewritten_during_read() {
 	[ "$TARGET" != pcache_rs ] || expect_eq "CRC errors" 0 "$(c_stat unstable crc_errors)"
 }
 
+# A read miss fills the cache with what the backing device returned, not with what the reader's
+# buffer holds by the time the fill copies it: the reader may rewrite an O_DIRECT buffer as soon
+# as its data arrives. 16 MiB of random data on the backing device are read through a fresh cache
+# in 64 KiB O_DIRECT reads (each a miss that fills) into a buffer another thread rewrites
+# meanwhile; then the same range, now cached, must read back as the backing device holds it.
+test_cache_miss_fill_buffer_rewritten() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream fills misses from the reader's pages"
+	local dev
+	head -c 16M /dev/urandom >"$T_TMP/miss-backing"
+	dd if="$T_TMP/miss-backing" of="$BACKING_DEV" bs=1M oflag=direct status=none ||
+		fail "cannot write the backing device"
+	dev=$(c_new missfill)
+	"$HERE/rewritten-buffer" read "$dev" || fail "the reader failed"
+	expect_eq "read misses of the first pass" 256 "$(c_stat missfill read_misses)"
+	dd if="$dev" of="$T_TMP/miss-cache" bs=1M count=16 iflag=direct status=none ||
+		fail "reading the filled range failed"
+	expect_eq "read hits of the second pass" 16 "$(c_stat missfill read_hits)"
+	cmp "$T_TMP/miss-backing" "$T_TMP/miss-cache" ||
+		fail "the cache holds other data than the backing device for a range it filled on a miss"
+}
+
+# The same for writethrough: a write through caches what the backing device took. One thread
+# rewrites a 64 KiB buffer while another writes it over 16 MiB with O_DIRECT, 4 times over; then
+# what the cache returns for the range (its hits) must be what the backing device holds.
+test_cache_writethrough_buffer_rewritten() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream fills writes through from the writer's pages"
+	local dev
+	dev=$(c_new wtfill 2 cache_mode writethrough)
+	"$HERE/rewritten-buffer" write "$dev" || fail "the writer failed"
+	local hits
+	hits=$(c_stat wtfill read_hits)
+	dd if="$dev" of="$T_TMP/wt-cache" bs=1M count=16 iflag=direct status=none ||
+		fail "reading the written range failed"
+	expect_eq "read hits over the written range" $((hits + 16)) "$(c_stat wtfill read_hits)"
+	dms remove "${DM_PREFIX}wtfill"
+	dd if="$BACKING_DEV" of="$T_TMP/wt-backing" bs=1M count=16 iflag=direct status=none ||
+		fail "cannot read the backing device"
+	cmp "$T_TMP/wt-cache" "$T_TMP/wt-backing" ||
+		fail "the cache holds other data than the backing device for a range written through"
+}
+
 # Remove (no writeback wait) and create again with the same table: every dirty byte is there.
 test_cache_remove_create_dirty() {
 	local dev tbl

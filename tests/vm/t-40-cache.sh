@@ -145,6 +145,46 @@ test_cache_miss_fill_buffer_rewritten() {
 		fail "the cache holds other data than the backing device for a range it filled on a miss"
 }
 
+# A miss whose pages of its own cannot be had without waiting (fail_page_alloc fails the reader's
+# non-waiting page allocations) still reads what the backing device holds, straight into the
+# reader's buffer, and caches nothing of it: the next pass misses again, with no error counted;
+# once allocations succeed again, the pass after that caches as usual.
+test_cache_miss_without_pages_of_its_own() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream has no pages of its own for misses"
+	local dev fi=/sys/kernel/debug/fail_page_alloc
+	[ -d "$fi" ] || fail "the test kernel has no $fi (CONFIG_FAIL_PAGE_ALLOC, debugfs)"
+	head -c 16M /dev/urandom >"$T_TMP/nopages-backing"
+	dd if="$T_TMP/nopages-backing" of="$BACKING_DEV" bs=1M oflag=direct status=none ||
+		fail "cannot write the backing device"
+	dev=$(c_new nopages)
+	echo Y >"$fi/task-filter"
+	echo Y >"$fi/ignore-gfp-wait"
+	echo 0 >"$fi/min-order"
+	echo 0 >"$fi/verbose"
+	echo 0 >"$fi/space"
+	echo 1 >"$fi/interval"
+	echo -1 >"$fi/times"
+	echo 100 >"$fi/probability"
+	# Only this subshell and what it runs sees allocations fail (task-filter, make-it-fail).
+	(echo 1 >/proc/self/make-it-fail &&
+		exec dd if="$dev" of="$T_TMP/nopages-1" bs=64K count=256 iflag=direct status=none)
+	local rc=$?
+	echo 0 >"$fi/probability"
+	[ "$rc" = 0 ] || fail "a read failed while page allocations failed: $(dmesg | grep pcache | tail -n 2)"
+	cmp "$T_TMP/nopages-backing" "$T_TMP/nopages-1" ||
+		fail "a read without pages of its own returned other data than the backing device holds"
+	expect_eq "read misses while allocations failed" 256 "$(c_stat nopages read_misses)"
+	dd if="$dev" of="$T_TMP/nopages-2" bs=1M count=16 iflag=direct status=none ||
+		fail "the second read failed"
+	expect_eq "read hits of the pass after (nothing was cached)" 0 "$(c_stat nopages read_hits)"
+	expect_eq "read misses of the pass after" 272 "$(c_stat nopages read_misses)"
+	expect_eq "backing errors" 0 "$(c_stat nopages backing_errors)"
+	dd if="$dev" of="$T_TMP/nopages-3" bs=1M count=16 iflag=direct status=none ||
+		fail "the third read failed"
+	expect_eq "read hits of the third pass" 16 "$(c_stat nopages read_hits)"
+	cmp "$T_TMP/nopages-backing" "$T_TMP/nopages-3" || fail "the cache returned other data"
+}
+
 # The same for writethrough: a write through caches what the backing device took. One thread
 # rewrites a 64 KiB buffer while another writes it over 16 MiB with O_DIRECT, 4 times over; then
 # what the cache returns for the range (its hits) must be what the backing device holds.

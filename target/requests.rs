@@ -170,8 +170,12 @@ impl LiveCache {
             Served::Misses(g) => {
                 // A read's gaps with a placeholder are cached; a write through's, in writethrough.
                 let fills = bio.op() == BioOp::Read || self.caches_writes_through;
-                self.misses
-                    .submit(bio, &self.backing, g.gaps.get(..g.n).unwrap_or_default(), fills)
+                self.misses.submit(
+                    bio,
+                    &self.backing,
+                    g.gaps.get(..g.n).unwrap_or_default(),
+                    fills,
+                )
             }
         }
     }

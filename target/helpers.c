@@ -5,9 +5,9 @@
 #include <linux/bio.h>
 #include <linux/blkdev.h>
 #include <linux/dax.h>
-#include <linux/highmem.h>
 #include <linux/delay.h>
 #include <linux/device-mapper.h>
+#include <linux/highmem.h>
 #include <linux/libnvdimm.h>
 #include <linux/llist.h>
 #include <linux/mm.h>
@@ -498,10 +498,14 @@ static struct bio *pcache_rs_miss_alloc_own(struct pcache_rs_missq *q, struct bi
 					    struct block_device *bdev, u32 at, u32 len)
 {
 	const gfp_t gfp = GFP_NOWAIT | __GFP_NOWARN;
-	struct bio *clone = bio_alloc_bioset(bdev, DIV_ROUND_UP(len, PAGE_SIZE), orig->bi_opf, gfp,
-					     &q->bs);
+	unsigned int nr = DIV_ROUND_UP(len, PAGE_SIZE);
+	struct bio *clone;
 	u32 left;
 
+	/* The target's bios are at most 1 MiB (max_io_len): never more pages than a bio holds. */
+	if (nr > BIO_MAX_VECS)
+		return NULL;
+	clone = bio_alloc_bioset(bdev, nr, orig->bi_opf, gfp, &q->bs);
 	if (!clone)
 		return NULL;
 	for (left = len; left; ) {

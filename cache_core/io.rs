@@ -346,7 +346,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.check_range(off, src.len())?;
         let len = src.len() as u64;
         match self.mode() {
-            Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, 0, fua, cpu),
+            Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, fua, cpu, &mut 0),
             _ => {
                 // As a write sent without the engine (see `super::through`): in
                 // flight while the backing device writes, so that a read or
@@ -406,31 +406,54 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         Ok(())
     }
 
-    /// Copies `src[at..]` into the cache as keys from `off` on, with `flags`:
-    /// reserve, copy and commit each chunk in turn (see [`Reservation`]).
+    /// Copies `src[*done..]` into the cache as keys from `off + *done` on,
+    /// with `flags`: reserve, copy and commit each chunk in turn (see
+    /// [`Reservation`]), counting in `done` the bytes committed.
     pub(crate) fn insert_data<S: Source + ?Sized>(
         &self,
         off: u64,
         src: &S,
-        at: usize,
         flags: u32,
         fua: bool,
         cpu: usize,
+        done: &mut usize,
     ) -> Result<(), CacheError> {
-        let total = src.len().saturating_sub(at);
-        let mut done = 0usize;
-        while done < total {
-            let r = self.write_reserve(off + done as u64, total - done, flags, cpu)?;
+        let total = src.len();
+        while *done < total {
+            let r = self.write_reserve(off + *done as u64, total - *done, flags, cpu)?;
             // No fence here: the copy and the commit run in one context, and
             // closing a kset fences before the kset is stored (see `kset_close`).
-            let Ok(crc) = copy_in(&self.pmem, &r, src, at + done) else {
+            let Ok(crc) = copy_in(&self.pmem, &r, src, *done) else {
                 self.write_cancel(&r);
                 return Err(CacheError::Invalid("request data shorter than its length"));
             };
-            done += r.len as usize;
             self.write_commit(&r, crc, fua)?;
+            *done += r.len as usize;
         }
         Ok(())
+    }
+
+    /// [`Cache::write`] for a caller that tries again when the cache is full
+    /// (`Busy`): in writeback and writeonly mode it goes on after the
+    /// `*done` bytes committed by the tries before, as the module's worker
+    /// does. Writing the whole range again instead could go on for ever: each
+    /// try would take the room GC freed for its first chunk, and its second
+    /// find none.
+    pub fn write_resume(
+        &self,
+        off: u64,
+        data: &[u8],
+        fua: bool,
+        cpu: usize,
+        done: &mut usize,
+    ) -> Result<(), CacheError> {
+        match self.mode() {
+            Mode::Writeback | Mode::Writeonly => {
+                self.check_range(off, data.len())?;
+                self.insert_data(off, data, 0, fua, cpu, done)
+            }
+            _ => self.write_from(off, data, fua, cpu),
+        }
     }
 
     /// Takes room for the first chunk of a write of `len` bytes at `off`: up to

@@ -995,8 +995,15 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         settle_fills(&engine, &mut filling);
                         settle_reads((&engine, reader), &model, &mut pending_reads)?;
                         settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
+                        let mut done = 0;
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
-                            busy_is_none(c.write(s * SECTOR as u64, &data, fua, cpu))
+                            busy_is_none(c.write_resume(
+                                s * SECTOR as u64,
+                                &data,
+                                fua,
+                                cpu,
+                                &mut done,
+                            ))
                         });
                         match r {
                             Ok(Ok(())) => model.writes.get_mut(&id).unwrap().ack_op = Some(now()),

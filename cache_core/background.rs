@@ -221,6 +221,9 @@ where
                 round.more = true;
                 break;
             }
+            // The live clean data of the kset GC takes next is copied
+            // forward first (see [`super::forward`]).
+            engine.gc_forward(&mut self.bounce);
             match engine.gc_step() {
                 Ok(Step::Progress) => {
                     round.progress = true;

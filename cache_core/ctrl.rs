@@ -50,6 +50,9 @@ pub struct Ctrl<M: Memory> {
     /// Ordinal of the key-carrying kset at (or, past a LAST kset, after) the
     /// dirty tail.
     pub(crate) dirty_seq: u64,
+    /// How live the ksets GC collected lately were, in 1/1024 (see
+    /// [`super::forward`]).
+    pub(crate) gc_live_est: u32,
 }
 
 impl<M: Memory> Ctrl<M> {
@@ -68,6 +71,7 @@ impl<M: Memory> Ctrl<M> {
             clean_at: None,
             log_seq_tail: 0,
             dirty_seq: 0,
+            gc_live_est: 0,
         }
     }
 }
@@ -86,6 +90,7 @@ impl<M: Memory> Ctrl<M> {
         self.clean_at = None;
         self.log_seq_tail = 0;
         self.dirty_seq = 0;
+        self.gc_live_est = 0;
     }
 }
 

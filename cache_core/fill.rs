@@ -29,6 +29,7 @@ use super::data::Source;
 use super::env::Locked;
 use super::env::{Backing, IoError, Pmem};
 use super::io::{copy_in, Gap, Reservation};
+use super::key_log::Over;
 use super::mode::Mode;
 use super::through::THROUGH_TAG;
 use super::{Cache, Memory};
@@ -188,13 +189,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         }
         // A read's part goes in only where its placeholder still covers it,
         // checked as it goes in (writes commit outside the engine).
-        self.fill_commit(&fill, true, Some(gap.tag));
+        self.fill_commit(&fill, true, Some(Over::Placeholder(gap.tag)));
         self.read_abandon(gap);
     }
 
     /// Commits each part of `fill`, as clean keys, if `wanted` and copied
     /// (over placeholder `over`), or gives back its room.
-    fn fill_commit(&self, fill: &Fill, wanted: bool, over: Option<u32>) {
+    fn fill_commit(&self, fill: &Fill, wanted: bool, over: Option<Over>) {
         for (room, crc) in fill.rooms.iter().zip(fill.crcs.iter()) {
             let Some(r) = room else { continue };
             if fill.copied && wanted {

@@ -23,7 +23,7 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
     /// segment it frees drops every key that points into it), or a write found
     /// no data space (a write larger than the room `gc_percent` leaves would
     /// otherwise wait for ever).
-    fn need_gc(&self) -> bool {
+    pub(super) fn need_gc(&self) -> bool {
         if self.t.key_tail.pos == self.t.dirty_tail.pos {
             return false;
         }

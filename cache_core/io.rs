@@ -6,6 +6,7 @@ use super::env::{Backing, IoError, Locked, Pmem};
 use super::error::CacheError;
 use super::index::{Index, Trees};
 use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
+use super::key_log::Over;
 use super::kset::KEY_WITHOUT_CRC;
 use super::segment::SegMap;
 use super::stats::Counter;
@@ -509,17 +510,15 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.commit_over(r, crc, fua, None, on_insert)
     }
 
-    /// [`Cache::write_commit`]; with `over`, only if the read miss
-    /// placeholder tagged `over` still covers all of the key's range, checked
-    /// in the same hold of the subtree's lock as the insert (a fill: a write
-    /// that replaced any of it meanwhile is newer than the backing device's
-    /// data). `Err` (nothing committed) gives the room back.
+    /// [`Cache::write_commit`]; with `over`, only if what it names still
+    /// covers all of the key's range (see [`Over`]). `Err` (nothing
+    /// committed) gives the room back.
     pub(crate) fn commit_over(
         &self,
         r: &Reservation,
         crc: u32,
         fua: bool,
-        over: Option<u32>,
+        over: Option<Over>,
         on_insert: &mut dyn FnMut(),
     ) -> Result<bool, CacheError> {
         // Other writes may have taken keys since the reservation.

@@ -9,6 +9,15 @@ use crate::meta::kset::{KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
 /// holds for every later read of the key and of the pieces an overwrite leaves.
 pub const KEY_FLAGS_VERIFIED: u32 = 1 << 30;
 
+/// In memory only, never on the media: GC copied this data forward since
+/// attach (see [`super::forward`]); it copies it again only from a kset that
+/// is at least half dead.
+pub const KEY_FLAGS_FORWARDED: u32 = 1 << 29;
+
+/// The flags the media never holds: stripped as a key is logged, and from
+/// what is read back.
+pub const KEY_FLAGS_IN_MEMORY: u32 = KEY_FLAGS_VERIFIED | KEY_FLAGS_FORWARDED;
+
 /// The id of a cache segment, below the cache's segment count.
 ///
 /// Made only where an id is parsed from the media, by [`SegId::checked`] against

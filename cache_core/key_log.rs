@@ -17,7 +17,7 @@ use super::barriers::Barriers;
 use super::env::{persist, Locked, Pmem};
 use super::error::CacheError;
 use super::index::Index;
-use super::key::{Key, Pos, SegId, KEY_FLAGS_VERIFIED};
+use super::key::{Key, Pos, SegId, KEY_FLAGS_IN_MEMORY};
 use super::kset::KsetBuf;
 use super::segment::SegMap;
 use super::Memory;
@@ -90,6 +90,37 @@ pub(crate) enum Append {
     /// Nothing done: the placeholder the key was to go over no longer covers
     /// its range.
     Superseded,
+}
+
+/// What a conditional commit goes over: [`commit_key`] puts the key in only if
+/// one entry of the index still covers all of the key's range and is this,
+/// checked in the same hold of the subtree's lock as the insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    /// The placeholder tagged so: a read miss's fill, or a write through's
+    /// (a write that replaced any of it meanwhile is newer than the backing
+    /// device's data).
+    Placeholder(u32),
+    /// The cached data at this device offset, still current: GC copying live
+    /// clean data forward (see [`super::forward`]). A write that replaced it
+    /// meanwhile is newer; a segment freed and handed out again meanwhile
+    /// made the entry stale, and what the copy read from it with it.
+    Data(u64),
+}
+
+impl Over {
+    /// Whether `k`, which covers `from` and the rest of the key's range, is
+    /// what the commit goes over.
+    fn holds<P: Pmem, M: Memory>(self, k: &Key, from: u64, io: &LogIo<'_, P, M>) -> bool {
+        match self {
+            Over::Placeholder(tag) => k.placeholder_of(tag),
+            Over::Data(addr) => {
+                !k.empty()
+                    && !io.seg_map.stale(k)
+                    && io.seg_map.addr(io.geo, k.pos) + (from - k.off) == addr
+            }
+        }
+    }
 }
 
 /// What a kset close writes through: the pmem, where the log's segments
@@ -327,7 +358,7 @@ pub(crate) fn key_to_onmedia(key: &Key) -> KeyOnmedia {
     KeyOnmedia {
         off: key.off,
         len: key.len,
-        flags: key.flags & !KEY_FLAGS_VERIFIED,
+        flags: key.flags & !KEY_FLAGS_IN_MEMORY,
         cache_seg_id: key.pos.seg.get(),
         cache_seg_off: key.pos.off,
         seg_gen: key.gen,
@@ -356,7 +387,7 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
     io: &mut LogIo<'_, P, M>,
     key: &Key,
     fua: bool,
-    over: Option<u32>,
+    over: Option<Over>,
     on_insert: &mut dyn FnMut(),
 ) -> Result<Append, CacheError> {
     let om = key_to_onmedia(key);
@@ -372,11 +403,11 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
                 *key,
                 |k| replaced |= !k.empty(),
                 |insert| {
-                    if let Some(tag) = over {
+                    if let Some(over) = over {
                         let (from, to) = (key.off, key.end());
                         let covered = index.subtree_of(from).is_some_and(|sub| {
                             index.first_overlap_held(sub, from, to).is_some_and(|k| {
-                                k.placeholder_of(tag) && k.off <= from && k.end() >= to
+                                k.off <= from && k.end() >= to && over.holds(&k, from, io)
                             })
                         });
                         if !covered {

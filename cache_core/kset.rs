@@ -7,7 +7,7 @@ use super::env::{Backing, Pmem};
 use super::error::CacheError;
 use super::index::Index;
 use super::key::{Key, Pos};
-use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo};
+use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo, Over};
 use super::stats::Counter;
 use super::{Cache, Memory};
 use crate::meta::kset::{
@@ -18,6 +18,10 @@ use crate::meta::kset::{
 /// What a commit of a key without a CRC gets when the log wants one (the
 /// engine computes the CRC then, see [`Cache::write_commit`]).
 pub(crate) const KEY_WITHOUT_CRC: &str = "key without its data crc";
+
+/// A conditional commit found what it was to go over replaced (see
+/// [`super::key_log::Over`]).
+pub(crate) const SUPERSEDED: &str = "replaced meanwhile";
 
 /// An open kset: keys encoded in place, ready to be sealed and copied to pmem.
 #[derive(Clone)]
@@ -170,7 +174,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         &self,
         key: &Key,
         fua: bool,
-        over: Option<u32>,
+        over: Option<Over>,
         on_insert: &mut dyn FnMut(),
     ) -> Result<Result<bool, CacheError>, CacheError> {
         let appended = self.with_log_segment(|index, log, io| {
@@ -187,7 +191,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             }
             // The engine computed the CRC wherever the log wants one.
             Append::CrcWanted => Err(CacheError::Invalid(KEY_WITHOUT_CRC)),
-            Append::Superseded => Err(CacheError::Busy("placeholder replaced")),
+            Append::Superseded => Err(CacheError::Busy(SUPERSEDED)),
             Append::RoomWantsSegment => Err(CacheError::Busy("the key log wants a segment")),
         }
     }

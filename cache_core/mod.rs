@@ -22,6 +22,7 @@ pub mod data;
 pub mod env;
 pub mod error;
 pub mod fill;
+pub mod forward;
 pub mod gc;
 pub mod index;
 pub mod invariants;

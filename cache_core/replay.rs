@@ -9,7 +9,7 @@
 use super::ctrl::Held;
 use super::env::{Backing, Pmem};
 use super::error::CacheError;
-use super::key::{Key, Pos, KEY_FLAGS_VERIFIED};
+use super::key::{Key, Pos, KEY_FLAGS_IN_MEMORY};
 use super::log_cursor::{LogCursor, LogEntry};
 use super::{Cache, Memory};
 use crate::meta::kset::{
@@ -57,7 +57,7 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
             MetaErrorKind::OutOfRange,
         ))?;
         // Nothing read from the media is verified yet.
-        let flags = om.flags & !KEY_FLAGS_VERIFIED;
+        let flags = om.flags & !KEY_FLAGS_IN_MEMORY;
         let flags = if self.t.info.data_crc() {
             flags | KEY_FLAGS_DATA_CRC
         } else {

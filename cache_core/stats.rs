@@ -27,6 +27,9 @@ pub struct Stats {
     /// Bytes of dirty keys written back to the backing device.
     pub bytes_written_back: u64,
     pub ksets_gced: u64,
+    /// Bytes of live clean data GC copied forward rather than drop (see
+    /// [`super::forward`]).
+    pub gc_kept_bytes: u64,
     /// Reads that hit, and that missed, as the engine served them: each call
     /// of [`super::Cache::read_resume`] counts as a read. Hits a
     /// [`super::Reader`] serves outside the engine are not counted here
@@ -46,6 +49,7 @@ pub enum Counter {
     KsetsWrittenBack,
     BytesWrittenBack,
     KsetsGced,
+    GcKeptBytes,
     ReadHits,
     ReadMisses,
 }
@@ -86,6 +90,7 @@ impl Counters {
             ksets_written_back: g(Counter::KsetsWrittenBack),
             bytes_written_back: g(Counter::BytesWrittenBack),
             ksets_gced: g(Counter::KsetsGced),
+            gc_kept_bytes: g(Counter::GcKeptBytes),
             read_hits: g(Counter::ReadHits),
             read_misses: g(Counter::ReadMisses),
         }
@@ -113,7 +118,7 @@ pub struct RequestCounts {
 }
 
 /// The names of the fields appended to the status line, in order.
-pub const STATUS_STATS: [&str; 10] = [
+pub const STATUS_STATS: [&str; 11] = [
     "read_hits",
     "read_misses",
     "write_hits",
@@ -124,6 +129,7 @@ pub const STATUS_STATS: [&str; 10] = [
     "crc_errors",
     "writeback_errors",
     "backing_errors",
+    "gc_kept_bytes",
 ];
 
 /// The values of [`STATUS_STATS`].
@@ -139,5 +145,6 @@ pub fn status_stats(req: &RequestCounts, s: &Status) -> [u64; STATUS_STATS.len()
         s.stats.crc_errors,
         u64::from(s.stats.writeback_errors),
         s.stats.backing_errors,
+        s.stats.gc_kept_bytes,
     ]
 }

@@ -17,7 +17,7 @@ use super::env::Pmem;
 use super::index::Index;
 use super::io::{abandon_placeholder, copy_in, place, Gap, Reservation};
 use super::key::SegId;
-use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo};
+use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo, Over};
 use super::segment::SegMap;
 use super::space::Space;
 use super::Memory;
@@ -240,7 +240,7 @@ impl<M: Memory> WritePath<M> {
                     let key = r.key(r.crc.then_some(crc));
                     let mut spare = None;
                     let mut io = self.log_io(pmem, &mut spare);
-                    let over = Some(gap.tag);
+                    let over = Some(Over::Placeholder(gap.tag));
                     matches!(
                         commit_key(
                             &self.index,

@@ -456,7 +456,7 @@ fn status_line_parses_and_explains() {
     );
     // This module's line, with its statistics after upstream's fields.
     let ours =
-        "0 2097152 pcache_rs 0 62 62 3 70 1183 0:5664 0:5360 0:0 10 7 3 2 5 4096 8192 1 0 0 0";
+        "0 2097152 pcache_rs 0 62 62 3 70 1183 0:5664 0:5360 0:0 11 7 3 2 5 4096 8192 1 0 0 0 65536";
     let r = parse_status(ours).unwrap();
     assert_eq!(
         DmStatus {
@@ -483,8 +483,8 @@ fn status_line_parses_and_explains() {
     assert!(text.contains("dirty data: 4096 bytes"), "{text}");
     // A newer module may append more: they parse, named by position.
     let newer =
-        parse_status("0 62 62 3 70 1183 0:5664 0:5360 0:0 11 0 0 0 0 0 0 0 0 0 0 9").unwrap();
-    assert_eq!(newer.stat("field_10"), Some(9));
+        parse_status("0 62 62 3 70 1183 0:5664 0:5360 0:0 12 0 0 0 0 0 0 0 0 0 0 0 9").unwrap();
+    assert_eq!(newer.stat("field_11"), Some(9));
     for bad in [
         "",
         "0 2097152 pcache 0 62 62 3 70 1183 0:5664 0:5360 0:0 10 1 2 3",

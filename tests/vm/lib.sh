@@ -258,7 +258,7 @@ dm_swap() {
 # upstream's nine fields comes their count, then the values in the order of STATUS_STATS
 # (cache_core/stats.rs). Fails if the line does not have it.
 C_STATS=(read_hits read_misses write_hits write_misses dirty_bytes bytes_written_back gc_ksets
-	crc_errors writeback_errors backing_errors)
+	crc_errors writeback_errors backing_errors gc_kept_bytes)
 c_stat() {
 	local i f=
 	for i in "${!C_STATS[@]}"; do [ "${C_STATS[$i]}" = "$2" ] && f=$((14 + i)); done

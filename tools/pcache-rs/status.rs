@@ -284,13 +284,14 @@ fn stats_text(s: &DmStatus) -> Option<String> {
     );
     Some(format!(
         "reads: {rh} hits, {rm} misses ({} hits); writes: {wh} hits, {wm} misses ({} hits)\n\
-         dirty data: {} bytes; written back: {} bytes; GC reclaimed {} ksets\n\
+         dirty data: {} bytes; written back: {} bytes; GC reclaimed {} ksets, kept {} bytes\n\
          errors: {} data CRC, {} writeback, {} backing reads",
         share(rh, rm),
         share(wh, wm),
         v("dirty_bytes"),
         v("bytes_written_back"),
         v("gc_ksets"),
+        v("gc_kept_bytes"),
         v("crc_errors"),
         v("writeback_errors"),
         v("backing_errors"),

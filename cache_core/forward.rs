@@ -30,9 +30,10 @@
 //!
 //! What it costs and how it is bounded: a pmem-to-pmem copy of the live bytes,
 //! made in the background with no lock but the subtree's (as a write's), and
-//! keys for the copies (none when keys run short, or when a request waits for
-//! room). All of a kset's live data is copied when it is at most half of what
-//! the kset holds (GC then frees more than it copies), or while the ksets GC
+//! keys for the copies (none when keys run short, or segments: it leaves a free
+//! segment to each data head and the key log). All of a kset's live data is
+//! copied when it is at most half of what the kset holds (GC then frees more
+//! than it copies), or while the ksets GC
 //! collected lately say the cache's live data fits well within `gc_percent`
 //! (a working set that fits is kept however many times GC passes it); from
 //! any other kset, only data GC has not copied since attach. So in a cache
@@ -163,12 +164,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Room for a copy leaves a free segment for each data head and one for
-    /// the key log to the requests, and no request waits for room.
+    /// the key log to the requests. (A request waiting for room does not stop
+    /// the copies: it wants a free segment, which this leaves it, and which
+    /// only collecting dead data makes; dropping live data for it would empty
+    /// the cache of what reads want whenever writes outrun writeback.)
     fn forward_has_room(&self) -> bool {
         let reserve = self.space.n_heads() as u32 + 1;
-        self.n_segs.saturating_sub(self.used_segs()) > reserve
-            && !self.space.room_wanted()
-            && !self.key_pressure()
+        self.n_segs.saturating_sub(self.used_segs()) > reserve && !self.key_pressure()
     }
 }
 
@@ -185,7 +187,7 @@ impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
         out: &mut [WbExtent],
         cursor: Option<Cursor>,
     ) -> (usize, Option<Cursor>) {
-        if !self.need_gc() || self.space.room_wanted() || self.key_pressure() {
+        if !self.need_gc() || self.key_pressure() {
             return (0, None);
         }
         let tail = self.t.key_tail.pos;

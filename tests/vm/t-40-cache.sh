@@ -124,6 +124,33 @@ test_cache_data_crc_buffer_rewritten_during_read() {
 	[ "$TARGET" != pcache_rs ] || expect_eq "CRC errors" 0 "$(c_stat unstable crc_errors)"
 }
 
+# GC keeps the live data of the ksets it collects (it copies it forward): a 16 MiB working set
+# written once, then 384 MiB written over and over to another 16 MiB at gc_percent 20 (GC passes
+# the working set's ksets several times), still reads back as 16 hits with the data written, and
+# the status counts at least its 16 MiB as kept. Upstream drops it: every read would miss.
+test_cache_gc_keeps_live_data() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream drops the live data of the ksets GC collects"
+	local dev kept misses
+	dev=$(c_new keep)
+	dms message "${DM_PREFIX}keep" 0 gc_percent 20
+	head -c 16M /dev/urandom >"$T_TMP/keep-ws"
+	dd if="$T_TMP/keep-ws" of="$dev" bs=1M seek=256 oflag=direct status=none ||
+		fail "writing the working set failed"
+	local i
+	for i in $(seq 24); do
+		dd if=/dev/urandom of="$dev" bs=1M count=16 oflag=direct status=none ||
+			fail "write $i over the other range failed"
+	done
+	kept=$(c_stat keep gc_kept_bytes)
+	((kept >= 16 << 20)) || fail "GC kept $kept bytes, less than the working set: $(dmsetup status "${DM_PREFIX}keep")"
+	misses=$(c_stat keep read_misses)
+	dd if="$dev" of="$T_TMP/keep-read" bs=1M skip=256 count=16 iflag=direct status=none ||
+		fail "reading the working set failed"
+	[ "$(c_stat keep read_misses)" = "$misses" ] ||
+		fail "reads of the working set missed: $(dmsetup status "${DM_PREFIX}keep")"
+	cmp "$T_TMP/keep-ws" "$T_TMP/keep-read" || fail "the working set read back other data"
+}
+
 # A read miss fills the cache with what the backing device returned, not with what the reader's
 # buffer holds by the time the fill copies it: the reader may rewrite an O_DIRECT buffer as soon
 # as its data arrives. 16 MiB of random data on the backing device are read through a fresh cache

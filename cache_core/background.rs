@@ -24,6 +24,11 @@ pub const STEPS_PER_ROUND: u32 = 16;
 /// writes back up to [`WB_KSETS_MAX`], so GC keeps up with a round's writeback.
 pub const GC_STEPS_PER_ROUND: u32 = STEPS_PER_ROUND * WB_KSETS_MAX as u32;
 
+/// Bytes GC copies forward in one round before the round ends (the next
+/// comes at once): ksets of large live keys would otherwise keep a round,
+/// and a suspend waiting for it, copying for long.
+pub const KEPT_BYTES_PER_ROUND: u64 = 16 << 20;
+
 /// Most clean steps in one round (each looks at
 /// [`super::io::CLEAN_KEYS_PER_STEP`] keys under one hold of the lock): a
 /// round gets through 16K keys, and a longer pass goes on next round.
@@ -170,7 +175,8 @@ where
     /// passed since the last time, or at once when `urgent` (a request waits
     /// for room, and the dirty keys of the open ksets cannot be written back
     /// before they are persisted), run up to [`STEPS_PER_ROUND`] writeback
-    /// steps, collect up to [`GC_STEPS_PER_ROUND`] ksets and run up to
+    /// steps, collect up to [`GC_STEPS_PER_ROUND`] ksets (fewer once GC copied
+    /// [`KEPT_BYTES_PER_ROUND`] forward) and run up to
     /// [`CLEAN_STEPS_PER_ROUND`] steps of the clean pass, and wake the
     /// requests waiting for room if anything moved.
     pub fn run<CP, CB, M, W>(
@@ -216,14 +222,15 @@ where
                 }
             }
         }
+        let mut kept = 0u64;
         for i in 0..=GC_STEPS_PER_ROUND {
-            if i == GC_STEPS_PER_ROUND {
+            if i == GC_STEPS_PER_ROUND || kept >= KEPT_BYTES_PER_ROUND {
                 round.more = true;
                 break;
             }
             // The live clean data of the kset GC takes next is copied
             // forward first (see [`super::forward`]).
-            engine.gc_forward(&mut self.bounce);
+            kept += engine.gc_forward(&mut self.bounce);
             match engine.gc_step() {
                 Ok(Step::Progress) => {
                     round.progress = true;

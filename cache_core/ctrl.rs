@@ -53,6 +53,11 @@ pub struct Ctrl<M: Memory> {
     /// How live the ksets GC collected lately were, in 1/1024 (see
     /// [`super::forward`]).
     pub(crate) gc_live_est: u32,
+    /// The scratch buffer holds the kset at this key tail, of this ordinal
+    /// (`log_seq_tail`), with this many keys, as GC's copies read it: they
+    /// look at it again without reading it again. Any other read of a kset
+    /// clears it.
+    pub(crate) forward_kset: Option<(Pos, u64, u32)>,
 }
 
 impl<M: Memory> Ctrl<M> {
@@ -72,6 +77,7 @@ impl<M: Memory> Ctrl<M> {
             log_seq_tail: 0,
             dirty_seq: 0,
             gc_live_est: 0,
+            forward_kset: None,
         }
     }
 }
@@ -91,6 +97,7 @@ impl<M: Memory> Ctrl<M> {
         self.log_seq_tail = 0;
         self.dirty_seq = 0;
         self.gc_live_est = 0;
+        self.forward_kset = None;
     }
 }
 

@@ -194,9 +194,15 @@ impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
         if cursor.is_some_and(|c| c.tail != tail) {
             return (0, None);
         }
-        let Ok(KsetRead::Keys { key_num, .. }) = self.read_kset(tail) else {
-            return (0, None);
+        let seq = self.t.log_seq_tail;
+        let key_num = match self.t.forward_kset {
+            Some((at, s, n)) if at == tail && s == seq && cursor.is_some() => n,
+            _ => match self.read_kset(tail) {
+                Ok(KsetRead::Keys { key_num, .. }) => key_num,
+                _ => return (0, None),
+            },
         };
+        self.t.forward_kset = Some((tail, seq, key_num));
         let key_num = key_num as usize;
         let mut c = match cursor {
             Some(c) => c,

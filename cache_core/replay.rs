@@ -21,6 +21,7 @@ use crate::meta::{MetaError, MetaErrorKind};
 impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
     /// Read the kset at `pos` into the scratch buffer and classify it.
     pub(crate) fn read_kset(&mut self, pos: Pos) -> Result<KsetRead, CacheError> {
+        self.t.forward_kset = None;
         let remain = self.geo.seg_data_size().saturating_sub(pos.off) as usize;
         let n = remain.min(KSET_ONMEDIA_SIZE_MAX);
         let addr = self.pos_addr(pos);

@@ -205,7 +205,7 @@ test_status_format() {
 	echo "status: $s"
 	# Upstream's fields; pcache_rs appends its statistics (a count, then the values).
 	local ours=
-	[ "$TARGET" != pcache_rs ] || ours=" 10( [0-9]+){10}"
+	[ "$TARGET" != pcache_rs ] || ours=" ${#C_STATS[@]}( [0-9]+){${#C_STATS[@]}}"
 	expect_match "status line" \
 		"^0 $(sectors "$BACKING_DEV") $TARGET [0-9a-f]+ [0-9]+ [0-9]+ [0-9]+ [0-9]+ [0-9a-f]+ [0-9]+:[0-9]+ [0-9]+:[0-9]+ [0-9]+:[0-9]+$ours\$" "$s"
 	read -ra f <<<"$(status_fields "${DM_PREFIX}dev")"

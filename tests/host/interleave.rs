@@ -65,8 +65,10 @@ fn run(seed: u64) -> Result<(), String> {
                 let v = (rng.next_u64() as u8) | 1;
                 let data = vec![v; len];
                 let cpu = rng.below(2) as usize;
+                // Going on where the last try stopped (see `Cache::write_resume`).
+                let mut done = 0;
                 let r = with_room(&engine, &sched, |c: &mut Engine<'_>| {
-                    match c.write(off, &data, rng.chance(1, 8), cpu) {
+                    match c.write_resume(off, &data, rng.chance(1, 8), cpu, &mut done) {
                         Ok(()) => Some(Ok(())),
                         Err(CacheError::Busy(_)) => None,
                         Err(e) => Some(Err(e)),

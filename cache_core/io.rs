@@ -344,10 +344,27 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         fua: bool,
         cpu: usize,
     ) -> Result<(), CacheError> {
+        self.write_resume(off, src, fua, cpu, &mut 0)
+    }
+
+    /// [`Cache::write_from`] for a caller that tries again when the cache is
+    /// full (`Busy`): in writeback and writeonly mode it goes on after the
+    /// `*done` bytes committed by the tries before, as the module's worker
+    /// does. Writing the whole range again instead could go on for ever: each
+    /// try would take the room GC freed for its first chunk, and its second
+    /// find none.
+    pub fn write_resume<S: Source + ?Sized>(
+        &self,
+        off: u64,
+        src: &S,
+        fua: bool,
+        cpu: usize,
+        done: &mut usize,
+    ) -> Result<(), CacheError> {
         self.check_range(off, src.len())?;
         let len = src.len() as u64;
         match self.mode() {
-            Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, fua, cpu, &mut 0),
+            Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, fua, cpu, done),
             _ => {
                 // As a write sent without the engine (see `super::through`): in
                 // flight while the backing device writes, so that a read or
@@ -432,29 +449,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             *done += r.len as usize;
         }
         Ok(())
-    }
-
-    /// [`Cache::write`] for a caller that tries again when the cache is full
-    /// (`Busy`): in writeback and writeonly mode it goes on after the
-    /// `*done` bytes committed by the tries before, as the module's worker
-    /// does. Writing the whole range again instead could go on for ever: each
-    /// try would take the room GC freed for its first chunk, and its second
-    /// find none.
-    pub fn write_resume(
-        &self,
-        off: u64,
-        data: &[u8],
-        fua: bool,
-        cpu: usize,
-        done: &mut usize,
-    ) -> Result<(), CacheError> {
-        match self.mode() {
-            Mode::Writeback | Mode::Writeonly => {
-                self.check_range(off, data.len())?;
-                self.insert_data(off, data, 0, fua, cpu, done)
-            }
-            _ => self.write_from(off, data, fua, cpu),
-        }
     }
 
     /// Takes room for the first chunk of a write of `len` bytes at `off`: up to

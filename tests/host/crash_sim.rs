@@ -999,7 +999,7 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
                             busy_is_none(c.write_resume(
                                 s * SECTOR as u64,
-                                &data,
+                                &data[..],
                                 fua,
                                 cpu,
                                 &mut done,

@@ -68,7 +68,7 @@ fn run(seed: u64) -> Result<(), String> {
                 // Going on where the last try stopped (see `Cache::write_resume`).
                 let mut done = 0;
                 let r = with_room(&engine, &sched, |c: &mut Engine<'_>| {
-                    match c.write_resume(off, &data, rng.chance(1, 8), cpu, &mut done) {
+                    match c.write_resume(off, &data[..], rng.chance(1, 8), cpu, &mut done) {
                         Ok(()) => Some(Ok(())),
                         Err(CacheError::Busy(_)) => None,
                         Err(e) => Some(Err(e)),

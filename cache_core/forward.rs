@@ -33,26 +33,26 @@
 //! keys for the copies (none when keys run short, or segments: it leaves a free
 //! segment to each data head and the key log). All of a kset's live data is
 //! copied when it is at most half of what the kset holds (GC then frees more
-//! than it copies), or while the ksets GC
-//! collected lately say the cache's live data fits well within `gc_percent`
-//! (a working set that fits is kept however many times GC passes it); from
-//! any other kset, only data GC has not copied since attach. So in a cache
+//! than it copies), or while the ksets GC collected lately say the cache's
+//! live data fits well within `gc_percent` (a working set that fits is kept
+//! however many times GC passes it); from any other kset, only data GC has not copied since attach. So in a cache
 //! full of live data, or whose segments stay in use whatever GC does (room
 //! the requests hold), the ksets GC collects come to be all copies, the
 //! estimate climbs, and GC drops them, as upstream: it does not copy the same
 //! data round the log for ever.
 
-use super::env::{Backing, Pmem};
+use super::data::Source;
+use super::env::{Backing, IoError, Pmem};
 use super::error::CacheError;
-use super::io::Reservation;
+use super::io::copy_in;
 use super::key::{Key, Pos, KEY_FLAGS_FORWARDED};
 use super::key_log::Over;
 use super::kset::SUPERSEDED;
 use super::stats::Counter;
 use super::writeback::WbExtent;
 use super::{Cache, Memory};
-use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KsetRead, KEY_FLAGS_CLEAN};
+use core::cell::RefCell;
 
 /// The data head GC's copies go through. Writes use theirs by CPU; this is
 /// one of them, so the copies share its lock with that CPU's writes.
@@ -64,6 +64,47 @@ const COPY_FLAGS: u32 = KEY_FLAGS_CLEAN | KEY_FLAGS_FORWARDED;
 /// Live parts found per hold of the control lock (on the stack: the
 /// background's extent buffer may hold a planned writeback batch).
 const FORWARD_BATCH: usize = 16;
+
+/// `len` bytes of pmem at device offset `from`, as the source of a copy
+/// ([`copy_in`] stores and CRCs them as it does a write's): read a `bounce`
+/// buffer at a time, with the machine-check-safe copy.
+struct Staged<'a, P> {
+    pmem: &'a P,
+    from: u64,
+    len: usize,
+    bounce: RefCell<&'a mut [u8]>,
+}
+
+impl<P: Pmem> Source for Staged<'_, P> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn pieces(
+        &self,
+        at: usize,
+        len: usize,
+        f: &mut dyn FnMut(&[u8]) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or(IoError)?;
+        let mut bounce = self.bounce.try_borrow_mut().map_err(|_| IoError)?;
+        let mut cur = at;
+        while cur < end {
+            let n = (end - cur).min(bounce.len());
+            let buf = bounce
+                .get_mut(..n)
+                .filter(|b| !b.is_empty())
+                .ok_or(IoError)?;
+            self.pmem.read(self.from + cur as u64, buf)?;
+            f(buf)?;
+            cur += n;
+        }
+        Ok(())
+    }
+}
 
 /// Where finding the live parts of the kset at the key tail goes on.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +167,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 .write_reserve(off, (e.len - done) as usize, COPY_FLAGS, FORWARD_HEAD)
                 .map_err(|_| ())?;
             done += r.len;
-            let Ok(crc) = self.forward_copy(&r, from, bounce) else {
+            let src = Staged {
+                pmem: &self.pmem,
+                from,
+                len: r.len as usize,
+                bounce: RefCell::new(&mut *bounce),
+            };
+            let Ok(crc) = copy_in(&self.pmem, &r, &src, 0) else {
                 self.write_cancel(&r);
                 continue;
             };
@@ -139,28 +186,6 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             }
         }
         Ok(kept)
-    }
-
-    /// Copies the data at device offset `from` into the room of `r` through
-    /// `bounce` (pmem is read with the machine-check-safe copy), with the
-    /// CRC of the bytes stored if `r` wants one; flushed, not fenced.
-    fn forward_copy(&self, r: &Reservation, from: u64, bounce: &mut [u8]) -> Result<u32, ()> {
-        let mut crc = PCACHE_CRC_SEED;
-        let mut done = 0u64;
-        let len = u64::from(r.len);
-        while done < len {
-            let n = (len - done).min(bounce.len() as u64) as usize;
-            let buf = bounce.get_mut(..n).filter(|b| !b.is_empty()).ok_or(())?;
-            self.pmem.read(from + done, buf).map_err(|_| ())?;
-            if r.crc {
-                crc = self.pmem.write_crc(r.addr + done, buf, crc);
-            } else {
-                self.pmem.write(r.addr + done, buf);
-            }
-            done += n as u64;
-        }
-        self.pmem.flush(r.addr, len);
-        Ok(if r.crc { crc } else { 0 })
     }
 
     /// Room for a copy leaves a free segment for each data head and one for

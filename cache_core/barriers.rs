@@ -65,6 +65,13 @@ impl Barriers {
         seq > self.floor && !self.kept().contains(&seq)
     }
 
+    /// Whether no barrier follows kset `seq`: it is in the newest stretch of
+    /// ksets between FLUSHes (not one replay found: each of those is a batch
+    /// of its own, as if a FLUSH followed it).
+    pub fn none_after(&self, seq: u64) -> bool {
+        seq >= self.floor && self.kept().last().is_none_or(|&b| b <= seq)
+    }
+
     /// The dirty tail reached kset `seq`: barriers at or below it separate
     /// nothing that is still to be written back.
     pub fn passed(&mut self, seq: u64) {

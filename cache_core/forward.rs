@@ -334,6 +334,27 @@ impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
         first_only: bool,
         f: &mut dyn FnMut(u64, u64, u64) -> bool,
     ) {
+        self.each_part_mapped(key, start, &mut |k, from, upto| {
+            let copied_before = k.flags & KEY_FLAGS_FORWARDED != 0;
+            if k.unverified() || (first_only && copied_before) {
+                return true;
+            }
+            f(from, upto, self.pos_addr(k.pos) + (from - k.off))
+        });
+    }
+}
+
+impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
+    /// Calls `f(entry, from, upto)` on each part `from..upto` of logged key
+    /// `key`'s range from `start` on that the index still maps to `key`'s
+    /// data (through `entry`, a piece of `key`: see [`piece_of`]), in order,
+    /// until it returns false.
+    pub(crate) fn each_part_mapped(
+        &self,
+        key: &Key,
+        start: u64,
+        f: &mut dyn FnMut(&Key, u64, u64) -> bool,
+    ) {
         let mut cur = start;
         while cur < key.end() {
             let Some((sub, to)) = self.index.stripe(cur, key.end()) else {
@@ -345,13 +366,22 @@ impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
             };
             let from = k.off.max(cur);
             let upto = k.end().min(to);
-            let copied_before = k.flags & KEY_FLAGS_FORWARDED != 0;
-            let copyable = piece_of(&k, key) && !k.unverified() && !(first_only && copied_before);
-            if copyable && !f(from, upto, self.pos_addr(k.pos) + (from - k.off)) {
+            if piece_of(&k, key) && !f(&k, from, upto) {
                 return;
             }
             cur = upto.max(cur + 1);
         }
+    }
+
+    /// Whether the index still maps any part of logged key `key`'s range to
+    /// `key`'s data.
+    pub(crate) fn maps_part_of(&self, key: &Key) -> bool {
+        let mut mapped = false;
+        self.each_part_mapped(key, key.off, &mut |_, _, _| {
+            mapped = true;
+            false
+        });
+        mapped
     }
 }
 

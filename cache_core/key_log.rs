@@ -54,6 +54,10 @@ pub struct LogHead {
     /// CRC (0: none). The on-media `DATA_CRC` flag may only be set once the key
     /// tail has passed it.
     pub(crate) nocrc_until: u64,
+    /// One past the ordinal of the newest kset holding a FUA write's key (0:
+    /// none since attach). Writeback passes over an overwritten key only in a
+    /// kset at or after it (see [`LogHead::may_pass_over`]).
+    pub(crate) fua_until: u64,
     /// Ksets closed since attach.
     pub(crate) written: u64,
     /// The application's FLUSHes ahead of the dirty tail: writeback batches
@@ -62,6 +66,22 @@ pub struct LogHead {
     /// closed by another CPU meanwhile holds writes that raced with the FLUSH,
     /// which may fall on either side of it.
     pub(crate) barriers: Barriers,
+}
+
+impl LogHead {
+    /// Whether writeback may pass over a key of kset `seq` that a later write
+    /// overwrote whole, rather than write it back: only when nothing
+    /// promised it durable. A FLUSH since (a barrier after `seq`) did, and
+    /// with it the backing device must get it before anything written after
+    /// that FLUSH (see [`super::barriers`]); so did a FUA write in its kset or
+    /// in one before it. Otherwise the key and the write over it belong to
+    /// the same stretch between FLUSHes, in which the application is owed no
+    /// order and a crash may keep any of its writes: the cache keeps the newer
+    /// one until it is written back, and the backing device never holds the
+    /// older.
+    pub(crate) fn may_pass_over(&self, seq: u64) -> bool {
+        seq >= self.fua_until && self.barriers.none_after(seq)
+    }
 }
 
 /// What closing a kset did.
@@ -312,12 +332,15 @@ impl<M: Memory> KeyLog<M> {
             } else {
                 io.pmem.fence();
             }
-            let nocrc = k.has_nocrc();
+            let (nocrc, fua) = (k.has_nocrc(), k.has_fua());
             persist(io.pmem, head, k.seal()?);
             k.reset();
             h.head.off += size;
             if nocrc {
                 h.nocrc_until = h.seq_head + 1;
+            }
+            if fua {
+                h.fua_until = h.seq_head + 1;
             }
             h.seq_head += 1;
             h.written += 1;
@@ -425,6 +448,9 @@ pub(crate) fn commit_key<P: Pmem, M: Memory>(
                         if insert().is_err() {
                             k.pop();
                             return Err(CacheError::Busy("key pool exhausted"));
+                        }
+                        if fua {
+                            k.mark_fua();
                         }
                         // Logged from here on (the kset is written when it
                         // closes), so writeback will copy it.

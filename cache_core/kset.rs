@@ -29,6 +29,8 @@ pub struct KsetBuf {
     key_num: usize,
     /// Some key in it has no data CRC (see [`Cache::set_data_crc`]).
     nocrc: bool,
+    /// It holds the key of a FUA write (see [`super::LogHead::may_pass_over`]).
+    fua: bool,
     buf: [u8; KSET_ONMEDIA_SIZE_MAX],
 }
 
@@ -37,6 +39,7 @@ impl Default for KsetBuf {
         KsetBuf {
             key_num: 0,
             nocrc: false,
+            fua: false,
             buf: [0u8; KSET_ONMEDIA_SIZE_MAX],
         }
     }
@@ -46,6 +49,7 @@ impl KsetBuf {
     pub fn reset(&mut self) {
         self.key_num = 0;
         self.nocrc = false;
+        self.fua = false;
     }
     pub fn key_num(&self) -> usize {
         self.key_num
@@ -53,6 +57,14 @@ impl KsetBuf {
     /// Holds a key without a data CRC.
     pub fn has_nocrc(&self) -> bool {
         self.nocrc
+    }
+    /// Holds the key of a FUA write.
+    pub fn has_fua(&self) -> bool {
+        self.fua
+    }
+    /// The key [`KsetBuf::push`] encoded last is a FUA write's.
+    pub(crate) fn mark_fua(&mut self) {
+        self.fua = true;
     }
     pub fn is_full(&self) -> bool {
         self.key_num >= KSET_KEYS_MAX

@@ -578,6 +578,8 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
         batch: &mut WbBatch,
         out: &mut [WbExtent],
     ) -> Result<(), CacheError> {
+        let seq = self.t.dirty_seq + u64::from(batch.ksets);
+        let pass_over = self.log.with_head(|h| h.may_pass_over(seq));
         for i in 0..key_num as usize {
             let key = self.scratch_key(i)?;
             if !key.dirty() {
@@ -586,11 +588,17 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
             // Counted as `key_append` and replay counted it, stale or not.
             batch.dirty += u64::from(key.len);
             // Stale: GC reclaimed it (never past the dirty tail). Not held at
-            // all: discarded. A key that a later write overwrote is still
-            // planned: [`writeback_extents`] drops it only if a later key of
-            // the same step covers it, so the backing device only ever holds
-            // a prefix of the write history across FLUSHes.
-            if self.key_stale(&key) || !self.holds_any(key.off, u64::from(key.len)) {
+            // all: discarded. Overwritten whole by writes since, with no FLUSH
+            // or FUA between (`pass_over`): those writes are written back
+            // later, and the backing device may skip this one. Otherwise a key
+            // that a later write overwrote is still planned:
+            // [`writeback_extents`] drops it only if a later key of the same
+            // step covers it, so the backing device only ever holds a prefix
+            // of the write history across FLUSHes.
+            if self.key_stale(&key)
+                || !self.holds_any(key.off, u64::from(key.len))
+                || (pass_over && !self.maps_part_of(&key))
+            {
                 continue;
             }
             let e = WbExtent {

@@ -1520,6 +1520,64 @@ fn writeback_skips_keys_a_later_key_of_the_step_covers() {
     assert_eq!(w.backing.read_sector(39), [4u8; 512]);
 }
 
+/// A key that writes since overwrote whole, with no FLUSH and no FUA write
+/// between, is not written back at all: the application was owed nothing of
+/// it, and the newer data lands later. A FLUSH after it, or a FUA write in its
+/// kset or one before, promised it durable: it is written back, so that the
+/// backing device stays a prefix of the history across FLUSHes.
+#[test]
+fn writeback_passes_over_keys_overwritten_before_any_flush_or_fua() {
+    use pcache_engine::meta::kset::KSET_KEYS_MAX;
+    let keys = KSET_KEYS_MAX as u64;
+    let (world, mut mem) = sized_world(16, 8 * KSET_KEYS_MAX);
+    let mut c = small_cache(&world, &mut mem);
+    let backing = Writes(
+        pcache_engine::sim::SimBacking(world.clone()),
+        Default::default(),
+    );
+    let mut ext = vec![WbExtent::default(); WB_EXTENTS_MAX];
+    let mut bounce = vec![0u8; 64 << 10];
+    // Plans the kset at the dirty tail alone and writes it back; returns the
+    // extents written.
+    let mut step = |c: &pcache_engine::cache_core::Cache<_, _, _>| {
+        let WbPlan::Batch(batch) = c.writeback_plan(&mut ext).unwrap() else {
+            panic!("nothing planned");
+        };
+        let n = batch.n;
+        writeback_extents(c.pmem(), &backing, &mut bounce, &mut ext[..n]).unwrap();
+        c.writeback_commit(batch);
+        n
+    };
+    // Kset 0, overwritten whole by kset 1, no FLUSH: passed over.
+    write_sectors(&mut c, 0, keys, 0x11);
+    write_sectors(&mut c, 0, keys, 0x22);
+    assert_eq!(step(&c), 0, "an overwritten kset before any FLUSH");
+    // Kset 1 overwritten by kset 2, with a FLUSH between: written back.
+    c.flush().unwrap();
+    write_sectors(&mut c, 0, keys, 0x33);
+    assert_eq!(step(&c), KSET_KEYS_MAX, "a kset a FLUSH made durable");
+    // Kset 3 ends with a FUA write (which closes it); kset 4 overwrites it
+    // whole, and kset 5 overwrites kset 4.
+    write_sectors(&mut c, 0, keys - 1, 0x44);
+    c.write((keys - 1) * 512, &[0x55; 512], true, 0).unwrap();
+    write_sectors(&mut c, 0, keys, 0x66);
+    write_sectors(&mut c, 0, keys, 0x77);
+    assert_eq!(
+        step(&c),
+        KSET_KEYS_MAX,
+        "kset 2, overwritten after the FLUSH"
+    );
+    assert_eq!(step(&c), KSET_KEYS_MAX, "the kset of a FUA write");
+    assert_eq!(step(&c), 0, "a kset after it, overwritten");
+    assert_eq!(step(&c), KSET_KEYS_MAX, "the newest");
+    assert!(c.is_clean());
+    for s in 0..keys {
+        assert_eq!(world.borrow().backing.read_sector(s), [s as u8 ^ 0x77; 512]);
+    }
+    assert_eq!(backing.1.borrow().len(), 4 * KSET_KEYS_MAX);
+    c.check_invariants().unwrap();
+}
+
 /// The barrier record: a kset joins the one before it unless a FLUSH fell
 /// between them; ksets up to the floor (from replay, or forgotten barriers)
 /// never join; barriers behind the dirty tail are let go, and forgetting one

@@ -595,10 +595,13 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
             // [`writeback_extents`] drops it only if a later key of the same
             // step covers it, so the backing device only ever holds a prefix
             // of the write history across FLUSHes.
-            if self.key_stale(&key)
-                || !self.holds_any(key.off, u64::from(key.len))
-                || (pass_over && !self.maps_part_of(&key))
-            {
+            let live = !self.key_stale(&key)
+                && if pass_over {
+                    self.maps_part_of(&key)
+                } else {
+                    self.holds_any(key.off, u64::from(key.len))
+                };
+            if !live {
                 continue;
             }
             let e = WbExtent {

@@ -10,6 +10,7 @@ use super::key_log::Over;
 use super::kset::KEY_WITHOUT_CRC;
 use super::segment::SegMap;
 use super::stats::Counter;
+use super::write_path::{Committed, Progress};
 use super::{Cache, Memory, Mode};
 use crate::meta::crc32c::PCACHE_CRC_SEED;
 use crate::meta::kset::{KEY_FLAGS_DATA_CRC, KEY_FLAGS_EMPTY};
@@ -344,27 +345,27 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         fua: bool,
         cpu: usize,
     ) -> Result<(), CacheError> {
-        self.write_resume(off, src, fua, cpu, &mut 0)
+        self.write_resume(off, src, fua, cpu, &mut Progress::default())
     }
 
     /// [`Cache::write_from`] for a caller that tries again when the cache is
-    /// full (`Busy`): in writeback and writeonly mode it goes on after the
-    /// `*done` bytes committed by the tries before, as the module's worker
-    /// does. Writing the whole range again instead could go on for ever: each
-    /// try would take the room GC freed for its first chunk, and its second
-    /// find none.
+    /// full (`Busy`): in writeback and writeonly mode it goes on from where
+    /// the tries before got (`progress`, see [`Progress`]), as the module's
+    /// worker does. Writing the whole range again instead could go on for
+    /// ever: each try would take the room GC freed for its first chunk, and
+    /// its second find none.
     pub fn write_resume<S: Source + ?Sized>(
         &self,
         off: u64,
         src: &S,
         fua: bool,
         cpu: usize,
-        done: &mut usize,
+        progress: &mut Progress,
     ) -> Result<(), CacheError> {
         self.check_range(off, src.len())?;
         let len = src.len() as u64;
         match self.mode() {
-            Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, fua, cpu, done),
+            Mode::Writeback | Mode::Writeonly => self.insert_data(off, src, 0, fua, cpu, progress),
             _ => {
                 // As a write sent without the engine (see `super::through`): in
                 // flight while the backing device writes, so that a read or
@@ -426,7 +427,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 
     /// Copies `src[*done..]` into the cache as keys from `off + *done` on,
     /// with `flags`: reserve, copy and commit each chunk in turn (see
-    /// [`Reservation`]), counting in `done` the bytes committed.
+    /// [`Reservation`]), counting the commits in `progress`.
     pub(crate) fn insert_data<S: Source + ?Sized>(
         &self,
         off: u64,
@@ -434,21 +435,25 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         flags: u32,
         fua: bool,
         cpu: usize,
-        done: &mut usize,
+        progress: &mut Progress,
     ) -> Result<(), CacheError> {
         let total = src.len();
-        while *done < total {
-            let r = self.write_reserve(off + *done as u64, total - *done, flags, cpu)?;
+        loop {
+            self.persist_owed(progress)?;
+            let done = progress.done;
+            if done >= total {
+                return Ok(());
+            }
+            let r = self.write_reserve(off + done as u64, total - done, flags, cpu)?;
             // No fence here: the copy and the commit run in one context, and
             // closing a kset fences before the kset is stored (see `kset_close`).
-            let Ok(crc) = copy_in(&self.pmem, &r, src, *done) else {
+            let Ok(crc) = copy_in(&self.pmem, &r, src, done) else {
                 self.write_cancel(&r);
                 return Err(CacheError::Invalid("request data shorter than its length"));
             };
-            self.write_commit(&r, crc, fua)?;
-            *done += r.len as usize;
+            let committed = self.write_commit(&r, crc, fua)?;
+            progress.committed(&r, committed);
         }
-        Ok(())
     }
 
     /// Takes room for the first chunk of a write of `len` bytes at `off`: up to
@@ -484,9 +489,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Makes the data copied into `r` (with CRC `crc`, see [`copy_in`]) a key:
     /// into the index, and logged; with `fua` its kset is persisted before this
     /// returns. A caller that copied on another CPU fences first (`pmem_wmb` only
-    /// orders the stores of the CPU it runs on). On `Err` the room is given back.
-    /// `Ok(true)`: the key replaced data the cache held (the write was a hit).
-    pub fn write_commit(&self, r: &Reservation, crc: u32, fua: bool) -> Result<bool, CacheError> {
+    /// orders the stores of the CPU it runs on). On `Err` (nothing committed)
+    /// the room is given back; see [`Committed`] for what `Ok` says.
+    pub fn write_commit(
+        &self,
+        r: &Reservation,
+        crc: u32,
+        fua: bool,
+    ) -> Result<Committed, CacheError> {
         self.commit_over(r, crc, fua, None, &mut || {})
     }
 
@@ -500,7 +510,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         crc: u32,
         fua: bool,
         on_insert: &mut dyn FnMut(),
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Committed, CacheError> {
         self.commit_over(r, crc, fua, None, on_insert)
     }
 
@@ -514,7 +524,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         fua: bool,
         over: Option<Over>,
         on_insert: &mut dyn FnMut(),
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Committed, CacheError> {
         // Other writes may have taken keys since the reservation.
         if self.index.free_nodes() < 2 {
             self.write_cancel(r);
@@ -541,9 +551,9 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             let key = r.key(crc);
             // FUA covers every key of the request: each chunk's kset is persisted.
             // A commit that did not get its key in gives the room back; one that
-            // got it in and failed to close its kset keeps it (the key holds it).
+            // got it in keeps it (the key holds it).
             match self.key_commit(&key, fua, over, on_insert) {
-                Ok(closed) => return closed,
+                Ok(committed) => return Ok(committed),
                 Err(CacheError::Invalid(KEY_WITHOUT_CRC)) if !add_crc && !r.crc => add_crc = true,
                 Err(e) => {
                     self.write_cancel(r);

@@ -9,6 +9,7 @@ use super::index::Index;
 use super::key::{Key, Pos};
 use super::key_log::{commit_key, Append, Closed, KeyLog, LogIo, Over};
 use super::stats::Counter;
+use super::write_path::{Committed, Progress};
 use super::{Cache, Memory};
 use crate::meta::kset::{
     kset_key, kset_size, seal_kset, KeyOnmedia, KEY_FLAGS_CLEAN, KEY_FLAGS_DATA_CRC,
@@ -179,16 +180,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Makes `key` a key of the cache (see [`commit_key`]), with the engine
-    /// at hand for a new log segment. `Err`: nothing done. `Ok(Err)`: the key
-    /// is in, but persisting its kset (`fua`, or full) failed. `Ok(Ok(true))`:
-    /// it replaced cached data.
+    /// at hand for a new log segment. `Err`: nothing done.
     pub(crate) fn key_commit(
         &self,
         key: &Key,
         fua: bool,
         over: Option<Over>,
         on_insert: &mut dyn FnMut(),
-    ) -> Result<Result<bool, CacheError>, CacheError> {
+    ) -> Result<Committed, CacheError> {
         let appended = self.with_log_segment(|index, log, io| {
             match commit_key(index, log, io, key, fua, over, on_insert)? {
                 Append::RoomWantsSegment => Ok(None),
@@ -196,10 +195,19 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             }
         })?;
         match appended {
-            Append::Done { replaced } => Ok(Ok(replaced)),
+            Append::Done { replaced } => Ok(Committed::Done(replaced)),
             Append::CloseWantsSegment { replaced } => {
                 let id = self.log.kset_id(key.off);
-                Ok(self.kset_close(id).map(|()| replaced))
+                Ok(match self.kset_close(id) {
+                    Ok(()) => Committed::Done(replaced),
+                    // The key is in. A FUA write persists its kset before it
+                    // completes (without committing the chunk again); another
+                    // leaves the full kset open, as a commit outside the engine
+                    // does: the next commit to it, or the next flush, closes it
+                    // (and meets what failed here).
+                    Err(_) if fua => Committed::Persist(replaced),
+                    Err(_) => Committed::Done(replaced),
+                })
             }
             // The engine computed the CRC wherever the log wants one.
             Append::CrcWanted => Err(CacheError::Invalid(KEY_WITHOUT_CRC)),
@@ -209,11 +217,20 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     }
 
     /// Persists the kset of the keys at `off` (a FUA write whose commit
-    /// outside the engine found the log needing a new segment, see
-    /// [`super::Commit::Persist`]).
+    /// found the log needing a new segment, see [`Committed::Persist`]).
     pub fn kset_persist(&self, off: u64) -> Result<(), CacheError> {
         let id = self.log.kset_id(off);
         self.kset_close(id)
+    }
+
+    /// Persists the kset a FUA commit of the write `p` counts left to it, if
+    /// any (see [`Progress::persist`]).
+    pub fn persist_owed(&self, p: &mut Progress) -> Result<(), CacheError> {
+        if let Some(off) = p.persist {
+            self.kset_persist(off)?;
+            p.persist = None;
+        }
+        Ok(())
     }
 
     /// REQ_PREFLUSH: persist every open kset (`pcache_cache_flush`).

@@ -65,7 +65,7 @@ pub use reader::Reader;
 pub use segment::{SegMap, SegMapEntry, SegState};
 pub use space::{SegCount, Space};
 pub use stats::{Counter, Counters, RequestCounts, Stats, STATUS_STATS};
-pub use write_path::{Commit, WritePath};
+pub use write_path::{Committed, Progress, WritePath};
 pub use writeback::WbExtent;
 
 /// A data head: where the next data of one CPU is appended.

@@ -24,17 +24,48 @@ use super::Memory;
 use crate::meta::kset::KEY_FLAGS_CLEAN;
 use crate::meta::layout::Geometry;
 
-/// What [`WritePath::commit`] did.
+/// What a commit that got its key in did ([`WritePath::commit`],
+/// [`super::Cache::write_commit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Commit {
+pub enum Committed {
     /// The key is in; `true`: it replaced data the cache held (a write hit).
     Done(bool),
     /// The key is in, but its kset, which `fua` wants persisted, needs a new
-    /// log segment first: the caller has the engine persist it
-    /// ([`super::Cache::kset_persist`]) before the write completes.
+    /// log segment first: the write has the engine persist it
+    /// ([`super::Cache::kset_persist`]) before it completes, and does not
+    /// commit the chunk again (see [`Progress`]).
     Persist(bool),
-    /// Nothing done: the engine commits it ([`super::Cache::write_commit`]).
-    Engine,
+}
+
+/// How far a write got, kept by a caller that tries again when the cache is
+/// full: it goes on after the bytes committed, and first persists the kset a
+/// FUA commit left to it. Committing a chunk again instead would take room and
+/// a key a second time, and a read meanwhile could see the range go back to
+/// older data after another CPU wrote it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes committed.
+    pub done: usize,
+    /// Whether a commit replaced data the cache held (a write hit).
+    pub hit: bool,
+    /// The offset of a FUA chunk whose key is in but whose kset is not yet
+    /// persisted ([`Committed::Persist`]).
+    pub persist: Option<u64>,
+}
+
+impl Progress {
+    /// Counts the commit of `r`.
+    pub fn committed(&mut self, r: &Reservation, c: Committed) {
+        self.done += r.len as usize;
+        let replaced = match c {
+            Committed::Done(replaced) => replaced,
+            Committed::Persist(replaced) => {
+                self.persist = Some(r.off);
+                replaced
+            }
+        };
+        self.hit |= replaced;
+    }
 }
 
 /// What a write needs of the engine, shared with it (see [`super::Cache::write_path`]).
@@ -104,8 +135,15 @@ impl<M: Memory> WritePath<M> {
     /// Makes the data copied into `r` (with CRC `crc`, see
     /// [`super::io::copy_in`]) a key, outside the engine: see
     /// [`super::Cache::write_commit`], which this does the same as, when it
-    /// can. A caller that copied on another CPU fences first.
-    pub fn commit<P: Pmem>(&self, pmem: &P, r: &Reservation, crc: u32, fua: bool) -> Commit {
+    /// can; `None`: nothing done, the engine commits it. A caller that copied
+    /// on another CPU fences first.
+    pub fn commit<P: Pmem>(
+        &self,
+        pmem: &P,
+        r: &Reservation,
+        crc: u32,
+        fua: bool,
+    ) -> Option<Committed> {
         self.commit_with(pmem, r, crc, fua, &mut || {})
     }
 
@@ -118,19 +156,17 @@ impl<M: Memory> WritePath<M> {
         crc: u32,
         fua: bool,
         on_insert: &mut dyn FnMut(),
-    ) -> Commit {
+    ) -> Option<Committed> {
         let key = r.key(r.crc.then_some(crc));
         let mut spare = None;
         let mut io = self.log_io(pmem, &mut spare);
         match commit_key(&self.index, &self.log, &mut io, &key, fua, None, on_insert) {
-            Ok(Append::Done { replaced }) => Commit::Done(replaced),
-            Ok(Append::CloseWantsSegment { replaced }) if fua => Commit::Persist(replaced),
+            Ok(Append::Done { replaced }) => Some(Committed::Done(replaced)),
+            Ok(Append::CloseWantsSegment { replaced }) if fua => Some(Committed::Persist(replaced)),
             // Full and left open: the next commit to it, or the next flush,
             // closes it with the engine.
-            Ok(Append::CloseWantsSegment { replaced }) => Commit::Done(replaced),
-            Ok(Append::RoomWantsSegment | Append::CrcWanted | Append::Superseded) | Err(_) => {
-                Commit::Engine
-            }
+            Ok(Append::CloseWantsSegment { replaced }) => Some(Committed::Done(replaced)),
+            Ok(Append::RoomWantsSegment | Append::CrcWanted | Append::Superseded) | Err(_) => None,
         }
     }
 }

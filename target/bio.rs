@@ -3,7 +3,7 @@
 //! The view of a `struct bio` that a target's `map` and `end_io` get.
 
 use super::{bindings, device::TargetDevice};
-use crate::cache_core::{IoError, Sink, Source};
+use crate::cache_core::{IoError, Progress, Sink, Source};
 use core::{ffi::c_void, marker::PhantomData, ptr::NonNull};
 use kernel::prelude::*;
 
@@ -89,7 +89,10 @@ impl Bio<'_> {
     pub(crate) fn take(self) -> (HeldBio, Taken) {
         // INVARIANT: `map` returns `Submitted` (it needs the `Taken` for that), so device-mapper
         // leaves the bio to us until we end it.
-        (HeldBio { ptr: self.ptr }, Taken(()))
+        let mut held = HeldBio { ptr: self.ptr };
+        // A write the worker gets starts where `map` left it: at first, nothing done.
+        held.set_resume(&Progress::default());
+        (held, Taken(()))
     }
 }
 
@@ -140,6 +143,36 @@ impl HeldBio {
     /// Whether the bio asks for FUA (see [`Bio::is_fua`]).
     pub(crate) fn is_fua(&self) -> bool {
         self.raw().bi_opf & bindings::PCACHE_RS_REQ_FUA != 0
+    }
+
+    /// Keeps how far a write got in `map` in the bio's per-bio data, for the worker it is
+    /// handed to ([`HeldBio::resume`]).
+    pub(crate) fn set_resume(&mut self, p: &Progress) {
+        // SAFETY: the bio is live and ours (type invariant), and was taken in `map`
+        // (`Bio::take`), so device-mapper gave it the per-bio data the target asks for
+        // (`miss::per_bio_data`); only this bio's holder touches its resume fields.
+        unsafe {
+            bindings::pcache_rs_io_set_resume(
+                self.ptr.as_ptr(),
+                p.done as u64,
+                p.persist.unwrap_or(u64::MAX),
+                p.hit,
+            )
+        };
+    }
+
+    /// What [`HeldBio::set_resume`] kept.
+    pub(crate) fn resume(&mut self) -> Progress {
+        let (mut done, mut persist, mut hit) = (0u64, u64::MAX, false);
+        // SAFETY: as in `set_resume`; the fields were set as `map` took the bio (`Bio::take`).
+        unsafe {
+            bindings::pcache_rs_io_get_resume(self.ptr.as_ptr(), &mut done, &mut persist, &mut hit)
+        };
+        Progress {
+            done: done as usize,
+            persist: (persist != u64::MAX).then_some(persist),
+            hit,
+        }
     }
 
     /// Gives the bio up as a raw pointer, neither ended nor touched: the caller ends it later

@@ -385,10 +385,16 @@ struct pcache_rs_missq {
 	void *ctx;
 };
 
-/* Per-bio data of a read bio with misses in flight. */
+/*
+ * Per-bio data: of a bio with misses in flight, and of a write map handed to the worker
+ * (how far map got, so that the worker commits no chunk again).
+ */
 struct pcache_rs_io {
 	atomic_t remaining;
 	int error;
+	u64 resume_done;
+	u64 resume_persist;
+	bool resume_hit;
 };
 
 unsigned int pcache_rs_io_size(void)
@@ -627,6 +633,24 @@ void pcache_rs_io_start(struct bio *bio, unsigned int n)
 
 	io->error = 0;
 	atomic_set(&io->remaining, n);
+}
+
+void pcache_rs_io_set_resume(struct bio *bio, u64 done, u64 persist, bool hit)
+{
+	struct pcache_rs_io *io = dm_per_bio_data(bio, sizeof(*io));
+
+	io->resume_done = done;
+	io->resume_persist = persist;
+	io->resume_hit = hit;
+}
+
+void pcache_rs_io_get_resume(struct bio *bio, u64 *done, u64 *persist, bool *hit)
+{
+	struct pcache_rs_io *io = dm_per_bio_data(bio, sizeof(*io));
+
+	*done = io->resume_done;
+	*persist = io->resume_persist;
+	*hit = io->resume_hit;
 }
 
 /* One part of @bio completed with @err; true for the last, with the first error in *@error. */

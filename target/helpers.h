@@ -91,6 +91,9 @@ int pcache_rs_miss_for_each_piece(struct pcache_rs_miss *m, unsigned int skip, u
 void pcache_rs_miss_put(struct pcache_rs_miss *m);
 void pcache_rs_io_start(struct bio *bio, unsigned int n);
 bool pcache_rs_io_put(struct bio *bio, int err, int *error);
+/* How far map got with a write it hands to the worker (set before the worker sees it). */
+void pcache_rs_io_set_resume(struct bio *bio, u64 done, u64 persist, bool hit);
+void pcache_rs_io_get_resume(struct bio *bio, u64 *done, u64 *persist, bool *hit);
 
 /*
  * Per-CPU event counters: @n u64s per CPU. The handle is the per-CPU pointer as a plain

@@ -17,7 +17,7 @@ use crate::cache_core::{
     request,
     through::{THROUGH_MAX, THROUGH_TAG},
     write_path::Placed,
-    CacheError, Commit, Pmem, Source, Waiting, Zeros,
+    CacheError, Pmem, Progress, Source, Waiting, Zeros,
 };
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -268,12 +268,17 @@ impl LiveCache {
 
     /// A write served in `map` with its copy outside the engine (see
     /// [`LiveCache::write_chunks`]). `None`: the cache is full; the worker writes the rest
-    /// ([`LiveCache::write_on_worker`]).
-    fn write_unlocked(&self, bio: &HeldBio, zeroes: bool) -> Option<Result> {
-        let (mut done, mut hit) = (0usize, false);
+    /// ([`LiveCache::write_on_worker`]), from where this got (kept in the bio,
+    /// [`HeldBio::set_resume`]).
+    fn write_unlocked(&self, bio: &mut HeldBio, zeroes: bool) -> Option<Result> {
+        let mut progress = Progress::default();
         let zeros = Zeros(bio.size() as usize);
         let src = write_source(bio, &zeros, zeroes);
-        let result = self.write_chunks(bio, src, &mut done, &mut hit);
+        let result = self.write_chunks(bio, src, &mut progress);
+        let Progress { done, mut hit, .. } = progress;
+        if result.is_none() {
+            bio.set_resume(&progress);
+        }
         if !hit && result.is_none() {
             // The commits tell whether the write replaced cached data (a hit); the part not
             // committed here is looked up before the worker writes it.
@@ -291,41 +296,43 @@ impl LiveCache {
     }
 
     /// A write `map` found no room for (or one with a preflush, persisted first): copied as in
-    /// `map`, outside the engine, waiting for room whenever a chunk finds none and going
-    /// on from there.
+    /// `map`, outside the engine, from where `map` got ([`HeldBio::resume`]: no chunk is
+    /// committed twice), waiting for room whenever a chunk finds none and going on from there.
     fn write_on_worker(&self, bio: &mut HeldBio) -> Result {
         if bio.is_preflush() {
             self.until_room(|| outcome(self.engine.flush()))?;
         }
-        let (mut done, mut hit) = (0usize, false);
+        let mut progress = bio.resume();
         let zeroes = bio.op() == BioOp::WriteZeroes;
         let zeros = Zeros(bio.size() as usize);
         let src = write_source(bio, &zeros, zeroes);
-        self.until_room(|| self.write_chunks(bio, src, &mut done, &mut hit))
+        self.until_room(|| self.write_chunks(bio, src, &mut progress))
     }
 
-    /// Copies `src` (what `bio` writes, see [`write_source`]) into the cache from byte
-    /// `*done` on, so that writes on two CPUs copy at once: the room for each chunk is
+    /// Copies `src` (what `bio` writes, see [`write_source`]) into the cache from where
+    /// `progress` got on, so that writes on two CPUs copy at once: the room for each chunk is
     /// reserved, filled on this CPU and fenced here (`pmem_wmb` orders only this CPU's
     /// stores), then committed, all outside the engine unless the engine is needed
-    /// ([`crate::cache_core::WritePath`]). `*done` counts the bytes committed
-    /// and `*hit` whether a commit replaced cached data. `None`: the cache is full (what is
-    /// committed stays).
+    /// ([`crate::cache_core::WritePath`]). `progress` counts the commits and keeps a FUA
+    /// chunk's kset persist that found no room. `None`: the cache is full (what is committed
+    /// stays, and is not committed again).
     fn write_chunks(
         &self,
         bio: &HeldBio,
         src: &dyn Source,
-        done: &mut usize,
-        hit: &mut bool,
+        progress: &mut Progress,
     ) -> Option<Result> {
         let off = self.offset_of(bio);
         let len = src.len();
         let fua = bio.is_fua();
         loop {
-            if *done >= len {
+            if let Err(e) = self.engine.persist_owed(progress) {
+                return outcome(Err(e));
+            }
+            let at = progress.done;
+            if at >= len {
                 return Some(Ok(()));
             }
-            let at = *done;
             let (from, rest) = (off + at as u64, len - at);
             let pmem = self.pmem();
             // The room comes from the data head under its lock alone; only what needs more of
@@ -346,18 +353,13 @@ impl LiveCache {
             // The key goes in under its subtree's lock and the key log's; only what needs more
             // of the engine (a new log segment, an empty key pool) asks it.
             let committed = match self.write_path.commit(&pmem, &r, crc, fua) {
-                Commit::Done(replaced) => Ok(replaced),
-                Commit::Persist(replaced) => {
-                    let persisted = self.engine.kset_persist(r.off);
-                    persisted.map(|()| replaced)
-                }
-                Commit::Engine => self.engine.write_commit(&r, crc, fua),
+                Some(c) => Ok(c),
+                None => self.engine.write_commit(&r, crc, fua),
             };
             match committed {
-                Ok(replaced) => *hit |= replaced,
+                Ok(c) => progress.committed(&r, c),
                 Err(e) => return outcome(Err(e)),
             }
-            *done += r.len as usize;
         }
     }
 

@@ -10,7 +10,7 @@ use pcache_engine::cache_core::fill::{fill_copy, Fill};
 use pcache_engine::cache_core::io::{copy_hits, copy_in, Gap, Hit, Reservation};
 use pcache_engine::cache_core::request::{until_room, with_room, Stalled};
 use pcache_engine::cache_core::write_path::Placed;
-use pcache_engine::cache_core::{Backing, Commit, Locked, Pmem, Reader, WritePath};
+use pcache_engine::cache_core::{Backing, Committed, Locked, Pmem, Progress, Reader, WritePath};
 use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Pos, SegId};
 use pcache_engine::host_mem::Borrowed;
 use pcache_engine::meta::cache_info::{CacheInfo, CACHE_FLAGS_DATA_CRC, CACHE_INFO_STRUCT_SIZE};
@@ -439,11 +439,10 @@ fn commit(
     r: &Reservation,
     crc: u32,
     fua: bool,
-) -> Result<bool, CacheError> {
+) -> Result<Committed, CacheError> {
     match write_path.commit(pmem, r, crc, fua) {
-        Commit::Done(replaced) => Ok(replaced),
-        Commit::Persist(replaced) => engine.with(|c| c.kset_persist(r.off)).map(|()| replaced),
-        Commit::Engine => engine.with(|c| c.write_commit(r, crc, fua)),
+        Some(c) => Ok(c),
+        None => engine.with(|c| c.write_commit(r, crc, fua)),
     }
 }
 
@@ -456,8 +455,8 @@ struct PendingWrite {
     data: Vec<u8>,
     fua: bool,
     cpu: usize,
-    /// Bytes committed so far.
-    done: usize,
+    /// How far it got: bytes committed, a kset to persist.
+    progress: Progress,
     /// The room reserved for the next chunk, if any.
     held: Option<Reservation>,
 }
@@ -474,11 +473,11 @@ fn settle_write(
     let Some(r) = w.held.take() else {
         return Ok(());
     };
-    let crc = copy_in(pmem, &r, &w.data[..], w.done).map_err(|_| "copy_in failed")?;
+    let crc = copy_in(pmem, &r, &w.data[..], w.progress.done).map_err(|_| "copy_in failed")?;
     // The copier's own fence: the commit may run on another CPU.
     pmem.fence();
     match commit(engine, pmem, &r, crc, w.fua) {
-        Ok(_) => w.done += r.len as usize,
+        Ok(c) => w.progress.committed(&r, c),
         Err(CacheError::Busy(_)) => {}
         Err(e) => return Err(format!("commit: {e}")),
     }
@@ -519,14 +518,19 @@ fn finish_write(
 ) -> Result<u64, String> {
     let off = w.s * SECTOR as u64;
     loop {
-        let (had, before) = (w.held.is_some(), w.done);
+        let (had, before) = (w.held.is_some(), w.progress.done);
         settle_write((engine, write_path), pmem, &mut w)?;
-        // Done, or the commit found the cache full.
-        if w.done == w.data.len() || (had && w.done == before) {
+        // A FUA chunk's kset the commit could not persist: the worker does.
+        if engine.with(|c| c.persist_owed(&mut w.progress)).is_err() {
             break;
         }
-        let left = w.data.len() - w.done;
-        let at = off + w.done as u64;
+        // Done, or the commit found the cache full.
+        let done = w.progress.done;
+        if done == w.data.len() || (had && done == before) {
+            break;
+        }
+        let left = w.data.len() - done;
+        let at = off + done as u64;
         match reserve((engine, write_path), pmem, (at, left), w.cpu) {
             Ok(r) => w.held = Some(r),
             Err(_) => break,
@@ -536,23 +540,29 @@ fn finish_write(
     // without the lock, waiting for room whenever a chunk finds none and going
     // on from there.
     let rest = until_room(host, || loop {
-        if w.done == w.data.len() {
+        match engine.with(|c| c.persist_owed(&mut w.progress)) {
+            Ok(()) => {}
+            Err(CacheError::Busy(_)) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+        let done = w.progress.done;
+        if done == w.data.len() {
             return Some(Ok(()));
         }
-        let left = w.data.len() - w.done;
-        let at = off + w.done as u64;
+        let left = w.data.len() - done;
+        let at = off + done as u64;
         let r = match reserve((engine, write_path), pmem, (at, left), w.cpu) {
             Ok(r) => r,
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(e)),
         };
-        let Ok(crc) = copy_in(pmem, &r, &w.data[..], w.done) else {
+        let Ok(crc) = copy_in(pmem, &r, &w.data[..], done) else {
             engine.with(|c| c.write_cancel(&r));
             return Some(Err(CacheError::Invalid("copy_in failed")));
         };
         pmem.fence();
         match commit((engine, write_path), pmem, &r, crc, w.fua) {
-            Ok(_) => w.done += r.len as usize,
+            Ok(c) => w.progress.committed(&r, c),
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(e)),
         }
@@ -988,21 +998,21 @@ fn run_seed(seed: u64, lives: usize, ops_per_life: usize) -> Result<Outcome, Str
                             data,
                             fua,
                             cpu,
-                            done: 0,
+                            progress: Progress::default(),
                             held: Some(first),
                         });
                     } else {
                         settle_fills(&engine, &mut filling);
                         settle_reads((&engine, reader), &model, &mut pending_reads)?;
                         settle_writes((&engine, write_path), &mut copier, &mut pending_writes)?;
-                        let mut done = 0;
+                        let mut progress = Progress::default();
                         let r = with_room(&engine, &host, |c: &mut Sim<'_>| {
                             busy_is_none(c.write_resume(
                                 s * SECTOR as u64,
                                 &data[..],
                                 fua,
                                 cpu,
-                                &mut done,
+                                &mut progress,
                             ))
                         });
                         match r {

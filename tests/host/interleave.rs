@@ -11,7 +11,7 @@
 //! them, wrote the new bytes to the old kset's backing offsets.
 
 use pcache_engine::cache_core::request::{with_room, Stalled};
-use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Locked};
+use pcache_engine::cache_core::{Cache, CacheError, CacheOptions, Locked, Progress};
 use pcache_engine::host_mem::Borrowed;
 use pcache_engine::meta::layout::Geometry;
 use pcache_engine::sim::{OwnedMem, Rng, SimBacking, SimHost, SimLock, SimPmem, World};
@@ -66,9 +66,9 @@ fn run(seed: u64) -> Result<(), String> {
                 let data = vec![v; len];
                 let cpu = rng.below(2) as usize;
                 // Going on where the last try stopped (see `Cache::write_resume`).
-                let mut done = 0;
+                let mut progress = Progress::default();
                 let r = with_room(&engine, &sched, |c: &mut Engine<'_>| {
-                    match c.write_resume(off, &data[..], rng.chance(1, 8), cpu, &mut done) {
+                    match c.write_resume(off, &data[..], rng.chance(1, 8), cpu, &mut progress) {
                         Ok(()) => Some(Ok(())),
                         Err(CacheError::Busy(_)) => None,
                         Err(e) => Some(Err(e)),

@@ -26,7 +26,7 @@ use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
 use pcache_engine::cache_core::request::until_room;
 use pcache_engine::cache_core::write_path::Placed;
 use pcache_engine::cache_core::{
-    Backing, Cache, CacheError, CacheOptions, Commit, IoError, Pmem, Reader, Waiting, WbExtent,
+    Backing, Cache, CacheError, CacheOptions, IoError, Pmem, Progress, Reader, Waiting, WbExtent,
     WritePath,
 };
 use pcache_engine::host_mem::Borrowed;
@@ -264,6 +264,8 @@ struct HistoryState {
     fua: std::collections::HashMap<u64, u64>,
     /// One per crash image, in the order the world took them.
     marks: Vec<Mark>,
+    /// The first sector and version committed twice, if any.
+    twice: Option<(u64, u64)>,
 }
 
 /// What the history held when a crash image was taken.
@@ -282,13 +284,20 @@ impl History {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called under the subtree's lock, as the commit that makes it so.
+    /// Called under the subtree's lock, as the commit that makes it so. A
+    /// write commits each of its chunks once, however often it waits for room
+    /// (see `Progress`): a version committed twice is recorded as an error.
     fn commit(&self, off: u64, len: u64, version: u64) {
         let mut st = self.state();
         st.seq += 1;
         let seq = st.seq;
         for s in off / SECTOR as u64..(off + len) / SECTOR as u64 {
-            st.sectors.entry(s).or_default().push((version, seq));
+            let hist = st.sectors.entry(s).or_default();
+            let again = hist.iter().any(|&(v, _)| v == version);
+            hist.push((version, seq));
+            if again && st.twice.is_none() {
+                st.twice = Some((s, version));
+            }
         }
     }
 
@@ -371,9 +380,9 @@ fn write(
     w: (u64, &[u8], u64),
     fua: bool,
 ) -> Result<(), String> {
-    let mut done = 0usize;
+    let mut progress = Progress::default();
     until_room(room, || {
-        write_chunks((lock, write_path), pmem, history, w, fua, &mut done)
+        write_chunks((lock, write_path), pmem, history, w, fua, &mut progress)
     })
     .unwrap_or_else(|_| Err("write stalled waiting for room".into()))?;
     if fua {
@@ -382,17 +391,26 @@ fn write(
     Ok(())
 }
 
-/// The chunks of a write from `*done` on; `None` when the cache is full.
+/// The chunks of a write from where `progress` got on; `None` when the cache
+/// is full.
 fn write_chunks(
     (lock, write_path): (&Shared<'_, '_>, &WritePath<Borrowed<'_>>),
     pmem: &mut TPmem,
     history: &History,
     (off, data, version): (u64, &[u8], u64),
     fua: bool,
-    done: &mut usize,
+    progress: &mut Progress,
 ) -> Option<Result<(), String>> {
-    while *done < data.len() {
-        let at = *done;
+    loop {
+        match lock.with(|c| c.persist_owed(progress)) {
+            Ok(()) => {}
+            Err(CacheError::Busy(_)) => return None,
+            Err(e) => return Some(Err(format!("persist: {e}"))),
+        }
+        let at = progress.done;
+        if at >= data.len() {
+            return Some(Ok(()));
+        }
         let (from, rest) = (off + at as u64, data.len() - at);
         // As the module: outside the engine, unless that needs the engine.
         let reserved = match write_path.reserve(pmem, from, rest, 0, 0) {
@@ -412,17 +430,15 @@ fn write_chunks(
         // engine. The history records each commit as its key goes in.
         let mut record = || history.commit(r.off, u64::from(r.len), version);
         let committed = match write_path.commit_with(pmem, &r, crc, fua, &mut record) {
-            Commit::Done(replaced) => Ok(replaced),
-            Commit::Persist(replaced) => lock.with(|c| c.kset_persist(r.off)).map(|()| replaced),
-            Commit::Engine => lock.with(|c| c.write_commit_with(&r, crc, fua, &mut record)),
+            Some(c) => Ok(c),
+            None => lock.with(|c| c.write_commit_with(&r, crc, fua, &mut record)),
         };
         match committed {
-            Ok(_) => *done += r.len as usize,
+            Ok(c) => progress.committed(&r, c),
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(format!("commit: {e}"))),
         }
     }
-    Some(Ok(()))
 }
 
 /// A FLUSH as `map` serves it: under the key log's lock, or when a close
@@ -765,6 +781,9 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
         w.crash_ppm = 0;
         (std::mem::take(&mut w.crashes), w.ops)
     };
+    if let Some((s, v)) = history.state().twice {
+        return Err(format!("sector {s}: version {v} committed twice"));
+    }
     let marks = std::mem::take(&mut history.state().marks);
     if marks.len() != images.len() {
         return Err(format!(
@@ -1012,12 +1031,9 @@ fn commits_on_two_threads_log_overlapping_keys_in_index_order() {
                             };
                             let crc = copy_in(&pmem, &r, &data[..], at).expect("copy");
                             pmem.fence();
-                            match write_path.commit(&pmem, &r, crc, false) {
-                                Commit::Done(_) => {}
-                                Commit::Persist(_) | Commit::Engine => lock
-                                    .with(|c| c.write_commit(&r, crc, false))
-                                    .map(|_| ())
-                                    .expect("commit"),
+                            if write_path.commit(&pmem, &r, crc, false).is_none() {
+                                lock.with(|c| c.write_commit(&r, crc, false))
+                                    .expect("commit");
                             }
                             at += r.len as usize;
                         }
@@ -1093,7 +1109,7 @@ fn reservations_on_two_threads_never_share_room() {
                             .push((r.addr, u64::from(r.len)));
                         let crc = copy_in(&pmem, &r, &data[..], 0).expect("copy");
                         pmem.fence();
-                        if write_path.commit(&pmem, &r, crc, false) == Commit::Engine {
+                        if write_path.commit(&pmem, &r, crc, false).is_none() {
                             lock.with(|c| c.write_commit(&r, crc, false))
                                 .expect("commit");
                         }

@@ -1167,7 +1167,7 @@ fn write_commit_tells_a_hit() {
         let r = c.write_reserve(off, len, 0, 0).unwrap();
         let pmem = pcache_engine::sim::SimPmem(world.clone());
         let crc = copy_in(&pmem, &r, &data[..], 0).unwrap();
-        c.write_commit(&r, crc, false).unwrap()
+        c.write_commit(&r, crc, false).unwrap() == pcache_engine::cache_core::Committed::Done(true)
     };
     assert!(!commit(&mut c, 1 << 20, 4096));
     assert!(commit(&mut c, 1 << 20, 4096));

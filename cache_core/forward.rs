@@ -355,22 +355,10 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         start: u64,
         f: &mut dyn FnMut(&Key, u64, u64) -> bool,
     ) {
-        let mut cur = start;
-        while cur < key.end() {
-            let Some((sub, to)) = self.index.stripe(cur, key.end()) else {
-                return;
-            };
-            let Some(k) = self.index.first_overlap(sub, cur, to) else {
-                cur = to;
-                continue;
-            };
-            let from = k.off.max(cur);
-            let upto = k.end().min(to);
-            if piece_of(&k, key) && !f(&k, from, upto) {
-                return;
-            }
-            cur = upto.max(cur + 1);
-        }
+        self.index
+            .each_overlap(start, key.end(), &mut |k, from, upto| {
+                !piece_of(k, key) || f(k, from, upto)
+            });
     }
 
     /// Whether the index still maps any part of logged key `key`'s range to

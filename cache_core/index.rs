@@ -401,6 +401,28 @@ impl<M: Memory> Trees<M> {
         self.first_overlap_held(sub, from, to)
     }
 
+    /// Calls `f(entry, from, upto)` on each entry overlapping `off..end`, in
+    /// order, with `from..upto` the part of the range it covers in its
+    /// subtree, until `f` returns false. Each entry is looked up under its
+    /// subtree's lock, which `f` runs without.
+    pub fn each_overlap(&self, off: u64, end: u64, f: &mut dyn FnMut(&Key, u64, u64) -> bool) {
+        let mut cur = off;
+        while cur < end {
+            let Some((sub, to)) = self.stripe(cur, end) else {
+                return;
+            };
+            let Some(k) = self.first_overlap(sub, cur, to) else {
+                cur = to;
+                continue;
+            };
+            let (from, upto) = (k.off.max(cur), k.end().min(to));
+            if !f(&k, from, upto) {
+                return;
+            }
+            cur = upto.max(cur + 1);
+        }
+    }
+
     /// [`Trees::first_overlap`] by a caller that holds `sub`'s lock (inside
     /// [`Index::insert_under`]).
     pub(crate) fn first_overlap_held(&self, sub: usize, from: u64, to: u64) -> Option<Key> {

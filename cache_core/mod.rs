@@ -184,19 +184,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// Whether the cache holds any of `off..off + len` (a write there is a write
     /// hit). A read miss's placeholder holds nothing.
     pub fn holds_any(&self, off: u64, len: u64) -> bool {
-        let end = off.saturating_add(len);
-        let mut cur = off;
-        while cur < end {
-            let Ok((sub, to)) = self.stripe(cur, end) else {
-                return false;
-            };
-            match self.index.first_overlap(sub, cur, to) {
-                Some(k) if !k.empty() => return true,
-                Some(k) => cur = k.end().max(cur + 1),
-                None => cur = to,
-            }
-        }
-        false
+        let mut any = false;
+        self.index
+            .each_overlap(off, off.saturating_add(len), &mut |k, _, _| {
+                any = !k.empty();
+                !any
+            });
+        any
     }
 
     /// State of cache segment `id` (a default value when out of range).

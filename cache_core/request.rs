@@ -24,7 +24,8 @@ pub struct Stalled;
 /// Runs `attempt` on the locked `T` until it completes (`Some`). While it
 /// cannot (`None`: the cache is full), kicks the background work and sleeps
 /// until it makes progress. A write that stops on a full cache may have cached
-/// a leading part; the next attempt writes the same bytes again.
+/// a leading part: its attempt keeps a [`super::Progress`] and goes on after
+/// it ([`super::Cache::write_resume`]).
 pub fn with_room<T, L, W, R>(
     engine: &L,
     waiting: &W,

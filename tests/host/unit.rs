@@ -1858,3 +1858,72 @@ fn gc_keeps_live_clean_data_it_collects() {
         );
     }
 }
+
+/// A FUA commit whose key went in but whose kset found no segment for the key
+/// log (data filled the cache, and the log used up its reserve) is counted as
+/// committed, with its kset left to persist (`Committed::Persist`): the write
+/// waits for room only to persist it (`Cache::persist_owed`), commits nothing
+/// again, and the data survives a restart once it returned.
+#[test]
+fn a_fua_commit_that_finds_no_log_segment_persists_its_kset_not_its_data_again() {
+    use pcache_engine::cache_core::io::copy_in;
+    use pcache_engine::cache_core::{CacheError, CacheOptions, Committed, Progress};
+    use pcache_engine::meta::kset::kset_size;
+    let (world, mut mem) = sized_world(24, 4096);
+    let opts = CacheOptions::default();
+    let mut c = start_small(&world, &mut mem, &opts).unwrap();
+    let pmem = pcache_engine::sim::SimPmem(world.clone());
+    // Room for more one-key ksets than two log segments take, reserved first.
+    let n = 2 * SMALL_SEG as usize / kset_size(1) + 64;
+    let rooms: Vec<_> = (0..n as u64)
+        .map(|i| c.write_reserve(i * 512, 512, 0, 0).unwrap())
+        .collect();
+    // Data fills the rest, but for the segment kept for the key log.
+    let big = vec![0x5au8; 32768];
+    let mut off = 6 << 20;
+    loop {
+        match c.write(off, &big, false, 0) {
+            Ok(()) => off += big.len() as u64,
+            Err(CacheError::Busy(_)) => break,
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+    // Each FUA commit closes a kset of its own, until the log finds no segment.
+    let data = vec![0xf0u8; 512];
+    let mut owed = None;
+    let mut rest = rooms.into_iter();
+    for r in rest.by_ref() {
+        let crc = copy_in(&pmem, &r, &data[..], 0).unwrap();
+        match c.write_commit(&r, crc, true).unwrap() {
+            Committed::Done(_) => {}
+            persist @ Committed::Persist(_) => {
+                owed = Some((r, persist));
+                break;
+            }
+        }
+    }
+    let (r, persist) = owed.expect("the key log never ran out of segments");
+    let mut p = Progress::default();
+    p.committed(&r, persist);
+    assert_eq!((p.done, p.persist), (512, Some(r.off)));
+    assert!(matches!(c.persist_owed(&mut p), Err(CacheError::Busy(_))));
+    assert_eq!(p.persist, Some(r.off), "a failed persist is still owed");
+    // Room made: the kset is persisted, and the write is done with one key.
+    for r in rest {
+        c.write_cancel(&r);
+    }
+    c.writeback_all().unwrap();
+    while c.gc_step().unwrap() == pcache_engine::cache_core::writeback::Step::Progress {}
+    c.persist_owed(&mut p).unwrap();
+    assert_eq!((p.done, p.persist), (512, None));
+    let mut keys = 0;
+    c.for_each_key(|k| keys += usize::from(k.off < r.off + 512 && k.end() > r.off));
+    assert_eq!(keys, 1);
+    c.check_invariants().unwrap();
+    // What a restart replays: the FUA write, persisted before it returned.
+    drop(c);
+    let c = start_small(&world, &mut mem, &opts).unwrap();
+    let mut buf = vec![0u8; 512];
+    c.read(r.off, &mut buf, false, 0).unwrap();
+    assert_eq!(buf, data);
+}

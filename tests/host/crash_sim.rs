@@ -521,7 +521,9 @@ fn finish_write(
         let (had, before) = (w.held.is_some(), w.progress.done);
         settle_write((engine, write_path), pmem, &mut w)?;
         // A FUA chunk's kset the commit could not persist: the worker does.
-        if engine.with(|c| c.persist_owed(&mut w.progress)).is_err() {
+        // As the module: the engine only when a persist is owed.
+        if w.progress.persist.is_some() && engine.with(|c| c.persist_owed(&mut w.progress)).is_err()
+        {
             break;
         }
         // Done, or the commit found the cache full.
@@ -540,7 +542,11 @@ fn finish_write(
     // without the lock, waiting for room whenever a chunk finds none and going
     // on from there.
     let rest = until_room(host, || loop {
-        match engine.with(|c| c.persist_owed(&mut w.progress)) {
+        match w
+            .progress
+            .persist
+            .map_or(Ok(()), |_| engine.with(|c| c.persist_owed(&mut w.progress)))
+        {
             Ok(()) => {}
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(e)),

@@ -402,7 +402,11 @@ fn write_chunks(
     progress: &mut Progress,
 ) -> Option<Result<(), String>> {
     loop {
-        match lock.with(|c| c.persist_owed(progress)) {
+        // As the module: the engine only when a persist is owed.
+        match progress
+            .persist
+            .map_or(Ok(()), |_| lock.with(|c| c.persist_owed(progress)))
+        {
             Ok(()) => {}
             Err(CacheError::Busy(_)) => return None,
             Err(e) => return Some(Err(format!("persist: {e}"))),

@@ -338,6 +338,7 @@ struct PcacheModule {
 impl kernel::InPlaceModule for PcacheModule {
     fn init(module: &'static ThisModule) -> impl PinInit<Self, Error> {
         target::claim::init();
+        target::crc::init();
         try_pin_init!(Self {
             target <- Registration::new(
                 c"pcache_rs",

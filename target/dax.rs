@@ -229,6 +229,17 @@ impl DaxMapping {
         Ok(())
     }
 
+    /// Stores `src` at `off` as [`DaxMapping::write`] does and returns its CRC32C continuing
+    /// from `crc`, in one pass that reads each byte of `src` once (see
+    /// [`super::crc::copy_flushcache_crc32c`]). `None`, with nothing stored, when out of range
+    /// or where the single pass is not available: the caller stages.
+    pub(crate) fn write_crc(&self, off: u64, src: &[u8], crc: u32) -> Option<u32> {
+        let dst = self.range(off, src.len()).ok()?;
+        // SAFETY: `dst..dst+len` is inside the mapping (checked by `range`) and is not `src`,
+        // which is not pmem memory handed out by us.
+        unsafe { super::crc::copy_flushcache_crc32c(dst, src, crc) }
+    }
+
     /// Orders all earlier flushed writes before any later one (`pmem_wmb`).
     pub(crate) fn fence(&self) {
         // SAFETY: a store fence; no memory is accessed.

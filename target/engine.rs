@@ -117,9 +117,14 @@ impl<D: Deref<Target = DaxMapping>, S: Deref<Target = SegmentPins>> Pmem for Dax
     }
 
     fn write_crc(&self, off: u64, data: &[u8], mut crc: u32) -> u32 {
-        // `data` is a bio's page, which its owner may be rewriting meanwhile: each sector of it
-        // is read once, into a buffer of our own, and that is what is stored and CRC'd. The
-        // buffer stays in the L1 cache, and the stack of `map` has room for it.
+        // `data` is a bio's page, which its owner may be rewriting meanwhile: each byte must be
+        // read once, and what is stored is what is CRC'd. The single pass does that with no
+        // copy of our own; where it is not available each sector is read once into a buffer of
+        // our own, which is stored and CRC'd. The buffer stays in the L1 cache, and the stack of
+        // `map` has room for it.
+        if let Some(crc) = self.map.write_crc(off, data, crc) {
+            return crc;
+        }
         let mut stage = [0u8; STAGE_BYTES];
         let mut to = off;
         for piece in data.chunks(STAGE_BYTES) {

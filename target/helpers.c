@@ -14,6 +14,9 @@
 #include <linux/string.h>
 #include <linux/uaccess.h>
 #include <linux/vmalloc.h>
+#ifdef CONFIG_X86_64
+#include <asm/cpufeature.h>
+#endif
 
 #include "helpers.h"
 
@@ -74,6 +77,40 @@ void *pcache_rs_vmap(struct page **pages, unsigned int count)
 void pcache_rs_memcpy_flushcache(void *dst, const void *src, size_t cnt)
 {
 	memcpy_flushcache(dst, src, cnt);
+}
+
+/*
+ * The one helper that is not a forward: a data-CRC write must store and CRC the same bytes, and
+ * the source is a bio's page, which its owner may rewrite during an O_DIRECT write. This loop
+ * loads each 8-byte word of @src once, stores that word to @dst with a non-temporal store (as
+ * memcpy_flushcache does for aligned words; ordered by the caller's pmem_wmb) and feeds it to
+ * the CRC32 instruction, so no staging copy is needed. The CRC continues from *@crc with no
+ * inversion, exactly as crc32c() computes it. Returns false, having touched nothing, where it
+ * cannot: not x86-64, no SSE4.2, or @dst, @src or @len not a multiple of 8.
+ */
+bool pcache_rs_memcpy_flushcache_crc32c(void *dst, const void *src, size_t len, u32 *crc)
+{
+#ifdef CONFIG_X86_64
+	u64 *d = dst;
+	const u64 *s = src;
+	u32 c = *crc;
+
+	if (!boot_cpu_has(X86_FEATURE_XMM4_2) ||
+	    (((unsigned long)dst | (unsigned long)src | len) & 7))
+		return false;
+	for (; len; len -= 8) {
+		u64 w = READ_ONCE(*s);
+
+		asm volatile("movnti %1, %0" : "=m"(*d) : "r"(w));
+		asm("crc32q %1, %q0" : "+r"(c) : "r"(w));
+		s++;
+		d++;
+	}
+	*crc = c;
+	return true;
+#else
+	return false;
+#endif
 }
 
 unsigned long pcache_rs_copy_mc_to_kernel(void *dst, const void *src, unsigned int cnt)

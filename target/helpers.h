@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Out-of-line wrappers for the static inline functions and macros that dm-pcache-rs needs and
- * bindgen cannot see. Each is a one-line forward to the kernel's own definition.
+ * bindgen cannot see. Each is a one-line forward to the kernel's own definition, except
+ * pcache_rs_memcpy_flushcache_crc32c (a data-CRC write's copy, see helpers.c).
  */
 #ifndef _DM_PCACHE_RS_HELPERS_H
 #define _DM_PCACHE_RS_HELPERS_H
@@ -22,6 +23,8 @@ bool pcache_rs_pfn_valid(unsigned long pfn);
 struct page *pcache_rs_pfn_to_page(unsigned long pfn);
 void *pcache_rs_vmap(struct page **pages, unsigned int count);
 void pcache_rs_memcpy_flushcache(void *dst, const void *src, size_t cnt);
+/* Stores @src at @dst and CRCs it in one pass; false where it cannot (see helpers.c). */
+bool pcache_rs_memcpy_flushcache_crc32c(void *dst, const void *src, size_t len, u32 *crc);
 unsigned long pcache_rs_copy_mc_to_kernel(void *dst, const void *src, unsigned int cnt);
 void pcache_rs_pmem_wmb(void);
 void pcache_rs_cond_resched(void);

@@ -94,9 +94,14 @@ test_cache_data_crc_message() {
 # a key would fail every read and every writeback, and its dirty data would never reach the backing
 # device. One thread rewrites a 64 KiB buffer as fast as it can while another writes it over 16 MiB
 # (data_crc on), 4 times over; then the region reads back through the cache without an IO error or a
-# CRC error counted, writeback drains, and the backing device holds what the cache returned.
+# CRC error counted, writeback drains, and the backing device holds what the cache returned. On this
+# VM's CPU (x86-64 with SSE4.2) pcache_rs stores and CRCs each word in one pass; its load-time check
+# of that pass against crc32c() passed (else it says so and stages each sector instead).
 test_cache_data_crc_buffer_rewritten_during_write() {
 	local dev
+	if [ "$TARGET" = pcache_rs ] && dmesg | grep -q "single-pass data CRC disagrees"; then
+		fail "the single-pass store and CRC disagreed with crc32c at module load"
+	fi
 	dev=$(c_new unstable 2 data_crc true)
 	"$HERE/rewritten-buffer" write "$dev" || fail "the writer failed"
 	dd if="$dev" of="$T_TMP/rewritten-cache" bs=1M count=16 iflag=direct status=none ||

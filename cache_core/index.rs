@@ -365,6 +365,24 @@ impl<M: Memory> Trees<M> {
         NIL
     }
 
+    /// The node starting exactly at `x` and `NIL`, or `NIL` and the last node
+    /// starting before `x` (`NIL` too if none), in one descent.
+    fn find_or_before(&self, mut t: u32, x: u64) -> (u32, u32) {
+        let mut before = NIL;
+        while t != NIL {
+            let n = self.n(t);
+            let off = n.off();
+            if off == x {
+                return (t, NIL);
+            }
+            if off < x {
+                before = t;
+            }
+            t = n.toward(x);
+        }
+        (NIL, before)
+    }
+
     /// Node with the smallest start >= `x`.
     fn ceil(&self, mut t: u32, x: u64) -> u32 {
         let mut best = NIL;
@@ -651,8 +669,9 @@ impl<M: Memory> Index<M> {
 
     /// Insert `key` into its subtree, trimming, splitting or dropping the keys it
     /// overlaps so that keys never intersect. The key must not cross a subtree
-    /// boundary. Needs two free nodes (one for the key, one for a split), taken
-    /// before anything changes, unless it replaces a key of exactly its range;
+    /// boundary. Needs a free node for the key, and a second when it splits a
+    /// key that contains it, taken before anything changes, and none when it
+    /// replaces a key of exactly its range;
     /// `on_drop` sees every key (or piece) the new key replaces, under the
     /// subtree's lock.
     pub fn insert(&self, key: Key, on_drop: impl FnMut(&Key)) -> Result<(), IndexFull> {
@@ -698,21 +717,30 @@ impl<M: Memory> Index<M> {
         let root = self.root(sub);
         // Rewriting exactly the range of one cached key (the common case of
         // block-sized overwrites): replace it in place, no split or merge.
-        let same = self.find(root, s);
+        let (same, before) = self.find_or_before(root, s);
         if same != NIL && self.n(same).end() == e {
             on_drop(&self.n(same).key());
             self.n(same).set_key(&key);
             return Ok(());
         }
+        // Only a key starting before `s` and ending after `e` (keys do not
+        // overlap, so none does if a key starts at `s`) leaves a tail that needs
+        // a node of its own. The free list is shared by every CPU: a node not
+        // taken is a compare-and-swap saved, and another to give it back.
+        let splits = before != NIL && self.n(before).end() > e;
         let node = self.pop_free();
-        let spare = if node == NIL { NIL } else { self.pop_free() };
-        if spare == NIL {
+        let spare = if node != NIL && splits {
+            self.pop_free()
+        } else {
+            NIL
+        };
+        if node == NIL || (splits && spare == NIL) {
             let mut back = Chain::EMPTY;
             self.chain_node(&mut back, node);
             self.free_chain(back);
             return Err(IndexFull);
         }
-        let mut spare = Some(spare);
+        let mut spare = (spare != NIL).then_some(spare);
         let (a, b) = self.split(root, s);
         let (m, mut c) = self.split(b, e);
 

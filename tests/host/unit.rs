@@ -301,6 +301,44 @@ fn index_overlap_resolution_matches_model() {
     assert_eq!(seen, model);
 }
 
+/// An insert takes a node from the shared free list for the key, and a second
+/// only when it splits a key that contains it: with one node left, an insert
+/// into a gap or over a key's head or tail goes in, one inside a key fails and
+/// changes nothing, and a rewrite of a key's exact range takes none.
+#[test]
+fn index_insert_takes_a_second_node_only_to_split_a_containing_key() {
+    let idx = leaked_index(4, 1);
+    // [0, 100) tag 1, [200, 300) tag 2: two nodes taken, two left.
+    idx.insert(key(0, 100, 1), |_| {}).unwrap();
+    idx.insert(key(200, 100, 2), |_| {}).unwrap();
+    assert_eq!(idx.free_nodes(), 2);
+    // Over the tail of the first key and into the gap: one node.
+    idx.insert(key(50, 100, 3), |_| {}).unwrap();
+    assert_eq!(idx.free_nodes(), 1);
+    let keys = || {
+        let mut v = Vec::new();
+        idx.for_each(|k| v.push((k.off, k.len, k.pos.seg.get())));
+        v
+    };
+    let before = keys();
+    assert_eq!(before, vec![(0, 50, 1), (50, 100, 3), (200, 100, 2)]);
+    // Inside the last key: its tail needs a node of its own, and there is none.
+    assert!(idx.insert(key(220, 10, 4), |_| {}).is_err());
+    assert_eq!(keys(), before);
+    assert_eq!(idx.free_nodes(), 1);
+    // Exactly over a key: replaced in place.
+    idx.insert(key(50, 100, 5), |_| {}).unwrap();
+    assert_eq!(idx.free_nodes(), 1);
+    // Over the head of the last key: the last node.
+    idx.insert(key(190, 20, 6), |_| {}).unwrap();
+    assert_eq!(idx.free_nodes(), 0);
+    assert_eq!(idx.free_list_len(), 0);
+    assert_eq!(
+        keys(),
+        vec![(0, 50, 1), (50, 100, 5), (190, 20, 6), (210, 90, 2)]
+    );
+}
+
 /// An index over leaked memory, for threads that may outlive a failed test.
 fn leaked_index(nodes: usize, subs: usize) -> &'static Index<Borrowed<'static>> {
     let nodes: &[Node] = Vec::leak(vec![Node::default(); nodes]);

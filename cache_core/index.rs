@@ -354,15 +354,8 @@ impl<M: Memory> Trees<M> {
     }
 
     /// Node starting exactly at `x`.
-    fn find(&self, mut t: u32, x: u64) -> u32 {
-        while t != NIL {
-            let n = self.n(t);
-            if n.off() == x {
-                return t;
-            }
-            t = n.toward(x);
-        }
-        NIL
+    fn find(&self, t: u32, x: u64) -> u32 {
+        self.find_or_before(t, x).0
     }
 
     /// The node starting exactly at `x` and `NIL`, or `NIL` and the last node
@@ -729,18 +722,20 @@ impl<M: Memory> Index<M> {
         // taken is a compare-and-swap saved, and another to give it back.
         let splits = before != NIL && self.n(before).end() > e;
         let node = self.pop_free();
-        let spare = if node != NIL && splits {
-            self.pop_free()
-        } else {
-            NIL
-        };
-        if node == NIL || (splits && spare == NIL) {
-            let mut back = Chain::EMPTY;
-            self.chain_node(&mut back, node);
-            self.free_chain(back);
+        if node == NIL {
             return Err(IndexFull);
         }
-        let mut spare = (spare != NIL).then_some(spare);
+        let mut spare = None;
+        if splits {
+            let t = self.pop_free();
+            if t == NIL {
+                let mut back = Chain::EMPTY;
+                self.chain_node(&mut back, node);
+                self.free_chain(back);
+                return Err(IndexFull);
+            }
+            spare = Some(t);
+        }
         let (a, b) = self.split(root, s);
         let (m, mut c) = self.split(b, e);
 

@@ -21,6 +21,7 @@
 //! takes `&self`) through it.
 
 use super::env::{Backing, Pmem};
+use super::forward::LiveSeen;
 use super::key::Pos;
 use super::{Cache, Memory, SegState, Tail};
 use crate::meta::cache_info::CacheInfo;
@@ -50,9 +51,8 @@ pub struct Ctrl<M: Memory> {
     /// Ordinal of the key-carrying kset at (or, past a LAST kset, after) the
     /// dirty tail.
     pub(crate) dirty_seq: u64,
-    /// How live the ksets GC collected lately were, in 1/1024 (see
-    /// [`super::forward`]).
-    pub(crate) gc_live_est: u32,
+    /// How live the ksets GC collected lately were (see [`super::forward`]).
+    pub(crate) gc_seen: LiveSeen,
     /// The scratch buffer holds the kset at this key tail, of this ordinal
     /// (`log_seq_tail`), with this many keys, as GC's copies read it: they
     /// look at it again without reading it again. Any other read of a kset
@@ -76,7 +76,7 @@ impl<M: Memory> Ctrl<M> {
             clean_at: None,
             log_seq_tail: 0,
             dirty_seq: 0,
-            gc_live_est: 0,
+            gc_seen: LiveSeen::NONE,
             forward_kset: None,
         }
     }
@@ -96,7 +96,7 @@ impl<M: Memory> Ctrl<M> {
         self.clean_at = None;
         self.log_seq_tail = 0;
         self.dirty_seq = 0;
-        self.gc_live_est = 0;
+        self.gc_seen = LiveSeen::NONE;
         self.forward_kset = None;
     }
 }

@@ -33,13 +33,13 @@
 //! keys for the copies (none when keys run short, or segments: it leaves a free
 //! segment to each data head and the key log). All of a kset's live data is
 //! copied when it is at most half of what the kset holds (GC then frees more
-//! than it copies), or while the ksets GC collected lately say the cache's
-//! live data fits well within `gc_percent` (a working set that fits is kept
-//! however many times GC passes it); from any other kset, only data GC has not copied since attach. So in a cache
-//! full of live data, or whose segments stay in use whatever GC does (room
-//! the requests hold), the ksets GC collects come to be all copies, the
-//! estimate climbs, and GC drops them, as upstream: it does not copy the same
-//! data round the log for ever.
+//! than it copies), or while the ksets GC collected over its last pass say the
+//! cache's live data fits well within `gc_percent` (a working set that fits is
+//! kept however many times GC passes it); from any other kset, only data GC
+//! has not copied since attach. So in a cache full of live data, or whose
+//! segments stay in use whatever GC does (room the requests hold), the ksets
+//! GC collects come to be all copies, the estimate climbs, and GC drops them,
+//! as upstream: it does not copy the same data round the log for ever.
 
 use super::data::Source;
 use super::env::{Backing, IoError, Pmem};
@@ -53,6 +53,51 @@ use super::writeback::WbExtent;
 use super::{Cache, Memory};
 use crate::meta::kset::{KsetRead, KEY_FLAGS_CLEAN};
 use core::cell::RefCell;
+
+/// What GC saw of the ksets it collected over about its last pass: the
+/// sectors of their keys, and the part of them the index still mapped, each
+/// sum decayed by what GC collects after, so that together they cover about a
+/// window of the used segments at `gc_percent`.
+///
+/// Weighed by bytes, over a pass, rather than by kset over the last few: a
+/// working set that GC met as a run of ksets in a row (copies come as a run,
+/// and a kset of small keys holds little data) made an average over the last
+/// eight ksets say the cache was full of live data when its live data was a
+/// few percent of it, and GC dropped the rest of the working set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LiveSeen {
+    live: u64,
+    total: u64,
+}
+
+impl LiveSeen {
+    pub(crate) const NONE: Self = LiveSeen { live: 0, total: 0 };
+
+    /// Adds a kset whose keys hold `total` bytes, `live` of them still
+    /// mapped, to what was seen over `window` sectors: what was seen before
+    /// decays by the share of the window the kset takes.
+    fn see(&mut self, total: u64, live: u64, window: u64) {
+        let window = window.max(1);
+        let t = total / SECTOR;
+        let l = live.min(total) / SECTOR;
+        let decay = |x: u64| x - (x.saturating_mul(t) / window).min(x);
+        self.total = decay(self.total).saturating_add(t);
+        self.live = decay(self.live).saturating_add(l).min(self.total);
+    }
+
+    /// How live what was seen is, in 1/1024; what has not yet been seen of a
+    /// window counts as dead (after attach, GC keeps everything until it has
+    /// seen about a window).
+    fn fraction(&self, window: u64) -> u64 {
+        (self.live.saturating_mul(1024))
+            .checked_div(self.total.max(window))
+            .unwrap_or(0)
+    }
+}
+
+/// [`LiveSeen`] counts in sectors (keys are whole sectors): its decay
+/// multiplies two counts, which in bytes could overflow for a large cache.
+const SECTOR: u64 = 512;
 
 /// The data head GC's copies go through. Writes use theirs by CPU; this is
 /// one of them, so the copies share its lock with that CPU's writes.
@@ -294,25 +339,23 @@ impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
     /// Whether to copy all the `live` bytes of a kset whose keys hold
     /// `total`, rather than only those GC did not copy before. Yes if they
     /// are at most half: GC then frees more than it copies. Yes too while the
-    /// ksets GC collected lately were live in a proportion that puts the live
-    /// data of the cache within three quarters of what `gc_percent` keeps: a
-    /// working set that fits is kept each time GC passes it.
+    /// ksets GC collected over its last pass were live in a proportion that
+    /// puts the live data of the cache within three quarters of what
+    /// `gc_percent` keeps: a working set that fits is kept each time GC
+    /// passes it.
     fn forward_all(&mut self, total: u64, live: u64) -> bool {
         let est = self.forward_estimate(total, live);
-        let threshold = u64::from(self.n_segs) * u64::from(self.t.info.gc_percent()) / 100;
+        let threshold = self.gc_threshold();
         live * 2 <= total || est * u64::from(self.used_segs()) * 4 <= threshold * 3 * 1024
     }
 
     /// Adds a kset GC is about to collect, `live` bytes of `total` live, to
-    /// the estimate of how live the ksets at the key tail are, in 1/1024,
-    /// over about the last eight. Returns the new estimate.
+    /// what GC saw over its last pass (see [`LiveSeen`]). Returns how live
+    /// that was, in 1/1024.
     fn forward_estimate(&mut self, total: u64, live: u64) -> u64 {
-        let frac = (live.min(total) * 1024)
-            .checked_div(total)
-            .map_or(1024, |f| f as u32);
-        let est = &mut self.t.gc_live_est;
-        *est = *est - *est / 8 + frac / 8;
-        u64::from(*est)
+        let window = self.gc_threshold().max(1) * u64::from(self.seg_data_size()) / SECTOR;
+        self.t.gc_seen.see(total, live, window);
+        self.t.gc_seen.fraction(window)
     }
 
     /// Key `i` of the kset in the scratch buffer, if it is one GC drops a

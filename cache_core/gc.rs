@@ -27,8 +27,14 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
         if self.t.key_tail.pos == self.t.dirty_tail.pos {
             return false;
         }
-        let threshold = u64::from(self.n_segs) * u64::from(self.t.info.gc_percent()) / 100;
-        u64::from(self.used_segs()) >= threshold || self.key_pressure() || self.space.room_wanted()
+        u64::from(self.used_segs()) >= self.gc_threshold()
+            || self.key_pressure()
+            || self.space.room_wanted()
+    }
+
+    /// The used segments at which GC starts: `gc_percent` of the cache.
+    pub(super) fn gc_threshold(&self) -> u64 {
+        u64::from(self.n_segs) * u64::from(self.t.info.gc_percent()) / 100
     }
 
     /// Reclaim one kset at the key tail (see [`Cache::gc_step`]).

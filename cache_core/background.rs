@@ -178,7 +178,10 @@ where
     /// steps, collect up to [`GC_STEPS_PER_ROUND`] ksets (fewer once GC copied
     /// [`KEPT_BYTES_PER_ROUND`] forward) and run up to
     /// [`CLEAN_STEPS_PER_ROUND`] steps of the clean pass, and wake the
-    /// requests waiting for room if anything moved.
+    /// requests waiting for room if anything moved. While a request waits for
+    /// room, or keys run short, GC also collects after each writeback step what
+    /// that step passed: the room a write waits for comes a step of backing IO
+    /// after writeback frees it, not a round's.
     pub fn run<CP, CB, M, W>(
         &mut self,
         engine: &Cache<CP, CB, M>,
@@ -208,13 +211,19 @@ where
                 Err(e) => round.flush_error = Some(e),
             }
         }
+        let mut gc = GcBudget::default();
         for i in 0..=STEPS_PER_ROUND {
             if i == STEPS_PER_ROUND {
                 round.more = true;
                 break;
             }
             match self.writeback_step(engine) {
-                Ok(Step::Progress) => round.progress = true,
+                Ok(Step::Progress) => {
+                    round.progress = true;
+                    if engine.gc_urgent() {
+                        self.collect(engine, waiting, &mut round, &mut gc);
+                    }
+                }
                 Ok(Step::Idle) => break,
                 Err(e) => {
                     round.writeback_error = Some(e);
@@ -222,29 +231,7 @@ where
                 }
             }
         }
-        let mut kept = 0u64;
-        for i in 0..=GC_STEPS_PER_ROUND {
-            if i == GC_STEPS_PER_ROUND || kept >= KEPT_BYTES_PER_ROUND {
-                round.more = true;
-                break;
-            }
-            // The live clean data of the kset GC takes next is copied
-            // forward first (see [`super::forward`]).
-            kept += engine.gc_forward(&mut self.bounce);
-            match engine.gc_step() {
-                Ok(Step::Progress) => {
-                    round.progress = true;
-                    // Requests waiting for room look again now, not at the end of the
-                    // round: a kset collected may have freed the segment they need.
-                    waiting.wake_all();
-                }
-                Ok(Step::Idle) => break,
-                Err(e) => {
-                    round.gc_error = Some(e);
-                    break;
-                }
-            }
-        }
+        self.collect(engine, waiting, &mut round, &mut gc);
         // The keys of the segments GC freed: only their nodes are held, so the
         // pass goes a step per hold of the lock, and wakes the requests waiting
         // for keys as it frees them.
@@ -264,4 +251,46 @@ where
         }
         round
     }
+
+    /// GC steps until GC has nothing to do or the round's GC budget (`gc`) is
+    /// spent, copying forward the live clean data of each kset first (see
+    /// [`super::forward`]).
+    fn collect<CP, CB, M, W>(
+        &mut self,
+        engine: &Cache<CP, CB, M>,
+        waiting: &W,
+        round: &mut Round,
+        gc: &mut GcBudget,
+    ) where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        W: Waiting,
+    {
+        while round.gc_error.is_none() {
+            if gc.steps == GC_STEPS_PER_ROUND || gc.kept >= KEPT_BYTES_PER_ROUND {
+                round.more = true;
+                return;
+            }
+            gc.steps += 1;
+            gc.kept += engine.gc_forward(&mut self.bounce);
+            match engine.gc_step() {
+                Ok(Step::Progress) => {
+                    round.progress = true;
+                    // Requests waiting for room look again now, not at the end of the
+                    // round: a kset collected may have freed the segment they need.
+                    waiting.wake_all();
+                }
+                Ok(Step::Idle) => return,
+                Err(e) => round.gc_error = Some(e),
+            }
+        }
+    }
+}
+
+/// What GC has spent of a round: steps, and bytes copied forward.
+#[derive(Default)]
+struct GcBudget {
+    steps: u32,
+    kept: u64,
 }

@@ -128,6 +128,12 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.index.key_pressure()
     }
 
+    /// A write waits for room, or keys run short: GC should not wait for the
+    /// end of a round of writeback (see [`super::background::Background::run`]).
+    pub(crate) fn gc_urgent(&self) -> bool {
+        self.space.room_wanted() || self.key_pressure()
+    }
+
     /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration),
     /// under the control lock. One GC at a time: a second caller meanwhile
     /// waits for the lock, then finds the kset gone.

@@ -219,6 +219,8 @@ pub struct World {
     pub backing_fails: bool,
     /// Reads' pins per cache segment (see `Pmem::pin`).
     pub pins: std::collections::BTreeMap<u32, u32>,
+    /// Backing-device flushes that succeeded (a writeback step ends with one).
+    pub backing_flushes: u64,
 }
 
 impl World {
@@ -238,6 +240,7 @@ impl World {
             crashes: Vec::new(),
             backing_fails: false,
             pins: Default::default(),
+            backing_flushes: 0,
         }
     }
 
@@ -367,6 +370,7 @@ impl World {
         }
         self.tick();
         self.backing.flush();
+        self.backing_flushes += 1;
         Ok(())
     }
 }

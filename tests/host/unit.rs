@@ -2031,6 +2031,76 @@ fn gc_stops_copying_when_the_live_data_outgrows_gc_percent() {
     );
 }
 
+/// A write that waits for room gets it a writeback step after writeback
+/// passes it, not a round later: with a request waiting (`room_wanted`), the
+/// round runs GC after each writeback step. The cache is filled with dirty
+/// data until a write finds no room; in the one round that follows, the first
+/// time GC collects a kset (and wakes the waiters) comes after the first
+/// writeback step's backing flush, not after the round's sixteenth.
+#[test]
+fn a_write_waiting_for_room_gets_it_after_one_writeback_step() {
+    use pcache_engine::cache_core::background::{Background, STEPS_PER_ROUND};
+    use pcache_engine::cache_core::{CacheError, CacheOptions};
+    use pcache_engine::sim::{SimBacking, SimPmem};
+    use std::cell::Cell;
+    /// Notes how many backing flushes came before the first wake.
+    struct Probe<'a> {
+        world: &'a SharedWorld,
+        first_wake: Cell<Option<u64>>,
+    }
+    impl pcache_engine::cache_core::Waiting for Probe<'_> {
+        fn ticket(&self) -> u64 {
+            0
+        }
+        fn wait(&self, _ticket: u64, _timeout_ms: u32) -> bool {
+            true
+        }
+        fn wake_all(&self) {
+            let flushes = self.world.borrow().backing_flushes;
+            self.first_wake.set(self.first_wake.get().or(Some(flushes)));
+        }
+        fn kick(&self) {}
+        fn now_ms(&self) -> u64 {
+            0
+        }
+    }
+    let (world, mut mem) = sized_world(64, 1 << 14);
+    let c = start_small(&world, &mut mem, &CacheOptions::default()).unwrap();
+    let mut bg = Background::new(
+        SimPmem(world.clone()),
+        SimBacking(world.clone()),
+        vec![WbExtent::default(); WB_EXTENTS_MAX],
+        vec![0u8; 16 << 10],
+    );
+    // Small writes, each closing its kset (FUA), so that a writeback step
+    // (WB_KSETS_MAX ksets) covers little and the round has many steps to do.
+    let mut n = 0u64;
+    loop {
+        match c.write(n * 4096, &[n as u8; 4096], true, 0) {
+            Ok(()) => n += 1,
+            Err(CacheError::Busy(_)) => break,
+            Err(e) => panic!("write {n}: {e}"),
+        }
+    }
+    let probe = Probe {
+        world: &world,
+        first_wake: Cell::new(None),
+    };
+    let before = world.borrow().backing_flushes;
+    let round = bg.run(&c, &probe, true);
+    let flushes = world.borrow().backing_flushes - before;
+    assert!(
+        flushes >= u64::from(STEPS_PER_ROUND) && round.more,
+        "the round wrote back in {flushes} steps after {n} writes: too few to tell"
+    );
+    let first = probe.first_wake.get().map(|f| f - before);
+    assert_eq!(
+        first,
+        Some(1),
+        "GC first woke the waiting writes after {first:?} of the round's {flushes} backing flushes"
+    );
+}
+
 /// A FUA commit whose key went in but whose kset found no segment for the key
 /// log (data filled the cache, and the log used up its reserve) is counted as
 /// committed, with its kset left to persist (`Committed::Persist`): the write

@@ -194,6 +194,38 @@ where
         M: Memory,
         W: Waiting,
     {
+        self.round(engine, waiting, urgent, STEPS_PER_ROUND)
+    }
+
+    /// The round a request that waits for room runs itself when no other is
+    /// running ([`Waiting::kick`]): as [`Self::run`] with `urgent`, but one
+    /// writeback step, after which GC collects what it passed. The request
+    /// looks for its room after a step of backing IO, not after a round of
+    /// them; the work item's rounds do the rest.
+    pub fn run_for_waiter<CP, CB, M, W>(&mut self, engine: &Cache<CP, CB, M>, waiting: &W) -> Round
+    where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        W: Waiting,
+    {
+        self.round(engine, waiting, true, 1)
+    }
+
+    /// [`Self::run`] with at most `steps` writeback steps.
+    fn round<CP, CB, M, W>(
+        &mut self,
+        engine: &Cache<CP, CB, M>,
+        waiting: &W,
+        urgent: bool,
+        steps: u32,
+    ) -> Round
+    where
+        CP: Pmem,
+        CB: Backing,
+        M: Memory,
+        W: Waiting,
+    {
         let mut round = Round::default();
         let now = waiting.now_ms();
         let due = urgent
@@ -212,8 +244,8 @@ where
             }
         }
         let mut gc = GcBudget::default();
-        for i in 0..=STEPS_PER_ROUND {
-            if i == STEPS_PER_ROUND {
+        for i in 0..=steps {
+            if i == steps {
                 round.more = true;
                 break;
             }

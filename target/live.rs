@@ -200,11 +200,12 @@ impl Waiting for LiveCache {
     }
 
     fn kick(&self) {
-        // Run a round here unless one is running (it wakes us when it makes progress). A
-        // request waits for room: the open ksets are persisted at once, so that writeback can
-        // take their keys.
+        // Run a short round here unless one is running (it wakes us when it makes progress):
+        // one writeback step and the GC after it, so that this request waits for one step of
+        // backing IO, not a round's. A request waits for room: the open ksets are persisted at
+        // once, so that writeback can take their keys.
         if let Some(mut writer) = self.writer.try_lock() {
-            let round = writer.run(&self.engine, self, true);
+            let round = writer.run_for_waiter(&self.engine, self);
             drop(writer);
             self.report(&round);
         }

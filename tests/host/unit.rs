@@ -2032,11 +2032,13 @@ fn gc_stops_copying_when_the_live_data_outgrows_gc_percent() {
 }
 
 /// A write that waits for room gets it a writeback step after writeback
-/// passes it, not a round later: with a request waiting (`room_wanted`), the
-/// round runs GC after each writeback step. The cache is filled with dirty
-/// data until a write finds no room; in the one round that follows, the first
-/// time GC collects a kset (and wakes the waiters) comes after the first
-/// writeback step's backing flush, not after the round's sixteenth.
+/// passes it, not a round later. The cache is filled with dirty data until a
+/// write finds no room. The round the waiting request runs itself
+/// (`run_for_waiter`, when no other runs) makes one writeback step, and GC
+/// collects after it. A work item's round, with a request waiting
+/// (`room_wanted`), runs GC after each writeback step: GC first collects a
+/// kset (and wakes the waiters) after the round's first backing flush, not
+/// after its sixteenth.
 #[test]
 fn a_write_waiting_for_room_gets_it_after_one_writeback_step() {
     use pcache_engine::cache_core::background::{Background, STEPS_PER_ROUND};
@@ -2073,27 +2075,43 @@ fn a_write_waiting_for_room_gets_it_after_one_writeback_step() {
         vec![0u8; 16 << 10],
     );
     // Small writes, each closing its kset (FUA), so that a writeback step
-    // (WB_KSETS_MAX ksets) covers little and the round has many steps to do.
+    // (WB_KSETS_MAX ksets) covers little and a round has many steps to do.
     let mut n = 0u64;
-    loop {
+    let mut fill = || loop {
         match c.write(n * 4096, &[n as u8; 4096], true, 0) {
             Ok(()) => n += 1,
-            Err(CacheError::Busy(_)) => break,
+            Err(CacheError::Busy(_)) => return n,
             Err(e) => panic!("write {n}: {e}"),
         }
-    }
-    let probe = Probe {
-        world: &world,
-        first_wake: Cell::new(None),
     };
-    let before = world.borrow().backing_flushes;
-    let round = bg.run(&c, &probe, true);
-    let flushes = world.borrow().backing_flushes - before;
-    assert!(
-        flushes >= u64::from(STEPS_PER_ROUND) && round.more,
-        "the round wrote back in {flushes} steps after {n} writes: too few to tell"
+    // Both rounds: (backing flushes, the flushes before GC's first wake).
+    let mut measure = |waiter: bool| {
+        let probe = Probe {
+            world: &world,
+            first_wake: Cell::new(None),
+        };
+        let before = world.borrow().backing_flushes;
+        let round = if waiter {
+            bg.run_for_waiter(&c, &probe)
+        } else {
+            bg.run(&c, &probe, false)
+        };
+        assert!(round.writeback_error.is_none() && round.gc_error.is_none());
+        let flushes = world.borrow().backing_flushes - before;
+        (flushes, probe.first_wake.get().map(|f| f - before))
+    };
+    let written = fill();
+    assert_eq!(
+        measure(true),
+        (1, Some(1)),
+        "the waiter's round after {written} writes: (backing flushes, flushes before GC woke the waiters)"
     );
-    let first = probe.first_wake.get().map(|f| f - before);
+    let written = fill();
+    let (flushes, first) = measure(false);
+    assert!(
+        flushes >= u64::from(STEPS_PER_ROUND),
+        "the round wrote back in {flushes} steps after {written} writes: too few to tell"
+    );
     assert_eq!(
         first,
         Some(1),

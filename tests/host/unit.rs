@@ -700,14 +700,64 @@ fn small_world() -> (SharedWorld, pcache_engine::sim::OwnedMem) {
 
 /// [`small_world`] with `segs` segments and `keys` keys.
 fn sized_world(segs: u64, keys: usize) -> (SharedWorld, pcache_engine::sim::OwnedMem) {
+    world_of(segs, keys, 8 << 20, 1)
+}
+
+/// [`sized_world`] over `backing` bytes, with `ksets` open ksets.
+fn world_of(
+    segs: u64,
+    keys: usize,
+    backing: u64,
+    ksets: usize,
+) -> (SharedWorld, pcache_engine::sim::OwnedMem) {
     use pcache_engine::meta::layout::SEGMENTS_OFF;
     use pcache_engine::sim::{BackingModel, OwnedMem, World};
-    let backing = 8u64 << 20;
     let world = World::untracked(
         vec![0u8; (SEGMENTS_OFF + segs * SMALL_SEG) as usize],
         BackingModel::new(backing, std::collections::HashMap::new()),
     );
-    (world, OwnedMem::new(segs as usize, keys, backing, 1, 1))
+    (world, OwnedMem::new(segs as usize, keys, backing, ksets, 1))
+}
+
+/// The background writer of the tests over a [`SharedWorld`].
+type SimBackground = pcache_engine::cache_core::background::Background<
+    pcache_engine::sim::SimPmem,
+    pcache_engine::sim::SimBacking,
+    Vec<WbExtent>,
+    Vec<u8>,
+>;
+
+/// Writes `data` at `off`, running urgent background rounds while the cache
+/// has no room for it.
+fn write_making_room(
+    c: &pcache_engine::cache_core::Cache<
+        pcache_engine::sim::SimPmem,
+        pcache_engine::sim::SimBacking,
+        pcache_engine::host_mem::Borrowed<'_>,
+    >,
+    bg: &mut SimBackground,
+    off: u64,
+    data: &[u8],
+) {
+    loop {
+        match c.write(off, data, false, 0) {
+            Ok(()) => return,
+            Err(pcache_engine::cache_core::CacheError::Busy(_)) => {
+                bg.run(c, &ByHand, true);
+            }
+            Err(e) => panic!("write at {off}: {e}"),
+        }
+    }
+}
+
+/// A background writer over `world`, with a small bounce buffer.
+fn background(world: &SharedWorld) -> SimBackground {
+    pcache_engine::cache_core::background::Background::new(
+        pcache_engine::sim::SimPmem(world.clone()),
+        pcache_engine::sim::SimBacking(world.clone()),
+        vec![WbExtent::default(); WB_EXTENTS_MAX],
+        vec![0u8; 16 << 10],
+    )
 }
 
 const SMALL_SEG: u64 = 64 * 1024;
@@ -1811,9 +1861,7 @@ impl pcache_engine::cache_core::Waiting for ByHand {
 /// every read of an untouched block a miss once GC had passed it.)
 #[test]
 fn gc_keeps_live_clean_data_it_collects() {
-    use pcache_engine::cache_core::background::Background;
-    use pcache_engine::cache_core::{CacheError, CacheOptions};
-    use pcache_engine::sim::{SimBacking, SimPmem};
+    use pcache_engine::cache_core::CacheOptions;
     const BLOCK: usize = 4096;
     for data_crc in [false, true] {
         let (world, mut mem) = sized_world(32, 4096);
@@ -1822,22 +1870,10 @@ fn gc_keeps_live_clean_data_it_collects() {
             ..Default::default()
         };
         let c = start_small(&world, &mut mem, &opts).unwrap();
-        let mut bg = Background::new(
-            SimPmem(world.clone()),
-            SimBacking(world.clone()),
-            vec![WbExtent::default(); WB_EXTENTS_MAX],
-            vec![0u8; 16 << 10],
-        );
+        let mut bg = background(&world);
         let block = |i: u64, v: u8| vec![v ^ (i as u8); BLOCK];
-        let write = |off: u64, data: &[u8], bg: &mut Background<_, _, _, _>| loop {
-            match c.write(off, data, false, 0) {
-                Ok(()) => return,
-                Err(CacheError::Busy(_)) => {
-                    bg.run(&c, &ByHand, true);
-                }
-                Err(e) => panic!("write at {off}: {e}"),
-            }
-        };
+        let write =
+            |off: u64, data: &[u8], bg: &mut SimBackground| write_making_room(&c, bg, off, data);
         // The working set: 48 blocks in 32 KiB writes, then every fourth
         // block written again, so that its first keys are partly live.
         let ws = 48u64;
@@ -1907,37 +1943,16 @@ fn gc_keeps_live_clean_data_it_collects() {
 /// dropped the rest of them on its second pass.)
 #[test]
 fn gc_keeps_a_working_set_it_meets_as_a_run_of_live_ksets() {
-    use pcache_engine::cache_core::background::Background;
-    use pcache_engine::cache_core::{CacheError, CacheOptions};
-    use pcache_engine::meta::layout::SEGMENTS_OFF;
-    use pcache_engine::sim::{BackingModel, OwnedMem, SimBacking, SimPmem, World};
+    use pcache_engine::cache_core::CacheOptions;
     const BLOCK: u64 = 4096;
     const SUBTREE: u64 = 4 << 20;
     // 64 MiB of cache over 16 MiB of backing, two ksets: subtrees 0 and 2 log
     // to kset 0, subtree 1 to kset 1.
-    let segs = 1024u64;
-    let backing = 16u64 << 20;
-    let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + segs * SMALL_SEG) as usize],
-        BackingModel::new(backing, std::collections::HashMap::new()),
-    );
-    let mut mem = OwnedMem::new(segs as usize, 1 << 15, backing, 2, 1);
+    let (world, mut mem) = world_of(1024, 1 << 15, 16 << 20, 2);
     let c = start_small(&world, &mut mem, &CacheOptions::default()).unwrap();
-    let mut bg = Background::new(
-        SimPmem(world.clone()),
-        SimBacking(world.clone()),
-        vec![WbExtent::default(); WB_EXTENTS_MAX],
-        vec![0u8; 16 << 10],
-    );
-    let write = |off: u64, data: &[u8], bg: &mut Background<_, _, _, _>| loop {
-        match c.write(off, data, false, 0) {
-            Ok(()) => return,
-            Err(CacheError::Busy(_)) => {
-                bg.run(&c, &ByHand, true);
-            }
-            Err(e) => panic!("write at {off}: {e}"),
-        }
-    };
+    let mut bg = background(&world);
+    let write =
+        |off: u64, data: &[u8], bg: &mut SimBackground| write_making_room(&c, bg, off, data);
     // The working set: 8 MiB in 4 KiB writes over subtrees 0 and 2, all of
     // whose keys go to kset 0: 16 full ksets in a row, then as many of copies.
     let ws: Vec<u64> = (0..1024)
@@ -1984,36 +1999,14 @@ fn gc_keeps_a_working_set_it_meets_as_a_run_of_live_ksets() {
 /// has seen that about a window of its pass (it keeps everything until then).
 #[test]
 fn gc_stops_copying_when_the_live_data_outgrows_gc_percent() {
-    use pcache_engine::cache_core::background::Background;
-    use pcache_engine::cache_core::{CacheError, CacheOptions};
-    use pcache_engine::meta::layout::SEGMENTS_OFF;
-    use pcache_engine::sim::{BackingModel, OwnedMem, SimBacking, SimPmem, World};
-    let segs = 1024u64;
+    use pcache_engine::cache_core::CacheOptions;
     let backing = 256u64 << 20;
-    let world = World::untracked(
-        vec![0u8; (SEGMENTS_OFF + segs * SMALL_SEG) as usize],
-        BackingModel::new(backing, std::collections::HashMap::new()),
-    );
-    let mut mem = OwnedMem::new(segs as usize, 1 << 15, backing, 2, 1);
+    let (world, mut mem) = world_of(1024, 1 << 15, backing, 2);
     let c = start_small(&world, &mut mem, &CacheOptions::default()).unwrap();
-    let mut bg = Background::new(
-        SimPmem(world.clone()),
-        SimBacking(world.clone()),
-        vec![WbExtent::default(); WB_EXTENTS_MAX],
-        vec![0u8; 16 << 10],
-    );
+    let mut bg = background(&world);
     let chunk = 64u64 << 10;
     for n in 0..backing / chunk {
-        let data = vec![n as u8; chunk as usize];
-        loop {
-            match c.write(n * chunk, &data, false, 0) {
-                Ok(()) => break,
-                Err(CacheError::Busy(_)) => {
-                    bg.run(&c, &ByHand, true);
-                }
-                Err(e) => panic!("write {n}: {e}"),
-            }
-        }
+        write_making_room(&c, &mut bg, n * chunk, &vec![n as u8; chunk as usize]);
         if n % 64 == 0 {
             bg.run(&c, &ByHand, true);
         }
@@ -2041,9 +2034,8 @@ fn gc_stops_copying_when_the_live_data_outgrows_gc_percent() {
 /// after its sixteenth.
 #[test]
 fn a_write_waiting_for_room_gets_it_after_one_writeback_step() {
-    use pcache_engine::cache_core::background::{Background, STEPS_PER_ROUND};
+    use pcache_engine::cache_core::background::STEPS_PER_ROUND;
     use pcache_engine::cache_core::{CacheError, CacheOptions};
-    use pcache_engine::sim::{SimBacking, SimPmem};
     use std::cell::Cell;
     /// Notes how many backing flushes came before the first wake.
     struct Probe<'a> {
@@ -2068,12 +2060,7 @@ fn a_write_waiting_for_room_gets_it_after_one_writeback_step() {
     }
     let (world, mut mem) = sized_world(64, 1 << 14);
     let c = start_small(&world, &mut mem, &CacheOptions::default()).unwrap();
-    let mut bg = Background::new(
-        SimPmem(world.clone()),
-        SimBacking(world.clone()),
-        vec![WbExtent::default(); WB_EXTENTS_MAX],
-        vec![0u8; 16 << 10],
-    );
+    let mut bg = background(&world);
     // Small writes, each closing its kset (FUA), so that a writeback step
     // (WB_KSETS_MAX ksets) covers little and a round has many steps to do.
     let mut n = 0u64;

@@ -27,9 +27,7 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
         if self.t.key_tail.pos == self.t.dirty_tail.pos {
             return false;
         }
-        u64::from(self.used_segs()) >= self.gc_threshold()
-            || self.key_pressure()
-            || self.space.room_wanted()
+        u64::from(self.used_segs()) >= self.gc_threshold() || self.gc_urgent()
     }
 
     /// The used segments at which GC starts: `gc_percent` of the cache.

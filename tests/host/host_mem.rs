@@ -71,6 +71,19 @@ impl<T> Clone for HostLock<T> {
     }
 }
 
+impl<T> HostLock<T> {
+    /// [`Locked::with`], unless another thread holds the lock: then `None`, at
+    /// once (the module's `try_lock`).
+    pub fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        before_lock();
+        match self.0.try_lock() {
+            Ok(mut g) => Some(f(&mut g)),
+            Err(TryLockError::Poisoned(e)) => Some(f(&mut e.into_inner())),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
 impl<T> Locked<T> for HostLock<T> {
     fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         before_lock();

@@ -35,9 +35,8 @@ pub const CONTENDED_MAX: u32 = 100_000;
 enum Run {
     /// May be given the turn.
     Ready,
-    /// Waiting for a wake after `ticket` (or, with none, for a poke: the
-    /// background between rounds that made no progress), or for the clock to
-    /// reach `until_us`.
+    /// Waiting for a wake after `ticket` (with none: the background between
+    /// rounds that made no progress), or for the clock to reach `until_us`.
     Waiting {
         ticket: Option<u64>,
         until_us: u64,
@@ -162,7 +161,7 @@ impl Sched {
     }
 
     /// [`Sched::switch`] for a thread that has nothing to do for `ms` of
-    /// virtual time, unless [`Sched::poke`]d or woken.
+    /// virtual time, unless woken.
     pub fn idle(&self, ms: u64) {
         let Some(me) = ME.with(Cell::get) else {
             return;
@@ -177,16 +176,6 @@ impl Sched {
         }
         self.pass(&mut st);
         drop(self.wait_turn(st, me));
-    }
-
-    /// Makes the idle threads ready (the module's `kick` of its work item).
-    pub fn poke(&self) {
-        let mut st = self.lock();
-        for r in st.threads.iter_mut() {
-            if matches!(r, Run::Waiting { ticket: None, .. }) {
-                *r = Run::Ready;
-            }
-        }
     }
 
     /// Picks the next turn among the ready threads; with none ready, the

@@ -26,14 +26,14 @@ use pcache_engine::cache_core::io::{copy_hits, copy_in, release_hits, Gap, Hit};
 use pcache_engine::cache_core::request::until_room;
 use pcache_engine::cache_core::write_path::Placed;
 use pcache_engine::cache_core::{
-    Backing, Cache, CacheError, CacheOptions, IoError, Pmem, Progress, Reader, Waiting, WbExtent,
-    WritePath,
+    Backing, Cache, CacheError, CacheOptions, IoError, Locked, Pmem, Progress, Reader, Waiting,
+    WbExtent, WritePath,
 };
-use pcache_engine::host_mem::Borrowed;
+use pcache_engine::host_mem::{Borrowed, HostLock};
 use pcache_engine::meta::layout::{Geometry, SEGMENTS_OFF};
 use pcache_engine::sim::{BackingModel, CrashImage, OwnedMem, Rng, SimBacking, SimPmem, World};
 use sched::Sched;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -164,30 +164,51 @@ impl<'a> Shared<'_, 'a> {
     }
 }
 
-/// The module's wait queue for requests waiting for room.
-struct Room {
+/// The background writer: its own handles on both devices, its plan and its
+/// bounce buffer, under a lock a request's `kick` only tries, as the module's.
+type Writer = Background<TPmem, TBacking, Vec<WbExtent>, Vec<u8>>;
+
+/// The module's wait queue for requests waiting for room, and what its `kick`
+/// runs: a short round in the waiting request's thread, unless the background
+/// writer is busy in a round of its own (see `LiveCache::kick`).
+struct Room<'r, 'a> {
     events: Mutex<u64>,
     cv: Condvar,
     start: Instant,
-    /// A request waits for room (the module's `kick`).
-    pressed: AtomicBool,
+    /// The engine, and the writer the background thread runs its rounds
+    /// with. None: `kick` does nothing (a test with no background writer).
+    inline: Option<(&'r Engine<'a>, &'r HostLock<Writer>)>,
+    /// The first error of a round a request ran for itself.
+    error: Mutex<Option<String>>,
+    /// Rounds requests ran for themselves.
+    inline_rounds: AtomicU64,
     /// Waits and time are the scheduler's.
     sched: Option<Arc<Sched>>,
 }
 
-impl Room {
-    fn new(sched: Option<Arc<Sched>>) -> Self {
+impl<'r, 'a> Room<'r, 'a> {
+    fn new(
+        sched: Option<Arc<Sched>>,
+        inline: Option<(&'r Engine<'a>, &'r HostLock<Writer>)>,
+    ) -> Self {
         Room {
             events: Mutex::new(0),
             cv: Condvar::new(),
             start: Instant::now(),
-            pressed: AtomicBool::new(false),
+            inline,
+            error: Mutex::new(None),
+            inline_rounds: AtomicU64::new(0),
             sched,
         }
     }
+
+    /// The first error of a round run in `kick`, if any.
+    fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
-impl Waiting for Room {
+impl Waiting for Room<'_, '_> {
     fn ticket(&self) -> u64 {
         if let Some(s) = &self.sched {
             return s.ticket();
@@ -214,11 +235,20 @@ impl Waiting for Room {
         *self.events.lock().unwrap() += 1;
         self.cv.notify_all();
     }
-    // The background thread runs rounds back to back; this makes the next urgent.
+    // As the module's: one writeback step and the GC after it, here, in the
+    // waiting request's thread, unless the background thread is in a round
+    // (which wakes the waiters when it makes progress).
     fn kick(&self) {
-        self.pressed.store(true, Ordering::Release);
-        if let Some(s) = &self.sched {
-            s.poke();
+        let Some((engine, writer)) = self.inline else {
+            return;
+        };
+        let round = writer.try_with(|w| w.run_for_waiter(engine, self));
+        if round.is_some() {
+            self.inline_rounds.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(e) = round.and_then(|r| r.writeback_error.or(r.gc_error)) {
+            let mut first = self.error.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| format!("a request's round: {e}"));
         }
     }
     fn now_ms(&self) -> u64 {
@@ -374,7 +404,7 @@ impl History {
 /// (what is committed stays, and each commit is in the history at once).
 fn write(
     (lock, write_path): (&Shared<'_, '_>, &WritePath<Borrowed<'_>>),
-    room: &Room,
+    room: &Room<'_, '_>,
     pmem: &mut TPmem,
     history: &History,
     w: (u64, &[u8], u64),
@@ -451,7 +481,7 @@ fn write_chunks(
 fn flush(
     (lock, write_path): (&Shared<'_, '_>, &WritePath<Borrowed<'_>>),
     pmem: &mut TPmem,
-    room: &Room,
+    room: &Room<'_, '_>,
     history: &History,
 ) -> Result<(), String> {
     // As the module: outside the engine, unless a close needs a new log
@@ -594,7 +624,12 @@ fn read(
 fn request_thread(
     t: u64,
     shared: bool,
-    (lock, reader, room, history): (&Shared<'_, '_>, &Reader<Borrowed<'_>>, &Room, &History),
+    (lock, reader, room, history): (
+        &Shared<'_, '_>,
+        &Reader<Borrowed<'_>>,
+        &Room<'_, '_>,
+        &History,
+    ),
     write_path: &WritePath<Borrowed<'_>>,
     (pmem, backing): (TPmem, TBacking),
     ops: u64,
@@ -685,7 +720,7 @@ const CRASH_PPM: u64 = 100;
 /// full writeback leaves the backing device with every sector's last version,
 /// and that each crash image replays to a cache that lost no flushed write
 /// ([`check_crash`]).
-fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<String, String> {
+fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Outcome, String> {
     let seed = sched.as_ref().map_or(0, |s| s.seed());
     let mut world = World::tracked(
         vec![0u8; (SEGMENTS_OFF + N_SEGS * SEG) as usize],
@@ -720,20 +755,21 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
     let reader = &cache.reader();
     let write_path = &cache.write_path();
     let lock = Shared(&cache, sched.clone());
-    let room = Room::new(sched.clone());
+    let writer = HostLock::new(Background::new(
+        pmem.clone(),
+        backing.clone(),
+        vec![WbExtent::default(); pcache_engine::cache_core::writeback::WB_EXTENTS_MAX],
+        vec![0u8; 16 << 10],
+    ));
+    let room = Room::new(sched.clone(), Some((&cache, &writer)));
     let running = AtomicU64::new(THREADS);
     let rounds = AtomicU64::new(0);
     std::thread::scope(|sc| {
         let bg = sc.spawn(|| {
             let _turn = sched.as_ref().map(|s| s.enter(THREADS as usize));
-            let mut writer = Background::new(
-                pmem.clone(),
-                backing.clone(),
-                vec![WbExtent::default(); pcache_engine::cache_core::writeback::WB_EXTENTS_MAX],
-                vec![0u8; 16 << 10],
-            );
             while running.load(Ordering::Acquire) > 0 {
-                let round = writer.run(lock.0, &room, room.pressed.swap(false, Ordering::AcqRel));
+                // As the module's work item: not urgent, whatever waits.
+                let round = writer.with(|w| w.run(lock.0, &room, false));
                 if let Some(e) = round.writeback_error.or(round.gc_error) {
                     return Err(format!("background: {e}"));
                 }
@@ -780,6 +816,10 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
             .unwrap_or_else(|_| Err("background thread panicked".into()));
         requests.and(bg)
     })?;
+    if let Some(e) = room.error() {
+        return Err(e);
+    }
+    let inline_rounds = room.inline_rounds.load(Ordering::Relaxed);
     let (images, ops_done) = {
         let mut w = devices.world();
         w.crash_ppm = 0;
@@ -827,11 +867,23 @@ fn run_threads(sched: Option<Arc<Sched>>, shared: bool, ops: u64) -> Result<Stri
             ));
         }
     }
-    Ok(format!(
-        "{} background rounds, {ops_done} device operations, {n_images} crash images; {:?}",
-        rounds.load(Ordering::Relaxed),
-        cache.status().stats
-    ))
+    Ok(Outcome {
+        summary: format!(
+            "{} background rounds, {inline_rounds} rounds run by waiting requests, \
+             {ops_done} device operations, {n_images} crash images; {:?}",
+            rounds.load(Ordering::Relaxed),
+            cache.status().stats
+        ),
+        inline_rounds,
+    })
+}
+
+/// What [`run_threads`] saw.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    summary: String,
+    /// Rounds run by requests waiting for room, in their own thread.
+    inline_rounds: u64,
 }
 
 fn opts() -> CacheOptions {
@@ -926,7 +978,7 @@ fn request_and_background_threads_keep_every_write() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000u64);
     match run_threads(None, false, ops) {
-        Ok(summary) => eprintln!("{summary}"),
+        Ok(run) => eprintln!("{}", run.summary),
         Err(e) => panic!("{e}"),
     }
 }
@@ -943,22 +995,38 @@ fn seeded(shared: bool) {
         None => (1..=env("PCACHE_SCHED_SEEDS").unwrap_or(10)).collect(),
     };
     let ops = env("PCACHE_SCHED_OPS").unwrap_or(1_500);
-    let mut switches = 0u64;
+    let (mut switches, mut inline_rounds) = (0u64, 0u64);
     let mut first = None;
     for &seed in &seeds {
         let sched = Arc::new(Sched::new(THREADS as usize + 1, seed));
         match run_threads(Some(sched.clone()), shared, ops) {
-            Ok(summary) => first = first.or(Some((seed, summary, sched.switches()))),
+            Ok(run) => {
+                inline_rounds += run.inline_rounds;
+                first = first.or(Some((seed, run, sched.switches())));
+            }
             Err(e) => panic!("seed {seed} FAILED (rerun: PCACHE_SEED={seed}): {e}"),
         }
         switches += sched.switches();
     }
-    if let Some((seed, summary, n)) = first {
+    if let Some((seed, run, n)) = first {
         let sched = Arc::new(Sched::new(THREADS as usize + 1, seed));
         let again = run_threads(Some(sched.clone()), shared, ops).map(|s| (s, sched.switches()));
-        assert_eq!(again, Ok((summary, n)), "seed {seed} did not replay");
+        assert_eq!(again, Ok((run, n)), "seed {seed} did not replay");
     }
-    eprintln!("{} seeds, {switches} switches", seeds.len());
+    eprintln!(
+        "{} seeds, {switches} switches, {inline_rounds} rounds run by waiting requests",
+        seeds.len()
+    );
+    // The seeds run what the module runs: a request that waits for room
+    // runs a round itself, beside the other requests and the background
+    // thread's rounds.
+    if env("PCACHE_SEED").is_none() {
+        assert!(
+            inline_rounds > 0,
+            "no request ran a round of its own in {} seeds",
+            seeds.len()
+        );
+    }
 }
 
 /// Each thread in its own region: every read returns the last data written.
@@ -1160,7 +1228,7 @@ fn fua_writes_to_two_ksets_survive_a_crash_at_any_point() {
         devices.world().crash_ppm = 1_000_000;
         let write_path = &cache.write_path();
         let lock = &Shared(&cache, Some(sched.clone()));
-        let room = &Room::new(Some(sched.clone()));
+        let room = &Room::new(Some(sched.clone()), None);
         let history = &devices.history;
         std::thread::scope(|sc| {
             for t in 0..2u64 {

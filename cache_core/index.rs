@@ -48,6 +48,12 @@ pub struct Node {
     /// The treap priority, fixed by the slot (see [`prio_of`]); set once by
     /// [`Index::new`], before anyone else sees the slab.
     prio: AtomicU32,
+    /// Not this node's own: slot `i`'s hint is bucket `i` of a table over the
+    /// whole slab, the node last seen holding a key that starts at an offset
+    /// hashing to `i` ([`Trees::bucket`]), or `NIL`. Any thread may overwrite
+    /// it; a lookup believes it only once the node it names starts at the
+    /// offset looked for ([`Trees::hinted`]).
+    hint: AtomicU32,
 }
 
 fn lo(w: u64) -> u32 {
@@ -136,13 +142,20 @@ impl Node {
     }
 }
 
+/// A node in no tree starts nowhere: no lookup's offset is `NO_OFF` (keys
+/// end within the device), so no hint ever leads to it.
+const NO_OFF: u64 = u64::MAX;
+
 impl Default for Node {
     fn default() -> Self {
-        Node {
+        let n = Node {
             key: Default::default(),
             links: AtomicU64::new(pair(NIL, NIL)),
             prio: AtomicU32::new(0),
-        }
+            hint: AtomicU32::new(NIL),
+        };
+        n.key[0].store(NO_OFF, Relaxed);
+        n
     }
 }
 
@@ -327,6 +340,38 @@ impl<M: Memory> Trees<M> {
         self.nodes.get(i as usize).unwrap_or(&self.sink)
     }
 
+    /// The slot whose [`Node::hint`] serves keys starting at `off`: the high
+    /// bits of a Fibonacci hash, scaled to the slab.
+    fn bucket(&self, off: u64) -> u32 {
+        let h = (off >> 9).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((u128::from(h) * self.nodes.len() as u128) >> 64) as u32
+    }
+
+    /// The node of `sub`'s tree that starts exactly at `x`, if its bucket's
+    /// hint still names it; `NIL` says nothing either way (nor for an `x`
+    /// outside `sub`'s stripe). Under `sub`'s lock. The hint is believed because only the holder of a
+    /// subtree's lock ever makes a node start inside the subtree's stripe,
+    /// and a node leaves a tree only to the free list, starting at `NO_OFF`
+    /// ([`Index::chain_node`]): so a node starting at `x` now is in `sub`'s
+    /// tree, and was put there under this lock, whose release ordered it.
+    fn hinted(&self, sub: usize, x: u64) -> u32 {
+        if self.subtree_of(x) != Some(sub) {
+            return NIL;
+        }
+        let h = self.n(self.bucket(x)).hint.load(Relaxed);
+        if (h as usize) < self.nodes.len() && self.n(h).off() == x {
+            h
+        } else {
+            NIL
+        }
+    }
+
+    /// Node `i`, in a tree, is where lookups of its start look first.
+    fn set_hint(&self, i: u32) {
+        let off = self.n(i).off();
+        self.n(self.bucket(off)).hint.store(i, Relaxed);
+    }
+
     /// Subtree `sub`'s lock, until the guard goes.
     fn hold(&self, sub: usize) -> Held<'_, M::Locks> {
         self.locks.lock(sub);
@@ -437,13 +482,18 @@ impl<M: Memory> Trees<M> {
     /// [`Trees::first_overlap`] by a caller that holds `sub`'s lock (inside
     /// [`Index::insert_under`]).
     pub(crate) fn first_overlap_held(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
+        // Keys are never empty, so one starting at `from` covers it.
+        let same = self.hinted(sub, from);
+        if same != NIL {
+            return Some(self.n(same).key());
+        }
         let mut t = self.root(sub);
         let (mut floor, mut succ) = (NIL, NIL);
         while t != NIL {
             let n = self.n(t);
             let off = n.off();
             if off == from {
-                // Keys are never empty, so it covers `from`.
+                self.set_hint(t);
                 return Some(n.key());
             }
             let (l, r) = n.links();
@@ -466,7 +516,10 @@ impl<M: Memory> Trees<M> {
     /// Flags do not order keys, so the tree stays as it is.
     pub fn add_flags(&self, sub: usize, off: u64, flags: u32) {
         let _held = self.hold(sub);
-        let t = self.find(self.root(sub), off);
+        let t = match self.hinted(sub, off) {
+            NIL => self.find(self.root(sub), off),
+            t => t,
+        };
         if t != NIL {
             self.n(t).key[1].fetch_or(pair(0, flags), Relaxed);
         }
@@ -498,6 +551,8 @@ impl<M: Memory> Index<M> {
             let next = if i + 1 < n { (i + 1) as u32 } else { NIL };
             node.links.store(pair(next, NIL), Relaxed);
             node.prio.store(prio_of(i as u32), Relaxed);
+            node.key[0].store(NO_OFF, Relaxed);
+            node.hint.store(NIL, Relaxed);
         }
         for r in roots.iter() {
             r.0.store(NIL, Relaxed);
@@ -588,6 +643,8 @@ impl<M: Memory> Index<M> {
         if i as usize >= self.nodes.len() {
             return;
         }
+        // Out of every tree: no hint may lead to it (see `Trees::hinted`).
+        self.n(i).key[0].store(NO_OFF, Relaxed);
         self.n(i).set_links(chain.head, NIL);
         if chain.tail == NIL {
             chain.tail = i;
@@ -613,11 +670,13 @@ impl<M: Memory> Index<M> {
         self.free_chain(chain);
     }
 
-    /// Makes free node `i` a leaf holding `key`.
+    /// Makes free node `i` a leaf holding `key`, where lookups of its start
+    /// look first.
     fn take(&self, i: u32, key: &Key) -> u32 {
         let n = self.n(i);
         n.set_key(key);
         n.set_links(NIL, NIL);
+        self.set_hint(i);
         i
     }
 
@@ -709,8 +768,18 @@ impl<M: Memory> Index<M> {
         let (s, e) = (key.off, key.end());
         let root = self.root(sub);
         // Rewriting exactly the range of one cached key (the common case of
-        // block-sized overwrites): replace it in place, no split or merge.
-        let (same, before) = self.find_or_before(root, s);
+        // block-sized overwrites): replace it in place, no split or merge,
+        // and, when the hint holds, no descent either.
+        let (same, before) = match self.hinted(sub, s) {
+            NIL => {
+                let found = self.find_or_before(root, s);
+                if found.0 != NIL {
+                    self.set_hint(found.0);
+                }
+                found
+            }
+            same => (same, NIL),
+        };
         if same != NIL && self.n(same).end() == e {
             on_drop(&self.n(same).key());
             self.n(same).set_key(&key);
@@ -774,6 +843,7 @@ impl<M: Memory> Index<M> {
                 on_drop(&dropped);
                 old.cut_front((e - old.off) as u32);
                 self.n(one).set_key(&old);
+                self.set_hint(one);
                 c = self.merge(one, c);
             }
         }

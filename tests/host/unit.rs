@@ -339,6 +339,108 @@ fn index_insert_takes_a_second_node_only_to_split_a_containing_key() {
     );
 }
 
+/// Lookups of a key's start go first to the node its bucket's hint names,
+/// and a hint is never cleared: it may name a node since trimmed, freed, or
+/// reused by another subtree. With a slab of 48 nodes (48 buckets, nodes
+/// recycled across 4 subtrees at every step), every lookup, overwrite and
+/// removal must still find what a per-sector model says.
+#[test]
+fn index_lookups_through_stale_hints_match_model() {
+    const SUBS: u64 = 4;
+    const SECTORS: u64 = 48;
+    let sector = |sub: u64, s: u64| (sub << 22) + s * 512;
+    let idx = leaked_index(48, SUBS as usize);
+    // Per subtree and sector: the tag and the start of the key covering it.
+    let mut model = vec![vec![None::<(u32, u64)>; SECTORS as usize]; SUBS as usize];
+    let mut x = 7u64;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    let mut exact_hits = 0;
+    for tag in 0..20_000u32 {
+        let sub = next() % SUBS;
+        let m = &mut model[sub as usize];
+        let s = next() % SECTORS;
+        match next() % 4 {
+            // Remove the key starting at `s`, if any.
+            0 => {
+                let got = idx.remove(sub as usize, sector(sub, s));
+                let starts = m[s as usize].is_some_and(|(_, ks)| ks == sector(sub, s));
+                assert_eq!(got.is_some(), starts, "remove at {sub}/{s}");
+                if starts {
+                    for c in m.iter_mut().skip(s as usize) {
+                        match c {
+                            Some((_, ks)) if *ks == sector(sub, s) => *c = None,
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            // Insert 1-6 sectors; half of them overwrite a key's exact range.
+            _ => {
+                let (off, len) = match m[s as usize] {
+                    Some((_, ks)) if next() % 2 == 0 => {
+                        let end = m
+                            .iter()
+                            .skip(s as usize)
+                            .take_while(|c| c.is_some_and(|(_, k)| k == ks))
+                            .count() as u64
+                            + s;
+                        (ks, (end - (ks - sector(sub, 0)) / 512) * 512)
+                    }
+                    _ => (sector(sub, s), (1 + next() % 6).min(SECTORS - s) * 512),
+                };
+                if idx.free_nodes() < 2 {
+                    continue;
+                }
+                idx.insert(key(off, len as u32, tag), |_| {}).unwrap();
+                let (from, to) = (
+                    (off - sector(sub, 0)) / 512,
+                    (off - sector(sub, 0) + len) / 512,
+                );
+                for c in &mut m[from as usize..to as usize] {
+                    *c = Some((tag, off));
+                }
+                // What is left of a key that reached past the new one now
+                // starts where the new one ends.
+                for c in m.iter_mut().skip(to as usize) {
+                    match c {
+                        Some((_, ks)) if *ks < off + len => *ks = off + len,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        // Look up from a few sectors: the first key overlapping the next 1-4.
+        for _ in 0..4 {
+            let (lsub, ls) = (next() % SUBS, next() % SECTORS);
+            let lm = &model[lsub as usize];
+            let n = (1 + next() % 4).min(SECTORS - ls);
+            let (from, to) = (sector(lsub, ls), sector(lsub, ls + n));
+            let want = (ls..ls + n).find_map(|c| lm[c as usize].map(|v| (c, v)));
+            let got = idx.first_overlap(lsub as usize, from, to);
+            match (want, got) {
+                (None, None) => {}
+                (Some((c, (tag, ks))), Some(k)) => {
+                    assert_eq!(
+                        (k.off, k.pos.seg.get()),
+                        (ks, tag),
+                        "lookup {lsub}/{ls}+{n}: {k:?}"
+                    );
+                    assert!(k.off <= sector(lsub, c) && sector(lsub, c) < k.end());
+                    exact_hits += usize::from(k.off == from);
+                }
+                (w, g) => panic!("lookup {lsub}/{ls}+{n}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+    assert!(exact_hits > 5_000, "{exact_hits} lookups of a key's start");
+    assert_eq!(idx.free_list_len() + idx.len(), 48);
+}
+
 /// An index over leaked memory, for threads that may outlive a failed test.
 fn leaked_index(nodes: usize, subs: usize) -> &'static Index<Borrowed<'static>> {
     let nodes: &[Node] = Vec::leak(vec![Node::default(); nodes]);

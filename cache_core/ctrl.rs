@@ -26,6 +26,7 @@ use super::key::Pos;
 use super::{Cache, Memory, SegState, Tail};
 use crate::meta::cache_info::CacheInfo;
 use crate::meta::header::SlotIndex;
+use crate::meta::kset::KsetRead;
 use core::ops::Deref;
 
 /// See the [module](self) comment.
@@ -54,10 +55,10 @@ pub struct Ctrl<M: Memory> {
     /// How live the ksets GC collected lately were (see [`super::forward`]).
     pub(crate) gc_seen: LiveSeen,
     /// The scratch buffer holds the kset at this key tail, of this ordinal
-    /// (`log_seq_tail`), with this many keys, as GC's copies read it: they
-    /// look at it again without reading it again. Any other read of a kset
-    /// clears it.
-    pub(crate) forward_kset: Option<(Pos, u64, u32)>,
+    /// (`log_seq_tail`), as GC's copies read it (a [`KsetRead::Keys`]): they
+    /// look at it again without reading it again, and so does GC, which
+    /// collects it next. Any other read of a kset clears it.
+    pub(crate) forward_kset: Option<(Pos, u64, KsetRead)>,
 }
 
 impl<M: Memory> Ctrl<M> {

@@ -265,14 +265,14 @@ impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
             return (0, None);
         }
         let seq = self.t.log_seq_tail;
-        let key_num = match self.t.forward_kset {
-            Some((at, s, n)) if at == tail && s == seq && cursor.is_some() => n,
-            _ => match self.read_kset(tail) {
-                Ok(KsetRead::Keys { key_num, .. }) => key_num,
-                _ => return (0, None),
-            },
+        let read = match self.t.forward_kset {
+            Some((at, s, read)) if at == tail && s == seq && cursor.is_some() => read,
+            _ => self.read_kset(tail).unwrap_or(KsetRead::End),
         };
-        self.t.forward_kset = Some((tail, seq, key_num));
+        let KsetRead::Keys { key_num, .. } = read else {
+            return (0, None);
+        };
+        self.t.forward_kset = Some((tail, seq, read));
         let key_num = key_num as usize;
         let mut c = match cursor {
             Some(c) => c,

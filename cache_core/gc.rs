@@ -61,7 +61,12 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
             return Ok(Step::Idle);
         }
         let tail = self.t.key_tail.pos;
-        match self.read_kset(tail)? {
+        // GC's copies may have just read it (and checked its CRC).
+        let read = match self.t.forward_kset {
+            Some((at, seq, read)) if at == tail && seq == self.t.log_seq_tail => read,
+            _ => self.read_kset(tail)?,
+        };
+        match read {
             KsetRead::End => Ok(Step::Idle),
             KsetRead::Last { next_cache_seg_id } => {
                 if self.t.dirty_tail.pos.seg == tail.seg {

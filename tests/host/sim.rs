@@ -221,6 +221,9 @@ pub struct World {
     pub pins: std::collections::BTreeMap<u32, u32>,
     /// Backing-device flushes that succeeded (a writeback step ends with one).
     pub backing_flushes: u64,
+    /// CRCs the engine had the pmem compute (`Pmem::crc32c`: a kset read
+    /// back is checked with one).
+    pub pmem_crcs: u64,
 }
 
 impl World {
@@ -241,6 +244,7 @@ impl World {
             backing_fails: false,
             pins: Default::default(),
             backing_flushes: 0,
+            pmem_crcs: 0,
         }
     }
 
@@ -404,6 +408,10 @@ impl Pmem for SimPmem {
     }
     fn pinned(&self, seg: u32) -> bool {
         self.0.borrow().pinned(seg)
+    }
+    fn crc32c(&self, crc: u32, data: &[u8]) -> u32 {
+        self.0.borrow_mut().pmem_crcs += 1;
+        crate::meta::crc32c::crc32c(crc, data)
     }
 }
 

@@ -9,6 +9,14 @@
 //! through `n`, so a corrupted link can only misbehave, never index out of
 //! bounds.
 //!
+//! A lookup of a key's start (a block-sized overwrite, a read or a writeback
+//! liveness check of a whole key) first tries a hint: each slab slot also
+//! holds one bucket of a hash table over the slab, naming the node last seen
+//! starting at an offset that hashes there. In a tree of random treap nodes
+//! every level of a descent is a cache miss (and, under an emulator, a page
+//! walk); a hint that holds is two. A hint is never cleared, only checked:
+//! see [`Trees::hinted`].
+//!
 //! Subtrees are worked on at once: each operation holds its subtree's lock
 //! ([`SubtreeLocks`], upstream's per-subtree `tree_lock`) and nothing else, so
 //! the index works through `&self` and shares one slab, every field of a node
@@ -106,7 +114,9 @@ impl Node {
     }
 
     fn end(&self) -> u64 {
-        self.off() + u64::from(lo(self.key[1].load(Relaxed)))
+        // Saturating: a node out of every tree starts at `NO_OFF`.
+        self.off()
+            .saturating_add(u64::from(lo(self.key[1].load(Relaxed))))
     }
 
     fn links(&self) -> (u32, u32) {
@@ -349,11 +359,12 @@ impl<M: Memory> Trees<M> {
 
     /// The node of `sub`'s tree that starts exactly at `x`, if its bucket's
     /// hint still names it; `NIL` says nothing either way (nor for an `x`
-    /// outside `sub`'s stripe). Under `sub`'s lock. The hint is believed because only the holder of a
-    /// subtree's lock ever makes a node start inside the subtree's stripe,
-    /// and a node leaves a tree only to the free list, starting at `NO_OFF`
-    /// ([`Index::chain_node`]): so a node starting at `x` now is in `sub`'s
-    /// tree, and was put there under this lock, whose release ordered it.
+    /// outside `sub`'s stripe). Under `sub`'s lock. The hint is believed
+    /// because only the holder of a subtree's lock ever makes a node start
+    /// inside the subtree's stripe, and a node leaves a tree only to the free
+    /// list, starting at `NO_OFF` ([`Index::chain_node`]): so a node starting
+    /// at `x` now is in `sub`'s tree, and was put there under this lock,
+    /// whose release ordered it.
     fn hinted(&self, sub: usize, x: u64) -> u32 {
         if self.subtree_of(x) != Some(sub) {
             return NIL;

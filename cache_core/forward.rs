@@ -245,6 +245,13 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
 }
 
 impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
+    /// The kset at the key tail of this pass, if the scratch buffer holds it
+    /// from the read GC's copies made (see `Ctrl::forward_kset`).
+    pub(crate) fn tail_kset_read(&self) -> Option<KsetRead> {
+        let (at, seq, read) = self.t.forward_kset?;
+        (at == self.t.key_tail.pos && seq == self.t.log_seq_tail).then_some(read)
+    }
+
     /// The live parts of the keys of the kset at the key tail, if GC is about
     /// to collect it, into `out`, from `cursor` on: all of them if they are
     /// at most half of what its keys hold, else those GC did not copy before
@@ -265,9 +272,9 @@ impl<P: Pmem, B: Backing, M: Memory> super::ctrl::Held<'_, P, B, M> {
             return (0, None);
         }
         let seq = self.t.log_seq_tail;
-        let read = match self.t.forward_kset {
-            Some((at, s, read)) if at == tail && s == seq && cursor.is_some() => read,
-            _ => self.read_kset(tail).unwrap_or(KsetRead::End),
+        let read = match self.tail_kset_read().filter(|_| cursor.is_some()) {
+            Some(read) => read,
+            None => self.read_kset(tail).unwrap_or(KsetRead::End),
         };
         let KsetRead::Keys { key_num, .. } = read else {
             return (0, None);

@@ -62,9 +62,9 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
         }
         let tail = self.t.key_tail.pos;
         // GC's copies may have just read it (and checked its CRC).
-        let read = match self.t.forward_kset {
-            Some((at, seq, read)) if at == tail && seq == self.t.log_seq_tail => read,
-            _ => self.read_kset(tail)?,
+        let read = match self.tail_kset_read() {
+            Some(read) => read,
+            None => self.read_kset(tail)?,
         };
         match read {
             KsetRead::End => Ok(Step::Idle),

@@ -9,13 +9,14 @@
 //! through `n`, so a corrupted link can only misbehave, never index out of
 //! bounds.
 //!
-//! A lookup of a key's start (a block-sized overwrite, a read or a writeback
-//! liveness check of a whole key) first tries a hint: each slab slot also
+//! A lookup of a key's start (a block-sized overwrite, a writeback liveness
+//! check of a whole key, GC's copy check) first tries a hint: each slab slot also
 //! holds one bucket of a hash table over the slab, naming the node last seen
 //! starting at an offset that hashes there. In a tree of random treap nodes
 //! every level of a descent is a cache miss (and, under an emulator, a page
 //! walk); a hint that holds is two. A hint is never cleared, only checked:
-//! see [`Trees::hinted`].
+//! see [`Trees::hinted`]. Reads do not: most start inside a key, where the
+//! bucket would be one more miss before the descent ([`Trees::read_overlap`]).
 //!
 //! Subtrees are worked on at once: each operation holds its subtree's lock
 //! ([`SubtreeLocks`], upstream's per-subtree `tree_lock`) and nothing else, so
@@ -463,9 +464,22 @@ impl<M: Memory> Trees<M> {
     /// before it, which overlaps if it reaches past `from`) and its successor
     /// (which overlaps if it starts before `to`): the two searches take the
     /// same path.
+    /// Where `from` is likely a key's start (writeback, GC, a key just
+    /// found), this tries the hint first; a read, which mostly starts inside
+    /// a key, uses [`Trees::read_overlap`].
     pub fn first_overlap(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
         let _held = self.hold(sub);
         self.first_overlap_held(sub, from, to)
+    }
+
+    /// [`Trees::first_overlap`] without the hint, for a read: a 4 KiB read
+    /// inside a larger key finds no hint at its start, and the bucket's load
+    /// (a miss of its own: buckets are as scattered as the nodes) would come
+    /// on top of the descent it makes anyway. Nor does it set one: a read's
+    /// store would dirty a line other CPUs' lookups load.
+    pub fn read_overlap(&self, sub: usize, from: u64, to: u64) -> Option<Key> {
+        let _held = self.hold(sub);
+        self.descend_overlap(sub, from, to, false)
     }
 
     /// Calls `f(entry, from, upto)` on each entry overlapping `off..end`, in
@@ -498,13 +512,21 @@ impl<M: Memory> Trees<M> {
         if same != NIL {
             return Some(self.n(same).key());
         }
+        self.descend_overlap(sub, from, to, true)
+    }
+
+    /// The descent of [`Trees::first_overlap_held`]; with `hint`, a node
+    /// found starting at `from` becomes its bucket's hint.
+    fn descend_overlap(&self, sub: usize, from: u64, to: u64, hint: bool) -> Option<Key> {
         let mut t = self.root(sub);
         let (mut floor, mut succ) = (NIL, NIL);
         while t != NIL {
             let n = self.n(t);
             let off = n.off();
             if off == from {
-                self.set_hint(t);
+                if hint {
+                    self.set_hint(t);
+                }
                 return Some(n.key());
             }
             let (l, r) = n.links();

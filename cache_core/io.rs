@@ -637,7 +637,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         let mut cur = off;
         while cur < end {
             let (sub, to) = self.stripe(cur, end)?;
-            let found = self.index.first_overlap(sub, cur, to);
+            let found = self.index.read_overlap(sub, cur, to);
             let (hit, seg_end) = match found {
                 Some(k) if k.off <= cur => (Some(k), to.min(k.end())),
                 Some(k) => (None, k.off),
@@ -778,7 +778,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
                 Ok(s) => s,
                 Err(e) => return Err(self.read_unwind(gaps, hits, &out, e)),
             };
-            let found = self.index.first_overlap(sub, cur, to);
+            let found = self.index.read_overlap(sub, cur, to);
             let (hit, seg_end) = match found {
                 Some(k) if k.off <= cur => (Some(k), to.min(k.end())),
                 Some(k) => (None, k.off),

@@ -79,7 +79,7 @@ impl<M: Memory> Reader<M> {
             let Some((sub, to)) = self.trees.stripe(cur, end) else {
                 break;
             };
-            let Some(k) = self.trees.first_overlap(sub, cur, to) else {
+            let Some(k) = self.trees.read_overlap(sub, cur, to) else {
                 break;
             };
             if k.off > cur || k.empty() {

@@ -422,6 +422,12 @@ fn index_lookups_through_stale_hints_match_model() {
             let (from, to) = (sector(lsub, ls), sector(lsub, ls + n));
             let want = (ls..ls + n).find_map(|c| lm[c as usize].map(|v| (c, v)));
             let got = idx.first_overlap(lsub as usize, from, to);
+            // A read's lookup neither tries nor sets a hint, and finds the same.
+            assert_eq!(
+                idx.read_overlap(lsub as usize, from, to),
+                got,
+                "read lookup {lsub}/{ls}+{n}"
+            );
             match (want, got) {
                 (None, None) => {}
                 (Some((c, (tag, ks))), Some(k)) => {

@@ -464,6 +464,7 @@ impl<M: Memory> Trees<M> {
     /// before it, which overlaps if it reaches past `from`) and its successor
     /// (which overlaps if it starts before `to`): the two searches take the
     /// same path.
+    ///
     /// Where `from` is likely a key's start (writeback, GC, a key just
     /// found), this tries the hint first; a read, which mostly starts inside
     /// a key, uses [`Trees::read_overlap`].

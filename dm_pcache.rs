@@ -318,6 +318,13 @@ impl TargetOperations for Pcache {
         // which it may rewrite at any time: the data CRC is therefore taken over the bytes as
         // stored (`Pmem::write_crc`), never over a second read of the pages.
         limits.set_stable_writes();
+        // `REQ_NOWAIT` bios (io_uring's first attempt at each request) are served in `map` when
+        // that needs no backing device: a write the cache takes, a read it holds whole. Without
+        // the feature io_uring hands every request to a worker thread of its own (a context
+        // switch each, and one thread for a whole queue); with it, only those that end with
+        // `EAGAIN` (see `LiveCache::serve_inline`). The backing device's support does not
+        // matter: nothing is sent to it with the flag.
+        limits.set_nowait();
         // Write-zeroes are written as zeros through the cache (or the backing device's zeroing),
         // as much at a time as any bio.
         limits.limit_max_write_zeroes(MAX_IO_SECTORS as u32);
@@ -343,7 +350,7 @@ impl kernel::InPlaceModule for PcacheModule {
             target <- Registration::new(
                 c"pcache_rs",
                 [0, 2, 0],
-                u64::from(target::bindings::DM_TARGET_SINGLETON),
+                u64::from(target::bindings::DM_TARGET_SINGLETON | target::bindings::DM_TARGET_NOWAIT),
                 module
             ),
         })

@@ -19,4 +19,5 @@ const unsigned int PCACHE_RS_REQ_OP_DISCARD = REQ_OP_DISCARD;
 const unsigned int PCACHE_RS_REQ_OP_WRITE_ZEROES = REQ_OP_WRITE_ZEROES;
 const blk_opf_t PCACHE_RS_REQ_PREFLUSH = REQ_PREFLUSH;
 const blk_opf_t PCACHE_RS_REQ_FUA = REQ_FUA;
+const blk_opf_t PCACHE_RS_REQ_NOWAIT = REQ_NOWAIT;
 const unsigned long PCACHE_RS_DAX_ACCESS = DAX_ACCESS;

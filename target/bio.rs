@@ -145,6 +145,13 @@ impl HeldBio {
         self.raw().bi_opf & bindings::PCACHE_RS_REQ_FUA != 0
     }
 
+    /// Whether its submitter must not wait in `map` (`REQ_NOWAIT`: io_uring's first attempt,
+    /// `RWF_NOWAIT`); what would wait ends with `EAGAIN`, and the submitter tries again from a
+    /// context that may.
+    pub(crate) fn is_nowait(&self) -> bool {
+        self.raw().bi_opf & bindings::PCACHE_RS_REQ_NOWAIT != 0
+    }
+
     /// Keeps how far a write got in `map` in the bio's per-bio data, for the worker it is
     /// handed to ([`HeldBio::resume`]).
     pub(crate) fn set_resume(&mut self, p: &Progress) {

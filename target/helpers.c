@@ -46,6 +46,8 @@ unsigned int pcache_rs_bdev_max_discard_sectors(struct block_device *bdev)
 
 void pcache_rs_bio_submit(struct bio *bio)
 {
+	/* Sent from a context that may wait: see pcache_rs_miss_submit. */
+	bio->bi_opf &= ~REQ_NOWAIT;
 	submit_bio_noacct(bio);
 }
 
@@ -217,6 +219,11 @@ int pcache_rs_bio_for_each_piece(struct bio *bio, unsigned int skip, unsigned in
 void pcache_rs_limits_set_stable_writes(struct queue_limits *lim)
 {
 	lim->features |= BLK_FEAT_STABLE_WRITES;
+}
+
+void pcache_rs_limits_set_nowait(struct queue_limits *lim)
+{
+	lim->features |= BLK_FEAT_NOWAIT;
 }
 
 void pcache_rs_bio_endio(struct bio *bio, int err)
@@ -605,6 +612,13 @@ void pcache_rs_miss_submit(struct pcache_rs_missq *q, struct bio *orig,
 	 */
 	if (!op_is_write(bio_op(orig)))
 		clone->bi_opf &= ~(REQ_PREFLUSH | REQ_FUA);
+	/*
+	 * The target takes REQ_NOWAIT whatever the backing device does (io_hints): a bio with it
+	 * that needs the backing device ends with BLK_STS_AGAIN in map, so what reaches here is
+	 * sent from a context that may wait (the request worker), and the backing device, which
+	 * may not take the flag, never sees it.
+	 */
+	clone->bi_opf &= ~REQ_NOWAIT;
 	atomic_inc(&q->inflight);
 	submit_bio_noacct(clone);
 }

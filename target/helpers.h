@@ -32,6 +32,7 @@ unsigned int pcache_rs_bio_op(const struct bio *bio);
 bool pcache_rs_op_is_write(unsigned int op);
 unsigned int pcache_rs_bio_max_sectors(struct block_device *bdev);
 void pcache_rs_limits_set_stable_writes(struct queue_limits *lim);
+void pcache_rs_limits_set_nowait(struct queue_limits *lim);
 
 /* Work items on the target's own workqueue. */
 struct workqueue_struct *pcache_rs_alloc_workqueue(const char *name);

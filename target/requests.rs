@@ -78,6 +78,9 @@ enum ReadServed {
     Misses(usize),
     /// It has more gaps than the caller has room for; nothing was done.
     TooManyGaps,
+    /// It misses and must not wait (`REQ_NOWAIT`): its gaps are given up; end it with
+    /// `EAGAIN`.
+    WouldBlock,
 }
 
 /// Where a request is served.
@@ -120,8 +123,10 @@ impl LiveCache {
             }
         }
         let mut gaps = self.worker_gaps.lock();
-        match self.read_unlocked(&mut bio, &mut gaps) {
+        // The worker may wait: it sends a `REQ_NOWAIT` read's gaps as any other's.
+        match self.read_unlocked(&mut bio, &mut gaps, false) {
             ReadServed::Done(r) => bio.end(r),
+            ReadServed::WouldBlock => bio.end(Err(EAGAIN)),
             ReadServed::Misses(n) => {
                 self.misses
                     .submit(bio, &self.backing, gaps.get(..n).unwrap_or_default(), true)
@@ -221,7 +226,16 @@ impl LiveCache {
     /// for room (a write or flush with room in the cache, a read with at most [`MAX_GAPS`]
     /// gaps): no context switch to the worker, as upstream and dm-writecache do. `None` hands
     /// it to the worker.
+    ///
+    /// A bio marked `REQ_NOWAIT` (see [`HeldBio::is_nowait`]) that needs the backing device
+    /// ends here with `EAGAIN` before anything is done for it (a read, once its lookup finds a
+    /// gap: its placeholders are given up). One the cache takes whole goes on as any other, and
+    /// one that finds the cache full goes to the worker: its submitter does not wait for it.
     pub(crate) fn serve_inline(&self, bio: &mut HeldBio) -> Option<Served> {
+        let nowait = bio.is_nowait();
+        if nowait && self.needs_backing(bio.op()) {
+            return Some(Served::Done(Err(EAGAIN)));
+        }
         // A flush persists the open ksets under the key log's lock alone, unless a close needs a
         // new log segment.
         if self.caches_writes && bio.op() == BioOp::Flush && self.write_path.flush(&self.pmem()) {
@@ -257,8 +271,9 @@ impl LiveCache {
                 return None;
             }
             let mut gaps = [Gap::default(); MAX_GAPS];
-            return match self.read_unlocked(bio, &mut gaps) {
+            return match self.read_unlocked(bio, &mut gaps, nowait) {
                 ReadServed::Done(r) => Some(Served::Done(r)),
+                ReadServed::WouldBlock => Some(Served::Done(Err(EAGAIN))),
                 ReadServed::Misses(n) => Some(Served::Misses(Gaps { gaps, n })),
                 ReadServed::TooManyGaps => None,
             };
@@ -492,8 +507,9 @@ impl LiveCache {
     /// ([`Cache::read_resume`](crate::cache_core::Cache::read_resume)). Either way the hits are
     /// copied from pmem into the bio's pages on this CPU and their pins given back with no lock
     /// held, and the read goes on from there until it is all started. The caller sends the
-    /// gaps, described in `gaps`, to the backing device.
-    fn read_unlocked(&self, bio: &mut HeldBio, gaps: &mut [Gap]) -> ReadServed {
+    /// gaps, described in `gaps`, to the backing device; with `nowait`, a read that has any
+    /// gives them up ([`ReadServed::WouldBlock`]).
+    fn read_unlocked(&self, bio: &mut HeldBio, gaps: &mut [Gap], nowait: bool) -> ReadServed {
         let off = (bio.sector().saturating_sub(self.begin)) << 9;
         let len = bio.size() as usize;
         let end = off + len as u64;
@@ -578,6 +594,10 @@ impl LiveCache {
         if placed == 0 {
             self.count(Count::ReadHit);
             ReadServed::Done(Ok(()))
+        } else if nowait {
+            // Counted when it comes back without the flag.
+            self.abandon(gaps.get(..placed).unwrap_or_default());
+            ReadServed::WouldBlock
         } else {
             self.count(Count::ReadMiss);
             ReadServed::Misses(placed)
@@ -591,6 +611,17 @@ impl LiveCache {
     fn place_gap(&self, off: u64, len: usize, from: u64) -> Placed {
         self.write_path
             .place_gap(off, len, from, self.caches_misses)
+    }
+
+    /// Whether a bio of `op` needs the backing device whatever the cache holds: discards passed
+    /// down and, in the modes that write through, writes and flushes (a read needs it for
+    /// what it misses; an unknown operation fails at once).
+    fn needs_backing(&self, op: BioOp) -> bool {
+        match op {
+            BioOp::Read | BioOp::Other => false,
+            BioOp::Write | BioOp::WriteZeroes | BioOp::Flush => !self.caches_writes,
+            BioOp::Discard => self.discard_passdown,
+        }
     }
 
     /// Gives up the placeholders of gaps a read placed and will not send.

@@ -177,6 +177,14 @@ impl QueueLimits<'_> {
         unsafe { super::bindings::pcache_rs_limits_set_stable_writes(&mut *self.0) };
     }
 
+    /// Takes bios marked `REQ_NOWAIT` whatever the underlying devices take (the stacking
+    /// clears the feature when one of them lacks it): for a target that never sends such a
+    /// bio on, and ends one with `EAGAIN` where it would wait.
+    pub(crate) fn set_nowait(&mut self) {
+        // SAFETY: `self.0` is the live limits device-mapper handed to `io_hints`.
+        unsafe { super::bindings::pcache_rs_limits_set_nowait(&mut *self.0) };
+    }
+
     /// Caps the size of bios the device accepts at `sectors`.
     pub(crate) fn limit_max_sectors(&mut self, sectors: u32) {
         self.0.max_hw_sectors = self.0.max_hw_sectors.min(sectors);

@@ -217,6 +217,54 @@ test_cache_miss_without_pages_of_its_own() {
 	cmp "$T_TMP/nopages-backing" "$T_TMP/nopages-3" || fail "the cache returned other data"
 }
 
+# REQ_NOWAIT, which io_uring's first attempt at each request carries (here RWF_NOWAIT): the target
+# takes it whatever the backing device does (dm-delay and brd here do not all), serves a read the
+# cache holds whole and a write it takes, and ends a read that misses with EAGAIN having counted
+# and cached nothing; the same read without the flag then reads what the backing device holds. In
+# writethrough mode a write with the flag ends with EAGAIN and writes nothing. Last, io_uring
+# (which retries an EAGAIN from its own workers, without the flag) writes a region through a
+# writeback cache and verifies it through a fresh one, where every read first misses.
+test_cache_nowait() {
+	[ "$TARGET" = pcache_rs ] || skip "upstream does not take REQ_NOWAIT"
+	local dev rc m=$((1 << 20)) io="$HERE/nowait-io"
+	head -c 1M /dev/urandom >"$T_TMP/nw-backing"
+	head -c 64K /dev/urandom >"$T_TMP/nw-write"
+	dd if="$T_TMP/nw-backing" of="$BACKING_DEV" bs=1M oflag=direct status=none ||
+		fail "cannot write the backing device"
+	dev=$(c_new nowait)
+	rc=0
+	"$io" read "$dev" 0 "$T_TMP/nw-1" || rc=$?
+	expect_eq "a NOWAIT read that misses: its exit status (11: EAGAIN)" 11 "$rc"
+	expect_eq "read misses counted for it" 0 "$(c_stat nowait read_misses)"
+	dd if="$dev" of="$T_TMP/nw-2" bs=64K count=1 iflag=direct status=none || fail "the read without the flag failed"
+	cmp "$T_TMP/nw-2" <(head -c 64K "$T_TMP/nw-backing") || fail "the read without the flag returned other data"
+	expect_eq "read misses after it" 1 "$(c_stat nowait read_misses)"
+	"$io" read "$dev" 0 "$T_TMP/nw-3" || fail "a NOWAIT read the cache holds failed"
+	cmp "$T_TMP/nw-3" "$T_TMP/nw-2" || fail "a NOWAIT read the cache holds returned other data"
+	expect_eq "read hits" 1 "$(c_stat nowait read_hits)"
+	"$io" write "$dev" "$m" "$T_TMP/nw-write" || fail "a NOWAIT write failed"
+	"$io" read "$dev" "$m" "$T_TMP/nw-4" || fail "a NOWAIT read of what a NOWAIT write wrote failed"
+	cmp "$T_TMP/nw-4" "$T_TMP/nw-write" || fail "a NOWAIT write did not read back"
+	expect_eq "read hits" 2 "$(c_stat nowait read_hits)"
+	c_fio write "$dev" randwrite 8M 16M 31 --ioengine=io_uring --iodepth=16
+	c_wait_drained nowait 120
+	dms remove "${DM_PREFIX}nowait"
+
+	dev=$(c_new nowait_wt 2 cache_mode writethrough)
+	rc=0
+	"$io" write "$dev" 0 "$T_TMP/nw-write" || rc=$?
+	expect_eq "a NOWAIT write in writethrough mode: its exit status (11: EAGAIN)" 11 "$rc"
+	cmp <(dd if="$BACKING_DEV" bs=64K count=1 iflag=direct status=none) <(head -c 64K "$T_TMP/nw-backing") ||
+		fail "a NOWAIT write that ended with EAGAIN changed the backing device"
+	expect_eq "write misses counted for it" 0 "$(c_stat nowait_wt write_misses)"
+	dms remove "${DM_PREFIX}nowait_wt"
+
+	dev=$(c_new nowait2)
+	c_fio verify "$dev" randwrite 8M 16M 31 --ioengine=io_uring --iodepth=16
+	[ "$(c_stat nowait2 read_misses)" -gt 0 ] || fail "the io_uring verify missed nothing: it tested no retry"
+	expect_eq "backing errors" 0 "$(c_stat nowait2 backing_errors)"
+}
+
 # The same for writethrough: a write through caches what the backing device took. One thread
 # rewrites a 64 KiB buffer while another writes it over 16 MiB with O_DIRECT, 4 times over; then
 # what the cache returns for the range (its hits) must be what the backing device holds.

@@ -150,12 +150,21 @@ def write_csv(path, fields, rows):
             w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+def pmem_host(where):
+    """Where the host kept the NVDIMM's file, as the report says it."""
+    return {
+        "ram": "RAM (`/dev/shm`)",
+        "disk": "a file on disk (the host's writeback of it stalls the guest: figures vary more)",
+    }.get(where, "an unrecorded place")
+
+
 def settings_text(settings, guest, unavailable, measured):
     lines = [
         f"- One boot, {guest.get('cpus', '?')} vCPUs, kernel `{guest.get('kernel', '?')}`"
         f" ({settings.get('ACCEL', 'TCG')}), {guest.get('fio', 'fio')}."
         + (f" Kernel build `{guest['kernel_build']}`." if guest.get("kernel_build") else ""),
-        f"- Cache device: emulated NVDIMM `/dev/pmem0` (fsdax), {guest.get('pmem_mib', '?')} MiB.",
+        f"- Cache device: emulated NVDIMM `/dev/pmem0` (fsdax), {guest.get('pmem_mib', '?')} MiB, "
+        f"its file on the host in {pmem_host(guest.get('pmem_host'))}.",
         f"- Backing device: brd RAM disk, {guest.get('backing_mib', '?')} MiB, behind `dm-delay` with "
         f"{settings.get('DELAY_MS', '?')} ms on reads, writes and flushes.",
         f"- Working set {settings.get('WSS_MIB', '?')} MiB (written sequentially before each configuration's"

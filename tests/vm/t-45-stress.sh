@@ -6,7 +6,9 @@
 # test_cache_stress_all_at_once: four fio writers with verification (reads back what they wrote
 # while they write) and one reader of a region the cache has never seen (every read misses, goes
 # to the backing device in flight and fills the cache), while gc_percent and data_crc change by
-# message, `dmsetup status` runs in a loop and the device is suspended and resumed. gc_percent 0
+# message, `dmsetup status` runs in a loop and the device is suspended and resumed. The second pair
+# of writers and the reader go through io_uring: their requests come with REQ_NOWAIT, served in
+# map or (the reader's misses) ended with EAGAIN and retried from io_uring's workers. gc_percent 0
 # among the settings makes GC reclaim written-back segments, so reads of them miss too. At the end
 # every region reads back what was last written there.
 S_MIB=${S_MIB:-16}
@@ -44,10 +46,11 @@ test_cache_stress_all_at_once() {
 	for i in 0 1; do
 		c_job "$dev" randwrite "$((i * S_MIB))M" "${S_MIB}M" "$((4400 + i))"
 		all+=("${job[@]}")
+		[ "$i" = 0 ] || all+=(--ioengine=io_uring)
 		regions+=("randwrite $((i * S_MIB))M ${S_MIB}M $((4400 + i))")
 	done
 	c_job "$dev" write "${base}M" "${S_MIB}M" 4500
-	all+=("${job[@]}" --verify_only=1)
+	all+=("${job[@]}" --verify_only=1 --ioengine=io_uring)
 	c_fio_run "4 writers and 2 readers of misses, with messages, status and a suspend, on $dev" "${all[@]}"
 	touch "$stop"
 	for i in "${pids[@]}"; do wait "$i" || fail "a background loop failed (status, message or suspend)"; done
@@ -62,7 +65,8 @@ test_cache_stress_all_at_once() {
 }
 
 # test_cache_write_through_racing: in each mode that writes through, four jobs write and read the
-# same 4 MiB at random at once, three reads to a write (writes through in flight overlap each other
+# same 4 MiB at random at once through io_uring (whose writes and read misses end with EAGAIN in
+# map and come back from its workers), three reads to a write (writes through in flight overlap each other
 # and the reads' misses),
 # beside a verified writer of a region of its own and `dmsetup status` in a loop. Overlapping
 # writes in flight may land in either order, and a read beside a write may bring back either
@@ -80,7 +84,7 @@ test_cache_write_through_racing() {
 		# shellcheck disable=SC2086 # region is "<rw> <offset> <size> <seed>"
 		c_job "$dev" $region
 		all=("${job[@]}" --do_verify=1)
-		all+=(--name=race --filename="$dev" --direct=1 --ioengine=libaio --iodepth=8 --rw=randrw --rwmixread=75
+		all+=(--name=race --filename="$dev" --direct=1 --ioengine=io_uring --iodepth=8 --rw=randrw --rwmixread=75
 			--bsrange=4k-64k --blockalign=4k --offset=0 --size=4M --numjobs=4 --time_based
 			--runtime=5 --randseed=4601)
 		c_fio_run "$mode: 4 racing jobs on one region beside a verified writer" "${all[@]}"

@@ -193,6 +193,9 @@ impl TargetOperations for Pcache {
             return MapResult::Kill;
         };
         let (mut held, taken) = bio.take();
+        // A `REQ_NOWAIT` bio's submitter must not wait here; the test kernel checks that
+        // nothing on its way (served, ended with `EAGAIN`, or queued for the worker) sleeps.
+        let _no_sleep = target::cpu::NoSleep::enter(held.is_nowait());
         match run.live.serve_inline(&mut held) {
             Some(served) => run.live.dispatch(held, served),
             None => {

@@ -18,3 +18,37 @@ pub(crate) fn this_cpu() -> usize {
     // SAFETY: no preconditions; callable with preemption on (the raw variant does not check).
     unsafe { bindings::pcache_rs_cpu_id() as usize }
 }
+
+/// A stretch of code that must not sleep, checked where the kernel can check it: with
+/// `CONFIG_DEBUG_ATOMIC_SLEEP` (the test kernel) preemption is off while the guard lives, so
+/// anything in it that sleeps or may sleep logs "sleeping function called from invalid
+/// context", which fails the test that ran it. Without that option it does nothing.
+pub(crate) struct NoSleep {
+    on: bool,
+    /// Not `Send`: preemption is enabled again on the task that disabled it.
+    _task: core::marker::PhantomData<*mut ()>,
+}
+
+impl NoSleep {
+    /// Starts the stretch if `on`.
+    pub(crate) fn enter(on: bool) -> Self {
+        let on = on && cfg!(CONFIG_DEBUG_ATOMIC_SLEEP);
+        if on {
+            // SAFETY: no preconditions; paired with the enable in `drop`, on the same task.
+            unsafe { bindings::pcache_rs_preempt_disable() };
+        }
+        Self {
+            on,
+            _task: core::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for NoSleep {
+    fn drop(&mut self) {
+        if self.on {
+            // SAFETY: `enter` disabled preemption on this task.
+            unsafe { bindings::pcache_rs_preempt_enable() };
+        }
+    }
+}

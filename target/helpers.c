@@ -125,6 +125,16 @@ void pcache_rs_pmem_wmb(void)
 	pmem_wmb();
 }
 
+void pcache_rs_preempt_disable(void)
+{
+	preempt_disable();
+}
+
+void pcache_rs_preempt_enable(void)
+{
+	preempt_enable();
+}
+
 void pcache_rs_cond_resched(void)
 {
 	cond_resched();

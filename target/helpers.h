@@ -27,6 +27,8 @@ void pcache_rs_memcpy_flushcache(void *dst, const void *src, size_t cnt);
 bool pcache_rs_memcpy_flushcache_crc32c(void *dst, const void *src, size_t len, u32 *crc);
 unsigned long pcache_rs_copy_mc_to_kernel(void *dst, const void *src, unsigned int cnt);
 void pcache_rs_pmem_wmb(void);
+void pcache_rs_preempt_disable(void);
+void pcache_rs_preempt_enable(void);
 void pcache_rs_cond_resched(void);
 unsigned int pcache_rs_bio_op(const struct bio *bio);
 bool pcache_rs_op_is_write(unsigned int op);

@@ -2,6 +2,10 @@
 //! waking the requests that wait for room (upstream's `kset_flush_fn`,
 //! `cache_writeback_fn` and `pcache_cache_gc_fn`, in one round).
 //!
+//! Writeback runs between watermarks of dirty data, when the cache goes
+//! idle, or when room is short ([`super::watermark`]); GC and the persisting
+//! of idle ksets run every round.
+//!
 //! There is one writeback path. [`Background::writeback_step`] plans the ksets at
 //! the dirty tail under the control lock (taken once per kset), copies their extents to the backing
 //! device with the lock let go (the copy waits for the backing device, and
@@ -12,6 +16,7 @@
 
 use super::env::{Backing, Pmem, Waiting};
 use super::error::CacheError;
+use super::watermark::Watermark;
 use super::writeback::{writeback_extents, Step, WbBatch, WbExtent, WbPlan, WB_KSETS_MAX};
 use super::{Cache, Memory};
 use core::ops::DerefMut;
@@ -63,6 +68,8 @@ pub struct Background<P, B, E, U> {
     bounce: U,
     /// When a round last persisted the open ksets.
     last_kset_flush_ms: Option<u64>,
+    /// Whether writeback runs (see [`super::watermark`]).
+    watermark: Watermark,
 }
 
 impl<P, B, E, U> Background<P, B, E, U>
@@ -83,6 +90,7 @@ where
             extents,
             bounce,
             last_kset_flush_ms: None,
+            watermark: Watermark::default(),
         }
     }
 
@@ -175,7 +183,7 @@ where
     /// passed since the last time, or at once when `urgent` (a request waits
     /// for room, and the dirty keys of the open ksets cannot be written back
     /// before they are persisted), run up to [`STEPS_PER_ROUND`] writeback
-    /// steps, collect up to [`GC_STEPS_PER_ROUND`] ksets (fewer once GC copied
+    /// steps while [`super::watermark`] wants writeback (always when `urgent`), collect up to [`GC_STEPS_PER_ROUND`] ksets (fewer once GC copied
     /// [`KEPT_BYTES_PER_ROUND`] forward) and run up to
     /// [`CLEAN_STEPS_PER_ROUND`] steps of the clean pass, and wake the
     /// requests waiting for room if anything moved. While a request waits for
@@ -244,9 +252,17 @@ where
             }
         }
         let mut gc = GcBudget::default();
+        self.watermark.observe(now, engine.dirty_logged());
         for i in 0..=steps {
             if i == steps {
                 round.more = true;
+                break;
+            }
+            let room_short = urgent || engine.gc_urgent() || engine.gc_waits_for_writeback();
+            let wanted =
+                self.watermark
+                    .wants(now, engine.dirty_bytes(), engine.capacity(), room_short);
+            if wanted.is_none() {
                 break;
             }
             match self.writeback_step(engine) {

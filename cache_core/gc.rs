@@ -137,6 +137,14 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
         self.space.room_wanted() || self.key_pressure()
     }
 
+    /// GC is over `gc_percent` and has collected everything written back: only
+    /// writeback can make room now (see [`super::watermark`]).
+    pub(crate) fn gc_waits_for_writeback(&self) -> bool {
+        self.held(|h| {
+            h.t.key_tail.pos == h.t.dirty_tail.pos && u64::from(h.used_segs()) >= h.gc_threshold()
+        })
+    }
+
     /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration),
     /// under the control lock. One GC at a time: a second caller meanwhile
     /// waits for the lock, then finds the kset gone.

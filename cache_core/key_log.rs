@@ -33,6 +33,10 @@ pub struct KeyLog<M: Memory> {
     /// back (see [`super::Status::dirty_bytes`]): added to under a kset's lock
     /// as a key is appended, taken from by writeback.
     dirty_bytes: AtomicU64,
+    /// Bytes writeback took off [`KeyLog::dirty_bytes`] since start: with it,
+    /// [`KeyLog::dirty_logged`] counts what was logged, and grows only while
+    /// writes come (see [`super::watermark`]).
+    dirty_retired: AtomicU64,
     /// Keys appended from now on need a data CRC: the table's `data_crc` is
     /// on, or the on-media `DATA_CRC` flag is (or is about to be) set. A key
     /// committed without one goes to the engine ([`Append::CrcWanted`]). Read
@@ -161,6 +165,7 @@ impl<M: Memory> KeyLog<M> {
             ksets,
             head,
             dirty_bytes: AtomicU64::new(0),
+            dirty_retired: AtomicU64::new(0),
             crc_wanted: AtomicBool::new(false),
         }
     }
@@ -176,6 +181,7 @@ impl<M: Memory> KeyLog<M> {
         }
         self.head.with(|h| *h = LogHead::default());
         self.dirty_bytes.store(0, Ordering::Relaxed);
+        self.dirty_retired.store(0, Ordering::Relaxed);
         self.crc_wanted.store(false, Ordering::SeqCst);
     }
 
@@ -206,11 +212,24 @@ impl<M: Memory> KeyLog<M> {
         self.dirty_bytes.store(bytes, Ordering::Relaxed);
     }
 
+    /// Bytes of dirty keys logged since start (replayed ones included), a
+    /// count that grows with every dirty key appended and with nothing else.
+    /// Read without a lock, it may count bytes writeback is taking off twice
+    /// for a moment, never fewer than were logged.
+    pub(crate) fn dirty_logged(&self) -> u64 {
+        // Pairs with the release in `written_back`: a `dirty_bytes` after
+        // writeback took bytes off comes with the `dirty_retired` that has them.
+        let dirty = self.dirty_bytes.load(Ordering::Acquire);
+        dirty.saturating_add(self.dirty_retired.load(Ordering::Relaxed))
+    }
+
     /// Writeback took `bytes` of dirty keys off the log.
     pub(crate) fn written_back(&self, bytes: u64) {
+        // Retired first, so that `dirty_logged` never reads less than before.
+        self.dirty_retired.fetch_add(bytes, Ordering::Relaxed);
         let _ = self
             .dirty_bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |d| {
                 debug_assert!(d >= bytes);
                 Some(d.saturating_sub(bytes))
             });

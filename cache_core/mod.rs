@@ -42,6 +42,7 @@ pub mod space;
 pub mod start;
 pub mod stats;
 pub mod through;
+pub mod watermark;
 pub mod write_path;
 pub mod writeback;
 
@@ -173,6 +174,21 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
             dirty_bytes,
             stats,
         }
+    }
+
+    /// Bytes of dirty keys logged and not yet written back.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.log.dirty_bytes()
+    }
+
+    /// Bytes of dirty keys logged since start (see [`KeyLog::dirty_logged`]).
+    pub fn dirty_logged(&self) -> u64 {
+        self.log.dirty_logged()
+    }
+
+    /// Bytes of the cache device, in whole segments.
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.n_segs).saturating_mul(self.geo.seg_size)
     }
 
     /// `stats reset` (see [`Stats::reset`]).

@@ -2322,3 +2322,150 @@ fn a_fua_commit_that_finds_no_log_segment_persists_its_kset_not_its_data_again()
     c.read(r.off, &mut buf, false, 0).unwrap();
     assert_eq!(buf, data);
 }
+
+/// The writeback policy alone: lazy below the high watermark, down to the low
+/// one once past it, at once when room is short, and a drain after
+/// `IDLE_MS` without new dirty data.
+#[test]
+fn writeback_watermark_policy() {
+    use pcache_engine::cache_core::watermark::{
+        Watermark, Why, HIGH_PERCENT, IDLE_MS, LOW_PERCENT,
+    };
+    let cap = 1000u64 << 20;
+    let pct = |p: u64| cap / 100 * p;
+    let mut w = Watermark::default();
+    w.observe(0, 10);
+    assert_eq!(
+        w.wants(0, 10, cap, false),
+        None,
+        "a little dirty data waits"
+    );
+    assert_eq!(w.wants(0, 10, cap, true), Some(Why::Room));
+    // Writes keep coming: no drain however long it runs.
+    for t in 1..=10 {
+        w.observe(t * IDLE_MS / 2, 10 + t);
+        assert_eq!(w.wants(t * IDLE_MS / 2, 10 + t, cap, false), None, "at {t}");
+    }
+    // Past the high watermark: writeback until down to the low one.
+    let now = 5 * IDLE_MS + 1;
+    w.observe(now, pct(HIGH_PERCENT) + 100);
+    assert_eq!(
+        w.wants(now, pct(HIGH_PERCENT), cap, false),
+        Some(Why::Watermark)
+    );
+    assert_eq!(
+        w.wants(now, pct(LOW_PERCENT) + 1, cap, false),
+        Some(Why::Watermark)
+    );
+    assert_eq!(w.wants(now, pct(LOW_PERCENT), cap, false), None);
+    assert_eq!(
+        w.wants(now, pct(HIGH_PERCENT) - 1, cap, false),
+        None,
+        "below high again, not above it since"
+    );
+    // No new dirty data for IDLE_MS: drain everything, down to nothing.
+    let later = now + IDLE_MS;
+    w.observe(later, pct(HIGH_PERCENT) + 100);
+    assert_eq!(w.wants(later - 1, 1, cap, false), None);
+    assert_eq!(w.wants(later, 1, cap, false), Some(Why::Idle));
+    assert_eq!(w.wants(later, 0, cap, false), None, "nothing left to drain");
+}
+
+/// The background rounds follow the watermark on a live cache: dirty data
+/// under the low watermark stays dirty while writes go on (nothing written
+/// back, the dirty tail where it was), a cache left idle for `IDLE_MS` drains
+/// to the backing device, and writes past the high watermark are written back
+/// down to the low one without waiting for the cache to go idle.
+#[test]
+fn background_writeback_waits_for_the_watermark_or_idle() {
+    use pcache_engine::cache_core::watermark::{HIGH_PERCENT, IDLE_MS, LOW_PERCENT};
+    use pcache_engine::cache_core::CacheOptions;
+    use std::cell::Cell;
+    struct Clock(Cell<u64>);
+    impl pcache_engine::cache_core::Waiting for Clock {
+        fn ticket(&self) -> u64 {
+            0
+        }
+        fn wait(&self, _ticket: u64, _timeout_ms: u32) -> bool {
+            true
+        }
+        fn wake_all(&self) {}
+        fn kick(&self) {}
+        fn now_ms(&self) -> u64 {
+            self.0.get()
+        }
+    }
+    let (world, mut mem) = world_of(64, 1 << 14, 8 << 20, 2);
+    let c = start_small(&world, &mut mem, &CacheOptions::default()).unwrap();
+    let cap = c.capacity();
+    let clock = Clock(Cell::new(0));
+    let mut bg = background(&world);
+    let block = 4096u64;
+    let mut n = 0u64;
+    // Writes to a working set of a quarter of the cache, a round every 100 ms.
+    let mut write_until =
+        |c: &pcache_engine::cache_core::Cache<_, _, _>, bg: &mut SimBackground, dirty: u64| {
+            let start = n;
+            while c.dirty_bytes() < dirty {
+                assert!(
+                    n - start < 4 * cap / block,
+                    "dirty data never reached {dirty} bytes in {} writes: {:?}",
+                    n - start,
+                    c.status()
+                );
+                let off = (n % (cap / 4 / block)) * block;
+                write_making_room(c, bg, off, &[n as u8; 4096]);
+                n += 1;
+                if n.is_multiple_of(16) {
+                    clock.0.set(clock.0.get() + 100);
+                    let r = bg.run(c, &clock, false);
+                    assert!(r.writeback_error.is_none() && r.gc_error.is_none(), "{r:?}");
+                }
+            }
+        };
+    let low = cap / 100 * LOW_PERCENT;
+    write_until(&c, &mut bg, low - 8 * block);
+    let st = c.status();
+    assert_eq!(
+        st.stats.bytes_written_back, 0,
+        "wrote back under the low watermark while writes came: {st:?}"
+    );
+    // Idle: rounds every 100 ms and no writes; the rounds from IDLE_MS after
+    // the last write on drain it.
+    let mut drained_at = None;
+    for i in 1..1000 {
+        clock.0.set(clock.0.get() + 100);
+        bg.run(&c, &clock, false);
+        if c.dirty_bytes() == 0 {
+            drained_at = Some(i * 100);
+            break;
+        }
+    }
+    assert!(
+        drained_at.is_some_and(|t| t >= IDLE_MS),
+        "drained {drained_at:?} ms after the last write (idle after {IDLE_MS} ms)"
+    );
+    let st = c.status();
+    assert_eq!(st.dirty_bytes, 0, "an idle cache did not drain: {st:?}");
+    assert_eq!(st.dirty_tail, st.key_head, "{st:?}");
+    // Past the high watermark, with writes going on: written back to the low.
+    let high = cap / 100 * HIGH_PERCENT;
+    let before = c.status().stats.ksets_written_back;
+    write_until(&c, &mut bg, high);
+    for _ in 0..1000 {
+        if !bg.run(&c, &clock, false).more {
+            break;
+        }
+    }
+    let st = c.status();
+    assert!(
+        st.stats.ksets_written_back > before && st.dirty_bytes <= low,
+        "past the high watermark ({high}), wrote back {} ksets, dirty now {} (low {low}): {st:?}",
+        st.stats.ksets_written_back - before,
+        st.dirty_bytes
+    );
+    assert!(
+        st.dirty_bytes > low / 2,
+        "wrote back far past the low watermark ({low}): {st:?}"
+    );
+}

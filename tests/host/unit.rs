@@ -851,7 +851,7 @@ fn write_making_room(
         match c.write(off, data, false, 0) {
             Ok(()) => return,
             Err(pcache_engine::cache_core::CacheError::Busy(_)) => {
-                bg.run(c, &ByHand, true);
+                bg.run(c, &ByHand::default(), true);
             }
             Err(e) => panic!("write at {off}: {e}"),
         }
@@ -1945,8 +1945,9 @@ fn gc_for_a_write_that_found_no_room_stops_at_gc_percent() {
 }
 
 /// A host for [`Background::run`] in a test that runs it by hand: nothing
-/// waits, and the clock stands still (each round is called urgent).
-struct ByHand;
+/// waits, and the clock (milliseconds) moves only when the test sets it.
+#[derive(Default)]
+struct ByHand(std::cell::Cell<u64>);
 
 impl pcache_engine::cache_core::Waiting for ByHand {
     fn ticket(&self) -> u64 {
@@ -1958,7 +1959,7 @@ impl pcache_engine::cache_core::Waiting for ByHand {
     fn wake_all(&self) {}
     fn kick(&self) {}
     fn now_ms(&self) -> u64 {
-        0
+        self.0.get()
     }
 }
 
@@ -2008,7 +2009,7 @@ fn gc_keeps_live_clean_data_it_collects() {
             let i = (n * 37) % 32;
             write(hot + i * BLOCK as u64, &block(i, n as u8), &mut bg);
             if n % 32 == 0 {
-                bg.run(&c, &ByHand, true);
+                bg.run(&c, &ByHand::default(), true);
             }
             // The working set is read now and then, as a workload's would
             // be: with data CRC, a copy's CRC is checked by its first read.
@@ -2019,7 +2020,7 @@ fn gc_keeps_live_clean_data_it_collects() {
             }
         }
         c.flush().unwrap();
-        while bg.run(&c, &ByHand, true).progress {}
+        while bg.run(&c, &ByHand::default(), true).progress {}
         let st = c.status();
         assert!(
             st.stats.ksets_gced > ws_ksets,
@@ -2077,11 +2078,11 @@ fn gc_keeps_a_working_set_it_meets_as_a_run_of_live_ksets() {
         let off = hot + (n % 16) * (64 << 10);
         write(off, &vec![n as u8; 64 << 10], &mut bg);
         if n % 64 == 0 {
-            bg.run(&c, &ByHand, true);
+            bg.run(&c, &ByHand::default(), true);
         }
     }
     c.flush().unwrap();
-    while bg.run(&c, &ByHand, true).progress {}
+    while bg.run(&c, &ByHand::default(), true).progress {}
     let st = c.status();
     let ws_bytes = ws.len() as u64 * BLOCK;
     assert!(
@@ -2116,12 +2117,12 @@ fn gc_stops_copying_when_the_live_data_outgrows_gc_percent() {
     for n in 0..backing / chunk {
         write_making_room(&c, &mut bg, n * chunk, &vec![n as u8; chunk as usize]);
         if n % 64 == 0 {
-            bg.run(&c, &ByHand, true);
+            bg.run(&c, &ByHand::default(), true);
         }
     }
     c.flush().unwrap();
     // Bounded: GC that copied round the log for ever would never go idle.
-    let idle = (0..1_000).any(|_| !bg.run(&c, &ByHand, true).progress);
+    let idle = (0..1_000).any(|_| !bg.run(&c, &ByHand::default(), true).progress);
     let st = c.status();
     assert!(idle, "GC is still busy after 1,000 rounds ({st:?})");
     let window = u64::from(st.n_segs) * u64::from(st.gc_percent) / 100 * SMALL_SEG;
@@ -2147,14 +2148,14 @@ fn gc_reads_each_kset_it_collects_once() {
     for n in 0..600u64 {
         let off = (n % 300) * 4096;
         while c.write(off, &[n as u8; 4096], true, 0).is_err() {
-            bg.run(&c, &ByHand, true);
+            bg.run(&c, &ByHand::default(), true);
         }
     }
     c.writeback_all().unwrap();
     c.set_gc_percent(1).unwrap();
     let before = (world.borrow().pmem_crcs, c.status().stats.ksets_gced);
     for _ in 0..1_000 {
-        if !bg.run(&c, &ByHand, false).progress {
+        if !bg.run(&c, &ByHand::default(), false).progress {
             break;
         }
     }
@@ -2380,25 +2381,10 @@ fn writeback_watermark_policy() {
 fn background_writeback_waits_for_the_watermark_or_idle() {
     use pcache_engine::cache_core::watermark::{HIGH_PERCENT, IDLE_MS, LOW_PERCENT};
     use pcache_engine::cache_core::CacheOptions;
-    use std::cell::Cell;
-    struct Clock(Cell<u64>);
-    impl pcache_engine::cache_core::Waiting for Clock {
-        fn ticket(&self) -> u64 {
-            0
-        }
-        fn wait(&self, _ticket: u64, _timeout_ms: u32) -> bool {
-            true
-        }
-        fn wake_all(&self) {}
-        fn kick(&self) {}
-        fn now_ms(&self) -> u64 {
-            self.0.get()
-        }
-    }
     let (world, mut mem) = world_of(64, 1 << 14, 8 << 20, 2);
     let c = start_small(&world, &mut mem, &CacheOptions::default()).unwrap();
     let cap = c.capacity();
-    let clock = Clock(Cell::new(0));
+    let clock = ByHand::default();
     let mut bg = background(&world);
     let block = 4096u64;
     let mut n = 0u64;

@@ -19,6 +19,9 @@
 //!   was written reaches the backing device soon after the writes stop (and a
 //!   test or an operator waiting for the dirty tail to reach the key head
 //!   waits about that long);
+//! - nothing logged is dirty (the modes that write through, a cache of
+//!   clean data): writeback only moves the dirty tail past the ksets, which
+//!   copies nothing and lets GC collect them;
 //! - room is short: a request waits for room, keys run short, or GC is over
 //!   `gc_percent` and waits for the dirty tail (the caller tells, see
 //!   [`super::background::Background::run`]).
@@ -46,6 +49,8 @@ pub enum Why {
     Watermark,
     /// No dirty data was logged for [`IDLE_MS`].
     Idle,
+    /// Nothing logged is dirty.
+    Clean,
 }
 
 /// The state of the policy between rounds: whether writeback is between the
@@ -90,10 +95,13 @@ impl Watermark {
         if self.above {
             return Some(Why::Watermark);
         }
+        if dirty == 0 {
+            return Some(Why::Clean);
+        }
         let idle = self
             .seen
             .is_some_and(|(_, at)| now_ms.saturating_sub(at) >= IDLE_MS);
-        (idle && dirty != 0).then_some(Why::Idle)
+        idle.then_some(Why::Idle)
     }
 }
 

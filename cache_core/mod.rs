@@ -149,17 +149,20 @@ pub struct Cache<P: Pmem, B: Backing, M: Memory> {
 impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     pub fn status(&self) -> Status {
         let (key_head, written) = self.log.with_head(|h| (h.head, h.written));
-        let dirty_bytes = self.log.dirty_bytes();
-        let mut stats = self.stats.snapshot();
+        // Writeback moves bytes from `dirty_bytes` to `bytes_written_back`
+        // under the control lock (`writeback_commit`): both are read under it.
+        let (gc_percent, cache_flags, dirty_tail, key_tail, dirty_bytes, mut stats) =
+            self.held(|h| {
+                (
+                    h.t.info.gc_percent(),
+                    h.t.info.flags,
+                    h.t.dirty_tail.pos,
+                    h.t.key_tail.pos,
+                    h.log.dirty_bytes(),
+                    h.stats.snapshot(),
+                )
+            });
         stats.ksets_written = written;
-        let (gc_percent, cache_flags, dirty_tail, key_tail) = self.held(|h| {
-            (
-                h.t.info.gc_percent(),
-                h.t.info.flags,
-                h.t.dirty_tail.pos,
-                h.t.key_tail.pos,
-            )
-        });
         Status {
             n_segs: self.n_segs,
             used_segs: self.used_segs(),

@@ -438,27 +438,26 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// After [`writeback_extents`] succeeded (the backing device flushed),
     /// advances and persists the dirty tail past the batch's ksets.
     pub fn writeback_commit(&self, batch: WbBatch) {
-        let committed = self.held(|h| {
+        self.held(|h| {
             // The batch pinned the dirty tail: nothing else could have moved it.
             debug_assert_eq!(h.t.wb_pinned, Some(batch.tail));
             debug_assert_eq!(h.t.dirty_tail.pos, batch.tail);
             h.t.wb_pinned = None;
             if h.t.dirty_tail.pos != batch.tail {
-                return false;
+                return;
             }
             h.t.dirty_tail.pos = batch.end;
             h.encode_tail(CtrlPos::DirtyTail);
             h.t.dirty_seq += u64::from(batch.ksets);
             let dirty_seq = h.t.dirty_seq;
             h.log.with_head(|lh| lh.barriers.passed(dirty_seq));
-            true
-        });
-        if committed {
-            self.stats
+            // Under the lock `status` reads them under: a byte is dirty or
+            // written back in every status line, never both or neither.
+            h.stats
                 .add(Counter::KsetsWrittenBack, u64::from(batch.ksets));
-            self.stats.add(Counter::BytesWrittenBack, batch.bytes);
-            self.log.written_back(batch.dirty);
-        }
+            h.stats.add(Counter::BytesWrittenBack, batch.bytes);
+            h.log.written_back(batch.dirty);
+        });
     }
 
     /// Write back everything logged so far (used at stop and by tests).

@@ -254,18 +254,28 @@ dm_swap() {
 	dms suspend "$1" && dms load "$1" --table "$2" && dms resume "$1"
 }
 
-# c_stat <name> <statistic>: one of the statistics pcache_rs appends to its status line: after
-# upstream's nine fields comes their count, then the values in the order of STATUS_STATS
-# (cache_core/stats.rs). Fails if the line does not have it.
+# c_stat <name> <statistic>...: statistics pcache_rs appends to its status line: after upstream's
+# nine fields comes their count, then the values in the order of STATUS_STATS
+# (cache_core/stats.rs). Several are printed space-separated, all from one status line. Fails if
+# the line does not have them.
 C_STATS=(read_hits read_misses write_hits write_misses dirty_bytes bytes_written_back gc_ksets
 	crc_errors writeback_errors backing_errors gc_kept_bytes)
 c_stat() {
-	local i f=
-	for i in "${!C_STATS[@]}"; do [ "${C_STATS[$i]}" = "$2" ] && f=$((14 + i)); done
-	[ -n "$f" ] || fail "c_stat: unknown statistic $2"
-	dmsetup status "$DM_PREFIX$1" | awk -v f="$f" -v n="${#C_STATS[@]}" '
-		$13 == n && NF == 13 + n { print $f; ok = 1 } END { exit !ok }' ||
-		fail "the status of $1 has no statistics: $(dmsetup status "$DM_PREFIX$1")"
+	local name=$1 s i f fields=
+	shift
+	for s in "$@"; do
+		f=
+		for i in "${!C_STATS[@]}"; do [ "${C_STATS[$i]}" = "$s" ] && f=$((14 + i)); done
+		[ -n "$f" ] || fail "c_stat: unknown statistic $s"
+		fields+="${fields:+ }$f"
+	done
+	dmsetup status "$DM_PREFIX$name" | awk -v fields="$fields" -v n="${#C_STATS[@]}" '
+		$13 == n && NF == 13 + n {
+			k = split(fields, at, " ")
+			for (j = 1; j <= k; j++) printf "%s%s", $(at[j]), (j < k ? " " : "\n")
+			ok = 1
+		} END { exit !ok }' ||
+		fail "the status of $name has no statistics: $(dmsetup status "$DM_PREFIX$name")"
 }
 
 # c_wait_drained <name> <seconds>: wait until writeback has caught up (dirty tail == key head).

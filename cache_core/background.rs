@@ -183,8 +183,9 @@ where
     /// passed since the last time, or at once when `urgent` (a request waits
     /// for room, and the dirty keys of the open ksets cannot be written back
     /// before they are persisted), run up to [`STEPS_PER_ROUND`] writeback
-    /// steps while [`super::watermark`] wants writeback (always when `urgent`), collect up to [`GC_STEPS_PER_ROUND`] ksets (fewer once GC copied
-    /// [`KEPT_BYTES_PER_ROUND`] forward) and run up to
+    /// steps while [`super::watermark`] wants writeback (always when
+    /// `urgent`), collect up to [`GC_STEPS_PER_ROUND`] ksets (fewer once GC
+    /// copied [`KEPT_BYTES_PER_ROUND`] forward) and run up to
     /// [`CLEAN_STEPS_PER_ROUND`] steps of the clean pass, and wake the
     /// requests waiting for room if anything moved. While a request waits for
     /// room, or keys run short, GC also collects after each writeback step what

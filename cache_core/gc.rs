@@ -27,7 +27,12 @@ impl<P: Pmem, B: Backing, M: Memory> Held<'_, P, B, M> {
         if self.t.key_tail.pos == self.t.dirty_tail.pos {
             return false;
         }
-        u64::from(self.used_segs()) >= self.gc_threshold() || self.gc_urgent()
+        self.over_gc_threshold() || self.gc_urgent()
+    }
+
+    /// The used segments reached `gc_percent` of the cache.
+    pub(super) fn over_gc_threshold(&self) -> bool {
+        u64::from(self.used_segs()) >= self.gc_threshold()
     }
 
     /// The used segments at which GC starts: `gc_percent` of the cache.
@@ -140,9 +145,7 @@ impl<P: Pmem, B: Backing, M: Memory> Cache<P, B, M> {
     /// GC is over `gc_percent` and has collected everything written back: only
     /// writeback can make room now (see [`super::watermark`]).
     pub(crate) fn gc_waits_for_writeback(&self) -> bool {
-        self.held(|h| {
-            h.t.key_tail.pos == h.t.dirty_tail.pos && u64::from(h.used_segs()) >= h.gc_threshold()
-        })
+        self.held(|h| h.t.key_tail.pos == h.t.dirty_tail.pos && h.over_gc_threshold())
     }
 
     /// Reclaim one kset at the key tail (`pcache_cache_gc_fn`, one iteration),

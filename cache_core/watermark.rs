@@ -59,7 +59,8 @@ pub enum Why {
 pub struct Watermark {
     /// Dirty data reached the high watermark and is not yet down to the low.
     above: bool,
-    /// [`Self::logged`] as last seen, and when it last grew.
+    /// The bytes of dirty keys logged so far as last seen (see
+    /// [`Self::observe`]), and when that count last grew.
     seen: Option<(u64, u64)>,
 }
 

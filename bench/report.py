@@ -190,6 +190,53 @@ def settings_text(settings, guest, unavailable, measured):
     return "\n".join(lines)
 
 
+# The performance targets the project set itself (issue 13), checked against the medians.
+TARGET_VS_C = 1.10  # pcache_rs IOPS against the C pcache, every job, with p99 no worse
+TARGET_SCALE = 1.4  # 4k randwrite psync: 2 jobs against 1 job
+TARGET_CRC = 0.75  # pcache_rs with data_crc against without, every job
+
+
+def targets_section(rows, jobs):
+    """The targets, one line each: the figures they compare and whether the medians meet them.
+    A target whose configurations were not all measured is left out."""
+    def row(c, j):
+        return rows.get((c, j))
+
+    def verdict(ok):
+        return "met" if ok else "**missed**"
+
+    lines = []
+    for job in jobs:
+        rs, c = row("pcache_rs", job), row("pcache", job)
+        if rs and c and c["iops"] and c["p99_us"]:
+            ratio, p99 = rs["iops"] / c["iops"], rs["p99_us"] / c["p99_us"]
+            lines.append(f"| {job_label(job)}: pcache_rs / C pcache >= {TARGET_VS_C:.2f}x, p99 no worse"
+                         f" | {ratio:.2f}x, p99 {p99:.2f}x | {verdict(ratio >= TARGET_VS_C and p99 <= 1.0)} |")
+    for job in jobs:
+        rs, wc = row("pcache_rs", job), row("writecache", job)
+        if job.startswith("randwrite-") and rs and wc and wc["iops"]:
+            ratio = rs["iops"] / wc["iops"]
+            lines.append(f"| {job_label(job)}: pcache_rs / dm-writecache >= 1.00x | {ratio:.2f}x"
+                         f" | {verdict(ratio >= 1.0)} |")
+    one, two = row("pcache_rs", "randwrite-nj1-qd1"), row("pcache_rs", "randwrite-nj2-qd1")
+    if one and two and one["iops"]:
+        ratio = two["iops"] / one["iops"]
+        lines.append(f"| 4k randwrite psync, pcache_rs: 2 jobs / 1 job >= {TARGET_SCALE:.1f}x | {ratio:.2f}x"
+                     f" | {verdict(ratio >= TARGET_SCALE)} |")
+    for job in jobs:
+        rs, crc = row("pcache_rs", job), row("pcache_rs_crc", job)
+        if rs and crc and rs["iops"]:
+            ratio = crc["iops"] / rs["iops"]
+            lines.append(f"| {job_label(job)}: pcache_rs crc / pcache_rs >= {TARGET_CRC:.2f}x | {ratio:.2f}x"
+                         f" | {verdict(ratio >= TARGET_CRC)} |")
+    if not lines:
+        return []
+    met = sum(1 for l in lines if l.endswith("| met |"))
+    return ["## Targets (medians of the rounds)", "",
+            f"{met} of {len(lines)} met.", "",
+            "| target | measured | |", "|---|---:|---|"] + lines + [""]
+
+
 def write_markdown(path, rows, settings, guest, unavailable, elapsed):
     configs, jobs = ordered(rows)
     # Configurations that could not be measured still get their column, marked n/a.
@@ -214,6 +261,8 @@ def write_markdown(path, rows, settings, guest, unavailable, elapsed):
                 cells.append(fmt_ratio(r["iops_ratio"]) or fmt_num(r["iops"]))
         out.append(f"| {job_label(job)} | " + " | ".join(cells) + " |")
     out.append("")
+
+    out += targets_section(rows, jobs)
 
     out += ["## All figures", "",
             "| job | configuration | IOPS | vs pcache | IOPS min-max | mean lat us | vs pcache"

@@ -323,12 +323,16 @@ impl<M: Memory> KeyLog<M> {
         }
         let size = kset_size(key_num) as u32;
         let data_size = io.geo.seg_data_size();
-        self.head.with(|h| {
+        let (nocrc, fua) = (k.has_nocrc(), k.has_fua());
+        // Sealed (its CRC taken) before the head's lock, which every CPU's closes take in turn:
+        // nothing in a kset depends on where it goes, so no other close waits for this CRC.
+        let sealed = k.seal()?;
+        let closed = self.head.with(|h| {
             let addr = |pos: Pos| io.seg_map.addr(io.geo, pos);
             // Room for this kset and the LAST kset that may have to follow it.
             if data_size - h.head.off < size + KSET_HEADER_SIZE as u32 {
                 let Some(next) = io.spare.take() else {
-                    return Ok(Closed::WantsSegment);
+                    return Closed::WantsSegment;
                 };
                 persist(
                     io.pmem,
@@ -351,9 +355,7 @@ impl<M: Memory> KeyLog<M> {
             } else {
                 io.pmem.fence();
             }
-            let (nocrc, fua) = (k.has_nocrc(), k.has_fua());
-            persist(io.pmem, head, k.seal()?);
-            k.reset();
+            persist(io.pmem, head, sealed);
             h.head.off += size;
             if nocrc {
                 h.nocrc_until = h.seq_head + 1;
@@ -363,8 +365,12 @@ impl<M: Memory> KeyLog<M> {
             }
             h.seq_head += 1;
             h.written += 1;
-            Ok(Closed::Done)
-        })
+            Closed::Done
+        });
+        if closed == Closed::Done {
+            k.reset();
+        }
+        Ok(closed)
     }
 
     /// Closes every open kset, one after another, as far as the log's segment

@@ -202,39 +202,36 @@ def targets_section(rows, jobs):
     def row(c, j):
         return rows.get((c, j))
 
-    def verdict(ok):
-        return "met" if ok else "**missed**"
-
-    lines = []
+    checks = []  # (target, measured, met)
     for job in jobs:
         rs, c = row("pcache_rs", job), row("pcache", job)
         if rs and c and c["iops"] and c["p99_us"]:
             ratio, p99 = rs["iops"] / c["iops"], rs["p99_us"] / c["p99_us"]
-            lines.append(f"| {job_label(job)}: pcache_rs / C pcache >= {TARGET_VS_C:.2f}x, p99 no worse"
-                         f" | {ratio:.2f}x, p99 {p99:.2f}x | {verdict(ratio >= TARGET_VS_C and p99 <= 1.0)} |")
+            checks.append((f"{job_label(job)}: pcache_rs / C pcache >= {TARGET_VS_C:.2f}x, p99 no worse",
+                           f"{ratio:.2f}x, p99 {p99:.2f}x", ratio >= TARGET_VS_C and p99 <= 1.0))
     for job in jobs:
         rs, wc = row("pcache_rs", job), row("writecache", job)
         if job.startswith("randwrite-") and rs and wc and wc["iops"]:
             ratio = rs["iops"] / wc["iops"]
-            lines.append(f"| {job_label(job)}: pcache_rs / dm-writecache >= 1.00x | {ratio:.2f}x"
-                         f" | {verdict(ratio >= 1.0)} |")
+            checks.append((f"{job_label(job)}: pcache_rs / dm-writecache >= 1.00x", f"{ratio:.2f}x",
+                           ratio >= 1.0))
     one, two = row("pcache_rs", "randwrite-nj1-qd1"), row("pcache_rs", "randwrite-nj2-qd1")
     if one and two and one["iops"]:
         ratio = two["iops"] / one["iops"]
-        lines.append(f"| 4k randwrite psync, pcache_rs: 2 jobs / 1 job >= {TARGET_SCALE:.1f}x | {ratio:.2f}x"
-                     f" | {verdict(ratio >= TARGET_SCALE)} |")
+        checks.append((f"4k randwrite psync, pcache_rs: 2 jobs / 1 job >= {TARGET_SCALE:.1f}x",
+                       f"{ratio:.2f}x", ratio >= TARGET_SCALE))
     for job in jobs:
         rs, crc = row("pcache_rs", job), row("pcache_rs_crc", job)
         if rs and crc and rs["iops"]:
             ratio = crc["iops"] / rs["iops"]
-            lines.append(f"| {job_label(job)}: pcache_rs crc / pcache_rs >= {TARGET_CRC:.2f}x | {ratio:.2f}x"
-                         f" | {verdict(ratio >= TARGET_CRC)} |")
-    if not lines:
+            checks.append((f"{job_label(job)}: pcache_rs crc / pcache_rs >= {TARGET_CRC:.2f}x",
+                           f"{ratio:.2f}x", ratio >= TARGET_CRC))
+    if not checks:
         return []
-    met = sum(1 for l in lines if l.endswith("| met |"))
-    return ["## Targets (medians of the rounds)", "",
-            f"{met} of {len(lines)} met.", "",
-            "| target | measured | |", "|---|---:|---|"] + lines + [""]
+    met = sum(1 for _, _, ok in checks if ok)
+    return (["## Targets (medians of the rounds)", "", f"{met} of {len(checks)} met.", "",
+             "| target | measured | |", "|---|---:|---|"]
+            + [f"| {t} | {m} | {'met' if ok else '**missed**'} |" for t, m, ok in checks] + [""])
 
 
 def write_markdown(path, rows, settings, guest, unavailable, elapsed):
